@@ -1,0 +1,125 @@
+"""The ``stemstream`` command line: one sub-command per job, a clear sentence on bad input."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from stemstream.cli_support import (
+    UserError,
+    parse_shape,
+    progress_bar,
+    run_guarded,
+    setup_logging,
+)
+from stemstream.reports import count_summary, simulation_summary
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Stream 4D Camera data, count electrons, write stempy-compatible files.",
+    pretty_exceptions_enable=False,
+)
+console = Console()
+log = logging.getLogger("stemstream")
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more (debug level).")] = False) -> None:
+    setup_logging(verbose)
+
+
+@app.command()
+def simulate(
+    out_dir: Annotated[Path, typer.Argument(help="Directory for the module files and status files (created).")],
+    scan_shape: Annotated[str, typer.Option("--scan-shape", help="Scan positions as ROWSxCOLS, e.g. 64x64.")] = "64x64",
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same files.")] = 0,
+    dose: Annotated[float, typer.Option(help="Mean electrons per pixel per frame.")] = 0.002,
+    frames_per_position: Annotated[int, typer.Option("--frames-per-position", help="Frames at each scan position.")] = 1,
+    scan_number: Annotated[int, typer.Option("--scan-number", help="Scan number in headers and file names.")] = 1,
+    drop_sectors: Annotated[float, typer.Option("--drop-sectors", help="Probability that a sector is lost (0-1).")] = 0.0,
+    records_per_file: Annotated[int, typer.Option("--records-per-file", help="Sector records per raw file before a new file starts.")] = 4096,
+) -> None:
+    """Write a simulated scan the way the 4 receivers do: module files and status JSON files."""
+
+    def job() -> None:
+        from stemstream.sources.simulator import SimulationConfig, simulate_to_directory
+
+        try:
+            config = SimulationConfig(
+                scan_shape=parse_shape(scan_shape, "--scan-shape"),
+                frames_per_position=frames_per_position,
+                dose=dose,
+                seed=seed,
+                scan_number=scan_number,
+                drop_sector_probability=drop_sectors,
+            )
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        if records_per_file < 1:
+            raise UserError(f"--records-per-file must be at least 1, got {records_per_file}")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create {out_dir}: {exc.strerror or exc}") from exc
+        n_total = config.scan_shape[0] * config.scan_shape[1] * config.frames_per_position
+        with progress_bar(console, "simulating", n_total) as advance:
+            summary = simulate_to_directory(out_dir, config, records_per_file, progress=lambda done: advance(done))
+        console.print(simulation_summary(summary, config))
+
+    run_guarded(job, console)
+
+
+@app.command()
+def count(
+    raw: Annotated[list[Path], typer.Argument(help="Raw module files, or directories holding them.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Counted file to write (stempy sparse HDF5).")],
+    background_threshold: Annotated[Optional[float], typer.Option("--background-threshold", help="Fixed background threshold, ADU.")] = None,
+    xray_threshold: Annotated[Optional[float], typer.Option("--xray-threshold", help="Fixed X-ray threshold, ADU.")] = None,
+    sigma: Annotated[float, typer.Option("--sigma", help="Calibration: background = fitted mean + SIGMA x fitted sigma.")] = 4.0,
+    xray_sigma: Annotated[float, typer.Option("--xray-sigma", help="Calibration: X-ray = mean + XRAY_SIGMA x std.")] = 175.0,
+    samples: Annotated[int, typer.Option("--samples", help="Calibration: frames drawn at random.")] = 1200,
+    dark: Annotated[Optional[Path], typer.Option("--dark", help="Dark reference (.npy, or .h5[:/dataset]), ADU.")] = None,
+    gain: Annotated[Optional[Path], typer.Option("--gain", help="Gain map (.npy or .h5); values are divided by it.")] = None,
+    row_dark: Annotated[bool, typer.Option("--row-dark", help="Apply stempy's row-dark correction.")] = False,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Counting threads (default: all cores).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
+) -> None:
+    """Count electrons in a scan's raw files and write stempy's sparse HDF5 (format version 3)."""
+
+    def job() -> None:
+        from stemstream.counting.offline import CountOptions, count_raw_scan
+
+        if output.exists() and not force:
+            raise UserError(f"{output} already exists (use --force to overwrite)")
+        if not output.parent.exists():
+            raise UserError(f"the output directory {output.parent} does not exist")
+        try:
+            options = CountOptions(
+                background=background_threshold, xray=xray_threshold,
+                background_n_sigma=sigma, xray_n_sigma=xray_sigma, samples=samples,
+                dark=dark, gain=gain, row_dark=row_dark, workers=workers,
+            )
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        with progress_bar(console, "counting", None) as advance:
+            result = count_raw_scan(raw, output, options, progress=lambda done, total: advance(done, total), overwrite=force)
+        console.print(count_summary(result))
+        if not result.ledger.all_accounted:
+            log.warning("the scan is not complete: see the ledger above")
+
+    run_guarded(job, console)
+
+
+def main() -> None:
+    """Entry point of the ``stemstream`` command."""
+    app(prog_name="stemstream")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

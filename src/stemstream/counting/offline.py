@@ -1,0 +1,244 @@
+"""Offline counting: raw module files on disk -> counted sparse HDF5 (what ``stemstream count`` runs).
+
+Three stages overlap: a reader thread fills frame buffers from the files (``preadv`` releases the
+GIL), the calling thread counts them with the compiled kernel (numba threads, GIL released), and a
+writer thread appends the events to the HDF5 file. Buffers go round a fixed pool, so memory is a
+few batches whatever the scan size.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numba
+import numpy as np
+
+from stemstream import __version__
+from stemstream.counting.kernel import ElectronCounter
+from stemstream.counting.thresholds import (
+    PixelHistogram,
+    Thresholds,
+    draw_sample_weights,
+    fixed_thresholds,
+    thresholds_from_histogram,
+)
+from stemstream.formats.raw import FRAME_SHAPE
+from stemstream.formats.reference_images import load_reference_image
+from stemstream.formats.sparse_h5 import SparseCountsWriter
+from stemstream.ledger import ScanLedger
+from stemstream.sources.raw_scan import RawScan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CountOptions:
+    """How to count. Thresholds are fixed when both background and xray are given (ADU),
+    otherwise calibrated from ``samples`` frames drawn from the first ``calibration_frames``
+    complete frames, with ``background_n_sigma`` / ``xray_n_sigma`` (stempy's production
+    settings are the defaults)."""
+
+    background: float | None = None
+    xray: float | None = None
+    background_n_sigma: float = 4.0
+    xray_n_sigma: float = 175.0
+    samples: int = 1200
+    calibration_frames: int = 640
+    dark: Path | None = None
+    gain: Path | None = None
+    row_dark: bool = False
+    workers: int | None = None  # counting threads; None: all cores
+    batch_size: int = 64
+    seed: int | None = 0
+
+    def __post_init__(self):
+        if (self.background is None) != (self.xray is None):
+            raise ValueError("give both --background-threshold and --xray-threshold, or neither (to calibrate)")
+        if self.samples < 1:
+            raise ValueError(f"--samples must be at least 1, got {self.samples}")
+        if self.batch_size < 1:
+            raise ValueError(f"the batch size must be at least 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {self.workers}")
+
+
+@dataclass
+class CountResult:
+    output: Path
+    ledger: ScanLedger
+    thresholds: Thresholds
+    n_events: int
+    seconds: float
+    seconds_calibrating: float
+    frames_per_position: int
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.ledger.frames_received / self.seconds if self.seconds > 0 else 0.0
+
+
+def calibrate_from_scan(scan: RawScan, options: CountOptions, dark: np.ndarray | None) -> Thresholds:
+    """stempy's calibration over this scan's first complete frames (see thresholds.py)."""
+    complete = np.flatnonzero(scan.table.complete)[: options.calibration_frames]
+    weights = draw_sample_weights(len(complete), options.samples, options.seed)
+    chosen = complete[weights > 0]
+    chosen_weights = weights[weights > 0]
+    hist = PixelHistogram()
+    buffer = np.empty((options.batch_size, *FRAME_SHAPE), np.uint16)
+    for s in range(0, len(chosen), options.batch_size):
+        idx = chosen[s : s + options.batch_size]
+        frames = scan.read_frames(idx, buffer[: len(idx)])
+        for frame, w in zip(frames, chosen_weights[s : s + options.batch_size]):
+            hist.add(frame, dark, int(w))
+    return thresholds_from_histogram(hist, options.background_n_sigma, options.xray_n_sigma)
+
+
+def count_raw_scan(
+    paths: list[str | Path],
+    output: str | Path,
+    options: CountOptions | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    overwrite: bool = False,
+) -> CountResult:
+    """Count a scan's raw files into ``output`` (stempy sparse HDF5, version 3).
+
+    ``progress(done, total)`` is called after each batch. Raises RawFormatError (unreadable input),
+    ReferenceImageError (bad dark/gain file), CalibrationError, OSError (output not writable).
+    """
+    options = options or CountOptions()
+    output = Path(output)
+    t0 = time.perf_counter()
+    dark = load_reference_image(options.dark, "dark reference") if options.dark else None
+    gain = load_reference_image(options.gain, "gain map") if options.gain else None
+    scan = RawScan(paths)
+    try:
+        t_cal = time.perf_counter()
+        if options.background is not None:
+            thresholds = fixed_thresholds(options.background, options.xray)
+        else:
+            thresholds = calibrate_from_scan(scan, options, dark)
+        seconds_calibrating = time.perf_counter() - t_cal
+        log.info("thresholds: background %.2f ADU, X-ray %.1f ADU", thresholds.background, thresholds.xray)
+        counter = ElectronCounter(
+            thresholds.background, thresholds.xray, FRAME_SHAPE, dark, gain,
+            row_dark=options.row_dark, optimized_mean=thresholds.optimized_mean,
+        )
+        writer = SparseCountsWriter(output, scan.scan_shape, FRAME_SHAPE, scan.frames_per_position, overwrite=overwrite)
+        n_events = _count_all(scan, counter, writer, thresholds, options, progress, t0)
+    finally:
+        scan.close()
+    seconds = time.perf_counter() - t0
+    ledger = scan.ledger
+    return CountResult(output, ledger, thresholds, n_events, seconds, seconds_calibrating,
+                       scan.frames_per_position, list(scan.paths))
+
+
+def _count_all(scan, counter, writer, thresholds, options, progress, t0) -> int:
+    ledger = scan.ledger
+    n_total = scan.n_frames
+    # A pool of frame buffers circulates reader -> counter -> pool.
+    n_buffers = 3
+    pool: queue.Queue = queue.Queue()
+    for _ in range(n_buffers):
+        pool.put(np.empty((options.batch_size, *FRAME_SHAPE), np.uint16))
+    to_count: queue.Queue = queue.Queue(maxsize=n_buffers)
+    to_write: queue.Queue = queue.Queue(maxsize=4)
+    failure: list[BaseException] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for s in range(0, n_total, options.batch_size):
+                idx = np.arange(s, min(s + options.batch_size, n_total))
+                buf = pool.get()
+                if buf is None or stop.is_set():
+                    break
+                frames = scan.read_frames(idx, buf[: len(idx)])
+                to_count.put((idx, buf, frames))
+        except BaseException as exc:  # handed to the main thread
+            failure.append(exc)
+        finally:
+            to_count.put(None)
+
+    def write() -> None:
+        try:
+            while (item := to_write.get()) is not None:
+                slots, counted = item
+                writer.write_flat(slots, counted.events, counted.offsets)
+        except BaseException as exc:
+            failure.append(exc)
+            stop.set()
+
+    reader = threading.Thread(target=read, name="raw-reader", daemon=True)
+    writer_thread = threading.Thread(target=write, name="h5-writer", daemon=True)
+    previous_threads = numba.get_num_threads()
+    if options.workers:
+        numba.set_num_threads(min(options.workers, numba.config.NUMBA_NUM_THREADS))
+    reader.start()
+    writer_thread.start()
+    n_events = 0
+    done = 0
+    try:
+        while (item := to_count.get()) is not None:
+            idx, buf, frames = item
+            if stop.is_set():
+                pool.put(buf)
+                continue
+            counted = counter.count(frames)
+            pool.put(buf)
+            n_events += len(counted.events)
+            to_write.put((scan.table.slots[idx], counted))
+            done += len(idx)
+            if progress:
+                progress(done, n_total)
+        to_write.put(None)
+        writer_thread.join()
+        reader.join()
+        if failure:
+            raise failure[0]
+    except BaseException:
+        stop.set()
+        # Unblock the reader (room in its queue, a None buffer), stop the writer, and discard the
+        # partial file: a failed count never leaves a file that looks finished.
+        while True:
+            try:
+                to_count.get_nowait()
+            except queue.Empty:
+                break
+        pool.put(None)
+        reader.join(5)
+        to_write.put(None)
+        writer_thread.join(5)
+        writer.abort()
+        raise
+    finally:
+        numba.set_num_threads(previous_threads)
+
+    complete = scan.table.complete
+    ledger.frames_complete = int(complete.sum())
+    ledger.frames_incomplete = int((~complete).sum())
+    elapsed = time.perf_counter() - t0
+    writer.set_metadata("electron_counting", thresholds.stempy_attributes())
+    writer.set_metadata("stemstream", {
+        "software": "stemstream",
+        "software_version": __version__,
+        "mode": "offline",
+        "scan_number": scan.scan_number,
+        "seconds": elapsed,
+        "frames_per_second": ledger.frames_received / elapsed if elapsed > 0 else 0.0,
+        "events": n_events,
+        "row_dark": options.row_dark,
+        "dark_reference": str(options.dark) if options.dark else "",
+        "gain_map": str(options.gain) if options.gain else "",
+        "source_files": [str(p) for p in scan.paths],
+        "ledger": ledger.as_dict(),
+    })
+    writer.close()
+    return n_events

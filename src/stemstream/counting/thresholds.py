@@ -1,0 +1,201 @@
+"""Counting thresholds: fixed by the user, or calibrated from sample frames as stempy does.
+
+Calibration (stempy's method, formats.md section 4): pool the pixels of the sampled frames;
+``xray = mean + n_xray * std``; histogram the values in 1-ADU bins, fit
+``A * exp(-(x - mu)^2 / (2 sigma^2))`` (Levenberg-Marquardt) and set
+``background = mu + n_bg * |sigma|``.
+
+The sample is held as a histogram of integer pixel values, never as frames, so calibration
+memory does not depend on the number of samples, and histograms from several node groups merge
+by addition (the streaming pipeline calibrates from frames gathered across node groups).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from numba import njit
+from scipy.optimize import curve_fit
+
+# Pixel values after integer dark subtraction span -65535..65535; the histogram is offset so that
+# index = value + _OFFSET.
+_OFFSET = 65536
+_N_VALUES = 2 * 65536
+
+
+class CalibrationError(RuntimeError):
+    """Thresholds could not be calibrated from the sample (too few pixels, fit failed)."""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Background and X-ray thresholds in ADU, with the statistics behind them.
+
+    Field names map onto stempy's ``/metadata/electron_counting`` attributes (see
+    :meth:`stempy_attributes`).
+    """
+
+    background: float
+    xray: float
+    calculated: bool = False
+    number_of_samples: int = 0
+    min_sample: float = 0.0
+    max_sample: float = 0.0
+    mean: float = 0.0
+    variance: float = 0.0
+    std_dev: float = 0.0
+    number_of_bins: int = 0
+    xray_n_sigma: float = 0.0
+    background_n_sigma: float = 0.0
+    optimized_mean: float = 0.0
+    optimized_std_dev: float = 0.0
+
+    def __post_init__(self):
+        if not (math.isfinite(self.background) and math.isfinite(self.xray)):
+            raise ValueError(f"thresholds must be finite numbers, got background={self.background}, xray={self.xray}")
+        if self.xray <= self.background:
+            raise ValueError(
+                f"the X-ray threshold ({self.xray:g} ADU) must be above the background threshold ({self.background:g} ADU)"
+            )
+
+    def stempy_attributes(self) -> dict:
+        """The attributes stempy writes under ``/metadata/electron_counting``."""
+        return {
+            "background_threshold": self.background,
+            "x_ray_threshold": self.xray,
+            "number_of_samples": self.number_of_samples,
+            "min_sample": self.min_sample,
+            "max_sample": self.max_sample,
+            "mean": self.mean,
+            "variance": self.variance,
+            "std_dev": self.std_dev,
+            "number_of_bins": self.number_of_bins,
+            "x_ray_threshold_n_sigma": self.xray_n_sigma,
+            "background_threshold_n_sigma": self.background_n_sigma,
+            "optimized_mean": self.optimized_mean,
+            "optimized_std_dev": self.optimized_std_dev,
+            "threshold_calculated": self.calculated,
+        }
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def fixed_thresholds(background: float, xray: float) -> Thresholds:
+    """Thresholds given by the user (ADU)."""
+    return Thresholds(background=float(background), xray=float(xray), calculated=False)
+
+
+@njit(nogil=True, cache=True)
+def _accumulate(frame, dark_int, use_dark, weight, hist):
+    flat = frame.reshape(-1)
+    dark = dark_int.reshape(-1)
+    for i in range(flat.shape[0]):
+        v = np.int64(flat[i])
+        if use_dark:
+            v -= dark[i]
+        hist[v + 65536] += weight
+
+
+@dataclass
+class PixelHistogram:
+    """Counts of integer pixel values (after integer dark subtraction) over sampled frames.
+
+    Two histograms of the same kind merge by :meth:`merge`; the result is what one histogram of
+    all their frames would be.
+    """
+
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(_N_VALUES, np.int64))
+    n_frames: int = 0
+
+    def add(self, frame: np.ndarray, dark: np.ndarray | None = None, weight: int = 1) -> None:
+        """Add one (rows, cols) uint16 frame, ``weight`` times (a frame drawn more than once)."""
+        if dark is None:
+            _accumulate(frame, np.zeros((1, 1), np.int64), False, weight, self.counts)
+        else:
+            _accumulate(frame, np.asarray(dark, np.float32).astype(np.int64), True, weight, self.counts)
+        self.n_frames += weight
+
+    def merge(self, other: PixelHistogram) -> None:
+        self.counts += other.counts
+        self.n_frames += other.n_frames
+
+    @property
+    def n_pixels(self) -> int:
+        return int(self.counts.sum())
+
+
+def _gaussian(x, amplitude, mu, sigma):
+    return amplitude * np.exp(-0.5 * ((x - mu) / sigma) ** 2)
+
+
+def thresholds_from_histogram(
+    histogram: PixelHistogram,
+    background_n_sigma: float = 4.0,
+    xray_n_sigma: float = 175.0,
+) -> Thresholds:
+    """Calibrate thresholds from a pixel histogram (stempy's statistics and Gaussian fit).
+
+    Raises CalibrationError when the sample is empty or the fit does not converge.
+    """
+    counts = histogram.counts
+    n = int(counts.sum())
+    if n < 2:
+        raise CalibrationError("no sample pixels to calibrate thresholds from (no complete frame was found)")
+    nonzero = np.flatnonzero(counts)
+    values = np.arange(-_OFFSET, _N_VALUES - _OFFSET, dtype=np.float64)
+    mean = float((counts * values).sum() / n)
+    # stempy's variance: sum(x^2) / (n - 1) - mean^2
+    variance = float((counts * values**2).sum() / (n - 1) - mean**2)
+    std = math.sqrt(max(variance, 0.0))
+    xray = mean + xray_n_sigma * std
+    min_sample = float(values[nonzero[0]])
+    max_sample = float(values[nonzero[-1]])
+
+    # 1-ADU bins from the smallest to the largest sample (stempy's upper bound, mean + xray * std,
+    # is always beyond the largest sample in practice). The fit only needs the region around the
+    # pedestal; the tail of electrons and X-rays has negligible weight in a least-squares fit.
+    lo_bin, hi_bin = int(min_sample), int(max_sample)
+    n_bins = max(hi_bin - lo_bin, 1)
+    bins = np.arange(lo_bin, lo_bin + n_bins, dtype=np.float64)
+    hist = counts[lo_bin + _OFFSET : lo_bin + _OFFSET + n_bins].astype(np.float64)
+    peak = int(np.argmax(hist))
+    # Fit a window around the peak: same optimum, far fewer points than a 65536-bin tail.
+    window = max(int(10 * std), 50)
+    sel = slice(max(peak - window, 0), min(peak + window + 1, n_bins))
+    try:
+        (amplitude, mu, sigma), _ = curve_fit(
+            _gaussian, bins[sel], hist[sel], p0=(hist[peak], bins[peak], max(std, 1.0)), method="lm", maxfev=2000
+        )
+    except (RuntimeError, ValueError) as exc:
+        raise CalibrationError(f"the Gaussian fit of the pixel histogram did not converge ({exc})") from exc
+    if not (math.isfinite(mu) and math.isfinite(sigma)):
+        raise CalibrationError("the Gaussian fit of the pixel histogram gave a non-finite result")
+    background = mu + background_n_sigma * abs(sigma)
+    return Thresholds(
+        background=float(background),
+        xray=float(xray),
+        calculated=True,
+        number_of_samples=histogram.n_frames,
+        min_sample=min_sample,
+        max_sample=max_sample,
+        mean=mean,
+        variance=variance,
+        std_dev=std,
+        number_of_bins=n_bins,
+        xray_n_sigma=float(xray_n_sigma),
+        background_n_sigma=float(background_n_sigma),
+        optimized_mean=float(mu),
+        optimized_std_dev=float(abs(sigma)),
+    )
+
+
+def draw_sample_weights(n_candidates: int, n_samples: int, seed: int | None = None) -> np.ndarray:
+    """How many times each of ``n_candidates`` frames is drawn when ``n_samples`` frames are drawn
+    at random with replacement (stempy draws with replacement)."""
+    if n_candidates <= 0:
+        return np.zeros(0, np.int64)
+    rng = np.random.default_rng(seed)
+    return np.bincount(rng.integers(0, n_candidates, n_samples), minlength=n_candidates)
