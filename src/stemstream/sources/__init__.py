@@ -1,0 +1,1 @@
+"""Frame sources: where detector frames come from (the detector simulator and its synthetic specimen)."""
