@@ -54,7 +54,7 @@ class CountOptions:
     gain: Path | None = None
     row_dark: bool = False
     workers: int | None = None  # counting threads; None: all cores
-    batch_size: int = 64
+    batch_size: int = 32
     seed: int | None = 0
 
     def __post_init__(self):

@@ -11,6 +11,7 @@ module number is read from the name (``module(\\d+)``) and nowhere else.
 from __future__ import annotations
 
 import json
+import mmap
 import re
 import time
 import uuid
@@ -117,16 +118,30 @@ def inspect_raw_file(path: str | Path) -> RawFileLayout:
     return RawFileLayout(path, module, size // RECORD_BYTES, size % RECORD_BYTES)
 
 
+# Records per memory-map window when reading headers: 256 records are 4096 x 10369 bytes, so every
+# window starts on a page boundary as mmap requires.
+_HEADER_WINDOW_RECORDS = 256
+
+
 def read_headers(path: str | Path, n_records: int) -> np.ndarray:
     """The headers of the first ``n_records`` records of a raw file, as a HEADER_DTYPE array.
 
-    Reads 16 bytes per record through a memory map, so the pixels are never touched.
+    Reads 16 bytes per record through a memory map, so the pixels are not copied. The map covers
+    256 records at a time and asks for no read-around: the kernel would otherwise
+    map neighbouring pages of pixels too, and the process's resident memory would grow to the
+    size of the file.
     """
+    headers = np.empty(n_records, HEADER_DTYPE)
     if n_records == 0:
-        return np.empty(0, HEADER_DTYPE)
-    records = np.memmap(path, dtype=RECORD_DTYPE, mode="r", shape=(n_records,))
-    headers = np.array(records["header"])  # copy: the map is closed when `records` goes away
-    del records
+        return headers
+    with open(path, "rb") as f:
+        for start in range(0, n_records, _HEADER_WINDOW_RECORDS):
+            count = min(_HEADER_WINDOW_RECORDS, n_records - start)
+            with mmap.mmap(f.fileno(), count * RECORD_BYTES, access=mmap.ACCESS_READ, offset=start * RECORD_BYTES) as mm:
+                mm.madvise(mmap.MADV_RANDOM)
+                records = np.frombuffer(mm, RECORD_DTYPE, count)
+                headers[start : start + count] = records["header"]
+                del records  # release the buffer before the map closes
     return headers
 
 
