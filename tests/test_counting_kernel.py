@@ -120,3 +120,24 @@ def test_row_dark_rescales_each_half_row_to_the_pedestal():
     assert len(plain) > 1  # the raised half-row counts as noise without row-dark
     counter = ElectronCounter(28.0, 1000.0, (4, 8), row_dark=True, optimized_mean=20.0)
     assert counter.count(frame).frame(0).tolist() == [1 * 8 + 6]
+
+
+@pytest.mark.parametrize("shape", [(9, 96), (12, 100), (64, 200), (33, 577), (576, 576)])
+@pytest.mark.parametrize("dose", [0.01, 0.2])
+def test_events_equal_stempy_across_block_and_frame_edges(shape, dose):
+    # The kernel tests 96-pixel blocks of interior rows all at once and the first/last rows and
+    # columns one pixel at a time: put electrons everywhere, up to crowded frames where
+    # neighbours and X-rays interfere, on shapes with and without a partial last block.
+    rng = np.random.default_rng(shape[0] * 1000 + shape[1])
+    frame = sparse_frame(rng, shape, dose=dose)
+    rows, cols = shape
+    edge_rows = rng.integers(0, rows, 40)
+    frame[edge_rows, 0] = rng.integers(25, 3000, 40)  # first and last columns of every kind of row
+    frame[edge_rows, cols - 1] = rng.integers(25, 3000, 40)
+    block_edges = np.arange(95, cols - 1, 96)
+    if block_edges.size:  # pixels either side of each block boundary
+        r = rng.integers(0, rows, (len(block_edges), 2))
+        frame[r[:, 0], block_edges] = rng.integers(25, 500, len(block_edges))
+        frame[r[:, 1], block_edges + 1] = rng.integers(25, 500, len(block_edges))
+    for background, xray in [(28.0, 2000.0), (24.5, 300.0), (28.0, 1e9)]:
+        assert np.array_equal(count_frame(frame, background, xray), stempy_events(frame, background, xray))

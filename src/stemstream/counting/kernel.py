@@ -21,12 +21,17 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 from numba import njit, prange
+from numba.cpython.unsafe.numbers import trailing_zeros
 
 # Pixels per block in the fast scan: a block whose maximum is below the background threshold is
-# skipped after one vectorised pass, which is what most of a sparse frame is. Blocks of 96 columns
-# measured fastest (blocks of 64 do not vectorise; larger ones hit more often); unsigned indices
-# keep numba from emitting the negative-index wrap-around that stops LLVM from vectorising.
+# skipped after one vectorised pass, which is what most of a sparse frame is. Blocks of 96 and 192
+# columns measured fastest (blocks of 64 and 128 do not vectorise; 288 hit too often); unsigned
+# indices keep numba from emitting the negative-index wrap-around that stops LLVM vectorising.
+# A multiple of 8: the hit mask is read as uint64 words.
 _BLOCK = 96
+# Multiplying a uint64 of eight 0/1 bytes by this puts byte i's bit at bit 56 + i (the partial
+# products land on distinct bits, so nothing carries): ">> 56" packs 8 mask bytes into 8 bits.
+_GATHER = np.uint64(0x0102040810204080)
 
 
 def max_events_per_frame(frame_shape: tuple[int, int]) -> int:
@@ -70,57 +75,84 @@ def _is_event_int(flat, r, c, v, hi, rows, cols):
     return True
 
 
-@njit(nogil=True, cache=True)
-def _candidate_flags(w, low15, offset):
-    # SWAR test of four uint16 lanes of a uint64 at once: lane bit 15 of the result is set where
-    # the lane is >= lo (offset = (0x8000 - lo) per lane; lanes >= 0x8000 flag through `| w`).
-    # The sum never carries across lanes: (0x7FFF + 0x8000 - lo) < 0x10000 for lo >= 1.
-    return (((w & low15) + offset) | w) & np.uint64(0x8000800080008000)
+@njit(nogil=True, cache=True, inline="always")
+def _kept(n, hi):
+    # A neighbour's value after the X-ray cut; the background cut does not matter for a
+    # neighbour, since a candidate is >= lo and a neighbour below lo never blocks it.
+    return n if n <= hi else np.uint16(0)
 
 
 @njit(nogil=True, cache=True)
-def count_frame_int(frame, words, lo, hi, out):
+def count_frame_int(frame, lo, hi, out):
     """Events of one C-contiguous uint16 frame (rows, cols); a pixel survives thresholding when
-    ``lo <= value <= hi``. ``words`` is the same frame viewed as uint64 (rows, cols // 4), or an
-    empty array when cols is not a multiple of 4. Writes flat indices ``row * cols + col``
-    (ascending) to ``out`` and returns how many."""
+    ``lo <= value <= hi``. Writes flat indices ``row * cols + col`` (ascending) to ``out`` and
+    returns how many.
+
+    Two passes per block of _BLOCK pixels of a row: the block's maximum (one vectorised read)
+    skips the ~90 % of blocks with no pixel >= lo; a hit block gets the full 8-neighbour test on
+    all its pixels at once (vectorised, branch-free: candidates sit at random places, so a branch
+    per candidate mispredicts), into a byte mask whose set bytes are then visited.
+    """
     rows, cols = frame.shape
     flat = frame.reshape(-1)
-    swar = words.size > 0
-    wflat = words.reshape(-1)
-    low15 = np.uint64(0x7FFF7FFF7FFF7FFF)
-    offset = np.uint64(0x8000 - lo) * np.uint64(0x0001000100010001)
-    block = np.uint64(_BLOCK)
-    n_blocks = np.uint64(cols) // block
-    tail_start = np.int64(n_blocks * block)
     n_events = 0
+    if lo > 65535:
+        return 0
+    lo16 = np.uint16(lo)
+    hi16 = np.uint16(min(hi, 65535))
+    mask = np.zeros(_BLOCK, np.uint8)
+    mwords = mask.view(np.uint64)
+    block = np.uint64(_BLOCK)
+    ucols = np.uint64(cols)
+    n_blocks = ucols // block
+    tail_start = np.int64(n_blocks * block)
     for r in range(rows):
-        row_base = np.uint64(r) * np.uint64(cols)
+        row_base = np.uint64(r) * ucols
+        # The vector test reads the row above and below, one pixel beyond the block on each
+        # side: rows 0, 1, rows-2 and rows-1 take the scalar path, so no read leaves the frame.
+        interior_row = r >= 2 and r + 3 <= rows
         for b in range(n_blocks):
             base = row_base + b * block
             m = np.uint16(0)  # frames are uint16; a wider accumulator would not vectorise
             for j in range(block):
                 m = max(m, flat[base + j])
-            if m < lo:
+            if m < lo16:
                 continue
-            if swar:
-                # Find the few candidates four pixels at a time.
-                for k in range(block // np.uint64(4)):
-                    flags = _candidate_flags(wflat[(base >> np.uint64(2)) + k], low15, offset)
-                    if flags == 0:
-                        continue
-                    for lane in range(4):
-                        if (flags >> np.uint64(16 * lane + 15)) & np.uint64(1):
-                            p = np.int64(base) + np.int64(k) * 4 + lane
-                            v = flat[p]
-                            c = p - np.int64(row_base)
-                            if v <= hi and _is_event_int(flat, r, c, v, hi, rows, cols):
-                                out[n_events] = p
-                                n_events += 1
+            if interior_row:
+                up = base - ucols
+                dn = base + ucols
+                for j in range(block):
+                    v = flat[base + j]
+                    n = max(_kept(flat[base + j - np.uint64(1)], hi16), _kept(flat[base + j + np.uint64(1)], hi16))
+                    n = max(n, _kept(flat[up + j - np.uint64(1)], hi16))
+                    n = max(n, _kept(flat[up + j], hi16))
+                    n = max(n, _kept(flat[up + j + np.uint64(1)], hi16))
+                    n = max(n, _kept(flat[dn + j - np.uint64(1)], hi16))
+                    n = max(n, _kept(flat[dn + j], hi16))
+                    n = max(n, _kept(flat[dn + j + np.uint64(1)], hi16))
+                    mask[j] = np.uint8((v >= lo16) & (v <= hi16) & (n < v))
+                # Columns 0 and cols-1 have no left / right neighbour: the vector pass read
+                # the other row's edge pixel there, so check them again.
+                if b == 0:
+                    v = flat[base]
+                    mask[0] = np.uint8(v >= lo16 and v <= hi16 and _is_event_int(flat, r, 0, v, hi, rows, cols))
+                if b == n_blocks - np.uint64(1) and tail_start == cols:
+                    v = flat[base + block - np.uint64(1)]
+                    mask[_BLOCK - 1] = np.uint8(v >= lo16 and v <= hi16 and _is_event_int(flat, r, cols - 1, v, hi, rows, cols))
+                # Gather the 0/1 mask bytes into bits, 8 bytes per multiply (the products of the
+                # magic number's bits never collide, so no carries), then visit only set bits.
+                for h in range((_BLOCK + 63) // 64):
+                    bits = np.uint64(0)
+                    for k in range(min(8, _BLOCK // 8 - 8 * h)):
+                        bits |= ((mwords[8 * h + k] * _GATHER) >> np.uint64(56)) << np.uint64(8 * k)
+                    while bits != 0:
+                        out[n_events] = np.int64(base) + 64 * h + np.int64(trailing_zeros(bits))
+                        n_events += 1
+                        bits &= bits - np.uint64(1)
             else:
                 for j in range(block):
                     v = flat[base + j]
-                    if v >= lo and v <= hi:
+                    if v >= lo16 and v <= hi16:
                         c = np.int64(b * block + j)
                         if _is_event_int(flat, r, c, v, hi, rows, cols):
                             out[n_events] = np.int64(base + j)
@@ -218,7 +250,7 @@ def _apply_row_dark(frame, dark_f32, inv_gain, optimized_mean, use_mean, float_p
 
 
 @njit(nogil=True, parallel=True, cache=True)
-def _count_batch(frames, words, lo, hi, background, xray, dark_int, dark_f32, inv_gain, mode, optimized_mean, use_mean, out, counts, n_chunks):
+def _count_batch(frames, lo, hi, background, xray, dark_int, dark_f32, inv_gain, mode, optimized_mean, use_mean, out, counts, n_chunks):
     # mode 0: raw integers; 1: dark subtracted integers; 2: dark and gain, floats;
     # 3: row-dark, integers; 4: row-dark and gain, floats.
     # One chunk per thread, each with its own scratch frames, frames interleaved over chunks.
@@ -226,19 +258,18 @@ def _count_batch(frames, words, lo, hi, background, xray, dark_int, dark_f32, in
     for k in prange(n_chunks):
         scratch_u16 = np.empty((rows, cols), np.uint16)
         scratch_f32 = np.empty((rows, cols), np.float32)
-        scratch_words = words[0] if words.shape[2] == 0 else scratch_u16.view(np.uint64)
         for i in range(k, n, n_chunks):
             if mode == 0:
-                counts[i] = count_frame_int(frames[i], words[i], lo, hi, out[i])
+                counts[i] = count_frame_int(frames[i], lo, hi, out[i])
             elif mode == 1:
                 _subtract_dark(frames[i], dark_int, scratch_u16)
-                counts[i] = count_frame_int(scratch_u16, scratch_words, lo, hi, out[i])
+                counts[i] = count_frame_int(scratch_u16, lo, hi, out[i])
             elif mode == 2:
                 _apply_dark_gain(frames[i], dark_f32, inv_gain, scratch_f32)
                 counts[i] = count_frame_float(scratch_f32, background, xray, out[i])
             elif mode == 3:
                 _apply_row_dark(frames[i], dark_f32, inv_gain, optimized_mean, use_mean, False, scratch_u16, scratch_f32)
-                counts[i] = count_frame_int(scratch_u16, scratch_words, lo, hi, out[i])
+                counts[i] = count_frame_int(scratch_u16, lo, hi, out[i])
             else:
                 _apply_row_dark(frames[i], dark_f32, inv_gain, optimized_mean, use_mean, True, scratch_u16, scratch_f32)
                 counts[i] = count_frame_float(scratch_f32, background, xray, out[i])
@@ -347,12 +378,8 @@ class ElectronCounter:
         counts = self._counts[:n]
         if n:
             frames = np.ascontiguousarray(frames)
-            if self.frame_shape[1] % 4 == 0:
-                words = frames.view(np.uint64)  # (n, rows, cols // 4): four pixels per word
-            else:
-                words = np.empty((n, self.frame_shape[0], 0), np.uint64)
             _count_batch(
-                frames, words, self._lo, self._hi, self.background, self.xray,
+                frames, self._lo, self._hi, self.background, self.xray,
                 self._dark_int, self._dark_f32, self._inv_gain, self._mode, self._optimized_mean, self._use_mean, self._out, counts,
                 min(n, numba.get_num_threads()),
             )
