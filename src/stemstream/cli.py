@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from stemstream import cli_pipeline
 from stemstream.cli_support import (
     UserError,
     parse_shape,
@@ -114,6 +115,9 @@ def count(
             log.warning("the scan is not complete: see the ledger above")
 
     run_guarded(job, console)
+
+
+cli_pipeline.register(app)
 
 
 def main() -> None:

@@ -74,3 +74,42 @@ def simulation_summary(summary, config) -> Panel:
     facts.add_row("files", f"{len(summary.paths)} raw files in {summary.out_dir}")
     facts.add_row("time", f"{summary.seconds:.2f} s")
     return Panel(facts, title="stemstream simulate", expand=False)
+
+
+def stream_summary(summary: dict, status: dict) -> Panel:
+    """The summary screen of one streamed scan (the writer's summary and control's status)."""
+    if "ledger" not in summary:
+        return Panel(f"[red]scan {summary.get('scan')} failed: {summary.get('error', 'unknown error')}[/]",
+                     title="stemstream run", expand=False)
+    ledger = ScanLedger.from_dict(summary["ledger"])
+    extra = summary["ledger"]
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold")
+    facts.add_column()
+    rows, cols = ledger.scan_shape
+    facts.add_row("scan", f"{ledger.scan_number} ({rows} rows x {cols} cols, {ledger.frames_per_position} frame(s) per position)")
+    t = summary.get("thresholds") or {}
+    if t:
+        mode = "calibrated" if t.get("calculated") else "fixed"
+        facts.add_row("thresholds", f"background {t['background']:.2f} ADU, X-ray {t['xray']:.1f} ADU ({mode})")
+    per_frame = summary["events"] / ledger.frames_received if ledger.frames_received else 0.0
+    facts.add_row("events", f"{summary['events']:,} ({per_frame:.1f} per frame)")
+    facts.add_row("time", f"{summary['seconds']:.2f} s from scan start to file closed "
+                          f"({summary['frames_per_second']:,.0f} frames/s)")
+    lost = sum(extra.get("sectors_lost", []))
+    spilled = extra.get("frames_spilled", 0)
+    if lost or spilled or extra.get("node_groups_missing"):
+        facts.add_row("[yellow]attention[/]", f"sectors lost in transit {lost:,}, frames spilled {spilled:,}, "
+                                              f"node groups silent {extra.get('node_groups_missing', [])}")
+    facts.add_row("output", summary["path"])
+    roles = Table(title="roles (peak memory)", title_justify="left", show_header=True, header_style="bold")
+    roles.add_column("role")
+    roles.add_column("peak RSS", justify="right")
+    roles.add_column("rejected", justify="right")
+    for key, role in sorted(status.get("roles", {}).items()):
+        stats = role.get("stats", {})
+        roles.add_row(key, f"{stats.get('peak_rss', 0) / 2**20:,.0f} MiB", f"{sum(stats.get('rejected', {}).values()):,}")
+    accounted = (ledger.frames_complete == ledger.frames_expected and ledger.frames_incomplete == 0
+                 and sum(ledger.sectors_rejected) == 0)
+    facts.add_row("status", "[green]every frame accounted for[/]" if accounted else "[yellow]scan incomplete: see the ledger[/]")
+    return Panel(Group(facts, ledger_table(ledger), roles), title="stemstream run", expand=False)

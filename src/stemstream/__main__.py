@@ -1,0 +1,5 @@
+"""``python -m stemstream``: the same as the ``stemstream`` command."""
+
+from stemstream.cli import main
+
+main()

@@ -1,0 +1,233 @@
+"""Command-line commands of the streaming pipeline: run, demo, replay, and each role alone."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from stemstream.cli_support import UserError, parse_shape, progress_bar, run_guarded
+
+log = logging.getLogger("stemstream")
+console = Console()
+
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="Pipeline config (TOML); default: everything on localhost.")]
+
+
+def _load(config: Path | None):
+    from stemstream.deploy.config import ConfigError, load_config
+
+    try:
+        return load_config(config)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _role_guard(job) -> None:
+    from stemstream.deploy.config import ConfigError
+
+    def guarded() -> None:
+        try:
+            job()
+        except ConfigError as exc:
+            raise UserError(str(exc)) from None
+
+    run_guarded(guarded, Console(stderr=True))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def control(config: ConfigOption = None) -> None:
+        """Run the control role (scan lifecycle, calibration, status)."""
+        from stemstream.pipeline.control import Control
+
+        _role_guard(lambda: Control(_load(config)).serve())
+
+    @app.command()
+    def writer(config: ConfigOption = None) -> None:
+        """Run the writer role (one counted file per scan)."""
+        from stemstream.pipeline.writer import Writer
+
+        _role_guard(lambda: Writer(_load(config)).run())
+
+    @app.command()
+    def node(config: ConfigOption = None,
+             index: Annotated[int, typer.Option("--index", help="Node group number, 0-based.")] = 0) -> None:
+        """Run one node group (reassemble, count, send events)."""
+        from stemstream.pipeline.node import NodeGroup
+
+        def job() -> None:
+            cfg = _load(config)
+            if not 0 <= index < cfg.pipeline.nodes:
+                raise UserError(f"--index {index} is outside the {cfg.pipeline.nodes} node groups of the config")
+            NodeGroup(cfg, index).run()
+
+        _role_guard(job)
+
+    @app.command()
+    def gateway(config: ConfigOption = None) -> None:
+        """Run the gateway role (routes producers' data to node groups)."""
+        from stemstream.pipeline.gateway import Gateway
+
+        _role_guard(lambda: Gateway(_load(config)).run())
+
+    @app.command()
+    def producer(
+        config: ConfigOption = None,
+        module: Annotated[int, typer.Option("--module", help="Detector module (sector) 0-3.")] = 0,
+        replay: Annotated[Optional[list[Path]], typer.Option("--replay", help="Raw files or directories to stream instead of the simulator.")] = None,
+        dose: Annotated[float, typer.Option(help="Simulator dose, electrons/pixel/frame.")] = 0.002,
+        seed: Annotated[int, typer.Option(help="Simulator seed.")] = 0,
+        rate: Annotated[float, typer.Option(help="Simulator frame rate, frames/s (0: as fast as possible).")] = 0.0,
+        drop_sectors: Annotated[float, typer.Option("--drop-sectors", help="Simulated sector loss probability.")] = 0.0,
+    ) -> None:
+        """Run one producer (stands in for one receiver server)."""
+        from stemstream.pipeline.producer import Producer
+        from stemstream.pipeline.sources import ReplayModule, SimulatedModule
+
+        def job() -> None:
+            cfg = _load(config)
+            if not 0 <= module <= 3:
+                raise UserError(f"--module must be 0 to 3, got {module}")
+            if replay:
+                def factory(spec):
+                    return ReplayModule(replay, module, int(spec["block_frames"]), int(spec["scan"]))
+            else:
+                def factory(spec):
+                    return SimulatedModule(spec, module, dose=dose, seed=seed + int(spec["scan"]), rate=rate,
+                                           drop_sector_probability=drop_sectors)
+            Producer(cfg, module, factory).run()
+
+        _role_guard(job)
+
+    @app.command()
+    def run(
+        simulate: Annotated[Optional[str], typer.Option("--simulate", help="Stream simulated scans of ROWSxCOLS positions.")] = None,
+        replay: Annotated[Optional[Path], typer.Option("--replay", help="Stream a scan's raw files instead.")] = None,
+        output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the counted files.")] = Path("."),
+        nodes: Annotated[Optional[int], typer.Option("--nodes", help="Node groups (default: config, 2).")] = None,
+        scans: Annotated[int, typer.Option("--scans", help="Simulated scans to stream one after another.")] = 1,
+        frames_per_position: Annotated[int, typer.Option("--frames-per-position")] = 1,
+        background_threshold: Annotated[Optional[float], typer.Option("--background-threshold", help="Fixed background threshold, ADU.")] = None,
+        xray_threshold: Annotated[Optional[float], typer.Option("--xray-threshold", help="Fixed X-ray threshold, ADU.")] = None,
+        sigma: Annotated[Optional[float], typer.Option("--sigma")] = None,
+        xray_sigma: Annotated[Optional[float], typer.Option("--xray-sigma")] = None,
+        samples: Annotated[Optional[int], typer.Option("--samples")] = None,
+        dose: Annotated[float, typer.Option(help="Simulator dose, electrons/pixel/frame.")] = 0.002,
+        seed: Annotated[int, typer.Option(help="Simulator seed.")] = 0,
+        no_gateway: Annotated[bool, typer.Option("--no-gateway", help="Producers send straight to node groups.")] = False,
+        config: ConfigOption = None,
+    ) -> None:
+        """Start every role locally, stream scans through them, write OUTDIR/<scan name>.h5."""
+
+        def job() -> None:
+            cfg = _load(config)
+            if (simulate is None) == (replay is None):
+                raise UserError("give exactly one of --simulate ROWSxCOLS or --replay RAW_DIR")
+            if nodes is not None:
+                cfg.pipeline.nodes = nodes
+            if no_gateway:
+                cfg.pipeline.gateway = False
+            for name, value in (("background_threshold", background_threshold), ("xray_threshold", xray_threshold),
+                                ("sigma", sigma), ("xray_sigma", xray_sigma), ("samples", samples)):
+                if value is not None:
+                    setattr(cfg.counting, name, value)
+            output.mkdir(parents=True, exist_ok=True)
+            cfg.pipeline.output_dir = str(output.resolve())
+            if scans < 1:
+                raise UserError(f"--scans must be at least 1, got {scans}")
+            _validate(cfg)
+            ok = run_locally(cfg, simulate, replay, scans, frames_per_position, dose, seed)
+            if not ok:
+                raise typer.Exit(1)
+
+        run_guarded(job, console)
+
+    @app.command()
+    def demo(
+        output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the counted file.")] = Path("."),
+        scan_shape: Annotated[str, typer.Option("--scan-shape", help="Scan positions ROWSxCOLS.")] = "128x128",
+    ) -> None:
+        """A simulated scan streamed through every role on this machine: the first thing to run."""
+
+        def job() -> None:
+            cfg = _load(None)
+            output.mkdir(parents=True, exist_ok=True)
+            cfg.pipeline.output_dir = str(output.resolve())
+            console.print("[bold]stemstream demo[/]: simulating a 4D Camera scan and streaming it through "
+                          "4 producers, a gateway, 2 node groups and a writer on this machine.")
+            ok = run_locally(cfg, scan_shape, None, 1, 1, 0.002, 0)
+            if not ok:
+                raise typer.Exit(1)
+
+        run_guarded(job, console)
+
+
+def _validate(cfg) -> None:
+    from stemstream.deploy.config import ConfigError
+
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+
+
+def run_locally(cfg, simulate: str | None, replay: Path | None, n_scans: int, frames_per_position: int,
+                dose: float, seed: int) -> bool:
+    """Start the local pipeline, stream the scans, print summaries. True if every frame of every
+    scan was accounted for."""
+    from stemstream.deploy.local import LocalPipeline, PipelineError, ProducerSource
+    from stemstream.reports import stream_summary
+
+    if replay is not None:
+        from stemstream.sources.raw_scan import RawScan
+
+        with RawScan([replay]) as raw:
+            plan = [(raw.scan_number, raw.scan_shape, raw.frames_per_position)]
+        source = ProducerSource(replay=[replay])
+    else:
+        shape = parse_shape(simulate, "--simulate")
+        plan = [(k + 1, shape, frames_per_position) for k in range(n_scans)]
+        source = ProducerSource(dose=dose, seed=seed)
+    work = Path(tempfile.mkdtemp(prefix="stemstream-run-"))
+    cfg.pipeline.spill_dir = str(Path(cfg.pipeline.output_dir) / "spill")
+    all_ok = True
+    pipeline = LocalPipeline(cfg, work, source)
+    try:
+        t0 = time.monotonic()
+        with console.status("starting the roles..."):
+            pipeline.start()
+        log.info("roles started in %.1f s", time.monotonic() - t0)
+        for number, shape, fpp in plan:
+            total = shape[0] * shape[1] * fpp
+            with progress_bar(console, f"scan {number}", total) as advance:
+                def progress(status, advance=advance):
+                    done = sum(r["stats"].get("counters", {}).get("frames_counted", 0)
+                               for k, r in status["roles"].items() if k.startswith("node"))
+                    advance(min(done - progress.base, total))
+                progress.base = _frames_counted(pipeline.status())
+                summary = pipeline.run_scan(number, shape, fpp, progress=progress)
+            console.print(stream_summary(summary, pipeline.status()))
+            ledger = summary.get("ledger", {})
+            all_ok &= summary.get("state") == "closed" and _accounted(ledger)
+    except PipelineError as exc:
+        raise UserError(str(exc)) from None
+    finally:
+        pipeline.stop()
+    return all_ok
+
+
+def _frames_counted(status: dict) -> int:
+    return sum(r["stats"].get("counters", {}).get("frames_counted", 0)
+               for k, r in status["roles"].items() if k.startswith("node"))
+
+
+def _accounted(ledger: dict) -> bool:
+    return (ledger.get("frames_complete", -1) == ledger.get("frames_expected")
+            and ledger.get("frames_incomplete", 1) == 0
+            and sum(ledger.get("sectors_rejected", [1])) == 0)

@@ -1,0 +1,225 @@
+"""The pipeline's configuration: one TOML file shared by every role, plus command-line overrides.
+
+Defaults put every role on 127.0.0.1, so the embedded run needs no file at all. Unknown settings,
+wrong types and impossible values are refused with one sentence naming the setting (ConfigError).
+
+```toml
+[network]
+host = "127.0.0.1"          # default for every role below
+control_port = 5550
+gateway_port = 5551
+writer_port = 5552
+node_base_port = 5560       # node group i listens on node_base_port + i
+# control_host / gateway_host / writer_host / node_hosts = ["10.0.0.5", ...]: per-role hosts
+
+[pipeline]
+nodes = 2                   # node groups
+gateway = true
+block_frames = 32           # frames per routing block (the unit sent to one node group)
+output_dir = "."
+spill_dir = "spill"
+
+[counting]                  # fixed thresholds if both given, else calibrated as stempy
+# background_threshold = 28.0
+# xray_threshold = 1000.0
+sigma = 4.0
+xray_sigma = 175.0
+samples = 1200
+calibration_frames = 640
+workers = 1                 # counting threads per node group
+
+[flow]
+send_hwm = 32               # messages queued per socket before a sender blocks
+backpressure_timeout_s = 5  # a producer blocked this long spills to disk
+max_pending_blocks = 24     # blocks a node group holds while sectors of them are still missing
+end_timeout_s = 3           # wait after the first end marker for the rest
+scan_timeout_s = 60         # a scan with no traffic for this long is closed as it stands
+heartbeat_s = 0.5
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message is one sentence."""
+
+
+@dataclass
+class NetworkConfig:
+    host: str = "127.0.0.1"
+    control_port: int = 5550
+    gateway_port: int = 5551
+    writer_port: int = 5552
+    node_base_port: int = 5560
+    control_host: str = ""
+    gateway_host: str = ""
+    writer_host: str = ""
+    node_hosts: list[str] = field(default_factory=list)
+    bind_host: str = "*"  # what listening sockets bind to
+
+    def _host(self, specific: str) -> str:
+        return specific or self.host
+
+    def control(self) -> str:
+        return f"tcp://{self._host(self.control_host)}:{self.control_port}"
+
+    def gateway(self) -> str:
+        return f"tcp://{self._host(self.gateway_host)}:{self.gateway_port}"
+
+    def writer(self) -> str:
+        return f"tcp://{self._host(self.writer_host)}:{self.writer_port}"
+
+    def node(self, index: int) -> str:
+        host = self.node_hosts[index] if index < len(self.node_hosts) else self.host
+        return f"tcp://{host}:{self.node_base_port + index}"
+
+    def bind(self, port: int) -> str:
+        return f"tcp://{self.bind_host}:{port}"
+
+
+@dataclass
+class PipelineSettings:
+    nodes: int = 2
+    gateway: bool = True
+    block_frames: int = 32
+    output_dir: str = "."
+    spill_dir: str = "spill"
+
+
+@dataclass
+class CountingSettings:
+    background_threshold: float | None = None
+    xray_threshold: float | None = None
+    sigma: float = 4.0
+    xray_sigma: float = 175.0
+    samples: int = 1200
+    calibration_frames: int = 640
+    workers: int = 1
+
+    @property
+    def fixed(self) -> bool:
+        return self.background_threshold is not None and self.xray_threshold is not None
+
+
+@dataclass
+class FlowSettings:
+    send_hwm: int = 32
+    backpressure_timeout_s: float = 5.0
+    max_pending_blocks: int = 24
+    end_timeout_s: float = 3.0
+    scan_timeout_s: float = 60.0
+    heartbeat_s: float = 0.5
+
+
+@dataclass
+class PipelineConfig:
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    counting: CountingSettings = field(default_factory=CountingSettings)
+    flow: FlowSettings = field(default_factory=FlowSettings)
+
+    def validate(self) -> PipelineConfig:
+        """Check values that types cannot; raises ConfigError. Returns self."""
+        p, c, f, n = self.pipeline, self.counting, self.flow, self.network
+        checks = [
+            (1 <= p.nodes <= 1024, f"[pipeline] nodes must be 1 to 1024, got {p.nodes}"),
+            (1 <= p.block_frames <= 1024, f"[pipeline] block_frames must be 1 to 1024, got {p.block_frames}"),
+            ((c.background_threshold is None) == (c.xray_threshold is None),
+             "[counting] give both background_threshold and xray_threshold, or neither (to calibrate)"),
+            (not c.fixed or c.xray_threshold > c.background_threshold,
+             "[counting] xray_threshold must be above background_threshold"),
+            (c.samples >= 1, f"[counting] samples must be at least 1, got {c.samples}"),
+            (c.calibration_frames >= 1, f"[counting] calibration_frames must be at least 1, got {c.calibration_frames}"),
+            (c.workers >= 1, f"[counting] workers must be at least 1, got {c.workers}"),
+            (f.send_hwm >= 1, f"[flow] send_hwm must be at least 1, got {f.send_hwm}"),
+            (f.max_pending_blocks >= 2, f"[flow] max_pending_blocks must be at least 2, got {f.max_pending_blocks}"),
+        ]
+        for name in ("backpressure_timeout_s", "end_timeout_s", "scan_timeout_s", "heartbeat_s"):
+            value = getattr(f, name)
+            checks.append((0 < value <= 86400, f"[flow] {name} must be a positive number of seconds, got {value}"))
+        for name in ("control_port", "gateway_port", "writer_port", "node_base_port"):
+            value = getattr(n, name)
+            checks.append((1 <= value <= 65535, f"[network] {name} must be a port number 1 to 65535, got {value}"))
+        checks.append((n.node_base_port + p.nodes - 1 <= 65535, "[network] node_base_port + nodes exceeds 65535"))
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+    def to_dict(self) -> dict:
+        def clean(obj: Any) -> Any:
+            return {k: v for k, v in dataclasses.asdict(obj).items() if v is not None}
+
+        return {name: clean(getattr(self, name)) for name in ("network", "pipeline", "counting", "flow")}
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(tomli_w.dumps(self.to_dict()))
+        return path
+
+
+def _coerce(section: str, name: str, value: Any, annotation: str) -> Any:
+    where = f"[{section}] {name}"
+    if annotation == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if annotation == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if annotation in ("float", "float | None"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if annotation == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    if annotation == "list[str]":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be a list of strings, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported setting type {annotation}")  # pragma: no cover
+
+
+def config_from_dict(data: dict) -> PipelineConfig:
+    """Build and validate a config from nested dicts (as TOML gives them)."""
+    config = PipelineConfig()
+    for section, values in data.items():
+        if section not in ("network", "pipeline", "counting", "flow"):
+            raise ConfigError(f"unknown section [{section}] (known: network, pipeline, counting, flow)")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] must be a table of settings")
+        target = getattr(config, section)
+        known = {f.name: f.type for f in dataclasses.fields(target)}
+        for name, value in values.items():
+            if name not in known:
+                raise ConfigError(f"unknown setting '{name}' in [{section}] (known: {', '.join(sorted(known))})")
+            setattr(target, name, _coerce(section, name, value, str(known[name])))
+    return config.validate()
+
+
+def load_config(path: str | Path | None) -> PipelineConfig:
+    """Read a TOML config file (None: the defaults). Raises ConfigError with one sentence."""
+    if path is None:
+        return PipelineConfig().validate()
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return config_from_dict(data)

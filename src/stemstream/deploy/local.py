@@ -1,0 +1,168 @@
+"""The embedded deployment: every role as a local process on loopback, started and stopped here.
+
+Each role runs as ``python -m stemstream <role> --config pipeline.toml ...``, exactly as it would on
+its own host; this module only writes the config, starts the processes, waits until every role
+has checked in with control, runs scans through control and shuts everything down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stemstream.deploy.config import PipelineConfig
+from stemstream.pipeline.control_client import ControlClient, ControlUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class PipelineError(RuntimeError):
+    """The local pipeline could not start or a scan could not finish."""
+
+
+@dataclass
+class ProducerSource:
+    """What the producers stream: the simulator (dose, seed, rate, drops) or raw files."""
+
+    replay: list[Path] | None = None
+    dose: float = 0.002
+    seed: int = 0
+    rate: float = 0.0
+    drop_sectors: float = 0.0
+
+    def arguments(self) -> list[str]:
+        if self.replay:
+            return [a for p in self.replay for a in ("--replay", str(p))]
+        return ["--dose", str(self.dose), "--seed", str(self.seed), "--rate", str(self.rate),
+                "--drop-sectors", str(self.drop_sectors)]
+
+
+@dataclass
+class LocalPipeline:
+    config: PipelineConfig
+    work_dir: Path
+    source: ProducerSource = field(default_factory=ProducerSource)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.work_dir = Path(self.work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir = self.work_dir / "logs"
+        self.log_dir.mkdir(exist_ok=True)
+        self.config_path = self.config.write(self.work_dir / "pipeline.toml")
+        self.control = ControlClient(self.config.network.control(), timeout_s=5.0)
+
+    # -- processes --------------------------------------------------------------------------------
+
+    def _start(self, key: str, args: list[str]) -> None:
+        log_file = open(self.log_dir / f"{key}.log", "ab")
+        cmd = [sys.executable, "-m", "stemstream", *args, "--config", str(self.config_path)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.processes[key] = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                               start_new_session=True)
+        log_file.close()
+
+    def expected_roles(self) -> set[str]:
+        roles = {"writer-0"} | {f"node-{i}" for i in range(self.config.pipeline.nodes)}
+        roles |= {f"producer-{m}" for m in range(4)}
+        if self.config.pipeline.gateway:
+            roles.add("gateway-0")
+        return roles
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Start every role and wait until all have checked in with control."""
+        self._start("control", ["control"])
+        self._start("writer", ["writer"])
+        for i in range(self.config.pipeline.nodes):
+            self._start(f"node-{i}", ["node", "--index", str(i)])
+        if self.config.pipeline.gateway:
+            self._start("gateway", ["gateway"])
+        for m in range(4):
+            self._start(f"producer-{m}", ["producer", "--module", str(m), *self.source.arguments()])
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._check_alive()
+            try:
+                status = self.control.request("status", timeout_s=1.0)
+                missing = self.expected_roles() - set(status.get("roles", {}))
+                if not missing:
+                    return
+            except ControlUnavailable:
+                missing = {"control"}
+            if time.monotonic() > deadline:
+                raise PipelineError(f"roles did not start within {timeout_s:g} s: {', '.join(sorted(missing))} "
+                                    f"(see the logs in {self.log_dir})")
+            time.sleep(0.1)
+
+    def _check_alive(self) -> None:
+        for key, proc in self.processes.items():
+            if proc.poll() is not None and key != "control" and not key.startswith("killed"):
+                tail = (self.log_dir / f"{key}.log").read_text(errors="replace").strip().splitlines()[-3:]
+                raise PipelineError(f"{key} exited with code {proc.returncode}: {' | '.join(tail)}")
+
+    def status(self) -> dict:
+        return self.control.request("status", timeout_s=2.0)
+
+    def run_scan(self, scan_number: int, scan_shape: tuple[int, int], frames_per_position: int = 1,
+                 progress: Callable[[dict], None] | None = None, timeout_s: float = 600.0,
+                 resume: bool = False, file_name: str | None = None) -> dict:
+        """Start a scan through control and wait until the writer closed it; returns its summary.
+
+        scan_shape is (rows, cols).
+        """
+        request = {"scan_number": scan_number, "scan_shape": list(scan_shape),
+                   "frames_per_position": frames_per_position, "resume": resume}
+        if file_name:
+            request["file_name"] = file_name
+        reply = self.control.request("start_scan", **request)
+        if not reply.get("ok"):
+            raise PipelineError(f"control refused scan {scan_number}: {reply.get('error')}")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive()
+            status = self.status()
+            state = status["scans"].get(str(scan_number), {})
+            if progress:
+                progress(status)
+            if state.get("state") in ("closed", "failed"):
+                summary = state.get("summary") or {}
+                summary["state"] = state["state"]
+                return summary
+            time.sleep(0.1)
+        raise PipelineError(f"scan {scan_number} did not finish within {timeout_s:g} s")
+
+    def kill(self, key: str, sig: int = signal.SIGKILL) -> None:
+        """Signal one role's process (fault injection)."""
+        proc = self.processes[key]
+        os.kill(proc.pid, sig)
+        if sig == signal.SIGKILL:
+            proc.wait(5)
+            self.processes[f"killed-{key}"] = self.processes.pop(key)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Ask every role to stop through control, then make sure they did."""
+        try:
+            self.control.request("shutdown", timeout_s=2.0)
+        except ControlUnavailable:
+            pass
+        deadline = time.monotonic() + timeout_s
+        for proc in self.processes.values():
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        self.control.close()
+
+    def __enter__(self) -> LocalPipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

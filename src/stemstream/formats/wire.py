@@ -1,0 +1,257 @@
+"""Messages on the data path, as ZeroMQ multipart messages.
+
+Every message starts with a one-byte kind and a msgpack envelope (a small map); big arrays follow
+as raw frames, never inside msgpack, so they travel zero-copy.
+
+- ``SECTORS``  producer -> (gateway) -> node group: ``[b"S", envelope, records]`` where records are
+  raw 4D Camera sector records (header v5, formats.md section 2) of one module, all from one
+  routing block of frames. The payload is the receivers' own file format, so a producer that must
+  spill writes it to disk unchanged, and a gateway forwards it without decoding.
+  envelope: scan, module, block, node (the node group it is routed to), n (records).
+- ``END``      producer -> each node group: ``[b"E", envelope]``: the module has sent everything
+  for the scan. envelope: scan, module, node, sent (records sent to that node group), spilled
+  (records the module spilled to disk instead of sending, all node groups together).
+- ``EVENTS``   node group -> writer: ``[b"V", envelope, frame_numbers u32, positions i64,
+  present u8, offsets i64, events u32]``; present is a bit mask of the modules that arrived.
+  envelope: scan, node, n (frames).
+- ``DONE``     node group -> writer: ``[b"D", envelope]``: the node group finished the scan;
+  envelope: scan, node, ledger (a partial ScanLedger.as_dict()), lost (sectors a producer
+  reported sent to this node group that never arrived).
+
+Decoding validates everything a peer could get wrong and raises MessageError with a short reason
+(used as the rejection counter's key); it never trusts sizes or counts from the envelope.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from stemstream.formats.raw import N_MODULES, RECORD_BYTES, RECORD_DTYPE
+
+SECTORS = b"S"
+END = b"E"
+EVENTS = b"V"
+DONE = b"D"
+_KINDS = (SECTORS, END, EVENTS, DONE)
+
+# Envelopes are tiny; anything bigger is garbage or an attack.
+MAX_ENVELOPE_BYTES = 64 * 1024
+MAX_RECORDS_PER_MESSAGE = 4096
+
+
+class MessageError(ValueError):
+    """A message that cannot be used. ``reason`` is a short snake_case key for counters."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def _pack(envelope: dict) -> bytes:
+    return msgpack.packb(envelope, use_bin_type=True)
+
+
+def _unpack_envelope(frame) -> dict:
+    data = bytes(frame.buffer if hasattr(frame, "buffer") else frame)
+    if len(data) > MAX_ENVELOPE_BYTES:
+        raise MessageError("envelope_too_big", f"{len(data)} bytes")
+    try:
+        envelope = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several types on garbage
+        raise MessageError("undecodable_envelope", type(exc).__name__) from None
+    if not isinstance(envelope, dict):
+        raise MessageError("undecodable_envelope", "not a map")
+    return envelope
+
+
+def _int_field(envelope: dict, name: str, low: int = 0, high: int = 2**32 - 1) -> int:
+    value = envelope.get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MessageError("bad_envelope", f"{name} must be an integer")
+    if not low <= value <= high:
+        raise MessageError("bad_envelope", f"{name}={value} outside {low}..{high}")
+    return value
+
+
+def kind_of(parts: list) -> bytes:
+    """The kind byte of a multipart message; raises MessageError for an unknown one."""
+    if not parts:
+        raise MessageError("empty_message")
+    kind = bytes(parts[0].buffer if hasattr(parts[0], "buffer") else parts[0])
+    if kind not in _KINDS:
+        raise MessageError("unknown_kind", repr(kind[:8]))
+    return kind
+
+
+# -- sectors ---------------------------------------------------------------------------------------
+
+
+def encode_sectors(scan: int, module: int, block: int, node: int, records: np.ndarray) -> list:
+    """Parts of a SECTORS message; ``records`` (RECORD_DTYPE) is sent without a copy."""
+    envelope = {"scan": scan, "module": module, "block": block, "node": node, "n": len(records)}
+    return [SECTORS, _pack(envelope), records]
+
+
+@dataclass
+class SectorsMessage:
+    scan: int
+    module: int
+    block: int
+    node: int
+    records: np.ndarray  # RECORD_DTYPE, a view on the received buffer
+
+
+def sectors_envelope(parts: list) -> dict:
+    """Validate just the envelope of a SECTORS message (what a gateway needs to route it)."""
+    if len(parts) != 3:
+        raise MessageError("wrong_part_count", f"{len(parts)} parts, SECTORS has 3")
+    envelope = _unpack_envelope(parts[1])
+    _int_field(envelope, "scan")
+    _int_field(envelope, "module", 0, N_MODULES - 1)
+    _int_field(envelope, "block")
+    _int_field(envelope, "node", 0, 65535)
+    _int_field(envelope, "n", 0, MAX_RECORDS_PER_MESSAGE)
+    return envelope
+
+
+def decode_sectors(parts: list) -> SectorsMessage:
+    """Validate and decode a SECTORS message (sizes, module, record count)."""
+    envelope = sectors_envelope(parts)
+    payload = parts[2].buffer if hasattr(parts[2], "buffer") else memoryview(parts[2])
+    size = payload.nbytes
+    if size % RECORD_BYTES:
+        raise MessageError("wrong_payload_size", f"{size} bytes is not a whole number of {RECORD_BYTES}-byte records")
+    if size // RECORD_BYTES != envelope["n"]:
+        raise MessageError("wrong_record_count", f"envelope says {envelope['n']}, payload holds {size // RECORD_BYTES}")
+    records = np.frombuffer(payload, RECORD_DTYPE)
+    return SectorsMessage(envelope["scan"], envelope["module"], envelope["block"], envelope["node"], records)
+
+
+# -- end of a module's scan -------------------------------------------------------------------------
+
+
+def encode_end(scan: int, module: int, node: int, sent: int, spilled: int = 0) -> list:
+    envelope = {"scan": scan, "module": module, "node": node, "sent": int(sent), "spilled": int(spilled)}
+    return [END, _pack(envelope)]
+
+
+@dataclass
+class EndMessage:
+    scan: int
+    module: int
+    node: int
+    sent: int
+    spilled: int
+
+
+def end_envelope(parts: list) -> dict:
+    """Validate the envelope of an END message."""
+    if len(parts) != 2:
+        raise MessageError("wrong_part_count", f"{len(parts)} parts, END has 2")
+    envelope = _unpack_envelope(parts[1])
+    _int_field(envelope, "scan")
+    _int_field(envelope, "module", 0, N_MODULES - 1)
+    _int_field(envelope, "node", 0, 65535)
+    _int_field(envelope, "sent", 0, 2**40)
+    _int_field(envelope, "spilled", 0, 2**40)
+    return envelope
+
+
+def decode_end(parts: list) -> EndMessage:
+    e = end_envelope(parts)
+    return EndMessage(e["scan"], e["module"], e["node"], e["sent"], e["spilled"])
+
+
+# -- counted events ---------------------------------------------------------------------------------
+
+
+def encode_events(scan: int, node: int, frame_numbers, positions, present, offsets, events) -> list:
+    return [
+        EVENTS,
+        _pack({"scan": scan, "node": node, "n": len(frame_numbers)}),
+        np.ascontiguousarray(frame_numbers, np.uint32),
+        np.ascontiguousarray(positions, np.int64),
+        np.ascontiguousarray(present, np.uint8),
+        np.ascontiguousarray(offsets, np.int64),
+        np.ascontiguousarray(events, np.uint32),
+    ]
+
+
+@dataclass
+class EventsMessage:
+    scan: int
+    node: int
+    frame_numbers: np.ndarray
+    positions: np.ndarray
+    present: np.ndarray
+    offsets: np.ndarray
+    events: np.ndarray
+
+
+def _array(part, dtype, what: str) -> np.ndarray:
+    buf = part.buffer if hasattr(part, "buffer") else memoryview(part)
+    if buf.nbytes % np.dtype(dtype).itemsize:
+        raise MessageError("wrong_payload_size", f"{what}: {buf.nbytes} bytes")
+    return np.frombuffer(buf, dtype)
+
+
+def decode_events(parts: list, n_pixels: int) -> EventsMessage:
+    """Validate an EVENTS message: consistent lengths, monotonic offsets, pixels inside the frame."""
+    if len(parts) != 7:
+        raise MessageError("wrong_part_count", f"{len(parts)} parts, EVENTS has 7")
+    envelope = _unpack_envelope(parts[1])
+    scan = _int_field(envelope, "scan")
+    node = _int_field(envelope, "node", 0, 65535)
+    n = _int_field(envelope, "n", 0, 1 << 24)
+    frame_numbers = _array(parts[2], np.uint32, "frame numbers")
+    positions = _array(parts[3], np.int64, "positions")
+    present = _array(parts[4], np.uint8, "present")
+    offsets = _array(parts[5], np.int64, "offsets")
+    events = _array(parts[6], np.uint32, "events")
+    if not (len(frame_numbers) == len(positions) == len(present) == n and len(offsets) == n + 1):
+        raise MessageError("inconsistent_lengths")
+    if n and (offsets[0] != 0 or offsets[-1] != len(events) or np.any(np.diff(offsets) < 0)):
+        raise MessageError("bad_offsets")
+    if len(events) and int(events.max()) >= n_pixels:
+        raise MessageError("pixel_outside_frame")
+    return EventsMessage(scan, node, frame_numbers, positions, present, offsets, events)
+
+
+# -- a node group's end of scan ---------------------------------------------------------------------
+
+
+def encode_done(scan: int, node: int, ledger: dict, lost: list[int]) -> list:
+    return [DONE, _pack({"scan": scan, "node": node, "ledger": ledger, "lost": [int(x) for x in lost]})]
+
+
+@dataclass
+class DoneMessage:
+    scan: int
+    node: int
+    ledger: dict
+    lost: list[int]
+
+
+def decode_done(parts: list) -> DoneMessage:
+    if len(parts) != 2:
+        raise MessageError("wrong_part_count", f"{len(parts)} parts, DONE has 2")
+    envelope = _unpack_envelope(parts[1])
+    ledger = envelope.get("ledger")
+    lost = envelope.get("lost")
+    if not isinstance(ledger, dict) or not isinstance(lost, list):
+        raise MessageError("bad_envelope", "ledger must be a map and lost a list")
+    return DoneMessage(_int_field(envelope, "scan"), _int_field(envelope, "node", 0, 65535), ledger, [int(x) for x in lost])
+
+
+def pack_control(message: dict[str, Any]) -> bytes:
+    """A control-path message (requests and replies are small msgpack maps)."""
+    return _pack(message)
+
+
+def unpack_control(data: bytes) -> dict:
+    """Decode a control-path message; raises MessageError on garbage."""
+    return _unpack_envelope(data)

@@ -1,0 +1,217 @@
+"""Control: the scan lifecycle, threshold calibration across node groups, status of every role.
+
+One ROUTER socket answers small msgpack requests (``op`` names the request); every request gets a
+reply. Roles learn about scans from the replies to their heartbeats, so no broadcast can be missed
+by a late joiner. Requests:
+
+- ``heartbeat {role, id, stats}`` -> ``{scans: [spec...], shutdown}``: the open scans.
+- ``start_scan {scan_number, scan_shape, frames_per_position, ...}`` -> ``{scan: spec}``.
+- ``get_scan {scan}`` -> ``{scan: spec}`` (thresholds appear once calibrated).
+- ``calibration {scan, node, values, counts, n_frames}``: a node group's pixel histogram.
+- ``scan_done {scan, summary}`` from the writer; ``status {}``; ``shutdown {}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+
+from stemstream.counting.thresholds import (
+    CalibrationError,
+    PixelHistogram,
+    fixed_thresholds,
+    thresholds_from_histogram,
+)
+from stemstream.deploy.config import PipelineConfig
+from stemstream.formats.wire import MessageError, pack_control, unpack_control
+
+log = logging.getLogger(__name__)
+
+# How long calibration waits for the node groups' histograms before fitting what it has.
+CALIBRATION_TIMEOUT_S = 10.0
+
+
+def scan_file_name(scan_number: int, sequence: int, when: float) -> str:
+    """Facility-style name: FOURD_{YYMMDD}_{HHMM}_{sequence:05}_{scan:05}.h5."""
+    stamp = time.strftime("%y%m%d_%H%M", time.localtime(when))
+    return f"FOURD_{stamp}_{sequence:05d}_{scan_number:05d}.h5"
+
+
+@dataclass
+class ScanState:
+    spec: dict
+    started: float
+    state: str = "running"  # running -> closed | failed
+    histogram: PixelHistogram | None = None
+    contributors: set[int] = field(default_factory=set)
+    summary: dict | None = None
+
+
+class Control:
+    def __init__(self, config: PipelineConfig, context: zmq.Context | None = None):
+        self.config = config
+        self.context = context or zmq.Context.instance()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(config.network.bind(config.network.control_port))
+        self.scans: dict[int, ScanState] = {}
+        self.roles: dict[str, dict] = {}
+        self.sequence = 0
+        self.shutting_down = False
+        self.rejected = 0
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def _open_specs(self) -> list[dict]:
+        return [s.spec for s in self.scans.values() if s.state == "running"]
+
+    def handle(self, request: dict) -> dict:
+        op = request.get("op")
+        handler = getattr(self, f"_op_{op}", None) if isinstance(op, str) else None
+        if handler is None:
+            return {"ok": False, "error": f"unknown request {op!r}"}
+        try:
+            return handler(request)
+        except (KeyError, TypeError, ValueError) as exc:
+            return {"ok": False, "error": f"bad {op} request: {exc}"}
+
+    def _op_heartbeat(self, req: dict) -> dict:
+        key = f"{req['role']}-{req.get('id', 0)}"
+        self.roles[key] = {"role": req["role"], "id": req.get("id", 0), "seen": time.time(), "stats": req.get("stats", {})}
+        return {"ok": True, "scans": self._open_specs(), "shutdown": self.shutting_down}
+
+    def _op_status(self, req: dict) -> dict:
+        now = time.time()
+        roles = {k: {**v, "age_s": now - v["seen"]} for k, v in self.roles.items()}
+        scans = {
+            str(n): {"spec": s.spec, "state": s.state, "summary": s.summary, "started": s.started}
+            for n, s in self.scans.items()
+        }
+        return {"ok": True, "roles": roles, "scans": scans}
+
+    def _op_start_scan(self, req: dict) -> dict:
+        number = int(req["scan_number"])
+        if number in self.scans and self.scans[number].state == "running":
+            return {"ok": False, "error": f"scan {number} is already running"}
+        rows, cols = (int(v) for v in req["scan_shape"])
+        if rows < 1 or cols < 1 or rows > 65535 or cols > 65535:
+            return {"ok": False, "error": f"scan shape {rows}x{cols} must be 1 to 65535 rows and cols"}
+        fpp = int(req.get("frames_per_position", 1))
+        if fpp < 1:
+            return {"ok": False, "error": "frames_per_position must be at least 1"}
+        counting = self.config.counting
+        now = time.time()
+        self.sequence += 1
+        spec = {
+            "scan": number,
+            "epoch": self.sequence,  # tells a resumed scan from its first run
+            "scan_shape": [rows, cols],
+            "frames_per_position": fpp,
+            "nodes": int(req.get("nodes", self.config.pipeline.nodes)),
+            "block_frames": self.config.pipeline.block_frames,
+            "file_name": req.get("file_name") or scan_file_name(number, self.sequence, now),
+            "resume": bool(req.get("resume", False)),
+            "calibration": {
+                "sigma": counting.sigma, "xray_sigma": counting.xray_sigma,
+                "samples": counting.samples, "calibration_frames": counting.calibration_frames,
+            },
+            "thresholds": None,
+        }
+        fixed = req.get("thresholds")
+        if fixed is None and counting.fixed:
+            fixed = {"background": counting.background_threshold, "xray": counting.xray_threshold}
+        if fixed is not None:
+            spec["thresholds"] = fixed_thresholds(float(fixed["background"]), float(fixed["xray"])).as_dict()
+        self.scans[number] = ScanState(spec=spec, started=now, histogram=PixelHistogram())
+        log.info("scan %d started: %dx%d, %d frame(s) per position, %d node group(s)", number, rows, cols, fpp, spec["nodes"])
+        return {"ok": True, "scan": spec}
+
+    def _op_get_scan(self, req: dict) -> dict:
+        state = self.scans.get(int(req["scan"]))
+        if state is None:
+            return {"ok": False, "error": f"unknown scan {req['scan']}"}
+        return {"ok": True, "scan": state.spec, "state": state.state, "summary": state.summary}
+
+    def _op_calibration(self, req: dict) -> dict:
+        state = self.scans.get(int(req["scan"]))
+        if state is None or state.spec["thresholds"] is not None:
+            return {"ok": True}  # late or unneeded contribution
+        node = int(req["node"])
+        if node in state.contributors:
+            return {"ok": True}
+        values = np.asarray(req["values"], np.int64)
+        counts = np.asarray(req["counts"], np.int64)
+        if values.shape != counts.shape or (values.size and (values.min() < -65536 or values.max() >= 65536)):
+            return {"ok": False, "error": "calibration histogram has mismatched or out-of-range values"}
+        np.add.at(state.histogram.counts, values + 65536, counts)
+        state.histogram.n_frames += int(req.get("n_frames", 0))
+        state.contributors.add(node)
+        if len(state.contributors) >= state.spec["nodes"]:
+            self._fit(state)
+        return {"ok": True}
+
+    def _fit(self, state: ScanState) -> None:
+        cal = state.spec["calibration"]
+        try:
+            thresholds = thresholds_from_histogram(state.histogram, cal["sigma"], cal["xray_sigma"])
+        except CalibrationError as exc:
+            log.error("scan %d: %s; the scan cannot be counted", state.spec["scan"], exc)
+            state.state = "failed"
+            state.summary = {"error": str(exc)}
+            return
+        state.spec["thresholds"] = thresholds.as_dict()
+        log.info("scan %d calibrated: background %.2f ADU, X-ray %.1f ADU from %d frames",
+                 state.spec["scan"], thresholds.background, thresholds.xray, state.histogram.n_frames)
+
+    def _op_scan_done(self, req: dict) -> dict:
+        state = self.scans.get(int(req["scan"]))
+        if state is not None:
+            state.state = "closed" if req.get("ok", True) else "failed"
+            state.summary = req.get("summary")
+        return {"ok": True}
+
+    def _op_shutdown(self, req: dict) -> dict:
+        self.shutting_down = True
+        return {"ok": True}
+
+    # -- loop -------------------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        now = time.time()
+        for state in self.scans.values():
+            waiting = state.state == "running" and state.spec["thresholds"] is None
+            if waiting and state.contributors and now - state.started > CALIBRATION_TIMEOUT_S:
+                log.warning("scan %d: calibrating from %d of %d node groups (the others sent nothing)",
+                            state.spec["scan"], len(state.contributors), state.spec["nodes"])
+                self._fit(state)
+
+    def serve(self, stop_after_shutdown_s: float = 2.0) -> None:
+        """Answer requests until a shutdown request, then keep answering a moment so every role
+        hears about it in a heartbeat reply."""
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        shutdown_at = None
+        while True:
+            if self.shutting_down and shutdown_at is None:
+                shutdown_at = time.time()
+            if shutdown_at is not None and time.time() - shutdown_at > stop_after_shutdown_s:
+                break
+            if poller.poll(100):
+                parts = self.socket.recv_multipart()
+                if len(parts) < 2:
+                    self.rejected += 1
+                    continue
+                identity, payload = parts[0], parts[-1]
+                try:
+                    reply = self.handle(unpack_control(payload))
+                except MessageError as exc:
+                    self.rejected += 1
+                    log.warning("rejected control message: %s", exc)
+                    reply = {"ok": False, "error": str(exc)}
+                self.socket.send_multipart([identity, pack_control(reply)])
+            self._tick()
+        self.socket.close(0)

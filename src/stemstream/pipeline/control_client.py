@@ -1,0 +1,49 @@
+"""A role's or a user's line to control: one request, one reply, every wait bounded."""
+
+from __future__ import annotations
+
+import zmq
+
+from stemstream.formats.wire import MessageError, pack_control, unpack_control
+
+
+class ControlUnavailable(RuntimeError):
+    """Control did not answer within the timeout."""
+
+
+class ControlClient:
+    """Request/reply over a DEALER socket. After a timeout the socket is replaced, so a reply that
+    arrives late is never mistaken for the answer to the next request."""
+
+    def __init__(self, endpoint: str, context: zmq.Context | None = None, timeout_s: float = 5.0):
+        self.endpoint = endpoint
+        self.context = context or zmq.Context.instance()
+        self.timeout_ms = int(timeout_s * 1000)
+        self._socket = None
+
+    def _connect(self) -> zmq.Socket:
+        if self._socket is None:
+            sock = self.context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.endpoint)
+            self._socket = sock
+        return self._socket
+
+    def request(self, op: str, timeout_s: float | None = None, **fields) -> dict:
+        """Send ``{op, **fields}``; return the reply. Raises ControlUnavailable on timeout."""
+        sock = self._connect()
+        sock.send_multipart([b"", pack_control({"op": op, **fields})])
+        timeout = self.timeout_ms if timeout_s is None else int(timeout_s * 1000)
+        if not sock.poll(timeout, zmq.POLLIN):
+            self.close()
+            raise ControlUnavailable(f"control at {self.endpoint} did not answer '{op}' within {timeout / 1000:g} s")
+        parts = sock.recv_multipart()
+        try:
+            return unpack_control(parts[-1])
+        except MessageError as exc:
+            raise ControlUnavailable(f"control at {self.endpoint} sent an unreadable reply ({exc})") from None
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close(0)
+            self._socket = None

@@ -1,0 +1,398 @@
+"""Node group: reassembles frames from the 4 modules' sectors, counts them, sends events on.
+
+Sectors arrive in routing blocks (``block_frames`` consecutive frame numbers, one message per
+module and block). A block is counted when all 4 modules' messages for it are in; at the end of a
+scan (every module's END, or a timeout) the blocks still waiting are counted as they are, their
+missing sectors zero-filled and the frames marked incomplete. If a producer reports that it spilled
+records to disk, incomplete blocks are spilled too (in the receivers' format) instead of counted,
+so that a later replay of the spill directory reassembles and counts those frames whole.
+
+Memory: at most ``max_pending_blocks`` blocks wait; beyond that the oldest is counted as it stands.
+While thresholds are being calibrated, the node group stops reading when that many blocks wait,
+which holds the producers back (backpressure) instead of dropping anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+import zmq
+
+from stemstream.counting.kernel import ElectronCounter
+from stemstream.counting.thresholds import PixelHistogram, Thresholds, draw_sample_weights
+from stemstream.formats import wire
+from stemstream.formats.raw import FRAME_SHAPE, N_MODULES, RawModuleWriter, sector_rows
+from stemstream.pipeline.role import Role
+from stemstream.pipeline.spill import spill_directory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Block:
+    parts: dict[int, list[np.ndarray]] = field(default_factory=dict)  # module -> record arrays
+    first_seen: float = field(default_factory=time.monotonic)
+
+    @property
+    def modules(self) -> int:
+        return len(self.parts)
+
+
+@dataclass
+class AssembledBlock:
+    frame_numbers: np.ndarray  # (n,) uint32, ascending
+    positions: np.ndarray  # (n,) int64
+    present: np.ndarray  # (n,) uint8 bit mask of modules
+    frames: np.ndarray  # (n, 576, 576) uint16
+
+
+class NodeScan:
+    """One scan as seen by one node group."""
+
+    def __init__(self, node: "NodeGroup", spec: dict):
+        self.node = node
+        self.spec = spec
+        self.number = int(spec["scan"])
+        self.rows, self.cols = spec["scan_shape"]
+        self.block_frames = int(spec["block_frames"])
+        self.n_nodes = int(spec["nodes"])
+        self.pending: dict[int, Block] = {}
+        self.done_blocks: set[int] = set()
+        self.ends: dict[int, wire.EndMessage] = {}
+        self.first_end_at: float | None = None
+        self.last_activity = time.monotonic()
+        self.finished = False
+        # partial ledger (sector level; the writer counts frames)
+        self.sectors_received = [0] * N_MODULES
+        self.sectors_missing = [0] * N_MODULES
+        self.sectors_duplicate = [0] * N_MODULES
+        self.sectors_rejected = [0] * N_MODULES
+        self.rejected_reasons: Counter = Counter()
+        self.frames_spilled = 0
+        self._spill_writers: dict[int, RawModuleWriter] = {}
+        self.counter: ElectronCounter | None = None
+        self._calibration_sent = False
+        self._histogram = PixelHistogram()
+        cal = spec["calibration"]
+        self._quota = math.ceil(cal["calibration_frames"] / self.n_nodes)
+        self._weights = draw_sample_weights(self._quota, math.ceil(cal["samples"] / self.n_nodes), seed=1000 + node.index)
+        self._sampled = 0
+        self._sampled_blocks: set[int] = set()
+        self._next_threshold_poll = 0.0
+        if spec.get("thresholds"):
+            self._set_thresholds(spec["thresholds"])
+
+    # -- thresholds --------------------------------------------------------------------------------
+
+    def _set_thresholds(self, t: dict) -> None:
+        thresholds = Thresholds(**t)
+        self.counter = ElectronCounter(thresholds.background, thresholds.xray, FRAME_SHAPE)
+
+    def _poll_thresholds(self) -> None:
+        now = time.monotonic()
+        if now < self._next_threshold_poll:
+            return
+        self._next_threshold_poll = now + 0.05
+        try:
+            reply = self.node.control.request("get_scan", timeout_s=1.0, scan=self.number)
+        except Exception:  # control briefly away: try again at the next poll
+            return
+        if reply.get("ok") and reply["scan"].get("thresholds"):
+            self._set_thresholds(reply["scan"]["thresholds"])
+
+    def _send_calibration(self) -> None:
+        values = np.flatnonzero(self._histogram.counts)
+        self.node.control.request(
+            "calibration", timeout_s=5.0, scan=self.number, node=self.node.index,
+            values=(values - 65536).tolist(), counts=self._histogram.counts[values].tolist(),
+            n_frames=self._histogram.n_frames,
+        )
+        self._calibration_sent = True
+
+    def _sample_for_calibration(self, number: int, block: Block) -> None:
+        assembled = self._assemble(number, block, count_ledger=False)
+        complete = np.flatnonzero(assembled.present == (1 << N_MODULES) - 1)
+        for i in complete:
+            if self._sampled >= self._quota:
+                break
+            w = int(self._weights[self._sampled])
+            if w:
+                self._histogram.add(assembled.frames[i], weight=w)
+            self._sampled += 1
+        self._sampled_blocks.add(number)
+
+    @property
+    def waiting_for_thresholds(self) -> bool:
+        return self.counter is None
+
+    # -- input -------------------------------------------------------------------------------------
+
+    def add_sectors(self, msg: wire.SectorsMessage) -> None:
+        self.last_activity = time.monotonic()
+        if msg.block in self.done_blocks:
+            self._reject("late_sector", msg.module, len(msg.records))
+            return
+        block = self.pending.setdefault(msg.block, Block())
+        block.parts.setdefault(msg.module, []).append(msg.records)
+
+    def add_end(self, msg: wire.EndMessage) -> None:
+        self.last_activity = time.monotonic()
+        self.ends[msg.module] = msg
+        if self.first_end_at is None:
+            self.first_end_at = time.monotonic()
+
+    def _reject(self, reason: str, module: int | None, count: int = 1) -> None:
+        self.rejected_reasons[reason] += count
+        if module is not None:
+            self.sectors_rejected[module] += count
+        self.node.reject(reason, f"scan {self.number}, {count} record(s)")
+
+    # -- assembly and counting ---------------------------------------------------------------------
+
+    def _assemble(self, number: int, block: Block, count_ledger: bool = True) -> AssembledBlock:
+        """Frames of a block from its modules' records; bad records rejected, duplicates dropped."""
+        first = number * self.block_frames
+        kept: list[tuple[int, np.ndarray]] = []
+        for module, arrays in block.parts.items():
+            records = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+            h = records["header"]
+            checks = (
+                ("other_scan_number", h["scan_number"] != self.number),
+                ("scan_shape_mismatch", (h["scan_width"] != self.cols) | (h["scan_height"] != self.rows)),
+                ("position_out_of_bounds", (h["x"] >= self.cols) | (h["y"] >= self.rows)),
+                ("wrong_block", (h["frame_number"] < first) | (h["frame_number"] >= first + self.block_frames)),
+            )
+            bad = np.zeros(len(records), bool)
+            for reason, mask in checks:
+                mask = mask & ~bad
+                if count_ledger and mask.any():
+                    self._reject(reason, module, int(mask.sum()))
+                bad |= mask
+            records = records[~bad]
+            # duplicates: keep the first copy of each frame number
+            _, first_idx = np.unique(records["header"]["frame_number"], return_index=True)
+            if count_ledger and len(first_idx) < len(records):
+                self.sectors_duplicate[module] += len(records) - len(first_idx)
+            records = records[np.sort(first_idx)]
+            if count_ledger:
+                self.sectors_received[module] += len(records)
+            kept.append((module, records))
+        all_numbers = np.unique(np.concatenate([r["header"]["frame_number"] for _, r in kept])) if kept else np.empty(0, np.uint32)
+        n = len(all_numbers)
+        frames = np.empty((n, *FRAME_SHAPE), np.uint16)
+        present = np.zeros(n, np.uint8)
+        positions = np.full(n, -1, np.int64)
+        for module, records in kept:
+            idx = np.searchsorted(all_numbers, records["header"]["frame_number"])
+            frames[idx, sector_rows(module)] = records["data"]
+            present[idx] |= np.uint8(1 << module)
+            pos = records["header"]["y"].astype(np.int64) * self.cols + records["header"]["x"]
+            unset = positions[idx] < 0
+            positions[idx[unset]] = pos[unset]
+        for module in range(N_MODULES):
+            missing = np.flatnonzero((present & (1 << module)) == 0)
+            if len(missing):
+                frames[missing, sector_rows(module)] = 0
+                if count_ledger:
+                    self.sectors_missing[module] += len(missing)
+        return AssembledBlock(all_numbers.astype(np.uint32), positions, present, frames)
+
+    def _count_block(self, number: int, block: Block) -> None:
+        assembled = self._assemble(number, block)
+        self.done_blocks.add(number)
+        if len(assembled.frame_numbers) == 0:
+            return
+        counted = self.counter.count(assembled.frames)
+        self.node.send_events(
+            wire.encode_events(self.number, self.node.index, assembled.frame_numbers, assembled.positions,
+                               assembled.present, counted.offsets, counted.events)
+        )
+        self.node.counters["frames_counted"] += len(assembled.frame_numbers)
+        self.node.counters["events"] += len(counted.events)
+
+    def _spill_block(self, number: int, block: Block) -> None:
+        """Write an incomplete block's records to the spill directory (receivers' format), under
+        dst 100 + node index so that they never collide with a producer's spill files."""
+        out = spill_directory(self.node.config.pipeline.spill_dir, self.number)
+        out.mkdir(parents=True, exist_ok=True)
+        frames = set()
+        for module, arrays in block.parts.items():
+            writer = self._spill_writers.get(module)
+            if writer is None:
+                writer = self._spill_writers[module] = RawModuleWriter(out, self.number, module, dst=100 + self.node.index)
+            for records in arrays:
+                writer.write(records)
+                frames.update(records["header"]["frame_number"].tolist())
+        self.frames_spilled += len(frames)
+        self.done_blocks.add(number)
+
+    # -- progress ----------------------------------------------------------------------------------
+
+    def _ready(self, final: bool) -> list[int]:
+        ready = sorted(n for n, b in self.pending.items() if b.modules == N_MODULES)
+        if final:
+            return sorted(self.pending)
+        if len(self.pending) - len(ready) >= self.node.config.flow.max_pending_blocks:
+            # Too many incomplete blocks wait: count the oldest as it stands (bounded memory).
+            oldest = min(n for n, b in self.pending.items() if b.modules < N_MODULES)
+            ready.append(oldest)
+        return ready
+
+    @property
+    def ended(self) -> bool:
+        return len(self.ends) == N_MODULES
+
+    def timed_out(self) -> bool:
+        flow = self.node.config.flow
+        idle = time.monotonic() - self.last_activity
+        if self.first_end_at is not None and idle > flow.end_timeout_s:
+            return True
+        return idle > flow.scan_timeout_s
+
+    def step(self) -> None:
+        """Count what can be counted; finish the scan when it ended or timed out."""
+        final = self.ended or self.timed_out()
+        if self.counter is None:
+            # Calibration: sample the first complete blocks, send the histogram once the quota is
+            # met (or the scan ended), then wait for control's thresholds.
+            for number in sorted(self.pending):
+                if self._sampled >= self._quota:
+                    break
+                if number not in self._sampled_blocks and (self.pending[number].modules == N_MODULES or final):
+                    self._sample_for_calibration(number, self.pending[number])
+            if not self._calibration_sent and (self._sampled >= self._quota or final):
+                self._send_calibration()
+            if self._calibration_sent:
+                self._poll_thresholds()
+            if self.counter is None:
+                if final and time.monotonic() - self.last_activity > self.node.config.flow.scan_timeout_s:
+                    log.error("scan %d: no thresholds from control; the scan's frames cannot be counted", self.number)
+                    self._finish(failed=True)
+                return
+        spill_incomplete = final and any(e.spilled for e in self.ends.values())
+        for number in self._ready(final):
+            block = self.pending.pop(number)
+            if spill_incomplete and block.modules < N_MODULES:
+                self._spill_block(number, block)
+            else:
+                self._count_block(number, block)
+        if final and not self.pending:
+            self._finish()
+
+    def _finish(self, failed: bool = False) -> None:
+        for writer in self._spill_writers.values():
+            writer.close()
+        lost = [0] * N_MODULES
+        for module, end in self.ends.items():
+            lost[module] = max(end.sent - self.sectors_received[module] - self.sectors_rejected[module]
+                               - self.sectors_duplicate[module], 0)
+        ledger = {
+            "sectors_received": self.sectors_received,
+            "sectors_missing": self.sectors_missing,
+            "sectors_duplicate": self.sectors_duplicate,
+            "sectors_rejected": self.sectors_rejected,
+            "rejected_reasons": dict(self.rejected_reasons),
+            "frames_spilled": self.frames_spilled,
+            "modules_ended": sorted(self.ends),
+            "sectors_spilled_by_producers": [self.ends[m].spilled if m in self.ends else 0 for m in range(N_MODULES)],
+            "failed": failed,
+        }
+        self.node.send_done(wire.encode_done(self.number, self.node.index, ledger, lost))
+        self.finished = True
+        log.info("node %d finished scan %d", self.node.index, self.number)
+
+
+class NodeGroup(Role):
+    """Listens on node_base_port + index; sends events and DONE to the writer."""
+
+    name = "node"
+
+    def __init__(self, config, index: int = 0, context: zmq.Context | None = None):
+        super().__init__(config, index, context)
+        self.data_in = self.context.socket(zmq.PULL)
+        self.data_in.setsockopt(zmq.RCVHWM, config.flow.send_hwm)
+        self.data_in.setsockopt(zmq.LINGER, 0)
+        self.data_in.bind(config.network.bind(config.network.node_base_port + index))
+        self.events_out = self.context.socket(zmq.PUSH)
+        self.events_out.setsockopt(zmq.SNDHWM, config.flow.send_hwm)
+        self.events_out.setsockopt(zmq.LINGER, 5000)
+        self.events_out.connect(config.network.writer())
+        self.scans: dict[int, NodeScan] = {}
+        numba.set_num_threads(min(config.counting.workers, numba.config.NUMBA_NUM_THREADS))
+
+    def send_events(self, parts: list) -> None:
+        self.events_out.send_multipart(parts, copy=False)
+
+    def send_done(self, parts: list) -> None:
+        self.events_out.send_multipart(parts)
+
+    def stats(self) -> dict:
+        s = super().stats()
+        s["pending_blocks"] = sum(len(sc.pending) for sc in self.scans.values())
+        s["scans"] = sorted(self.scans)
+        return s
+
+    def _scan(self, number: int) -> NodeScan | None:
+        scan = self.scans.get(number)
+        if scan is None:
+            spec = self.scan_spec(number)
+            if spec is None:
+                return None
+            scan = self.scans[number] = NodeScan(self, spec)
+        return scan
+
+    def _busy(self) -> bool:
+        """True when input must wait: a scan is calibrating and its waiting room is full."""
+        limit = self.config.flow.max_pending_blocks
+        return any(s.waiting_for_thresholds and len(s.pending) >= limit for s in self.scans.values())
+
+    def handle(self, parts: list) -> None:
+        try:
+            kind = wire.kind_of(parts)
+            if kind == wire.SECTORS:
+                msg = wire.decode_sectors(parts)
+                if msg.node != self.index:
+                    raise wire.MessageError("wrong_node", f"routed to {msg.node}, this is {self.index}")
+                scan = self._scan(msg.scan)
+                if scan is None:
+                    raise wire.MessageError("unknown_scan", f"scan {msg.scan}")
+                scan.add_sectors(msg)
+            elif kind == wire.END:
+                msg = wire.decode_end(parts)
+                scan = self._scan(msg.scan)
+                if scan is None:
+                    raise wire.MessageError("unknown_scan", f"scan {msg.scan}")
+                scan.add_end(msg)
+            else:
+                raise wire.MessageError("unexpected_kind", repr(kind))
+        except wire.MessageError as exc:
+            self.reject(exc.reason, str(exc))
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.data_in, zmq.POLLIN)
+        while not self.shutdown:
+            if not self._busy() and poller.poll(20):
+                # Drain what is queued (bounded) before counting.
+                for _ in range(64):
+                    try:
+                        parts = self.data_in.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self.handle(parts)
+            elif self._busy():
+                time.sleep(0.005)
+            for number, scan in list(self.scans.items()):
+                scan.step()
+                if scan.finished:
+                    del self.scans[number]
+                    self.mark_finished(scan.spec)
+            self.tick()
+        self.data_in.close(0)
+        self.events_out.close()

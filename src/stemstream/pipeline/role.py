@@ -1,0 +1,89 @@
+"""What every pipeline role shares: heartbeats to control, the scans it has heard of, counters."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+
+import psutil
+import zmq
+
+from stemstream.deploy.config import PipelineConfig
+from stemstream.pipeline.control_client import ControlClient, ControlUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class Role:
+    """Base of producer, gateway, node group and writer. Subclasses call :meth:`tick` often."""
+
+    name = "role"
+
+    def __init__(self, config: PipelineConfig, index: int = 0, context: zmq.Context | None = None):
+        self.config = config
+        self.index = index
+        self.context = context or zmq.Context.instance()
+        self.control = ControlClient(config.network.control(), self.context, timeout_s=2.0)
+        self.scan_specs: dict[int, dict] = {}
+        self.finished: set[tuple[int, int]] = set()  # (scan, epoch) this role is done with
+        self.counters: Counter = Counter()
+        self.rejected: Counter = Counter()
+        self.shutdown = False
+        self._next_heartbeat = 0.0
+        self._control_missing_since: float | None = None
+        self._process = psutil.Process(os.getpid())
+        self.peak_rss = 0
+
+    def stats(self) -> dict:
+        """What this role reports in its heartbeats (subclasses add to it)."""
+        rss = self._process.memory_info().rss
+        self.peak_rss = max(self.peak_rss, rss)
+        return {"counters": dict(self.counters), "rejected": dict(self.rejected), "rss": rss, "peak_rss": self.peak_rss,
+                "pid": os.getpid()}
+
+    def tick(self) -> None:
+        """Heartbeat when due; learn open scans and whether to shut down."""
+        now = time.monotonic()
+        if now < self._next_heartbeat:
+            return
+        self._next_heartbeat = now + self.config.flow.heartbeat_s
+        try:
+            reply = self.control.request("heartbeat", timeout_s=1.0, role=self.name, id=self.index, stats=self.stats())
+        except ControlUnavailable as exc:
+            if self._control_missing_since is None:
+                self._control_missing_since = now
+                log.warning("%s %d: %s; carrying on", self.name, self.index, exc)
+            return
+        self._control_missing_since = None
+        for spec in reply.get("scans", []):
+            self.scan_specs[int(spec["scan"])] = spec
+        if reply.get("shutdown"):
+            self.shutdown = True
+
+    def is_finished(self, spec: dict) -> bool:
+        return (int(spec["scan"]), int(spec["epoch"])) in self.finished
+
+    def mark_finished(self, spec: dict) -> None:
+        self.finished.add((int(spec["scan"]), int(spec["epoch"])))
+
+    def scan_spec(self, scan: int, wait_s: float = 2.0) -> dict | None:
+        """The spec of ``scan``: known already, or asked of control (None if control has none)."""
+        spec = self.scan_specs.get(scan)
+        if spec is not None and not self.is_finished(spec):
+            return spec
+        try:
+            reply = self.control.request("get_scan", timeout_s=wait_s, scan=scan)
+        except ControlUnavailable:
+            return None
+        if reply.get("ok") and reply.get("state") == "running":
+            self.scan_specs[scan] = reply["scan"]
+            return reply["scan"]
+        return None
+
+    def reject(self, reason: str, detail: str = "") -> None:
+        """Count a rejected message; log the first few of each reason."""
+        self.rejected[reason] += 1
+        if self.rejected[reason] <= 3:
+            log.warning("%s %d rejected a message (%s)%s", self.name, self.index, reason, f": {detail}" if detail else "")

@@ -1,0 +1,90 @@
+"""What a producer streams: one module's sector records, grouped by routing block.
+
+A source yields ``(block, records)``: all of this module's records of one routing block (frames
+``block * block_frames`` to ``(block + 1) * block_frames - 1``), in frame order, exactly once per
+block that has any frame of the scan (possibly with no record, when every sector of the block was
+dropped: the node group then knows not to wait for it).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from stemstream.formats.raw import RECORD_BYTES, RECORD_DTYPE, discover_raw_files, inspect_raw_file, read_headers
+from stemstream.sources.simulator import DetectorSimulator, SimulationConfig
+
+
+class SimulatedModule:
+    """One module of the detector simulator, live: ``rate`` frames/s (0: as fast as possible)."""
+
+    def __init__(self, spec: dict, module: int, dose: float = 0.002, seed: int = 0, rate: float = 0.0,
+                 drop_sector_probability: float = 0.0):
+        rows, cols = spec["scan_shape"]
+        self.config = SimulationConfig(
+            scan_shape=(rows, cols), frames_per_position=int(spec["frames_per_position"]), dose=dose,
+            seed=seed, scan_number=int(spec["scan"]), first_frame_number=0,
+            drop_sector_probability=drop_sector_probability,
+        )
+        self.simulator = DetectorSimulator(self.config)
+        self.module = module
+        self.block_frames = int(spec["block_frames"])
+        self.rate = rate
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        n = self.simulator.n_frames
+        t0 = time.monotonic()
+        # first_frame_number = 0, so frame index == frame number and blocks start at index 0
+        for start in range(0, n, self.block_frames):
+            count = min(self.block_frames, n - start)
+            if self.rate > 0:
+                delay = t0 + start / self.rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            yield start // self.block_frames, self.simulator.records(start, count, self.module)
+
+
+class ReplayModule:
+    """One module's raw files (any order, several files), re-read in frame order, block by block.
+
+    Only headers are read up front (16 bytes per record); pixels are read block by block.
+    """
+
+    def __init__(self, paths: list[str | Path], module: int, block_frames: int, scan_number: int | None = None):
+        files = [p for p in discover_raw_files(paths) if inspect_raw_file(p).module == module]
+        self.module = module
+        self.block_frames = block_frames
+        self.paths = files
+        file_ids, recs, numbers = [], [], []
+        for i, path in enumerate(files):
+            layout = inspect_raw_file(path)
+            headers = read_headers(path, layout.n_records)
+            keep = np.ones(len(headers), bool) if scan_number is None else headers["scan_number"] == scan_number
+            file_ids.append(np.full(int(keep.sum()), i, np.int32))
+            recs.append(np.flatnonzero(keep))
+            numbers.append(headers["frame_number"][keep])
+        self.file_ids = np.concatenate(file_ids) if file_ids else np.empty(0, np.int32)
+        self.recs = np.concatenate(recs) if recs else np.empty(0, np.int64)
+        self.frame_numbers = np.concatenate(numbers) if numbers else np.empty(0, np.uint32)
+        order = np.argsort(self.frame_numbers, kind="stable")
+        self.file_ids, self.recs, self.frame_numbers = self.file_ids[order], self.recs[order], self.frame_numbers[order]
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        fds = [os.open(p, os.O_RDONLY) for p in self.paths]
+        try:
+            block_ids = self.frame_numbers // self.block_frames
+            bounds = np.flatnonzero(np.r_[True, block_ids[1:] != block_ids[:-1], True])
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                records = np.empty(b - a, RECORD_DTYPE)
+                view = memoryview(records).cast("B")
+                for k in range(a, b):
+                    offset = int(self.recs[k]) * RECORD_BYTES
+                    os.preadv(fds[self.file_ids[k]], [view[(k - a) * RECORD_BYTES:(k - a + 1) * RECORD_BYTES]], offset)
+                yield int(block_ids[a]), records
+        finally:
+            for fd in fds:
+                os.close(fd)

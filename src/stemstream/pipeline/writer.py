@@ -1,0 +1,241 @@
+"""Writer: each scan's counted file, written while the scan runs, closed with its ledger.
+
+Events arrive from the node groups in any order; the writer gives each frame its slot (position x
+frames per position + the frame's rank at that position) and appends it to the scan's
+SparseCountsWriter, which writes to a temporary name and renames on close. The scan closes when
+every node group sent DONE, or when the flow timeouts run out (the ledger then says what is
+missing). A scan started with ``resume`` adds frames to an existing file (the replay of a spill).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from stemstream import __version__
+from stemstream.counting.thresholds import Thresholds
+from stemstream.formats import wire
+from stemstream.formats.raw import FRAME_SHAPE, N_MODULES
+from stemstream.formats.sparse_h5 import SparseCountsWriter, read_counted
+from stemstream.ledger import ScanLedger
+from stemstream.pipeline.role import Role
+
+log = logging.getLogger(__name__)
+
+_ALL_MODULES = (1 << N_MODULES) - 1
+
+
+class WriterScan:
+    def __init__(self, writer: "Writer", spec: dict):
+        self.writer = writer
+        self.spec = spec
+        self.number = int(spec["scan"])
+        self.shape = tuple(spec["scan_shape"])
+        self.fpp = int(spec["frames_per_position"])
+        self.n_nodes = int(spec["nodes"])
+        self.path = Path(writer.config.pipeline.output_dir) / spec["file_name"]
+        self.ledger = ScanLedger(self.number, self.shape, self.fpp)
+        self.started = time.time()
+        self.first_event_at: float | None = None
+        self.last_activity = time.monotonic()
+        self.first_done_at: float | None = None
+        self.done_nodes: dict[int, wire.DoneMessage] = {}
+        self.frames_spilled = 0
+        self.sectors_lost = [0] * N_MODULES
+        self.n_events = 0
+        self.closed = False
+        self.rank = np.zeros(self.shape[0] * self.shape[1], np.uint16)  # frames so far per position
+        self.out = SparseCountsWriter(self.path, self.shape, FRAME_SHAPE, self.fpp, overwrite=True)
+        if spec.get("resume") and self.path.exists():
+            self._carry_over(self.path)
+
+    def _carry_over(self, path: Path) -> None:
+        """Resume: copy the frames already in the file (and its ledger) into the new file."""
+        old = read_counted(path)
+        written = old.written
+        ledger = old.metadata.get("stemstream", {}).get("ledger", {})
+        if "frames_complete" in ledger:
+            prior = ScanLedger.from_dict({**ledger, "scan_number": self.number, "scan_rows": self.shape[0],
+                                          "scan_cols": self.shape[1], "frames_per_position": self.fpp})
+            self.ledger.merge(prior)
+            self.frames_spilled = 0
+        frames = old.frames.reshape(-1)
+        mask = written.reshape(-1).astype(bool) if written is not None else np.ones(len(frames), bool)
+        slots = np.flatnonzero(mask)
+        if len(slots):
+            self.out.write(slots, [frames[i] for i in slots])
+            np.add.at(self.rank, slots // self.fpp, 1)
+            self.n_events += int(sum(len(frames[i]) for i in slots))
+        log.info("scan %d: resuming %s with %d frames already counted", self.number, path, len(slots))
+
+    def add_events(self, msg: wire.EventsMessage) -> None:
+        self.last_activity = time.monotonic()
+        if self.first_event_at is None:
+            self.first_event_at = time.time()
+        positions = msg.positions
+        n_positions = len(self.rank)
+        ok = (positions >= 0) & (positions < n_positions)
+        if not ok.all():
+            self.writer.reject("position_out_of_bounds", f"{int((~ok).sum())} frame(s)")
+        slots = np.full(len(positions), -1, np.int64)
+        # frames are sorted by frame number inside a message: ranks follow frame order
+        for i in np.flatnonzero(ok):
+            p = positions[i]
+            j = self.rank[p]
+            if j >= self.fpp:
+                self.ledger.frames_over_capacity += 1
+                continue
+            self.rank[p] = j + 1
+            slots[i] = p * self.fpp + j
+        keep = np.flatnonzero(slots >= 0)
+        if len(keep) == len(slots):
+            self.out.write_flat(slots, msg.events, msg.offsets)
+        elif len(keep):
+            self.out.write(slots[keep], [msg.events[msg.offsets[i]:msg.offsets[i + 1]] for i in keep])
+        complete = msg.present[keep] == _ALL_MODULES
+        self.ledger.frames_complete += int(complete.sum())
+        self.ledger.frames_incomplete += int((~complete).sum())
+        self.n_events += int(msg.offsets[-1]) if len(msg.offsets) else 0
+
+    def add_done(self, msg: wire.DoneMessage) -> None:
+        self.last_activity = time.monotonic()
+        if msg.node in self.done_nodes:
+            return
+        self.done_nodes[msg.node] = msg
+        if self.first_done_at is None:
+            self.first_done_at = time.monotonic()
+        d = msg.ledger
+        for name in ("sectors_received", "sectors_missing", "sectors_duplicate", "sectors_rejected"):
+            values = d.get(name, [0] * N_MODULES)
+            mine = getattr(self.ledger, name)
+            for m in range(N_MODULES):
+                mine[m] += int(values[m])
+        self.ledger.rejected_reasons.update({str(k): int(v) for k, v in d.get("rejected_reasons", {}).items()})
+        self.frames_spilled += int(d.get("frames_spilled", 0))
+        for m in range(N_MODULES):
+            self.sectors_lost[m] += int(msg.lost[m]) if m < len(msg.lost) else 0
+
+    def should_close(self) -> bool:
+        if len(self.done_nodes) >= self.n_nodes:
+            return True
+        flow = self.writer.config.flow
+        idle = time.monotonic() - self.last_activity
+        if self.first_done_at is not None and idle > flow.end_timeout_s:
+            return True
+        return idle > flow.scan_timeout_s
+
+    def close(self) -> dict:
+        thresholds = self.spec.get("thresholds")
+        if thresholds:
+            self.out.set_metadata("electron_counting", Thresholds(**thresholds).stempy_attributes())
+        elapsed = time.time() - self.started
+        missing_nodes = sorted(set(range(self.n_nodes)) - set(self.done_nodes))
+        ledger = self.ledger.as_dict()
+        ledger["frames_spilled"] = self.frames_spilled
+        ledger["sectors_lost"] = list(self.sectors_lost)
+        ledger["node_groups_missing"] = missing_nodes
+        summary = {
+            "scan": self.number,
+            "path": str(self.path),
+            "ledger": ledger,
+            "events": self.n_events,
+            "seconds": elapsed,
+            "frames_per_second": self.ledger.frames_received / elapsed if elapsed > 0 else 0.0,
+            "thresholds": thresholds,
+            "closed_after_last_event_s": time.monotonic() - self.last_activity,
+        }
+        self.out.set_metadata("stemstream", {
+            "software": "stemstream", "software_version": __version__, "mode": "stream",
+            "scan_number": self.number, "node_groups": self.n_nodes, "seconds": elapsed,
+            "events": self.n_events, "ledger": ledger,
+        })
+        self.out.close()
+        self.closed = True
+        if missing_nodes:
+            log.warning("scan %d closed without DONE from node group(s) %s", self.number, missing_nodes)
+        log.info("scan %d written to %s", self.number, self.path)
+        return summary
+
+
+class Writer(Role):
+    name = "writer"
+
+    def __init__(self, config, index: int = 0, context: zmq.Context | None = None):
+        super().__init__(config, index, context)
+        self.events_in = self.context.socket(zmq.PULL)
+        self.events_in.setsockopt(zmq.RCVHWM, config.flow.send_hwm)
+        self.events_in.setsockopt(zmq.LINGER, 0)
+        self.events_in.bind(config.network.bind(config.network.writer_port))
+        self.scans: dict[int, WriterScan] = {}
+        Path(config.pipeline.output_dir).mkdir(parents=True, exist_ok=True)
+
+    def _scan(self, number: int) -> WriterScan | None:
+        scan = self.scans.get(number)
+        if scan is None:
+            spec = self.scan_spec(number)
+            if spec is not None:
+                scan = self.scans[number] = WriterScan(self, spec)
+        return scan
+
+    def handle(self, parts: list) -> None:
+        try:
+            kind = wire.kind_of(parts)
+            if kind == wire.EVENTS:
+                msg = wire.decode_events(parts, FRAME_SHAPE[0] * FRAME_SHAPE[1])
+                scan = self._scan(msg.scan)
+                if scan is None:
+                    raise wire.MessageError("unknown_scan", f"scan {msg.scan}")
+                scan.add_events(msg)
+            elif kind == wire.DONE:
+                msg = wire.decode_done(parts)
+                scan = self._scan(msg.scan)
+                if scan is None:
+                    raise wire.MessageError("unknown_scan", f"scan {msg.scan}")
+                scan.add_done(msg)
+            else:
+                raise wire.MessageError("unexpected_kind", repr(kind))
+        except wire.MessageError as exc:
+            self.reject(exc.reason, str(exc))
+
+    def _close(self, scan: WriterScan) -> None:
+        try:
+            summary = scan.close()
+            ok = True
+        except OSError as exc:
+            log.error("scan %d could not be written: %s", scan.number, exc)
+            scan.out.abort()
+            summary, ok = {"scan": scan.number, "error": str(exc)}, False
+        del self.scans[scan.number]
+        self.mark_finished(scan.spec)
+        self.counters["scans_closed"] += 1
+        try:
+            self.control.request("scan_done", timeout_s=5.0, scan=scan.number, ok=ok, summary=summary)
+        except Exception as exc:  # control away: the file and its metadata still say it all
+            log.warning("could not report scan %d to control: %s", scan.number, exc)
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.events_in, zmq.POLLIN)
+        while not self.shutdown:
+            if poller.poll(20):
+                for _ in range(64):
+                    try:
+                        parts = self.events_in.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self.handle(parts)
+            for scan in list(self.scans.values()):
+                if scan.should_close():
+                    self._close(scan)
+            # a scan control knows of but no frame reached: open it so its timeout can close it
+            for number, spec in list(self.scan_specs.items()):
+                if number not in self.scans and not self.is_finished(spec):
+                    self.scans[number] = WriterScan(self, spec)
+            self.tick()
+        for scan in list(self.scans.values()):
+            self._close(scan)
+        self.events_in.close(0)
