@@ -16,8 +16,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from numba import njit
-from scipy.optimize import curve_fit
+from numba import njit, prange
 
 # Pixel values after integer dark subtraction span -65535..65535; the histogram is offset so that
 # index = value + _OFFSET.
@@ -131,6 +130,56 @@ def _gaussian(x, amplitude, mu, sigma):
     return amplitude * np.exp(-0.5 * ((x - mu) / sigma) ** 2)
 
 
+def _fit_gaussian(x: np.ndarray, y: np.ndarray, p0: tuple[float, float, float], max_iterations: int = 500):
+    """Least-squares fit of ``A * exp(-(x - mu)^2 / (2 sigma^2))`` to (x, y) by Levenberg-Marquardt
+    (Marquardt's diagonal scaling, analytic Jacobian); returns (A, mu, sigma).
+
+    Our own 3-parameter solver rather than scipy.optimize.curve_fit: importing scipy.optimize
+    costs ~0.2 s, a sixth of a whole ``stemstream count`` of a 64 x 64 scan. It converges to
+    the same optimum (tests compare it with curve_fit). Raises CalibrationError when it does not
+    converge.
+    """
+    p = np.array(p0, dtype=np.float64)
+
+    def residuals(q):
+        return _gaussian(x, *q) - y
+
+    r = residuals(p)
+    cost = float(r @ r)
+    damping = 1e-3
+    for _ in range(max_iterations):
+        amplitude, mu, sigma = p
+        z = (x - mu) / sigma
+        e = np.exp(-0.5 * z * z)
+        jac = np.stack([e, amplitude * e * z / sigma, amplitude * e * z * z / sigma], axis=1)
+        grad = jac.T @ r
+        hess = jac.T @ jac
+        scale = np.diag(hess).copy()
+        scale[scale <= 0] = 1.0
+        while True:
+            try:
+                step = np.linalg.solve(hess + damping * np.diag(scale), -grad)
+            except np.linalg.LinAlgError:
+                step = None
+            if step is not None and np.all(np.isfinite(step)):
+                trial = p + step
+                r_trial = residuals(trial)
+                cost_trial = float(r_trial @ r_trial)
+                if math.isfinite(cost_trial) and cost_trial <= cost:
+                    break
+            damping *= 10.0
+            if damping > 1e16:
+                # No step lowers the cost: p is a minimum (to working precision).
+                return tuple(float(v) for v in p)
+        small_step = np.all(np.abs(step) <= 1e-10 * (np.abs(p) + 1e-10))
+        small_gain = cost - cost_trial <= 1e-14 * cost
+        p, r, cost = trial, r_trial, cost_trial
+        damping = max(damping / 10.0, 1e-12)
+        if small_step or small_gain:
+            return tuple(float(v) for v in p)
+    raise CalibrationError(f"the Gaussian fit of the pixel histogram did not converge in {max_iterations} iterations")
+
+
 def thresholds_from_histogram(
     histogram: PixelHistogram,
     background_n_sigma: float = 4.0,
@@ -165,12 +214,8 @@ def thresholds_from_histogram(
     # Fit a window around the peak: same optimum, far fewer points than a 65536-bin tail.
     window = max(int(10 * std), 50)
     sel = slice(max(peak - window, 0), min(peak + window + 1, n_bins))
-    try:
-        (amplitude, mu, sigma), _ = curve_fit(
-            _gaussian, bins[sel], hist[sel], p0=(hist[peak], bins[peak], max(std, 1.0)), method="lm", maxfev=2000
-        )
-    except (RuntimeError, ValueError) as exc:
-        raise CalibrationError(f"the Gaussian fit of the pixel histogram did not converge ({exc})") from exc
+    with np.errstate(all="ignore"):  # trial steps may overflow exp; they are then rejected
+        amplitude, mu, sigma = _fit_gaussian(bins[sel], hist[sel], (hist[peak], bins[peak], max(std, 1.0)))
     if not (math.isfinite(mu) and math.isfinite(sigma)):
         raise CalibrationError("the Gaussian fit of the pixel histogram gave a non-finite result")
     background = mu + background_n_sigma * abs(sigma)

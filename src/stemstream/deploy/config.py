@@ -7,9 +7,9 @@ wrong types and impossible values are refused with one sentence naming the setti
 [network]
 host = "127.0.0.1"          # default for every role below
 control_port = 5550
-gateway_port = 5551
-writer_port = 5552
-node_base_port = 5560       # node group i listens on node_base_port + i
+writer_port = 5551
+gateway_port = 5552         # the gateway listens on 4 ports: one per module, gateway_port + m
+node_base_port = 5560       # node group i listens on node_base_port + 4 i + m, m the module
 # control_host / gateway_host / writer_host / node_hosts = ["10.0.0.5", ...]: per-role hosts
 
 [pipeline]
@@ -29,7 +29,7 @@ calibration_frames = 640
 workers = 1                 # counting threads per node group
 
 [flow]
-send_hwm = 32               # messages queued per socket before a sender blocks
+send_hwm = 4                # messages (blocks of sectors, ~5 MB each) queued per socket
 backpressure_timeout_s = 5  # a producer blocked this long spills to disk
 max_pending_blocks = 24     # blocks a node group holds while sectors of them are still missing
 end_timeout_s = 3           # wait after the first end marker for the rest
@@ -57,8 +57,8 @@ class ConfigError(ValueError):
 class NetworkConfig:
     host: str = "127.0.0.1"
     control_port: int = 5550
-    gateway_port: int = 5551
-    writer_port: int = 5552
+    writer_port: int = 5551
+    gateway_port: int = 5552
     node_base_port: int = 5560
     control_host: str = ""
     gateway_host: str = ""
@@ -72,15 +72,19 @@ class NetworkConfig:
     def control(self) -> str:
         return f"tcp://{self._host(self.control_host)}:{self.control_port}"
 
-    def gateway(self) -> str:
-        return f"tcp://{self._host(self.gateway_host)}:{self.gateway_port}"
+    def gateway(self, module: int) -> str:
+        return f"tcp://{self._host(self.gateway_host)}:{self.gateway_port + module}"
 
     def writer(self) -> str:
         return f"tcp://{self._host(self.writer_host)}:{self.writer_port}"
 
-    def node(self, index: int) -> str:
+    def node(self, index: int, module: int) -> str:
         host = self.node_hosts[index] if index < len(self.node_hosts) else self.host
-        return f"tcp://{host}:{self.node_base_port + index}"
+        return f"tcp://{host}:{self.node_port(index, module)}"
+
+    def node_port(self, index: int, module: int) -> int:
+        # One stream per module keeps the modules' flow control apart (see pipeline.node).
+        return self.node_base_port + 4 * index + module
 
     def bind(self, port: int) -> str:
         return f"tcp://{self.bind_host}:{port}"
@@ -112,7 +116,7 @@ class CountingSettings:
 
 @dataclass
 class FlowSettings:
-    send_hwm: int = 32
+    send_hwm: int = 4
     backpressure_timeout_s: float = 5.0
     max_pending_blocks: int = 24
     end_timeout_s: float = 3.0
@@ -149,7 +153,8 @@ class PipelineConfig:
         for name in ("control_port", "gateway_port", "writer_port", "node_base_port"):
             value = getattr(n, name)
             checks.append((1 <= value <= 65535, f"[network] {name} must be a port number 1 to 65535, got {value}"))
-        checks.append((n.node_base_port + p.nodes - 1 <= 65535, "[network] node_base_port + nodes exceeds 65535"))
+        checks.append((n.node_base_port + 4 * p.nodes - 1 <= 65535, "[network] node_base_port + 4 x nodes exceeds 65535"))
+        checks.append((n.gateway_port + 3 <= 65535, "[network] gateway_port + 3 exceeds 65535"))
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)

@@ -2,8 +2,9 @@
 
 It reads each message's small envelope to find the node group it is routed to (the producer chose
 it: ``block % nodes``) and forwards the parts untouched; payloads are never decoded or copied.
-Each node group has a bounded queue here; when one is full the gateway stops reading its input,
-so a slow node group slows the producers (who then spill) instead of growing memory.
+Each module has its own input and each (node group, module) its own bounded queue and output, so
+flow control stays per module end to end: when a queue is full the gateway stops reading that
+module's input only, which slows that producer (who may then spill) without blocking the others.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections import deque
 import zmq
 
 from stemstream.formats import wire
+from stemstream.formats.raw import N_MODULES
 from stemstream.pipeline.role import Role
 
 log = logging.getLogger(__name__)
@@ -25,22 +27,29 @@ class Gateway(Role):
     def __init__(self, config, index: int = 0, context: zmq.Context | None = None):
         super().__init__(config, index, context)
         net, flow = config.network, config.flow
-        self.data_in = self.context.socket(zmq.PULL)
-        self.data_in.setsockopt(zmq.RCVHWM, flow.send_hwm)
-        self.data_in.setsockopt(zmq.LINGER, 0)
-        self.data_in.bind(net.bind(net.gateway_port))
-        self.outputs: list[zmq.Socket] = []
+        self.inputs: list[zmq.Socket] = []
+        for module in range(N_MODULES):
+            sock = self.context.socket(zmq.PULL)
+            sock.setsockopt(zmq.RCVHWM, flow.send_hwm)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.bind(net.bind(net.gateway_port + module))
+            self.inputs.append(sock)
+        self.outputs: list[list[zmq.Socket]] = []  # [node][module]
         for i in range(config.pipeline.nodes):
-            sock = self.context.socket(zmq.PUSH)
-            sock.setsockopt(zmq.SNDHWM, flow.send_hwm)
-            sock.setsockopt(zmq.LINGER, 10000)
-            sock.connect(net.node(i))
-            self.outputs.append(sock)
-        self.queues: list[deque] = [deque() for _ in self.outputs]
+            row = []
+            for module in range(N_MODULES):
+                sock = self.context.socket(zmq.PUSH)
+                sock.setsockopt(zmq.SNDHWM, flow.send_hwm)
+                sock.setsockopt(zmq.LINGER, 10000)
+                sock.connect(net.node(i, module))
+                row.append(sock)
+            self.outputs.append(row)
+        self.queues = [[deque() for _ in range(N_MODULES)] for _ in self.outputs]
         self.queue_limit = flow.send_hwm
 
-    def route(self, parts: list) -> int:
-        """The node group a message goes to; raises MessageError for one that cannot be routed."""
+    def route(self, parts: list, module: int) -> int:
+        """The node group a message that came in on ``module``'s input goes to; raises
+        MessageError for one that cannot be routed."""
         kind = wire.kind_of(parts)
         if kind == wire.SECTORS:
             envelope = wire.sectors_envelope(parts)
@@ -48,52 +57,63 @@ class Gateway(Role):
             envelope = wire.end_envelope(parts)
         else:
             raise wire.MessageError("unexpected_kind", repr(kind))
+        if envelope["module"] != module:
+            raise wire.MessageError("wrong_module", f"module {envelope['module']} on module {module}'s input")
         node = envelope["node"]
         if node >= len(self.outputs):
             raise wire.MessageError("unknown_node", f"node group {node} of {len(self.outputs)}")
         return node
 
     def _flush(self) -> None:
-        for node, queue in enumerate(self.queues):
-            while queue:
-                try:
-                    self.outputs[node].send_multipart(queue[0], flags=zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                queue.popleft()
-                self.counters["forwarded"] += 1
+        for node, row in enumerate(self.queues):
+            for module, queue in enumerate(row):
+                while queue:
+                    try:
+                        self.outputs[node][module].send_multipart(queue[0], flags=zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    queue.popleft()
+                    self.counters["forwarded"] += 1
 
     def stats(self) -> dict:
         s = super().stats()
-        s["queued"] = [len(q) for q in self.queues]
+        s["queued"] = [[len(q) for q in row] for row in self.queues]
         return s
+
+    def _module_full(self, module: int) -> bool:
+        return any(len(row[module]) >= self.queue_limit for row in self.queues)
 
     def run(self) -> None:
         while not self.shutdown:
             self._flush()
-            full = any(len(q) >= self.queue_limit for q in self.queues)
             poller = zmq.Poller()
-            if not full:
-                poller.register(self.data_in, zmq.POLLIN)
-            for node, queue in enumerate(self.queues):
-                if queue:
-                    poller.register(self.outputs[node], zmq.POLLOUT)
+            for module, sock in enumerate(self.inputs):
+                if not self._module_full(module):
+                    poller.register(sock, zmq.POLLIN)
+            for node, row in enumerate(self.queues):
+                for module, queue in enumerate(row):
+                    if queue:
+                        poller.register(self.outputs[node][module], zmq.POLLOUT)
             events = dict(poller.poll(20))
-            if self.data_in in events:
-                for _ in range(64):
+            for module, sock in enumerate(self.inputs):
+                if sock not in events:
+                    continue
+                for _ in range(16):
                     try:
-                        parts = self.data_in.recv_multipart(zmq.NOBLOCK, copy=False)
+                        parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
                     try:
-                        node = self.route(parts)
+                        node = self.route(parts, module)
                     except wire.MessageError as exc:
                         self.reject(exc.reason, str(exc))
                         continue
-                    self.queues[node].append(parts)
-                    if len(self.queues[node]) >= self.queue_limit:
+                    self.queues[node][module].append(parts)
+                    if self._module_full(module):
                         break
             self.tick()
-        self.data_in.close(0)
-        for sock in self.outputs:
-            sock.close()
+        for sock in self.inputs:
+            sock.close(0)
+        for row in self.outputs:
+            for sock in row:
+                sock.close()

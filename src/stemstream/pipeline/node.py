@@ -7,9 +7,12 @@ missing sectors zero-filled and the frames marked incomplete. If a producer repo
 records to disk, incomplete blocks are spilled too (in the receivers' format) instead of counted,
 so that a later replay of the spill directory reassembles and counts those frames whole.
 
-Memory: at most ``max_pending_blocks`` blocks wait; beyond that the oldest is counted as it stands.
-While thresholds are being calibrated, the node group stops reading when that many blocks wait,
-which holds the producers back (backpressure) instead of dropping anything.
+Flow control is per module: each module arrives on its own socket, and a module that is
+``max_pending_blocks`` blocks ahead of the others is not read until they catch up, which holds its
+producer back (backpressure) instead of growing memory or dropping anything. If the modules that
+a waiting block lacks stay silent for ``end_timeout_s`` (a dead producer), the oldest waiting block
+is counted as it stands. While thresholds are being calibrated, no module is read once that many
+complete blocks wait.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ class NodeScan:
         self.rejected_reasons: Counter = Counter()
         self.frames_spilled = 0
         self._spill_writers: dict[int, RawModuleWriter] = {}
+        self._frames = np.empty((self.block_frames, *FRAME_SHAPE), np.uint16)
         self.counter: ElectronCounter | None = None
         self._calibration_sent = False
         self._histogram = PixelHistogram()
@@ -156,9 +160,13 @@ class NodeScan:
     # -- assembly and counting ---------------------------------------------------------------------
 
     def _assemble(self, number: int, block: Block, count_ledger: bool = True) -> AssembledBlock:
-        """Frames of a block from its modules' records; bad records rejected, duplicates dropped."""
+        """Frames of a block from its modules' records; bad records rejected, duplicates dropped.
+
+        Sectors are copied once, from the received buffers straight into a frame buffer that is
+        reused from block to block (a fresh 21 MB buffer per block costs more in page faults than
+        the copy itself)."""
         first = number * self.block_frames
-        kept: list[tuple[int, np.ndarray]] = []
+        kept: list[tuple[int, np.ndarray, np.ndarray]] = []  # (module, records, indices of good ones)
         for module, arrays in block.parts.items():
             records = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
             h = records["header"]
@@ -174,25 +182,32 @@ class NodeScan:
                 if count_ledger and mask.any():
                     self._reject(reason, module, int(mask.sum()))
                 bad |= mask
-            records = records[~bad]
+            good = np.flatnonzero(~bad)
             # duplicates: keep the first copy of each frame number
-            _, first_idx = np.unique(records["header"]["frame_number"], return_index=True)
-            if count_ledger and len(first_idx) < len(records):
-                self.sectors_duplicate[module] += len(records) - len(first_idx)
-            records = records[np.sort(first_idx)]
+            _, first_idx = np.unique(h["frame_number"][good], return_index=True)
+            if count_ledger and len(first_idx) < len(good):
+                self.sectors_duplicate[module] += len(good) - len(first_idx)
+            good = good[np.sort(first_idx)]
             if count_ledger:
-                self.sectors_received[module] += len(records)
-            kept.append((module, records))
-        all_numbers = np.unique(np.concatenate([r["header"]["frame_number"] for _, r in kept])) if kept else np.empty(0, np.uint32)
+                self.sectors_received[module] += len(good)
+            kept.append((module, records, good))
+        numbers = [r["header"]["frame_number"][g] for _, r, g in kept]
+        all_numbers = np.unique(np.concatenate(numbers)) if numbers else np.empty(0, np.uint32)
         n = len(all_numbers)
-        frames = np.empty((n, *FRAME_SHAPE), np.uint16)
+        if self._frames.shape[0] < n:
+            self._frames = np.empty((n, *FRAME_SHAPE), np.uint16)
+        frames = self._frames[:n]
         present = np.zeros(n, np.uint8)
         positions = np.full(n, -1, np.int64)
-        for module, records in kept:
-            idx = np.searchsorted(all_numbers, records["header"]["frame_number"])
-            frames[idx, sector_rows(module)] = records["data"]
+        for module, records, good in kept:
+            h = records["header"]
+            idx = np.searchsorted(all_numbers, h["frame_number"][good])
+            rows = sector_rows(module)
+            data = records["data"]
+            for i, k in zip(idx.tolist(), good.tolist()):
+                frames[i, rows] = data[k]
             present[idx] |= np.uint8(1 << module)
-            pos = records["header"]["y"].astype(np.int64) * self.cols + records["header"]["x"]
+            pos = h["y"][good].astype(np.int64) * self.cols + h["x"][good]
             unset = positions[idx] < 0
             positions[idx[unset]] = pos[unset]
         for module in range(N_MODULES):
@@ -235,14 +250,26 @@ class NodeScan:
     # -- progress ----------------------------------------------------------------------------------
 
     def _ready(self, final: bool) -> list[int]:
-        ready = sorted(n for n, b in self.pending.items() if b.modules == N_MODULES)
         if final:
             return sorted(self.pending)
-        if len(self.pending) - len(ready) >= self.node.config.flow.max_pending_blocks:
-            # Too many incomplete blocks wait: count the oldest as it stands (bounded memory).
-            oldest = min(n for n, b in self.pending.items() if b.modules < N_MODULES)
-            ready.append(oldest)
+        ready = sorted(n for n, b in self.pending.items() if b.modules == N_MODULES)
+        incomplete = [n for n, b in self.pending.items() if b.modules < N_MODULES]
+        if incomplete and any(self.node.module_gated(m) for m in range(N_MODULES)):
+            oldest = min(incomplete)
+            silent = [m for m in range(N_MODULES) if m not in self.pending[oldest].parts]
+            quiet_for = time.monotonic() - max(self.node.last_heard[m] for m in silent)
+            if quiet_for > self.node.config.flow.end_timeout_s:
+                # The modules it lacks went silent (a dead producer): count it as it stands.
+                ready.append(oldest)
         return ready
+
+    def complete_pending(self) -> int:
+        """Blocks with every module in that wait (for thresholds)."""
+        return sum(1 for b in self.pending.values() if b.modules == N_MODULES)
+
+    def waiting_with(self, module: int) -> int:
+        """Incomplete blocks that already hold this module's part."""
+        return sum(1 for b in self.pending.values() if module in b.parts and b.modules < N_MODULES)
 
     @property
     def ended(self) -> bool:
@@ -315,19 +342,24 @@ class NodeGroup(Role):
 
     def __init__(self, config, index: int = 0, context: zmq.Context | None = None):
         super().__init__(config, index, context)
-        self.data_in = self.context.socket(zmq.PULL)
-        self.data_in.setsockopt(zmq.RCVHWM, config.flow.send_hwm)
-        self.data_in.setsockopt(zmq.LINGER, 0)
-        self.data_in.bind(config.network.bind(config.network.node_base_port + index))
+        self.inputs: list[zmq.Socket] = []
+        for module in range(N_MODULES):
+            sock = self.context.socket(zmq.PULL)
+            sock.setsockopt(zmq.RCVHWM, config.flow.send_hwm)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.bind(config.network.bind(config.network.node_port(index, module)))
+            self.inputs.append(sock)
+        self.last_heard = [time.monotonic()] * N_MODULES
         self.events_out = self.context.socket(zmq.PUSH)
-        self.events_out.setsockopt(zmq.SNDHWM, config.flow.send_hwm)
+        self.events_out.setsockopt(zmq.SNDHWM, 64)
         self.events_out.setsockopt(zmq.LINGER, 5000)
         self.events_out.connect(config.network.writer())
         self.scans: dict[int, NodeScan] = {}
         numba.set_num_threads(min(config.counting.workers, numba.config.NUMBA_NUM_THREADS))
 
     def send_events(self, parts: list) -> None:
-        self.events_out.send_multipart(parts, copy=False)
+        # Events are small (~2 kB a frame): copying beats pyzmq's zero-copy bookkeeping.
+        self.events_out.send_multipart(parts)
 
     def send_done(self, parts: list) -> None:
         self.events_out.send_multipart(parts)
@@ -347,18 +379,26 @@ class NodeGroup(Role):
             scan = self.scans[number] = NodeScan(self, spec)
         return scan
 
-    def _busy(self) -> bool:
-        """True when input must wait: a scan is calibrating and its waiting room is full."""
+    def module_gated(self, module: int) -> bool:
+        """True when this module's input must wait for the others (or for calibration)."""
         limit = self.config.flow.max_pending_blocks
-        return any(s.waiting_for_thresholds and len(s.pending) >= limit for s in self.scans.values())
+        for scan in self.scans.values():
+            if scan.waiting_for_thresholds and scan.complete_pending() >= limit:
+                return True
+            if scan.waiting_with(module) >= limit:
+                return True
+        return False
 
-    def handle(self, parts: list) -> None:
+    def handle(self, parts: list, module: int) -> None:
+        """One message from ``module``'s input; bad ones are counted and logged, never raised."""
         try:
             kind = wire.kind_of(parts)
             if kind == wire.SECTORS:
                 msg = wire.decode_sectors(parts)
                 if msg.node != self.index:
                     raise wire.MessageError("wrong_node", f"routed to {msg.node}, this is {self.index}")
+                if msg.module != module:
+                    raise wire.MessageError("wrong_module", f"module {msg.module} on module {module}'s input")
                 scan = self._scan(msg.scan)
                 if scan is None:
                     raise wire.MessageError("unknown_scan", f"scan {msg.scan}")
@@ -375,24 +415,32 @@ class NodeGroup(Role):
             self.reject(exc.reason, str(exc))
 
     def run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.data_in, zmq.POLLIN)
         while not self.shutdown:
-            if not self._busy() and poller.poll(20):
-                # Drain what is queued (bounded) before counting.
-                for _ in range(64):
+            poller = zmq.Poller()
+            for module, sock in enumerate(self.inputs):
+                if not self.module_gated(module):
+                    poller.register(sock, zmq.POLLIN)
+            events = dict(poller.poll(20))
+            for module, sock in enumerate(self.inputs):
+                if sock not in events:
+                    continue
+                self.last_heard[module] = time.monotonic()
+                for _ in range(8):
                     try:
-                        parts = self.data_in.recv_multipart(zmq.NOBLOCK, copy=False)
+                        parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self.handle(parts)
-            elif self._busy():
-                time.sleep(0.005)
+                    self.handle(parts, module)
+                    if self.module_gated(module):
+                        break
+            if not events:
+                time.sleep(0.001) if any(self.module_gated(m) for m in range(N_MODULES)) else None
             for number, scan in list(self.scans.items()):
                 scan.step()
                 if scan.finished:
                     del self.scans[number]
                     self.mark_finished(scan.spec)
             self.tick()
-        self.data_in.close(0)
+        for sock in self.inputs:
+            sock.close(0)
         self.events_out.close()

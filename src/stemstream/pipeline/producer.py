@@ -38,7 +38,10 @@ class Producer(Role):
         self.source_factory = source_factory
         self.sockets: list[zmq.Socket] = []
         net = config.network
-        endpoints = [net.gateway()] if config.pipeline.gateway else [net.node(i) for i in range(config.pipeline.nodes)]
+        if config.pipeline.gateway:
+            endpoints = [net.gateway(module)]
+        else:
+            endpoints = [net.node(i, module) for i in range(config.pipeline.nodes)]
         for endpoint in endpoints:
             sock = self.context.socket(zmq.PUSH)
             sock.setsockopt(zmq.SNDHWM, config.flow.send_hwm)

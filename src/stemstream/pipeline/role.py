@@ -40,8 +40,9 @@ class Role:
         """What this role reports in its heartbeats (subclasses add to it)."""
         rss = self._process.memory_info().rss
         self.peak_rss = max(self.peak_rss, rss)
+        cpu = self._process.cpu_times()
         return {"counters": dict(self.counters), "rejected": dict(self.rejected), "rss": rss, "peak_rss": self.peak_rss,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "cpu_s": cpu.user + cpu.system}
 
     def tick(self) -> None:
         """Heartbeat when due; learn open scans and whether to shut down."""

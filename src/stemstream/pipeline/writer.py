@@ -119,6 +119,14 @@ class WriterScan:
         for m in range(N_MODULES):
             self.sectors_lost[m] += int(msg.lost[m]) if m < len(msg.lost) else 0
 
+    def _thresholds_from_control(self) -> dict | None:
+        """Calibrated thresholds are decided after the scan starts: ask control for them."""
+        try:
+            reply = self.writer.control.request("get_scan", timeout_s=2.0, scan=self.number)
+        except Exception:
+            return None
+        return reply.get("scan", {}).get("thresholds") if reply.get("ok") else None
+
     def should_close(self) -> bool:
         if len(self.done_nodes) >= self.n_nodes:
             return True
@@ -129,7 +137,7 @@ class WriterScan:
         return idle > flow.scan_timeout_s
 
     def close(self) -> dict:
-        thresholds = self.spec.get("thresholds")
+        thresholds = self.spec.get("thresholds") or self._thresholds_from_control()
         if thresholds:
             self.out.set_metadata("electron_counting", Thresholds(**thresholds).stempy_attributes())
         elapsed = time.time() - self.started

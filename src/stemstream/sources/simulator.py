@@ -16,6 +16,12 @@ Each frame (576 x 576 ``uint16``, (rows, cols), ADU) is built from
 Randomness comes from a counter-based stream keyed by (seed, frame index): a frame is the same
 whatever the batch it is generated in. The true electron landing pixels are kept with each frame.
 
+One module's sector of frames (``DetectorSimulator.sector_batch``, ``records``: what one of the four
+receivers gets) is rendered on its own for about a quarter of the work of whole frames: every
+electron and X-ray of the frame is still drawn (so the sector is bit for bit the same rows of the
+whole frame, charge shared across the sector boundary included), but only the sector's rows get
+noise and charge.
+
 Scan order: positions row-major (x fastest), flat position ``p = y * cols + x``; with K frames per
 position the K frames of a position are consecutive; frame number = ``first_frame_number`` + index.
 """
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import math
 import operator
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,12 +39,17 @@ from pathlib import Path
 
 import numpy as np
 from numba import njit
+from numba.cpython.unsafe.numbers import trailing_zeros
 from scipy.special import gammaincinv, ndtr
 
 from stemstream.formats.raw import (
     FRAME_COLS,
     FRAME_ROWS,
+    HEADER_BYTES,
     N_MODULES,
+    RECORD_BYTES,
+    RECORD_DTYPE,
+    SECTOR_ROWS,
     RawModuleWriter,
     make_sector_records,
     write_status_file,
@@ -53,6 +65,8 @@ _N_SHARING_KERNELS = 1024  # 3x3 charge-sharing patterns
 _NOISE_POOL_FRAMES = 8  # 8 x 640 x 640 uint16 = 6.6 MB: stays in the L3 cache
 _NOISE_POOL_MARGIN = 64  # rows/cols of slack for the random offset of each frame
 _MIN_CENTRE_RATIO = 1.3  # landing pixel keeps >= 1.3x the charge of any neighbour
+_PATTERN_BLOCK = 1024  # scan positions whose diffraction patterns are computed at once
+_PATTERN_BLOCKS_KEPT = 4
 
 # Stream domains: independent random streams from one seed.
 _DOMAIN_FRAMES = 0x6672616D65730001
@@ -168,9 +182,38 @@ def _sector_uniforms(key, frame_indices, n_modules):
     return out
 
 
+_DRAW_BLOCK = 1024  # draws of a frame's stream generated at a time (a multiple of 64)
+_DRAW_WORDS = _DRAW_BLOCK // 64
+_DRAW_BLOCK_STRIDE = np.uint64((_DRAW_BLOCK * int(_GOLDEN)) & _MASK64)
+_ALL_BITS = np.uint64(_MASK64)
+
+
+@njit(inline="always")
+def _fill_draws(zbuf, accept, s):
+    """zbuf[i] = the draw after s + i steps of the stream (what _next gives from state s, i + 1
+    times); bit i % 64 of accept[i // 64] set where that draw, as (dy, dx), lies in the unit disk."""
+    for i in range(zbuf.shape[0]):
+        zbuf[i] = _mix64(s + np.uint64(i + 1) * _GOLDEN)
+    for w in range(accept.shape[0]):
+        word = np.uint64(0)
+        for j in range(64):
+            z = zbuf[w * 64 + j]
+            dy = float(np.int64(z & _LOW32)) * _INV_2_31 - 1.0
+            dx = float(np.int64(z >> np.uint64(32))) * _INV_2_31 - 1.0
+            word |= np.uint64(dy * dy + dx * dx <= 1.0) << np.uint64(j)
+        accept[w] = word
+
+
 @njit(nogil=True, cache=True)
-def _render_frames(
+def _render_rows(
     out,
+    frame_stride,
+    data_offset,
+    rows,
+    cols,
+    row0,
+    n_rows,
+    track_truth,
     frame_keys,
     mean_electrons,
     noise_pool,
@@ -187,17 +230,24 @@ def _render_frames(
     hot_values,
     dead_pixels,
 ):
-    """Fill out (n, rows, cols) uint16 with frames; return the electrons drawn per frame (n,),
-    the landing pixels (flat, sorted and unique per frame), their offsets (n+1,) and counts (n,)."""
-    n = out.shape[0]
-    rows = out.shape[1]
-    cols = out.shape[2]
+    """Render frame rows ``row0 .. row0+n_rows-1`` of n frames (each rows x cols) into ``out``.
+
+    out: 1-D C-contiguous uint16; frame f's rows go to ``out[f*frame_stride + data_offset:]``,
+    n_rows * cols pixels in (rows, cols) order (a whole frame: row0 = 0, n_rows = rows; a sector of
+    a raw record: frame_stride = the record's size in uint16 and data_offset = its header's).
+    Every electron and X-ray of the frame is drawn, whatever rows are rendered, so the random
+    stream, and therefore every pixel, is the same as in the whole frame; only the charge that
+    falls in the rendered rows is deposited. Returns the electrons drawn per frame (n,), and, with
+    track_truth, the landing pixels (flat, sorted and unique per frame), their offsets (n+1,) and
+    counts (n,) (empty without track_truth)."""
+    n = frame_keys.shape[0]
     n_pool = noise_pool.shape[0]
     slack_r = noise_pool.shape[1] - rows + 1
     slack_c = noise_pool.shape[2] - cols + 1
     n_comp = comp_cum.shape[1]
     charge_mask = np.uint64(charge_adu.shape[0] - 1)
     share_mask = np.uint64(sharing.shape[0] - 1)
+    row_end = row0 + n_rows
     state = np.empty(1, np.uint64)
 
     # Electron counts first, so one buffer holds every frame's truth.
@@ -208,43 +258,103 @@ def _render_frames(
         counts[f] = _poisson(state, mean_electrons)
         states[f] = state[0]
     offsets = np.zeros(n + 1, np.int64)
-    for f in range(n):
-        offsets[f + 1] = offsets[f] + counts[f]
-    events = np.empty(offsets[n], np.uint32)
     n_events = np.zeros(n, np.int64)
+    if track_truth:
+        for f in range(n):
+            offsets[f + 1] = offsets[f] + counts[f]
+    events = np.empty(offsets[n], np.uint32)
     # One bit per pixel: sorts and de-duplicates landing pixels in O(pixels / 64).
-    landed = np.zeros((rows * cols + 63) // 64, np.uint64)
+    landed = np.zeros((rows * cols + 63) // 64 if track_truth else 0, np.uint64)
+    inside = np.zeros(n_comp, np.bool_)
+    missing = np.zeros(n_comp, np.bool_)
+    zbuf = np.empty(_DRAW_BLOCK, np.uint64)
+    max_count = counts.max() if n > 0 else 0
+    hit_row = np.empty(max_count, np.int64)  # per electron whose charge reaches the rendered rows
+    hit_col = np.empty(max_count, np.int64)
+    hit_bits = np.empty(max_count, np.uint64)
+    accept = np.empty(_DRAW_WORDS, np.uint64)
 
     for f in range(n):
         state[0] = states[f]
-        frame = out[f]
+        base = f * frame_stride + data_offset
+        frame = out[base : base + n_rows * cols].reshape((n_rows, cols))  # frame rows row0 .. row_end-1
         pool = noise_pool[_below(state, n_pool)]
         r0 = _below(state, slack_r)
         c0 = _below(state, slack_c)
-        for r in range(rows):
-            src = pool[r0 + r]
+        for r in range(n_rows):
+            src = pool[r0 + row0 + r]
             dst = frame[r]
             for c in range(cols):
                 dst[c] = src[c0 + c]
 
-        # Hot loop: the stream state lives in a register; one 64-bit draw gives two 32-bit uniforms.
+        # Components whose disk lies on the frame whatever the draw: their electrons need no frame
+        # check, and those too far from the rendered rows for their charge to reach them only have
+        # to be drawn, to advance the stream.
+        for k in range(n_comp):
+            radius = comp_radius[f, k]
+            top = comp_row[f, k] - radius  # y = centre + radius * dy, |dy| <= 1, lies in [top, bottom]
+            bottom = comp_row[f, k] + radius
+            on_frame = radius >= 0.0 and top >= 1.0 and bottom <= rows - 1.0
+            on_frame = on_frame and comp_col[f, k] - radius >= 1.0 and comp_col[f, k] + radius <= cols - 1.0
+            inside[k] = on_frame
+            missing[k] = on_frame and (bottom < row0 - 2.0 or top > row_end + 2.0)
+
+        # Hot loop. The frame's stream is drawn ahead, _DRAW_BLOCK draws at a time (zbuf[i] is the
+        # draw after s + i steps; one 64-bit draw gives two 32-bit uniforms), with a bit per draw
+        # that says whether it falls in the unit disk: the rejection sampling of a disk that lies on
+        # the frame is then a bit scan, not a branch per draw.
         s = state[0]
+        p = 0  # draws of zbuf used
+        n_hits = 0
+        if counts[f] > 0:
+            _fill_draws(zbuf, accept, s)
         for _ in range(counts[f]):
             # Draw until the electron lands on the frame: conditioning on the frame keeps the dose exact.
             while True:
-                s += _GOLDEN
-                z = _mix64(s)
-                u = float(z & _LOW32) * _INV_2_32
+                if p == _DRAW_BLOCK:
+                    s += _DRAW_BLOCK_STRIDE
+                    _fill_draws(zbuf, accept, s)
+                    p = 0
+                z = zbuf[p]
+                p += 1
+                u = float(np.int64(z & _LOW32)) * _INV_2_32
                 bits = z >> np.uint64(32)  # charge level and sharing kernel of this electron
                 k = 0
                 while k < n_comp - 1 and u >= comp_cum[f, k]:
                     k += 1
                 radius = comp_radius[f, k]
+                if inside[k]:  # the next draw in the unit disk, then no frame check
+                    while True:
+                        if p == _DRAW_BLOCK:
+                            s += _DRAW_BLOCK_STRIDE
+                            _fill_draws(zbuf, accept, s)
+                            p = 0
+                        w = p >> 6
+                        word = accept[w] & (_ALL_BITS << np.uint64(p & 63))
+                        while word == 0 and w < _DRAW_WORDS - 1:
+                            w += 1
+                            word = accept[w]
+                        if word != 0:
+                            p = w * 64 + np.int64(trailing_zeros(word)) + 1
+                            break
+                        p = _DRAW_BLOCK
+                    if missing[k]:
+                        break
+                    z = zbuf[p - 1]
+                    dy = float(np.int64(z & _LOW32)) * _INV_2_31 - 1.0
+                    dx = float(np.int64(z >> np.uint64(32))) * _INV_2_31 - 1.0
+                    y = comp_row[f, k] + radius * dy
+                    x = comp_col[f, k] + radius * dx
+                    break
                 while True:  # uniform in the unit disk (or square, for the background) by rejection
-                    s += _GOLDEN
-                    z = _mix64(s)
-                    dy = float(z & _LOW32) * _INV_2_31 - 1.0
-                    dx = float(z >> np.uint64(32)) * _INV_2_31 - 1.0
+                    if p == _DRAW_BLOCK:
+                        s += _DRAW_BLOCK_STRIDE
+                        _fill_draws(zbuf, accept, s)
+                        p = 0
+                    z = zbuf[p]
+                    p += 1
+                    dy = float(np.int64(z & _LOW32)) * _INV_2_31 - 1.0
+                    dx = float(np.int64(z >> np.uint64(32))) * _INV_2_31 - 1.0
                     if radius < 0.0 or dy * dy + dx * dx <= 1.0:
                         break
                 if radius < 0.0:
@@ -255,40 +365,67 @@ def _render_frames(
                     x = comp_col[f, k] + radius * dx
                 if 0.0 <= y < rows and 0.0 <= x < cols:
                     break
+            if missing[k]:
+                continue
             r = int(y)
             c = int(x)
-            pix = r * cols + c
-            landed[pix >> 6] |= np.uint64(1) << np.uint64(pix & 63)
+            if track_truth:
+                pix = r * cols + c
+                landed[pix >> 6] |= np.uint64(1) << np.uint64(pix & 63)
+            # Keep the electrons whose charge reaches the rendered rows (lr - 1 .. lr + 1 overlaps
+            # 0 .. n_rows - 1), without a branch: whether one does is a coin toss for rows that cut
+            # through a disk, and a mispredicted branch costs more than the store.
+            lr = r - row0
+            hit_row[n_hits] = lr
+            hit_col[n_hits] = c
+            hit_bits[n_hits] = bits
+            n_hits += np.int64(-1 <= lr) & np.int64(lr <= n_rows)
+        state[0] = s + np.uint64(p) * _GOLDEN
+
+        # Deposit, in the order drawn (the sums saturate at 65535: the order does not matter anyway).
+        for e in range(n_hits):
+            lr = hit_row[e]
+            c = hit_col[e]
+            bits = hit_bits[e]
             adu = charge_adu[bits & charge_mask]
             kernel = sharing[(bits >> np.uint64(16)) & share_mask]
-            if 0 < r < rows - 1 and 0 < c < cols - 1:  # interior: no edge checks
+            if 0 < lr < n_rows - 1 and 0 < c < cols - 1:  # interior: no edge checks (unsigned indices)
                 for i in range(3):
+                    row = frame[np.uintp(lr + i - 1)]
+                    share = kernel[i]
                     for j in range(3):
-                        v = np.int64(frame[r + i - 1, c + j - 1]) + np.int64(adu * kernel[i, j] + np.float32(0.5))
-                        frame[r + i - 1, c + j - 1] = min(v, _UINT16_MAX)
+                        cc = np.uintp(c + j - 1)
+                        v = np.int64(row[cc]) + np.int64(adu * share[j] + np.float32(0.5))
+                        row[cc] = min(v, _UINT16_MAX)
             else:
                 for i in range(3):
-                    rr = r + i - 1
-                    if 0 <= rr < rows:
+                    rr = lr + i - 1
+                    if 0 <= rr < n_rows:
                         for j in range(3):
                             cc = c + j - 1
                             if 0 <= cc < cols:
                                 v = np.int64(frame[rr, cc]) + np.int64(adu * kernel[i, j] + np.float32(0.5))
                                 frame[rr, cc] = min(v, _UINT16_MAX)
-        state[0] = s
 
         for _ in range(_poisson(state, xray_rate)):
             pix = _below(state, rows * cols)
+            adu_x = np.int64(xray_lo + (xray_hi - xray_lo) * _uniform(state))
             r = pix // cols
-            c = pix % cols
-            v = np.int64(frame[r, c]) + np.int64(xray_lo + (xray_hi - xray_lo) * _uniform(state))
-            frame[r, c] = min(v, _UINT16_MAX)
+            if row0 <= r < row_end:
+                c = pix % cols
+                frame[r - row0, c] = min(np.int64(frame[r - row0, c]) + adu_x, _UINT16_MAX)
 
         for h in range(hot_pixels.shape[0]):
-            frame[hot_pixels[h] // cols, hot_pixels[h] % cols] = hot_values[h]
+            r = hot_pixels[h] // cols
+            if row0 <= r < row_end:
+                frame[r - row0, hot_pixels[h] % cols] = hot_values[h]
         for d in range(dead_pixels.shape[0]):
-            frame[dead_pixels[d] // cols, dead_pixels[d] % cols] = 0
+            r = dead_pixels[d] // cols
+            if row0 <= r < row_end:
+                frame[r - row0, dead_pixels[d] % cols] = 0
 
+        if not track_truth:
+            continue
         # Truth: set bits in pixel order; clear the words for the next frame.
         k = offsets[f]
         for w in range(landed.shape[0]):
@@ -296,10 +433,10 @@ def _render_frames(
             if word == 0:
                 continue
             landed[w] = 0
-            base = w * 64
+            wbase = w * 64
             while word != 0:
                 low = word & (~word + np.uint64(1))
-                events[k] = base + _DEBRUIJN_TABLE[(low * _DEBRUIJN) >> np.uint64(58)]
+                events[k] = wbase + _DEBRUIJN_TABLE[(low * _DEBRUIJN) >> np.uint64(58)]
                 k += 1
                 word ^= low
         n_events[f] = k - offsets[f]
@@ -424,6 +561,27 @@ class FrameBatch:
         return len(self.frame_numbers)
 
 
+@dataclass
+class SectorBatch:
+    """Sector ``module`` (frame rows ``144*module .. 144*module + 143``) of consecutive simulated frames.
+
+    frame_numbers: (n,) uint32. positions: (n,) int64 flat scan positions. sectors: (n, 144, 576)
+    uint16 ADU, equal to the same rows of the whole frames. dropped: (n,) bool, True where this
+    module's sector of the frame is lost on the network (it is rendered all the same). electron_counts:
+    (n,) int64 electrons drawn over the whole frame. No true events: they are a whole-frame property.
+    """
+
+    module: int
+    frame_numbers: np.ndarray
+    positions: np.ndarray
+    sectors: np.ndarray
+    dropped: np.ndarray
+    electron_counts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.frame_numbers)
+
+
 def _charge_quantiles(mean: float, shape: float) -> np.ndarray:
     """(_N_CHARGE_LEVELS,) float32 ADU: evenly spaced quantiles of the gamma charge distribution."""
     q = (np.arange(_N_CHARGE_LEVELS) + 0.5) / _N_CHARGE_LEVELS
@@ -483,6 +641,8 @@ class DetectorSimulator:
         self.dead_pixels: np.ndarray = np.sort(bad[config.n_hot_pixels :])
         low, high = config.hot_adu
         self.hot_values: np.ndarray = np.rint(rng.uniform(low, high, len(self.hot_pixels))).astype(np.uint16)
+        self._pattern_lock = threading.Lock()  # guards _pattern_cache: batches may run in threads
+        self._pattern_cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
 
     @property
     def n_frames(self) -> int:
@@ -492,6 +652,83 @@ class DetectorSimulator:
     def _check_range(self, start: int, count: int) -> None:
         if start < 0 or count < 0 or start + count > self.n_frames:
             raise ValueError(f"frames {start}..{start + count - 1} outside the scan's 0..{self.n_frames - 1}")
+
+    def _render(
+        self, out: np.ndarray, frame_stride: int, data_offset: int, row0: int, n_rows: int, track_truth: bool, indices: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Run the kernel (_render_rows) for frame indices (n,) int64 into the flat uint16 ``out``."""
+        cfg = self.config
+        comp_row, comp_col, comp_radius, comp_cum = self._pattern_tables(indices // cfg.frames_per_position)
+        return _render_rows(
+            out,
+            frame_stride,
+            data_offset,
+            FRAME_ROWS,
+            FRAME_COLS,
+            row0,
+            n_rows,
+            track_truth,
+            _stream_keys(self._frame_key, indices),
+            cfg.dose * FRAME_PIXELS,
+            self._noise_pool,
+            comp_row,
+            comp_col,
+            comp_radius,
+            comp_cum,
+            self._charge_adu,
+            self._sharing,
+            float(cfg.xray_rate),
+            cfg.xray_adu[0],
+            cfg.xray_adu[1],
+            self.hot_pixels,
+            self.hot_values,
+            self.dead_pixels,
+        )
+
+    def _pattern_tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The kernel's view of the specimen at positions (n,) int64: disk centre rows, centre cols,
+        radii and cumulative probabilities, each (n, C) float64, C-contiguous. Computed for blocks of
+        _PATTERN_BLOCK positions and kept for the last few blocks: SyntheticSpecimen.patterns costs
+        ~0.1 ms a call whatever the number of positions, as much as rendering several sectors, and a
+        position's pattern then does not depend on the batch it is asked for in."""
+        if len(positions) == 0:
+            return tuple(table[:0] for table in self._pattern_block(0))
+        first = int(positions.min()) // _PATTERN_BLOCK
+        last = int(positions.max()) // _PATTERN_BLOCK
+        blocks = [self._pattern_block(b) for b in range(first, last + 1)]
+        if len(blocks) == 1:
+            tables = blocks[0]
+        else:
+            tables = tuple(np.concatenate(parts) for parts in zip(*blocks))
+        relative = positions - first * _PATTERN_BLOCK
+        return tuple(table[relative] for table in tables)
+
+    def _pattern_block(self, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        with self._pattern_lock:
+            tables = self._pattern_cache.get(block)
+            if tables is None:
+                start = block * _PATTERN_BLOCK
+                patterns = self.specimen.patterns(np.arange(start, min(start + _PATTERN_BLOCK, self.config.n_positions)))
+                tables = (
+                    np.ascontiguousarray(patterns.centres[..., 0]),
+                    np.ascontiguousarray(patterns.centres[..., 1]),
+                    np.ascontiguousarray(patterns.radii),
+                    patterns.cumulative(),
+                )
+                self._pattern_cache[block] = tables
+                while len(self._pattern_cache) > _PATTERN_BLOCKS_KEPT:
+                    del self._pattern_cache[next(iter(self._pattern_cache))]
+            return tables
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_pattern_lock"], state["_pattern_cache"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._pattern_lock = threading.Lock()
+        self._pattern_cache = {}
 
     def batch(self, start: int, count: int, *, out: np.ndarray | None = None) -> FrameBatch:
         """Frames ``start .. start+count-1`` (frame indices). ``out``, if given, is a C-contiguous
@@ -507,25 +744,7 @@ class DetectorSimulator:
             raise ValueError(f"out must be a C-contiguous ({count}, {FRAME_ROWS}, {FRAME_COLS}) uint16 array")
         indices = np.arange(start, start + count, dtype=np.int64)
         positions = indices // cfg.frames_per_position
-        patterns = self.specimen.patterns(positions)
-        counts, events, offsets, n_events = _render_frames(
-            out,
-            _stream_keys(self._frame_key, indices),
-            cfg.dose * FRAME_PIXELS,
-            self._noise_pool,
-            np.ascontiguousarray(patterns.centres[..., 0]),
-            np.ascontiguousarray(patterns.centres[..., 1]),
-            patterns.radii,
-            patterns.cumulative(),
-            self._charge_adu,
-            self._sharing,
-            float(cfg.xray_rate),
-            cfg.xray_adu[0],
-            cfg.xray_adu[1],
-            self.hot_pixels,
-            self.hot_values,
-            self.dead_pixels,
-        )
+        counts, events, offsets, n_events = self._render(out.reshape(-1), FRAME_PIXELS, 0, 0, FRAME_ROWS, True, indices)
         true_events = [events[offsets[i] : offsets[i] + n_events[i]] for i in range(count)]
         return FrameBatch(
             frame_numbers=(indices + cfg.first_frame_number).astype(np.uint32),
@@ -542,15 +761,93 @@ class DetectorSimulator:
         for start in range(0, self.n_frames, batch_size):
             yield self.batch(start, min(batch_size, self.n_frames - start))
 
+    def sector_batch(self, start: int, count: int, module: int, *, out: np.ndarray | None = None) -> SectorBatch:
+        """Sector ``module`` of frames ``start .. start+count-1``: exactly
+        ``batch(start, count).frames[:, 144*module : 144*(module+1)]``, for about a quarter of the work
+        (only the sector's rows are rendered; the electrons and X-rays of the whole frame are still
+        drawn, but only those whose charge reaches the sector are deposited). ``out``, if given, is a
+        C-contiguous (count, 144, 576) uint16 array to fill. Raises ValueError for a range outside
+        the scan, a module outside 0..3 or a wrong ``out``."""
+        self._check_range(start, count)
+        module = self._check_module(module)
+        if out is None:
+            out = np.empty((count, SECTOR_ROWS, FRAME_COLS), np.uint16)
+        elif out.shape != (count, SECTOR_ROWS, FRAME_COLS) or out.dtype != np.uint16 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous ({count}, {SECTOR_ROWS}, {FRAME_COLS}) uint16 array")
+        indices = np.arange(start, start + count, dtype=np.int64)
+        counts, _, _, _ = self._render(
+            out.reshape(-1), SECTOR_ROWS * FRAME_COLS, 0, module * SECTOR_ROWS, SECTOR_ROWS, False, indices
+        )
+        return SectorBatch(
+            module=module,
+            frame_numbers=(indices + self.config.first_frame_number).astype(np.uint32),
+            positions=indices // self.config.frames_per_position,
+            sectors=out,
+            dropped=self._dropped(indices)[:, module],
+            electron_counts=counts,
+        )
+
+    def records(self, start: int, count: int, module: int, *, out: np.ndarray | None = None) -> np.ndarray:
+        """What receiver ``module`` gets of frames ``start .. start+count-1``: a RECORD_DTYPE array, one
+        record per frame whose sector is not dropped, in frame order, with the header that
+        formats.raw.make_sector_records writes and the sector of ``sector_batch``. The sectors are
+        rendered straight into the records (no copy); dropped sectors are not rendered at all.
+        ``out``, if given, is a C-contiguous 1-D RECORD_DTYPE array of at least ``count`` records to
+        fill (saves allocating): the result is then its first records. Raises ValueError for a range
+        outside the scan, a module outside 0..3 or a wrong ``out``."""
+        self._check_range(start, count)
+        module = self._check_module(module)
+        if out is not None and (
+            out.dtype != RECORD_DTYPE or out.ndim != 1 or len(out) < count or not out.flags.c_contiguous
+        ):
+            raise ValueError(f"out must be a C-contiguous 1-D RECORD_DTYPE array of at least {count} records")
+        cfg = self.config
+        indices = np.arange(start, start + count, dtype=np.int64)
+        if cfg.drop_sector_probability > 0.0:
+            indices = indices[~self._dropped(indices)[:, module]]
+        records = np.empty(len(indices), RECORD_DTYPE) if out is None else out[: len(indices)]
+        positions = indices // cfg.frames_per_position
+        rows, cols = cfg.scan_shape
+        header = records["header"]
+        header["scan_number"] = cfg.scan_number
+        header["frame_number"] = indices + cfg.first_frame_number
+        header["scan_width"] = cols
+        header["scan_height"] = rows
+        header["x"] = positions % cols
+        header["y"] = positions // cols
+        # The records as uint16: record i's pixels start HEADER_BYTES into it (both sizes are even).
+        self._render(
+            records.view(np.uint16),
+            RECORD_BYTES // 2,
+            HEADER_BYTES // 2,
+            module * SECTOR_ROWS,
+            SECTOR_ROWS,
+            False,
+            indices,
+        )
+        return records
+
+    @staticmethod
+    def _check_module(module: int) -> int:
+        try:
+            module = operator.index(module)
+        except TypeError:
+            raise ValueError(f"module must be an integer, got {module!r}") from None
+        if not 0 <= module < N_MODULES:
+            raise ValueError(f"module {module} outside 0..{N_MODULES - 1}")
+        return module
+
+    def _dropped(self, indices: np.ndarray) -> np.ndarray:
+        """(n, 4) bool drop flags of frame indices (n,) int64."""
+        p = self.config.drop_sector_probability
+        if p == 0.0:
+            return np.zeros((len(indices), N_MODULES), bool)
+        return _sector_uniforms(self._drop_key, indices, N_MODULES) < p
+
     def dropped_sectors(self, batch: FrameBatch) -> np.ndarray:
         """(n, 4) bool: True where module m's sector of frame i is lost. Deterministic per seed and
         frame; all False when drop_sector_probability is 0."""
-        p = self.config.drop_sector_probability
-        n = len(batch.frame_numbers)
-        if p == 0.0:
-            return np.zeros((n, N_MODULES), bool)
-        indices = batch.frame_numbers.astype(np.int64) - self.config.first_frame_number
-        return _sector_uniforms(self._drop_key, indices, N_MODULES) < p
+        return self._dropped(batch.frame_numbers.astype(np.int64) - self.config.first_frame_number)
 
 
 @dataclass(frozen=True)
