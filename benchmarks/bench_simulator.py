@@ -6,6 +6,18 @@ Prints frames/s (median of --repeats runs) of
 - ``batch(..., out=buffer)`` filling a reused buffer, and ``np.copyto`` into a reused buffer.
 The ratio says how many times faster or slower generating a frame is than copying one.
 
+Then sectors/s of one module's sector alone (what each of the 4 producers renders):
+- ``sector_batch(..., module, out=buffer)`` per module, and all modules together (4 sectors over the
+  summed time of the 4 modules: the per-core rate of 4 producers);
+- ``records(...)`` per module (header and sector rendered into the record array, as sent),
+  allocating each batch of records and, with ``out=``, filling a reused one;
+and the ratio of sector rate to whole-frame rate (``out=`` both): 4 means a sector costs exactly a
+quarter of a frame. Sectors through the middle of the frame (modules 1, 2) cost more: the bright
+field disk is centred on the boundary between them, so each gets half its electrons.
+
+Every run renders the patterns of the specimen afresh (the simulator keeps those of the last
+few blocks of 1024 scan positions), as a live stream does.
+
     PYTHONPATH=src python benchmarks/bench_simulator.py [--frames 2048] [--batch-size 64] [--dose 0.002]
 """
 
@@ -18,6 +30,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from stemstream.formats.raw import N_MODULES, RECORD_DTYPE, SECTOR_ROWS
 from stemstream.sources.simulator import DetectorSimulator, SimulationConfig
 
 
@@ -47,12 +60,19 @@ def main() -> None:
     source = sim.batch(0, batch_size).frames  # also compiles the kernel (or loads it from the cache)
     setup = time.perf_counter() - t0
     buffer = np.empty_like(source)
+    sector_buffer = np.empty((batch_size, SECTOR_ROWS, source.shape[2]), source.dtype)
+    record_buffer = np.empty(batch_size, RECORD_DTYPE)
+
+    def fresh() -> None:
+        sim._pattern_cache.clear()  # forget the specimen's patterns: each run computes its own
 
     def generate() -> None:
+        fresh()
         for start in starts:
             sim.batch(start, batch_size)
 
     def generate_into_buffer() -> None:
+        fresh()
         for start in starts:
             sim.batch(start, batch_size, out=buffer)
 
@@ -64,15 +84,35 @@ def main() -> None:
         for _ in starts:
             np.copyto(buffer, source)
 
-    # Interleave so that both sides see the same machine load.
-    results = {}
-    for name, run in [
+    def sectors_into_buffer(module: int) -> Callable[[], None]:
+        def run() -> None:
+            fresh()
+            for start in starts:
+                sim.sector_batch(start, batch_size, module, out=sector_buffer)
+
+        return run
+
+    def records(module: int, out: np.ndarray | None = None) -> Callable[[], None]:
+        def run() -> None:
+            fresh()
+            for start in starts:
+                sim.records(start, batch_size, module, out=out)
+
+        return run
+
+    # Interleave so that all sides see the same machine load.
+    runs: list[tuple[str, Callable[[], None]]] = [
         ("simulate", generate),
         ("numpy copy", copy),
         ("simulate, out=", generate_into_buffer),
         ("numpy copyto", copy_into_buffer),
-    ]:
-        results[name] = n_frames / median_seconds(run, args.repeats)
+    ]
+    runs += [(f"sector {m}, out=", sectors_into_buffer(m)) for m in range(N_MODULES)]
+    runs += [(f"records {m}", records(m)) for m in range(N_MODULES)]
+    runs += [(f"records {m}, out=", records(m, record_buffer)) for m in range(N_MODULES)]
+    for m in range(N_MODULES):  # compile the sector path before timing
+        sim.sector_batch(0, 1, m)
+    results = {name: n_frames / median_seconds(run, args.repeats) for name, run in runs}
 
     electrons = args.dose * 576 * 576
     print(
@@ -80,10 +120,21 @@ def main() -> None:
         f"dose {args.dose} electrons/pixel/frame (~{electrons:.0f} electrons/frame), median of {args.repeats} runs, "
         f"one thread; setup {setup:.2f} s"
     )
-    for name, fps in results.items():
-        print(f"  {name:<16} {fps:>10,.0f} frames/s")
-    print(f"  ratio simulate / numpy copy          {results['simulate'] / results['numpy copy']:.2f}")
-    print(f"  ratio simulate out= / numpy copyto   {results['simulate, out='] / results['numpy copyto']:.2f}")
+    for name in ("simulate", "numpy copy", "simulate, out=", "numpy copyto"):
+        print(f"  {name:<24} {results[name]:>10,.0f} frames/s")
+    for kind in ("sector {}, out=", "records {}", "records {}, out="):
+        rates = [results[kind.format(m)] for m in range(N_MODULES)]
+        for m, rate in enumerate(rates):
+            print(f"  {kind.format(m):<24} {rate:>10,.0f} sectors/s")
+        together = N_MODULES / sum(1 / rate for rate in rates)
+        print(f"  {kind.format('0-3'):<24} {together:>10,.0f} sectors/s (all modules, one core)")
+        results[kind.format("all")] = together
+    print(f"  ratio simulate / numpy copy                  {results['simulate'] / results['numpy copy']:.2f}")
+    print(f"  ratio simulate out= / numpy copyto           {results['simulate, out='] / results['numpy copyto']:.2f}")
+    whole = results["simulate, out="]
+    print(f"  ratio sector out= (modules 0-3) / frame out= {results['sector all, out='] / whole:.2f}")
+    print(f"  ratio records (modules 0-3) / frame out=     {results['records all'] / whole:.2f}")
+    print(f"  ratio records out= (modules 0-3) / frame out= {results['records all, out='] / whole:.2f}")
 
 
 if __name__ == "__main__":

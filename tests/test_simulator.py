@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
 
 import numpy as np
 import pytest
 
-from stemstream.formats.raw import RECORD_BYTES, SECTOR_ROWS, module_of_path, read_headers
+from stemstream.formats.raw import (
+    RECORD_BYTES,
+    RECORD_DTYPE,
+    SECTOR_ROWS,
+    make_sector_records,
+    module_of_path,
+    read_headers,
+)
 from stemstream.sources.simulator import DetectorSimulator, SimulationConfig, simulate_to_directory
 
 FRAME_PIXELS = 576 * 576
@@ -229,6 +237,153 @@ def test_sectors_dropped_at_the_configured_probability_deterministically():
     assert dropped.shape == (256, 4)
     assert abs(dropped.mean() - 0.2) < 0.04
     assert np.array_equal(dropped[100:110], DetectorSimulator(config).dropped_sectors(sim.batch(100, 10)))
+
+
+# --- one module's sectors --------------------------------------------------------------------------
+
+
+def busy(**overrides) -> SimulationConfig:
+    """A config with everything that can go wrong at a sector boundary: grains (Bragg disks partly
+    off the frame), a dose that puts electrons on every boundary row, X-rays, hot and dead pixels."""
+    settings = dict(
+        scan_shape=(8, 8), dose=0.01, xray_rate=3.0, n_hot_pixels=400, n_dead_pixels=400, seed=5, frames_per_position=2
+    )
+    settings.update(overrides)
+    return SimulationConfig(**settings)
+
+
+def test_sectors_equal_the_rows_of_whole_frames_bit_for_bit_for_every_module():
+    sim = DetectorSimulator(busy())
+    batch = sim.batch(40, 24)  # positions 20..31: over a grain for this seed
+    rows = np.concatenate([rows_cols(events)[0] for events in batch.true_events])
+    for boundary in (143, 144, 287, 288, 431, 432):  # electrons on both sides of every boundary
+        assert (rows == boundary).sum() >= 3
+    patterns = sim.specimen.patterns(batch.positions)
+    extent = patterns.centres + np.array([-1, 1])[:, None, None, None] * patterns.radii[..., None]
+    off_frame = ((extent < 0) | (extent > 576)).any(axis=(0, 3)) & (patterns.radii > 0) & (patterns.probabilities > 0)
+    assert off_frame.any()  # Bragg disks partly off the frame: their electrons are drawn again
+    for module in range(4):
+        sectors = sim.sector_batch(40, 24, module)
+        assert sectors.module == module
+        assert sectors.sectors.shape == (24, SECTOR_ROWS, 576) and sectors.sectors.dtype == np.uint16
+        assert np.array_equal(sectors.sectors, batch.frames[:, module * SECTOR_ROWS : (module + 1) * SECTOR_ROWS])
+        assert np.array_equal(sectors.electron_counts, batch.electron_counts)
+        assert sectors.frame_numbers.dtype == np.uint32 and sectors.positions.dtype == np.int64
+        assert np.array_equal(sectors.frame_numbers, batch.frame_numbers)
+        assert np.array_equal(sectors.positions, batch.positions)
+    flat = batch.frames.reshape(24, -1)
+    assert np.all(flat[:, sim.dead_pixels] == 0) and np.all(flat[:, sim.hot_pixels] == sim.hot_values)
+    assert {int(p) // (SECTOR_ROWS * 576) for p in sim.hot_pixels} == {0, 1, 2, 3}
+    assert (batch.frames >= 2000).sum() >= 30  # X-rays (~72 expected)
+
+
+def test_charge_shared_across_a_sector_boundary_appears_in_the_neighbouring_sector():
+    # No read noise: a pixel above the pedestal got charge from an electron on it or next to it.
+    sim = DetectorSimulator(quiet(scan_shape=(4, 4), dose=0.03, read_noise=0.0, charge_cloud_sigma=0.4))
+    batch = sim.batch(0, 16)
+    below = sim.sector_batch(0, 16, 1).sectors[:, 0]  # frame row 144
+    above = sim.sector_batch(0, 16, 0).sectors[:, -1]  # frame row 143
+    from_143 = from_144 = 0
+    for i, events in enumerate(batch.true_events):
+        rows, cols = rows_cols(events)
+        for c in cols[rows == 143]:
+            # charge on row 144 next to an electron of sector 0, and none of sector 1 near
+            if 0 < c < 575 and not np.any((rows >= 144) & (rows <= 145) & (np.abs(cols - c) <= 2)):
+                from_143 += below[i, c - 1 : c + 2].max() > 20
+        for c in cols[rows == 144]:
+            if 0 < c < 575 and not np.any((rows >= 142) & (rows <= 143) & (np.abs(cols - c) <= 2)):
+                from_144 += above[i, c - 1 : c + 2].max() > 20
+    assert from_143 >= 20 and from_144 >= 20  # ~70 each
+    assert np.array_equal(below, batch.frames[:, 144]) and np.array_equal(above, batch.frames[:, 143])
+
+
+def test_sectors_are_deterministic_and_do_not_depend_on_batching():
+    config = busy(scan_shape=(4, 4), frames_per_position=1)
+    sim = DetectorSimulator(config)
+    for module in range(4):
+        whole = sim.sector_batch(0, 12, module).sectors
+        assert np.array_equal(sim.sector_batch(5, 4, module).sectors, whole[5:9])
+        assert np.array_equal(DetectorSimulator(config).sector_batch(5, 4, module).sectors, whole[5:9])
+        restored = pickle.loads(pickle.dumps(sim))
+        assert np.array_equal(restored.sector_batch(5, 4, module).sectors, whole[5:9])
+    other = DetectorSimulator(busy(scan_shape=(4, 4), frames_per_position=1, seed=6))
+    assert not np.array_equal(other.sector_batch(0, 12, 2).sectors, whole)
+
+
+def test_frames_and_sectors_across_blocks_of_specimen_patterns():
+    # 1056 positions: frames 1020..1027 need the patterns of two blocks of 1024 positions.
+    sim = DetectorSimulator(SimulationConfig(scan_shape=(33, 32), dose=0.004))
+    whole = sim.batch(1020, 8).frames
+    fresh = DetectorSimulator(SimulationConfig(scan_shape=(33, 32), dose=0.004))
+    assert np.array_equal(fresh.batch(1024, 4).frames, whole[4:])
+    assert np.array_equal(fresh.batch(1020, 4).frames, whole[:4])
+    assert np.array_equal(sim.sector_batch(1018, 8, 2).sectors[2:], whole[:6, 288:432])
+
+
+def test_sector_batch_drop_flags_are_those_of_dropped_sectors():
+    sim = DetectorSimulator(busy(scan_shape=(4, 8), dose=0.0, frames_per_position=1, drop_sector_probability=0.3))
+    dropped = sim.dropped_sectors(sim.batch(0, 32))
+    assert 0 < dropped.sum() < dropped.size
+    for module in range(4):
+        flags = sim.sector_batch(0, 32, module).dropped
+        assert flags.dtype == bool and np.array_equal(flags, dropped[:, module])
+        assert np.array_equal(sim.sector_batch(10, 7, module).dropped, dropped[10:17, module])
+    assert not DetectorSimulator(busy(scan_shape=(2, 2))).sector_batch(0, 8, 1).dropped.any()
+
+
+def test_sector_batch_fills_a_given_output_buffer_and_checks_its_arguments():
+    sim = DetectorSimulator(SimulationConfig(scan_shape=(2, 2)))
+    out = np.zeros((3, SECTOR_ROWS, 576), np.uint16)
+    sectors = sim.sector_batch(1, 3, 3, out=out)
+    assert sectors.sectors is out
+    assert np.array_equal(out, sim.batch(1, 3).frames[:, 432:])
+    assert len(sim.sector_batch(2, 0, 0)) == 0
+    with pytest.raises(ValueError, match="out must be"):
+        sim.sector_batch(0, 2, 0, out=np.zeros((2, 576, 576), np.uint16))
+    with pytest.raises(ValueError, match="module"):
+        sim.sector_batch(0, 2, 4)
+    with pytest.raises(ValueError, match="outside the scan"):
+        sim.sector_batch(3, 2, 0)
+    with pytest.raises(ValueError, match="module"):
+        sim.records(0, 2, -1)
+    buffer = np.zeros(5, RECORD_DTYPE)
+    records = sim.records(1, 3, 2, out=buffer)
+    assert len(records) == 3 and np.shares_memory(records, buffer)
+    assert records.tobytes() == sim.records(1, 3, 2).tobytes()
+    with pytest.raises(ValueError, match="out must be"):
+        sim.records(0, 3, 0, out=np.zeros(2, RECORD_DTYPE))
+
+
+def test_records_are_what_the_receiver_of_the_module_writes(tmp_path):
+    config = busy(scan_shape=(3, 5), scan_number=17, first_frame_number=500, drop_sector_probability=0.25)
+    sim = DetectorSimulator(config)
+    batch = sim.batch(0, 30)
+    dropped = sim.dropped_sectors(batch)
+    summary = simulate_to_directory(tmp_path, config, records_per_file=1000)
+    for module in range(4):
+        records = sim.records(0, 30, module)
+        keep = ~dropped[:, module]
+        assert records.dtype == RECORD_DTYPE and len(records) == keep.sum()
+        header = records["header"]
+        assert np.all(header["scan_number"] == 17)
+        assert np.all(header["scan_width"] == 5) and np.all(header["scan_height"] == 3)
+        assert header["frame_number"].tolist() == batch.frame_numbers[keep].tolist()
+        assert header["x"].tolist() == (batch.positions[keep] % 5).tolist()
+        assert header["y"].tolist() == (batch.positions[keep] // 5).tolist()
+        assert np.array_equal(records["data"], batch.frames[keep, module * SECTOR_ROWS : (module + 1) * SECTOR_ROWS])
+        expected = make_sector_records(17, batch.frame_numbers[keep], (3, 5), batch.positions[keep], batch.frames[keep], module)
+        assert records.tobytes() == expected.tobytes()
+        (path,) = [p for p in summary.paths if module_of_path(p) == module]
+        assert path.read_bytes() == records.tobytes()
+        part = sim.records(7, 11, module)
+        assert part.tobytes() == records[(header["frame_number"] >= 507) & (header["frame_number"] < 518)].tobytes()
+
+
+def test_records_of_a_range_whose_sectors_are_all_dropped_are_empty():
+    sim = DetectorSimulator(SimulationConfig(scan_shape=(2, 2), drop_sector_probability=1.0))
+    records = sim.records(0, 4, 2)
+    assert records.dtype == RECORD_DTYPE and len(records) == 0
+    assert len(sim.records(1, 0, 0)) == 0
 
 
 # --- files -----------------------------------------------------------------------------------------
