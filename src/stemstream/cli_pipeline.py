@@ -167,6 +167,58 @@ def register(app: typer.Typer) -> None:
 
         run_guarded(job, console)
 
+    _register_replay(app)
+
+
+def _register_replay(app: typer.Typer) -> None:
+    @app.command()
+    def replay(
+        spill_dir: Annotated[Path, typer.Argument(help="A scan's spill directory (spill/scan_NNNNN) or raw files.")],
+        output: Annotated[Path, typer.Option("--output", "-o", help="Directory holding the scan's counted file.")] = Path("."),
+        nodes: Annotated[Optional[int], typer.Option("--nodes", help="Node groups (default: config, 2).")] = None,
+        background_threshold: Annotated[Optional[float], typer.Option("--background-threshold")] = None,
+        xray_threshold: Annotated[Optional[float], typer.Option("--xray-threshold")] = None,
+        config: ConfigOption = None,
+    ) -> None:
+        """Stream spilled records again, into the same scan's counted file."""
+
+        def job() -> None:
+            cfg = _load(config)
+            if nodes is not None:
+                cfg.pipeline.nodes = nodes
+            if background_threshold is not None or xray_threshold is not None:
+                cfg.counting.background_threshold = background_threshold
+                cfg.counting.xray_threshold = xray_threshold
+            if not output.is_dir():
+                raise UserError(f"the output directory {output} does not exist")
+            cfg.pipeline.output_dir = str(output.resolve())
+            _validate(cfg)
+            ok = replay_locally(cfg, spill_dir)
+            if not ok:
+                raise typer.Exit(1)
+
+        run_guarded(job, console)
+
+
+def replay_locally(cfg, spill_dir: Path) -> bool:
+    """Replay a spill directory into its scan's existing file (found in the output directory by
+    scan number); the directory is renamed ``*.replayed`` afterwards so it is not replayed twice."""
+    from stemstream.formats.sparse_h5 import read_counted
+    from stemstream.sources.raw_scan import RawScan
+
+    with RawScan([spill_dir]) as raw:
+        number, shape, fpp = raw.scan_number, raw.scan_shape, raw.frames_per_position
+    existing = sorted(Path(cfg.pipeline.output_dir).glob(f"*_{number:05d}.h5"), key=lambda p: p.stat().st_mtime)
+    file_name = existing[-1].name if existing else None
+    if file_name:
+        fpp = max(fpp, read_counted(existing[-1]).frames_per_position)
+        console.print(f"replaying {spill_dir} into {existing[-1]}")
+    ok = run_locally(cfg, None, spill_dir, 1, fpp, 0.0, 0,
+                     plan=[(number, shape, fpp)], resume=file_name is not None, file_name=file_name)
+    if ok:
+        spill_dir.rename(spill_dir.with_name(spill_dir.name + f".replayed-{time.strftime('%Y%m%d%H%M%S')}"))
+    return ok
+
 
 def _validate(cfg) -> None:
     from stemstream.deploy.config import ConfigError
@@ -178,7 +230,8 @@ def _validate(cfg) -> None:
 
 
 def run_locally(cfg, simulate: str | None, replay: Path | None, n_scans: int, frames_per_position: int,
-                dose: float, seed: int) -> bool:
+                dose: float, seed: int, plan: list | None = None, resume: bool = False,
+                file_name: str | None = None) -> bool:
     """Start the local pipeline, stream the scans, print summaries. True if every frame of every
     scan was accounted for."""
     from stemstream.deploy.local import LocalPipeline, PipelineError, ProducerSource
@@ -187,15 +240,17 @@ def run_locally(cfg, simulate: str | None, replay: Path | None, n_scans: int, fr
     if replay is not None:
         from stemstream.sources.raw_scan import RawScan
 
-        with RawScan([replay]) as raw:
-            plan = [(raw.scan_number, raw.scan_shape, raw.frames_per_position)]
+        if plan is None:
+            with RawScan([replay]) as raw:
+                plan = [(raw.scan_number, raw.scan_shape, raw.frames_per_position)]
         source = ProducerSource(replay=[replay])
     else:
         shape = parse_shape(simulate, "--simulate")
         plan = [(k + 1, shape, frames_per_position) for k in range(n_scans)]
         source = ProducerSource(dose=dose, seed=seed)
     work = Path(tempfile.mkdtemp(prefix="stemstream-run-"))
-    cfg.pipeline.spill_dir = str(Path(cfg.pipeline.output_dir) / "spill")
+    if cfg.pipeline.spill_dir == "spill":  # the default: beside the counted files
+        cfg.pipeline.spill_dir = str(Path(cfg.pipeline.output_dir) / "spill")
     all_ok = True
     pipeline = LocalPipeline(cfg, work, source)
     try:
@@ -211,7 +266,7 @@ def run_locally(cfg, simulate: str | None, replay: Path | None, n_scans: int, fr
                                for k, r in status["roles"].items() if k.startswith("node"))
                     advance(min(done - progress.base, total))
                 progress.base = _frames_counted(pipeline.status())
-                summary = pipeline.run_scan(number, shape, fpp, progress=progress)
+                summary = pipeline.run_scan(number, shape, fpp, progress=progress, resume=resume, file_name=file_name)
             console.print(stream_summary(summary, pipeline.status()))
             ledger = summary.get("ledger", {})
             all_ok &= summary.get("state") == "closed" and _accounted(ledger)

@@ -49,6 +49,7 @@ class WriterScan:
         self.n_events = 0
         self.closed = False
         self.rank = np.zeros(self.shape[0] * self.shape[1], np.uint16)  # frames so far per position
+        self.held: dict[int, list] = {}  # position -> [(frame number, events)] not yet written
         self.out = SparseCountsWriter(self.path, self.shape, FRAME_SHAPE, self.fpp, overwrite=True)
         if spec.get("resume") and self.path.exists():
             self._carry_over(self.path)
@@ -77,29 +78,50 @@ class WriterScan:
         if self.first_event_at is None:
             self.first_event_at = time.time()
         positions = msg.positions
-        n_positions = len(self.rank)
-        ok = (positions >= 0) & (positions < n_positions)
+        ok = (positions >= 0) & (positions < len(self.rank))
         if not ok.all():
             self.writer.reject("position_out_of_bounds", f"{int((~ok).sum())} frame(s)")
-        slots = np.full(len(positions), -1, np.int64)
-        # frames are sorted by frame number inside a message: ranks follow frame order
+        complete = msg.present == _ALL_MODULES
+        self.ledger.frames_complete += int(complete[ok].sum())
+        self.ledger.frames_incomplete += int((~complete[ok]).sum())
+        self.n_events += int(msg.offsets[-1]) if len(msg.offsets) else 0
+        if self.fpp == 1:
+            self._write(positions[ok], msg.events, msg.offsets, np.flatnonzero(ok))
+            return
+        # Several frames per position: a position's frames may come from two node groups (when
+        # a routing block ends between them); hold them until all are in, then write them in
+        # frame-number order, so slot j is the j-th frame as offline counting numbers them.
         for i in np.flatnonzero(ok):
-            p = positions[i]
+            p = int(positions[i])
+            held = self.held.setdefault(p, [])
+            held.append((int(msg.frame_numbers[i]), msg.events[msg.offsets[i]:msg.offsets[i + 1]].copy()))
+            if len(held) + self.rank[p] >= self.fpp:
+                self._release(p)
+
+    def _release(self, p: int) -> None:
+        held = sorted(self.held.pop(p))
+        events = [e for _, e in held]
+        offsets = np.zeros(len(events) + 1, np.int64)
+        np.cumsum([len(e) for e in events], out=offsets[1:])
+        flat = np.concatenate(events) if events else np.empty(0, np.uint32)
+        self._write(np.full(len(events), p, np.int64), flat, offsets, np.arange(len(events)))
+
+    def _write(self, positions: np.ndarray, events: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> None:
+        """Write frames ``index`` of (events, offsets) at ``positions`` (one per index), each at its
+        position's next free slot; frames beyond frames_per_position are counted, not written."""
+        slots = np.full(len(index), -1, np.int64)
+        for k, p in enumerate(positions.tolist()):
             j = self.rank[p]
             if j >= self.fpp:
                 self.ledger.frames_over_capacity += 1
                 continue
             self.rank[p] = j + 1
-            slots[i] = p * self.fpp + j
+            slots[k] = p * self.fpp + j
         keep = np.flatnonzero(slots >= 0)
-        if len(keep) == len(slots):
-            self.out.write_flat(slots, msg.events, msg.offsets)
+        if len(keep) == len(index) and np.array_equal(index, np.arange(len(offsets) - 1)):
+            self.out.write_flat(slots, events, offsets)
         elif len(keep):
-            self.out.write(slots[keep], [msg.events[msg.offsets[i]:msg.offsets[i + 1]] for i in keep])
-        complete = msg.present[keep] == _ALL_MODULES
-        self.ledger.frames_complete += int(complete.sum())
-        self.ledger.frames_incomplete += int((~complete).sum())
-        self.n_events += int(msg.offsets[-1]) if len(msg.offsets) else 0
+            self.out.write(slots[keep], [events[offsets[index[k]]:offsets[index[k] + 1]] for k in keep])
 
     def add_done(self, msg: wire.DoneMessage) -> None:
         self.last_activity = time.monotonic()
@@ -137,6 +159,8 @@ class WriterScan:
         return idle > flow.scan_timeout_s
 
     def close(self) -> dict:
+        for p in sorted(self.held):
+            self._release(p)
         thresholds = self.spec.get("thresholds") or self._thresholds_from_control()
         if thresholds:
             self.out.set_metadata("electron_counting", Thresholds(**thresholds).stempy_attributes())

@@ -1,0 +1,70 @@
+"""Helpers for the pipeline tests: a config on free loopback ports, and reading results back."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+
+from stemstream.deploy.config import PipelineConfig
+from stemstream.formats.sparse_h5 import read_counted
+
+
+def _free_port_block(size: int) -> int:
+    """A base port with ``size`` consecutive free ports after it (checked by binding)."""
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + size >= 65000:
+            continue
+        sockets = []
+        try:
+            for port in range(base, base + size):
+                s = socket.socket()
+                s.bind(("127.0.0.1", port))
+                sockets.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no block of free ports")
+
+
+def test_config(tmp_path: Path, nodes: int = 2, gateway: bool = True, fixed: bool = True) -> PipelineConfig:
+    """Every role on 127.0.0.1, fresh ports, short timeouts, output and spill under tmp_path."""
+    config = PipelineConfig()
+    base = _free_port_block(8 + 4 * nodes)
+    net = config.network
+    net.bind_host = "127.0.0.1"
+    net.control_port, net.writer_port, net.gateway_port, net.node_base_port = base, base + 1, base + 2, base + 8
+    config.pipeline.nodes = nodes
+    config.pipeline.gateway = gateway
+    config.pipeline.output_dir = str(tmp_path / "out")
+    config.pipeline.spill_dir = str(tmp_path / "spill")
+    if fixed:
+        config.counting.background_threshold = 28.0
+        config.counting.xray_threshold = 1000.0
+    config.flow.end_timeout_s = 2.0
+    config.flow.scan_timeout_s = 30.0
+    config.flow.backpressure_timeout_s = 1.0
+    config.flow.heartbeat_s = 0.2
+    return config.validate()
+
+
+test_config.__test__ = False  # a helper, not a test
+
+
+def frames_by_slot(path: str | Path) -> np.ndarray:
+    """The counted file's frames as a flat object array, one entry per slot."""
+    return read_counted(path).frames.reshape(-1)
+
+
+def assert_same_events(a: str | Path, b: str | Path) -> None:
+    fa, fb = frames_by_slot(a), frames_by_slot(b)
+    assert len(fa) == len(fb)
+    different = [i for i in range(len(fa)) if not np.array_equal(fa[i], fb[i])]
+    assert not different, f"{len(different)} slots differ, first {different[:5]}"
