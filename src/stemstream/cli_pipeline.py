@@ -101,6 +101,12 @@ def register(app: typer.Typer) -> None:
                 def factory(spec):
                     return SimulatedModule(spec, module, dose=dose, seed=seed + int(spec["scan"]), rate=rate,
                                            drop_sector_probability=drop_sectors)
+
+                def warm_up() -> None:
+                    spec = {"scan_shape": [1, 1], "frames_per_position": 1, "scan": 0, "block_frames": 1}
+                    list(SimulatedModule(spec, module).blocks())
+
+                factory.warm_up = warm_up
             Producer(cfg, module, factory).run()
 
         _role_guard(job)
@@ -249,6 +255,11 @@ def run_locally(cfg, simulate: str | None, replay: Path | None, n_scans: int, fr
         plan = [(k + 1, shape, frames_per_position) for k in range(n_scans)]
         source = ProducerSource(dose=dose, seed=seed)
     work = Path(tempfile.mkdtemp(prefix="stemstream-run-"))
+    if cfg.network.transport == "tcp" and cfg.network.host in ("127.0.0.1", "localhost") and not cfg.network.ipc_dir:
+        # Every role is on this host: Unix domain sockets cost about half the CPU of TCP.
+        cfg.network.transport = "ipc"
+        cfg.network.ipc_dir = str(work / "sockets")
+        Path(cfg.network.ipc_dir).mkdir()
     if cfg.pipeline.spill_dir == "spill":  # the default: beside the counted files
         cfg.pipeline.spill_dir = str(Path(cfg.pipeline.output_dir) / "spill")
     all_ok = True

@@ -249,30 +249,38 @@ def _apply_row_dark(frame, dark_f32, inv_gain, optimized_mean, use_mean, float_p
                     scratch_u16[r, c] = _to_u16(np.float32(v) * scale)
 
 
-@njit(nogil=True, parallel=True, cache=True)
-def _count_batch(frames, lo, hi, background, xray, dark_int, dark_f32, inv_gain, mode, optimized_mean, use_mean, out, counts, n_chunks):
+@njit(nogil=True, cache=True)
+def count_one(frame, params, scratch_u16, scratch_f32, out):
+    """Events of one (rows, cols) uint16 frame with an ElectronCounter's ``params`` (its
+    :attr:`ElectronCounter.params` tuple); the scratch frames are (rows, cols) uint16 / float32
+    of the caller's thread. Writes ``out`` as :func:`count_frame_int` does; returns how many."""
+    lo, hi, background, xray, dark_int, dark_f32, inv_gain, mode, optimized_mean, use_mean = params
     # mode 0: raw integers; 1: dark subtracted integers; 2: dark and gain, floats;
     # 3: row-dark, integers; 4: row-dark and gain, floats.
+    if mode == 0:
+        return count_frame_int(frame, lo, hi, out)
+    if mode == 1:
+        _subtract_dark(frame, dark_int, scratch_u16)
+        return count_frame_int(scratch_u16, lo, hi, out)
+    if mode == 2:
+        _apply_dark_gain(frame, dark_f32, inv_gain, scratch_f32)
+        return count_frame_float(scratch_f32, background, xray, out)
+    if mode == 3:
+        _apply_row_dark(frame, dark_f32, inv_gain, optimized_mean, use_mean, False, scratch_u16, scratch_f32)
+        return count_frame_int(scratch_u16, lo, hi, out)
+    _apply_row_dark(frame, dark_f32, inv_gain, optimized_mean, use_mean, True, scratch_u16, scratch_f32)
+    return count_frame_float(scratch_f32, background, xray, out)
+
+
+@njit(nogil=True, parallel=True, cache=True)
+def _count_batch(frames, params, out, counts, n_chunks):
     # One chunk per thread, each with its own scratch frames, frames interleaved over chunks.
     n, rows, cols = frames.shape
     for k in prange(n_chunks):
         scratch_u16 = np.empty((rows, cols), np.uint16)
         scratch_f32 = np.empty((rows, cols), np.float32)
         for i in range(k, n, n_chunks):
-            if mode == 0:
-                counts[i] = count_frame_int(frames[i], lo, hi, out[i])
-            elif mode == 1:
-                _subtract_dark(frames[i], dark_int, scratch_u16)
-                counts[i] = count_frame_int(scratch_u16, lo, hi, out[i])
-            elif mode == 2:
-                _apply_dark_gain(frames[i], dark_f32, inv_gain, scratch_f32)
-                counts[i] = count_frame_float(scratch_f32, background, xray, out[i])
-            elif mode == 3:
-                _apply_row_dark(frames[i], dark_f32, inv_gain, optimized_mean, use_mean, False, scratch_u16, scratch_f32)
-                counts[i] = count_frame_int(scratch_u16, lo, hi, out[i])
-            else:
-                _apply_row_dark(frames[i], dark_f32, inv_gain, optimized_mean, use_mean, True, scratch_u16, scratch_f32)
-                counts[i] = count_frame_float(scratch_f32, background, xray, out[i])
+            counts[i] = count_one(frames[i], params, scratch_u16, scratch_f32, out[i])
 
 
 @njit(nogil=True, cache=True)
@@ -372,17 +380,31 @@ class ElectronCounter:
         if tuple(frames.shape[1:]) != self.frame_shape:
             raise ValueError(f"frames have shape {tuple(frames.shape[1:])}, counter expects {self.frame_shape} (rows, cols)")
         n = frames.shape[0]
+        _, counts = self.event_buffers(n)
+        if n:
+            frames = np.ascontiguousarray(frames)
+            _count_batch(frames, self.params, self._out, counts, min(n, numba.get_num_threads()))
+        return self.compact(n)
+
+    @property
+    def params(self) -> tuple:
+        """The thresholds and corrections as the compiled :func:`count_one` takes them."""
+        return (
+            self._lo, self._hi, self.background, self.xray, self._dark_int, self._dark_f32, self._inv_gain,
+            self._mode, self._optimized_mean, self._use_mean,
+        )
+
+    def event_buffers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-frame event rows (n, max events per frame) uint32 and counts (n,) int64 for a
+        batch of n frames, reused between batches (untouched rows cost no memory)."""
         if self._out.shape[0] < n:
             self._out = np.empty((n, self._out.shape[1]), np.uint32)
             self._counts = np.empty(n, np.int64)
+        return self._out[:n], self._counts[:n]
+
+    def compact(self, n: int) -> CountedFrames:
+        """The first n frames of :meth:`event_buffers`, filled by a kernel, as CountedFrames."""
         counts = self._counts[:n]
-        if n:
-            frames = np.ascontiguousarray(frames)
-            _count_batch(
-                frames, self._lo, self._hi, self.background, self.xray,
-                self._dark_int, self._dark_f32, self._inv_gain, self._mode, self._optimized_mean, self._use_mean, self._out, counts,
-                min(n, numba.get_num_threads()),
-            )
         offsets = np.empty(n + 1, np.int64)
         flat = np.empty(int(counts.sum()), np.uint32)
         _compact(self._out, counts, flat, offsets)

@@ -356,6 +356,8 @@ class NodeGroup(Role):
         self.events_out.connect(config.network.writer())
         self.scans: dict[int, NodeScan] = {}
         numba.set_num_threads(min(config.counting.workers, numba.config.NUMBA_NUM_THREADS))
+        # Load the compiled kernels now, not when the first scan's frames are waiting.
+        ElectronCounter(28.0, 1000.0, FRAME_SHAPE).count(np.zeros((1, *FRAME_SHAPE), np.uint16))
 
     def send_events(self, parts: list) -> None:
         # Events are small (~2 kB a frame): copying beats pyzmq's zero-copy bookkeeping.

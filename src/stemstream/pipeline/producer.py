@@ -49,6 +49,12 @@ class Producer(Role):
             sock.connect(endpoint)
             self.sockets.append(sock)
         self.patience_s = config.flow.backpressure_timeout_s
+        self.last_sent_wall = 0.0
+
+    def stats(self) -> dict:
+        s = super().stats()
+        s["last_sent_wall"] = self.last_sent_wall  # when the last record left (wall clock, s)
+        return s
 
     def _socket_for(self, node: int) -> zmq.Socket:
         return self.sockets[0] if len(self.sockets) == 1 else self.sockets[node]
@@ -85,6 +91,7 @@ class Producer(Role):
                     sent[node] += len(records)
                     patience = self.patience_s
                     self.counters["records_sent"] += len(records)
+                    self.last_sent_wall = time.time()
                     continue
                 # The consumer is behind beyond the bound: spill instead of waiting longer.
                 if spill_writer is None:
@@ -110,8 +117,12 @@ class Producer(Role):
         return {"sent": sum(sent), "spilled": spilled, "seconds": seconds}
 
     def run(self) -> None:
+        warm_up = getattr(self.source_factory, "warm_up", None)
+        if warm_up is not None:
+            warm_up()  # load compiled code before the first scan, not during it
         while not self.shutdown:
-            self.tick()
+            # Idle, a producer asks often: a new scan's first frames should not wait a heartbeat.
+            self.tick(interval_s=0.05)
             todo = [s for s in self.scan_specs.values() if not self.is_finished(s)]
             if not todo:
                 time.sleep(0.02)

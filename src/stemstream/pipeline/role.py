@@ -44,12 +44,13 @@ class Role:
         return {"counters": dict(self.counters), "rejected": dict(self.rejected), "rss": rss, "peak_rss": self.peak_rss,
                 "pid": os.getpid(), "cpu_s": cpu.user + cpu.system}
 
-    def tick(self) -> None:
-        """Heartbeat when due; learn open scans and whether to shut down."""
+    def tick(self, interval_s: float | None = None) -> None:
+        """Heartbeat when due (every ``interval_s``, default the config's heartbeat); learn open
+        scans and whether to shut down."""
         now = time.monotonic()
         if now < self._next_heartbeat:
             return
-        self._next_heartbeat = now + self.config.flow.heartbeat_s
+        self._next_heartbeat = now + (self.config.flow.heartbeat_s if interval_s is None else interval_s)
         try:
             reply = self.control.request("heartbeat", timeout_s=1.0, role=self.name, id=self.index, stats=self.stats())
         except ControlUnavailable as exc:

@@ -178,7 +178,6 @@ class WriterScan:
             "seconds": elapsed,
             "frames_per_second": self.ledger.frames_received / elapsed if elapsed > 0 else 0.0,
             "thresholds": thresholds,
-            "closed_after_last_event_s": time.monotonic() - self.last_activity,
         }
         self.out.set_metadata("stemstream", {
             "software": "stemstream", "software_version": __version__, "mode": "stream",
@@ -186,6 +185,7 @@ class WriterScan:
             "events": self.n_events, "ledger": ledger,
         })
         self.out.close()
+        summary["closed_wall"] = time.time()  # file renamed into place (wall clock, s)
         self.closed = True
         if missing_nodes:
             log.warning("scan %d closed without DONE from node group(s) %s", self.number, missing_nodes)

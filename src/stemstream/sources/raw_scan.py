@@ -220,6 +220,12 @@ class RawScan:
         if not self._fds:
             self._fds = [os.open(p, os.O_RDONLY) for p in self.paths]
 
+    def file_descriptors(self) -> np.ndarray:
+        """The open files' descriptors, int64, by file index (FrameTable.source_file), for
+        compiled readers; valid until :meth:`close`."""
+        self._open()
+        return np.array(self._fds, np.int64)
+
     def close(self) -> None:
         for fd in self._fds:
             os.close(fd)

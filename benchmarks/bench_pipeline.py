@@ -1,0 +1,144 @@
+"""End-to-end streaming against the file-based workflow, on this machine, in one run.
+
+Streaming: the local pipeline (4 producers simulating live, gateway, node groups, writer, control,
+every role a process on this machine) is started once, as it is at a facility before a session;
+each scan is timed from the start request to its counted file renamed into place. Also printed:
+the time from the last record a producer sent to the file closed, and peak RSS per role.
+
+File-based (the workflow the paper replaced, background.md): simulate the scan and write the four
+receivers' raw files to disk, then count them with stempy 3.6.0 (multi-pass reader,
+``electron_count`` with production settings) and save its file, each step timed as a subprocess.
+
+    python benchmarks/bench_pipeline.py --sizes 64x64 128x128 256x256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+from stemstream.deploy.config import PipelineConfig
+from stemstream.deploy.local import LocalPipeline, ProducerSource
+
+STEMPY_COUNT = textwrap.dedent("""
+    import glob, sys, time
+    import stempy.io as sio, stempy.image as sim
+    files = sorted(glob.glob(sys.argv[1] + '/*.data'))
+    reader = sio.reader(files, version=sio.FileVersion.VERSION5, backend='multi-pass')
+    array = sim.electron_count(reader, number_of_samples=1200, background_threshold_n_sigma=4,
+                               xray_threshold_n_sigma=175, threshold_num_blocks=20)
+    sio.save_electron_counts(sys.argv[2], array)
+""")
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    rows, cols = text.lower().split("x")
+    return int(rows), int(cols)
+
+
+def timed(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def file_based(shape: tuple[int, int], work: Path) -> dict:
+    raw = work / "raw"
+    out = work / "stempy.h5"
+    t_sim = timed([sys.executable, "-m", "stemstream", "simulate", str(raw), "--scan-shape", f"{shape[0]}x{shape[1]}"])
+    subprocess.run(["sync"], check=False)
+    t_count = timed([sys.executable, "-c", STEMPY_COUNT, str(raw), str(out)])
+    shutil.rmtree(raw)
+    out.unlink(missing_ok=True)
+    return {"simulate_write_s": t_sim, "stempy_count_s": t_count, "total_s": t_sim + t_count}
+
+
+def streaming(pipeline: LocalPipeline, number: int, shape: tuple[int, int]) -> dict:
+    t0 = time.perf_counter()
+    summary = pipeline.run_scan(number, shape, timeout_s=3600)
+    seconds = time.perf_counter() - t0
+    status = pipeline.status()
+    last_sent = max(r["stats"].get("last_sent_wall", 0) for k, r in status["roles"].items() if k.startswith("producer"))
+    ledger = summary["ledger"]
+    ok = ledger["frames_complete"] == ledger["frames_expected"] and ledger["frames_incomplete"] == 0
+    return {
+        "seconds": seconds,
+        "frames_per_s": ledger["frames_expected"] / seconds,
+        "last_sent_to_closed_s": summary["closed_wall"] - last_sent,
+        "complete": ok,
+        "peak_rss_mib": {k: r["stats"]["peak_rss"] / 2**20 for k, r in sorted(status["roles"].items())},
+        "cpu_s": {k: r["stats"]["cpu_s"] for k, r in sorted(status["roles"].items())},
+        "path": summary["path"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["64x64", "128x128", "256x256"], help="scan shapes ROWSxCOLS")
+    parser.add_argument("--repeats", type=int, default=2, help="streaming runs per size (median reported)")
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--no-gateway", action="store_true")
+    parser.add_argument("--skip-file-based", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    config = PipelineConfig()
+    config.pipeline.nodes = args.nodes
+    config.pipeline.gateway = not args.no_gateway
+    config.pipeline.output_dir = str(work / "out")
+    config.pipeline.spill_dir = str(work / "spill")
+    config.network.transport, config.network.ipc_dir = "ipc", str(work / "sockets")
+    (work / "sockets").mkdir()
+    # fixed thresholds as in the paper's comparisons of counting speed; calibration is timed in
+    # bench_count_vs_stempy.py
+    config.counting.background_threshold, config.counting.xray_threshold = 28.0, 1000.0
+    results = {"machine": f"{platform.processor() or platform.machine()}, {shutil.os.cpu_count()} cores", "sizes": {}}
+    print(f"machine: {results['machine']}; node groups: {args.nodes}; gateway: {not args.no_gateway}")
+    number = 0
+    with LocalPipeline(config.validate(), work / "pipeline", ProducerSource(seed=1)) as pipeline:
+        pipeline.start()
+        for text in args.sizes:
+            shape = parse_shape(text)
+            runs = []
+            for _ in range(args.repeats):
+                number += 1
+                runs.append(streaming(pipeline, number, shape))
+                Path(runs[-1]["path"]).unlink()
+            results["sizes"][text] = {"streaming": runs}
+    for text in args.sizes:
+        entry = results["sizes"][text]
+        runs = entry["streaming"]
+        entry["streaming_median_s"] = statistics.median(r["seconds"] for r in runs)
+        entry["frames_per_s"] = statistics.median(r["frames_per_s"] for r in runs)
+        entry["last_sent_to_closed_s"] = statistics.median(r["last_sent_to_closed_s"] for r in runs)
+        if not args.skip_file_based:
+            entry["file_based"] = file_based(parse_shape(text), work)
+            entry["speedup"] = entry["file_based"]["total_s"] / entry["streaming_median_s"]
+    print(f"\n{'scan':>9} {'file-based (s)':>15} {'streaming (s)':>14} {'speed-up':>9} {'frames/s':>9} "
+          f"{'last sent -> closed (s)':>24} {'complete':>9}")
+    for text in args.sizes:
+        e = results["sizes"][text]
+        fb = e.get("file_based", {}).get("total_s", float("nan"))
+        print(f"{text:>9} {fb:>15.1f} {e['streaming_median_s']:>14.2f} {e.get('speedup', float('nan')):>8.1f}x "
+              f"{e['frames_per_s']:>9,.0f} {e['last_sent_to_closed_s']:>24.2f} "
+              f"{all(r['complete'] for r in e['streaming'])!s:>9}")
+    last = results["sizes"][args.sizes[-1]]["streaming"][-1]
+    print(f"\npeak RSS per role after the {args.sizes[-1]} runs (MiB):")
+    for role, mib in last["peak_rss_mib"].items():
+        print(f"  {role:<11} {mib:8.0f}   CPU {last['cpu_s'][role]:6.1f} s (cumulative)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

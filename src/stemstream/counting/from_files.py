@@ -1,0 +1,105 @@
+"""Counting and calibrating straight from a scan's raw files.
+
+Each numba thread reads a frame with ``pread`` into its own scratch frame and works on it at once
+(counts it, or adds it to the calibration histogram), frames interleaved over the threads. There
+is no reader thread and no batch buffer: a frame crosses main memory once, the scratch frame stays
+in the thread's cache, and all cores share reading and counting alike. Python only hands out
+ranges of frames and collects the events.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from stemstream.counting.kernel import CountedFrames, ElectronCounter, count_one
+from stemstream.counting.thresholds import PixelHistogram, _accumulate
+from stemstream.formats.raw import FRAME_SHAPE
+from stemstream.sources.raw_pread import raise_read_error, read_frame
+from stemstream.sources.raw_scan import RawScan
+
+
+@njit(nogil=True, parallel=True, cache=True)
+def _read_count(fds, source_file, source_record, indices, params, frames, out, counts, failed, n_chunks):
+    # frames: (n_chunks, rows, cols) uint16 scratch, one per thread; failed[i] = module or -1.
+    n = indices.shape[0]
+    for k in prange(n_chunks):
+        rows, cols = frames.shape[1], frames.shape[2]
+        scratch_u16 = np.empty((rows, cols), np.uint16)
+        scratch_f32 = np.empty((rows, cols), np.float32)
+        frame = frames[k]
+        for i in range(k, n, n_chunks):
+            failed[i] = read_frame(fds, source_file, source_record, indices[i], frame)
+            counts[i] = 0 if failed[i] >= 0 else count_one(frame, params, scratch_u16, scratch_f32, out[i])
+
+
+@njit(nogil=True, parallel=True, cache=True)
+def _read_accumulate(fds, source_file, source_record, indices, weights, dark_int, use_dark, frames, hist, failed, n_chunks):
+    local = np.zeros((n_chunks, hist.shape[0]), np.int64)  # one histogram per thread, no atomics
+    n = indices.shape[0]
+    for k in prange(n_chunks):
+        frame = frames[k]
+        for i in range(k, n, n_chunks):
+            failed[i] = read_frame(fds, source_file, source_record, indices[i], frame)
+            if failed[i] < 0:
+                _accumulate(frame, dark_int, use_dark, weights[i], local[k])
+    for k in range(n_chunks):
+        hist += local[k]
+
+
+class RawFrameWorker:
+    """Counts (or histograms) frames of an open RawScan by their FrameTable indices, using
+    ``threads`` numba threads (default: numba's current setting); one scratch frame per thread."""
+
+    def __init__(self, scan: RawScan, threads: int | None = None):
+        self.scan = scan
+        self.threads = threads or numba.get_num_threads()
+        self._fds = scan.file_descriptors()
+        self._frames = np.empty((self.threads, *FRAME_SHAPE), np.uint16)
+        self._failed = np.empty(0, np.int64)
+
+    def _failures(self, n: int) -> np.ndarray:
+        if self._failed.shape[0] < n:
+            self._failed = np.empty(n, np.int64)
+        return self._failed[:n]
+
+    def _check(self, indices: np.ndarray, failed: np.ndarray) -> None:
+        bad = np.flatnonzero(failed >= 0)
+        if bad.size:
+            table = self.scan.table
+            raise_read_error(self.scan.paths, self._fds, table.source_file, table.source_record,
+                             int(indices[bad[0]]), int(failed[bad[0]]))
+
+    def count(self, counter: ElectronCounter, indices: np.ndarray) -> CountedFrames:
+        """Events of the frames at ``indices`` (FrameTable rows), in that order. Raises OSError
+        when a file cannot be read."""
+        indices = np.ascontiguousarray(indices, np.int64)
+        n = len(indices)
+        out, counts = counter.event_buffers(n)
+        failed = self._failures(n)
+        if n:
+            table = self.scan.table
+            _read_count(self._fds, table.source_file, table.source_record, indices, counter.params,
+                        self._frames, out, counts, failed, min(n, self.threads))
+            self._check(indices, failed)
+        return counter.compact(n)
+
+    def histogram(self, histogram: PixelHistogram, indices: np.ndarray, weights: np.ndarray,
+                  dark: np.ndarray | None = None) -> None:
+        """Add the frames at ``indices``, frame ``i`` ``weights[i]`` times, to ``histogram``."""
+        indices = np.ascontiguousarray(indices, np.int64)
+        weights = np.ascontiguousarray(weights, np.int64)
+        n = len(indices)
+        if n == 0:
+            return
+        if dark is None:
+            dark_int, use_dark = np.zeros((1, 1), np.int64), False
+        else:
+            dark_int, use_dark = np.asarray(dark, np.float32).astype(np.int64), True
+        failed = self._failures(n)
+        table = self.scan.table
+        _read_accumulate(self._fds, table.source_file, table.source_record, indices, weights, dark_int, use_dark,
+                         self._frames, histogram.counts, failed, min(n, self.threads))
+        self._check(indices, failed)
+        histogram.n_frames += int(weights.sum())
