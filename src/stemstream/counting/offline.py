@@ -1,9 +1,10 @@
 """Offline counting: raw module files on disk -> counted sparse HDF5 (what ``stemstream count`` runs).
 
-Three stages overlap: a reader thread fills frame buffers from the files (``preadv`` releases the
-GIL), the calling thread counts them with the compiled kernel (numba threads, GIL released), and a
-writer thread appends the events to the HDF5 file. Buffers go round a fixed pool, so memory is a
-few batches whatever the scan size.
+Two stages overlap: the calling thread reads and counts batches of frames in compiled code (each
+numba thread ``pread``s a frame into its own scratch frame and counts it at once, GIL released; see
+counting.from_files), and a writer thread appends the events to the HDF5 file. Memory is one
+scratch frame per thread, the event rows of one batch and the writer's buffer, whatever the scan
+size. Calibration reads its sample frames the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numba
 import numpy as np
 
 from stemstream import __version__
+from stemstream.counting.from_files import RawFrameWorker
 from stemstream.counting.kernel import ElectronCounter
 from stemstream.counting.thresholds import (
     PixelHistogram,
@@ -54,12 +56,14 @@ class CountOptions:
     gain: Path | None = None
     row_dark: bool = False
     workers: int | None = None  # counting threads; None: all cores
-    batch_size: int = 32
+    batch_size: int = 256  # frames per compiled call (a progress step); ~330 kB of event rows each
     seed: int | None = 0
 
     def __post_init__(self):
         if (self.background is None) != (self.xray is None):
             raise ValueError("give both --background-threshold and --xray-threshold, or neither (to calibrate)")
+        if self.background is not None:
+            fixed_thresholds(self.background, self.xray)  # raises for thresholds in the wrong order
         if self.samples < 1:
             raise ValueError(f"--samples must be at least 1, got {self.samples}")
         if self.batch_size < 1:
@@ -84,19 +88,14 @@ class CountResult:
         return self.ledger.frames_received / self.seconds if self.seconds > 0 else 0.0
 
 
-def calibrate_from_scan(scan: RawScan, options: CountOptions, dark: np.ndarray | None) -> Thresholds:
+def calibrate_from_scan(scan: RawScan, options: CountOptions, dark: np.ndarray | None,
+                        worker: RawFrameWorker | None = None) -> Thresholds:
     """stempy's calibration over this scan's first complete frames (see thresholds.py)."""
     complete = np.flatnonzero(scan.table.complete)[: options.calibration_frames]
     weights = draw_sample_weights(len(complete), options.samples, options.seed)
     chosen = complete[weights > 0]
-    chosen_weights = weights[weights > 0]
     hist = PixelHistogram()
-    buffer = np.empty((options.batch_size, *FRAME_SHAPE), np.uint16)
-    for s in range(0, len(chosen), options.batch_size):
-        idx = chosen[s : s + options.batch_size]
-        frames = scan.read_frames(idx, buffer[: len(idx)])
-        for frame, w in zip(frames, chosen_weights[s : s + options.batch_size]):
-            hist.add(frame, dark, int(w))
+    (worker or RawFrameWorker(scan)).histogram(hist, chosen, weights[weights > 0], dark)
     return thresholds_from_histogram(hist, options.background_n_sigma, options.xray_n_sigma)
 
 
@@ -118,12 +117,16 @@ def count_raw_scan(
     dark = load_reference_image(options.dark, "dark reference") if options.dark else None
     gain = load_reference_image(options.gain, "gain map") if options.gain else None
     scan = RawScan(paths)
+    previous_threads = numba.get_num_threads()
     try:
+        if options.workers:
+            numba.set_num_threads(min(options.workers, numba.config.NUMBA_NUM_THREADS))
+        worker = RawFrameWorker(scan)
         t_cal = time.perf_counter()
         if options.background is not None:
             thresholds = fixed_thresholds(options.background, options.xray)
         else:
-            thresholds = calibrate_from_scan(scan, options, dark)
+            thresholds = calibrate_from_scan(scan, options, dark, worker)
         seconds_calibrating = time.perf_counter() - t_cal
         log.info("thresholds: background %.2f ADU, X-ray %.1f ADU", thresholds.background, thresholds.xray)
         counter = ElectronCounter(
@@ -131,8 +134,9 @@ def count_raw_scan(
             row_dark=options.row_dark, optimized_mean=thresholds.optimized_mean,
         )
         writer = SparseCountsWriter(output, scan.scan_shape, FRAME_SHAPE, scan.frames_per_position, overwrite=overwrite)
-        n_events = _count_all(scan, counter, writer, thresholds, options, progress, t0)
+        n_events = _count_all(scan, worker, counter, writer, thresholds, options, progress, t0)
     finally:
+        numba.set_num_threads(previous_threads)
         scan.close()
     seconds = time.perf_counter() - t0
     ledger = scan.ledger
@@ -140,86 +144,53 @@ def count_raw_scan(
                        scan.frames_per_position, list(scan.paths))
 
 
-def _count_all(scan, counter, writer, thresholds, options, progress, t0) -> int:
+def _count_all(scan, worker, counter, writer, thresholds, options, progress, t0) -> int:
     ledger = scan.ledger
     n_total = scan.n_frames
-    # A pool of frame buffers circulates reader -> counter -> pool.
-    n_buffers = 3
-    pool: queue.Queue = queue.Queue()
-    for _ in range(n_buffers):
-        pool.put(np.empty((options.batch_size, *FRAME_SHAPE), np.uint16))
-    to_count: queue.Queue = queue.Queue(maxsize=n_buffers)
+    # The writer thread holds the GIL only in h5py and numpy calls, while counting runs in
+    # compiled code without it; a short queue bounds the events waiting to be written.
     to_write: queue.Queue = queue.Queue(maxsize=4)
     failure: list[BaseException] = []
     stop = threading.Event()
 
-    def read() -> None:
-        try:
-            for s in range(0, n_total, options.batch_size):
-                idx = np.arange(s, min(s + options.batch_size, n_total))
-                buf = pool.get()
-                if buf is None or stop.is_set():
-                    break
-                frames = scan.read_frames(idx, buf[: len(idx)])
-                to_count.put((idx, buf, frames))
-        except BaseException as exc:  # handed to the main thread
-            failure.append(exc)
-        finally:
-            to_count.put(None)
-
     def write() -> None:
         try:
             while (item := to_write.get()) is not None:
+                if stop.is_set():
+                    continue  # drain, so that the counting thread never blocks on a full queue
                 slots, counted = item
                 writer.write_flat(slots, counted.events, counted.offsets)
-        except BaseException as exc:
+        except BaseException as exc:  # handed to the main thread
             failure.append(exc)
             stop.set()
+            while to_write.get() is not None:
+                pass
 
-    reader = threading.Thread(target=read, name="raw-reader", daemon=True)
     writer_thread = threading.Thread(target=write, name="h5-writer", daemon=True)
-    previous_threads = numba.get_num_threads()
-    if options.workers:
-        numba.set_num_threads(min(options.workers, numba.config.NUMBA_NUM_THREADS))
-    reader.start()
     writer_thread.start()
     n_events = 0
-    done = 0
     try:
-        while (item := to_count.get()) is not None:
-            idx, buf, frames = item
+        for s in range(0, n_total, options.batch_size):
             if stop.is_set():
-                pool.put(buf)
-                continue
-            counted = counter.count(frames)
-            pool.put(buf)
+                break
+            idx = np.arange(s, min(s + options.batch_size, n_total))
+            counted = worker.count(counter, idx)
             n_events += len(counted.events)
             to_write.put((scan.table.slots[idx], counted))
-            done += len(idx)
             if progress:
-                progress(done, n_total)
+                progress(int(idx[-1]) + 1, n_total)
         to_write.put(None)
         writer_thread.join()
-        reader.join()
         if failure:
             raise failure[0]
     except BaseException:
+        # Stop the writer and discard the partial file: a failed count never leaves a file that
+        # looks finished.
         stop.set()
-        # Unblock the reader (room in its queue, a None buffer), stop the writer, and discard the
-        # partial file: a failed count never leaves a file that looks finished.
-        while True:
-            try:
-                to_count.get_nowait()
-            except queue.Empty:
-                break
-        pool.put(None)
-        reader.join(5)
         to_write.put(None)
         writer_thread.join(5)
         writer.abort()
         raise
-    finally:
-        numba.set_num_threads(previous_threads)
 
     complete = scan.table.complete
     ledger.frames_complete = int(complete.sum())

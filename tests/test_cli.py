@@ -1,0 +1,107 @@
+"""The command line as a user meets it: real subprocesses, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from stemstream.formats.sparse_h5 import read_counted
+
+
+def stemstream(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stemstream", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    raw = tmp_path_factory.mktemp("raw")
+    result = stemstream("simulate", raw, "--scan-shape", "6x5", "--seed", "2", "--frames-per-position", "2")
+    assert result.returncode == 0, result.stderr
+    return raw
+
+
+def test_simulate_writes_module_and_status_files(simulated):
+    assert len(list(simulated.glob("data_scan0000000001_module*_dst0_file0.data"))) == 4
+    assert len(list(simulated.glob("4dstem_rec_status_*_scan_1.json"))) == 4
+
+
+def test_count_writes_a_file_stempy_reads_and_prints_the_summary(simulated, tmp_path):
+    out = tmp_path / "counted.h5"
+    result = stemstream("count", simulated, "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert "every frame accounted for" in result.stdout and "calibrated" in result.stdout
+    stempy_io = pytest.importorskip("stempy.io")
+    array = stempy_io.load_electron_counts(str(out))
+    ours = read_counted(out)
+    assert array.scan_shape == (6, 5) and ours.frames_per_position == 2
+    for a, b in zip(array.data.ravel(), ours.frames.ravel()):
+        assert np.array_equal(np.sort(a), b)
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["count", "/nonexistent/dir", "-o", "x.h5"], ["/nonexistent/dir", "no such file"]),
+        (["count", "RAW", "-o", "x.h5", "--background-threshold", "30"], ["both"]),
+        (["count", "RAW", "-o", "x.h5", "--background-threshold", "900", "--xray-threshold", "30"], ["X-ray"]),
+        (["count", "RAW", "-o", "x.h5", "--dark", "missing.npy"], ["missing.npy", "does not exist"]),
+        (["count", "RAW", "-o", "/nonexistent/out.h5"], ["does not exist"]),
+        (["simulate", "OUT", "--scan-shape", "64by64"], ["ROWSxCOLS"]),
+        (["simulate", "OUT", "--dose", "-1"], ["dose"]),
+        (["run", "--simulate", "8x8", "--config", "BADCONFIG"], ["unknown setting", "nodez"]),
+        (["run"], ["--simulate", "--replay"]),
+    ],
+)
+def test_bad_input_gets_one_clear_line_and_exit_code_2(simulated, tmp_path, args, fragments):
+    bad_config = tmp_path / "bad.toml"
+    bad_config.write_text("[pipeline]\nnodez = 3\n")
+    args = [str(simulated) if a == "RAW" else str(tmp_path / "o") if a == "OUT" else str(bad_config) if a == "BADCONFIG" else a
+            for a in args]
+    assert_one_line_error(stemstream(*args, cwd=tmp_path), *fragments)
+
+
+def test_truncated_raw_file_is_reported_and_the_rest_counted(simulated, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for f in simulated.glob("*.data"):
+        data = f.read_bytes()
+        (raw / f.name).write_bytes(data[:-1000] if "module3" in f.name else data)
+    out = tmp_path / "counted.h5"
+    result = stemstream("count", raw, "-o", out, "--background-threshold", "28", "--xray-threshold", "1000")
+    assert result.returncode == 0, result.stderr
+    assert "truncated_record" in result.stderr and "byte offset" in result.stderr
+    ledger = read_counted(out).metadata["stemstream"]["ledger"]
+    assert ledger["frames_incomplete"] == 1 and ledger["frames_complete"] == 59
+
+
+@pytest.mark.slow
+def test_run_streams_simulated_scans_and_exits_zero_when_complete(tmp_path):
+    result = stemstream("run", "--simulate", "6x6", "--scans", "2", "-o", tmp_path / "out",
+                        "--background-threshold", "28", "--xray-threshold", "1000", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    files = sorted((tmp_path / "out").glob("FOURD_*.h5"))
+    assert [f.name[-8:] for f in files] == ["00001.h5", "00002.h5"]
+    assert result.stdout.count("every frame accounted for") == 2
+
+
+@pytest.mark.slow
+def test_demo_writes_its_file_in_the_current_directory(tmp_path):
+    result = stemstream("demo", "--scan-shape", "8x8", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    files = list(tmp_path.glob("FOURD_*.h5"))
+    assert len(files) == 1
+    assert read_counted(files[0]).scan_shape == (8, 8)
+    assert "every frame accounted for" in result.stdout and "calibrated" in result.stdout
