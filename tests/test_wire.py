@@ -1,0 +1,66 @@
+"""Wire messages: round trips, and every malformed message refused with a reason."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+
+from stemstream.formats import wire
+from stemstream.formats.raw import RECORD_DTYPE
+
+
+def records(n: int) -> np.ndarray:
+    r = np.zeros(n, RECORD_DTYPE)
+    r["header"]["frame_number"] = np.arange(n)
+    return r
+
+
+def as_bytes(parts):
+    return [bytes(memoryview(p)) if isinstance(p, np.ndarray) else p for p in parts]
+
+
+def test_sectors_round_trip():
+    msg = wire.decode_sectors(as_bytes(wire.encode_sectors(7, 2, 5, 1, records(3))))
+    assert (msg.scan, msg.module, msg.block, msg.node) == (7, 2, 5, 1)
+    assert msg.records["header"]["frame_number"].tolist() == [0, 1, 2]
+
+
+def test_events_round_trip():
+    parts = wire.encode_events(3, 1, [10, 11], [0, 1], [15, 7], [0, 2, 3], np.array([5, 9, 4], np.uint32))
+    msg = wire.decode_events(as_bytes(parts), 576 * 576)
+    assert msg.frame_numbers.tolist() == [10, 11] and msg.events.tolist() == [5, 9, 4]
+
+
+@pytest.mark.parametrize(
+    "parts, reason",
+    [
+        ([], "empty_message"),
+        ([b"Q", b""], "unknown_kind"),
+        ([b"S", b"\xc1", b""], "undecodable_envelope"),
+        ([b"S", msgpack.packb([1, 2]), b""], "undecodable_envelope"),
+        ([b"S", msgpack.packb({"scan": 1})], "wrong_part_count"),
+        ([b"S", msgpack.packb({"scan": 1, "module": 9, "block": 0, "node": 0, "n": 0}), b""], "bad_envelope"),
+        ([b"S", msgpack.packb({"scan": "1", "module": 0, "block": 0, "node": 0, "n": 0}), b""], "bad_envelope"),
+        ([b"S", msgpack.packb({"scan": 1, "module": 0, "block": 0, "node": 0, "n": 1}), b"x" * 100], "wrong_payload_size"),
+        ([b"S", msgpack.packb({"scan": 1, "module": 0, "block": 0, "node": 0, "n": 2}), bytes(RECORD_DTYPE.itemsize)], "wrong_record_count"),
+        ([b"S", b"x" * (wire.MAX_ENVELOPE_BYTES + 1), b""], "envelope_too_big"),
+    ],
+)
+def test_malformed_sectors_are_refused_with_a_reason(parts, reason):
+    with pytest.raises(wire.MessageError) as info:
+        wire.kind_of(parts)
+        wire.decode_sectors(parts)
+    assert info.value.reason == reason
+
+
+def test_events_with_pixels_outside_the_frame_are_refused():
+    parts = wire.encode_events(3, 1, [10], [0], [15], [0, 1], np.array([576 * 576], np.uint32))
+    with pytest.raises(wire.MessageError, match="pixel_outside_frame"):
+        wire.decode_events(as_bytes(parts), 576 * 576)
+
+
+def test_events_with_inconsistent_offsets_are_refused():
+    parts = wire.encode_events(3, 1, [10, 11], [0, 1], [15, 15], [0, 3, 2], np.array([1, 2], np.uint32))
+    with pytest.raises(wire.MessageError):
+        wire.decode_events(as_bytes(parts), 576 * 576)
