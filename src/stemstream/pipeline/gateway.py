@@ -29,18 +29,14 @@ class Gateway(Role):
         net, flow = config.network, config.flow
         self.inputs: list[zmq.Socket] = []
         for module in range(N_MODULES):
-            sock = self.context.socket(zmq.PULL)
-            sock.setsockopt(zmq.RCVHWM, flow.send_hwm)
-            sock.setsockopt(zmq.LINGER, 0)
+            sock = self.data_socket(zmq.PULL)
             sock.bind(net.bind(net.gateway_port + module))
             self.inputs.append(sock)
         self.outputs: list[list[zmq.Socket]] = []  # [node][module]
         for i in range(config.pipeline.nodes):
             row = []
             for module in range(N_MODULES):
-                sock = self.context.socket(zmq.PUSH)
-                sock.setsockopt(zmq.SNDHWM, flow.send_hwm)
-                sock.setsockopt(zmq.LINGER, 10000)
+                sock = self.data_socket(zmq.PUSH, linger_ms=10000)
                 sock.connect(net.node(i, module))
                 row.append(sock)
             self.outputs.append(row)

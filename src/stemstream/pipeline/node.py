@@ -344,15 +344,11 @@ class NodeGroup(Role):
         super().__init__(config, index, context)
         self.inputs: list[zmq.Socket] = []
         for module in range(N_MODULES):
-            sock = self.context.socket(zmq.PULL)
-            sock.setsockopt(zmq.RCVHWM, config.flow.send_hwm)
-            sock.setsockopt(zmq.LINGER, 0)
+            sock = self.data_socket(zmq.PULL)
             sock.bind(config.network.bind(config.network.node_port(index, module)))
             self.inputs.append(sock)
         self.last_heard = [time.monotonic()] * N_MODULES
-        self.events_out = self.context.socket(zmq.PUSH)
-        self.events_out.setsockopt(zmq.SNDHWM, 64)
-        self.events_out.setsockopt(zmq.LINGER, 5000)
+        self.events_out = self.data_socket(zmq.PUSH, hwm=64, linger_ms=5000)
         self.events_out.connect(config.network.writer())
         self.scans: dict[int, NodeScan] = {}
         numba.set_num_threads(min(config.counting.workers, numba.config.NUMBA_NUM_THREADS))

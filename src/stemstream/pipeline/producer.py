@@ -43,9 +43,7 @@ class Producer(Role):
         else:
             endpoints = [net.node(i, module) for i in range(config.pipeline.nodes)]
         for endpoint in endpoints:
-            sock = self.context.socket(zmq.PUSH)
-            sock.setsockopt(zmq.SNDHWM, config.flow.send_hwm)
-            sock.setsockopt(zmq.LINGER, 10000)
+            sock = self.data_socket(zmq.PUSH, linger_ms=10000)
             sock.connect(endpoint)
             self.sockets.append(sock)
         self.patience_s = config.flow.backpressure_timeout_s

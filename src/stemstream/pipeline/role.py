@@ -15,6 +15,9 @@ from stemstream.pipeline.control_client import ControlClient, ControlUnavailable
 
 log = logging.getLogger(__name__)
 
+# Kernel socket buffers of the data path: a few MB cut the system calls per message of sectors.
+_KERNEL_BUFFER_BYTES = 4 * 1024 * 1024
+
 
 class Role:
     """Base of producer, gateway, node group and writer. Subclasses call :meth:`tick` often."""
@@ -83,6 +86,16 @@ class Role:
             self.scan_specs[scan] = reply["scan"]
             return reply["scan"]
         return None
+
+    def data_socket(self, kind: int, hwm: int | None = None, linger_ms: int = 0) -> zmq.Socket:
+        """A socket of the data path: bounded queue (high-water mark, in messages) and large
+        kernel buffers, since its messages are blocks of sectors of a few MB."""
+        sock = self.context.socket(kind)
+        hwm = self.config.flow.send_hwm if hwm is None else hwm
+        sock.setsockopt(zmq.SNDHWM if kind == zmq.PUSH else zmq.RCVHWM, hwm)
+        sock.setsockopt(zmq.SNDBUF if kind == zmq.PUSH else zmq.RCVBUF, _KERNEL_BUFFER_BYTES)
+        sock.setsockopt(zmq.LINGER, linger_ms)
+        return sock
 
     def reject(self, reason: str, detail: str = "") -> None:
         """Count a rejected message; log the first few of each reason."""

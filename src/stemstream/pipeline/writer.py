@@ -198,9 +198,7 @@ class Writer(Role):
 
     def __init__(self, config, index: int = 0, context: zmq.Context | None = None):
         super().__init__(config, index, context)
-        self.events_in = self.context.socket(zmq.PULL)
-        self.events_in.setsockopt(zmq.RCVHWM, config.flow.send_hwm)
-        self.events_in.setsockopt(zmq.LINGER, 0)
+        self.events_in = self.data_socket(zmq.PULL, hwm=64)
         self.events_in.bind(config.network.bind(config.network.writer_port))
         self.scans: dict[int, WriterScan] = {}
         Path(config.pipeline.output_dir).mkdir(parents=True, exist_ok=True)
