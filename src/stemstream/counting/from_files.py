@@ -11,41 +11,12 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange
 
-from stemstream.counting.kernel import CountedFrames, ElectronCounter, count_one
-from stemstream.counting.thresholds import PixelHistogram, _accumulate
+from stemstream.counting.kernel import CountedFrames, ElectronCounter, read_count
+from stemstream.counting.thresholds import PixelHistogram, read_accumulate
 from stemstream.formats.raw import FRAME_SHAPE
-from stemstream.sources.raw_pread import raise_read_error, read_frame
+from stemstream.sources.raw_pread import raise_read_error
 from stemstream.sources.raw_scan import RawScan
-
-
-@njit(nogil=True, parallel=True, cache=True)
-def _read_count(fds, source_file, source_record, indices, params, frames, out, counts, failed, n_chunks):
-    # frames: (n_chunks, rows, cols) uint16 scratch, one per thread; failed[i] = module or -1.
-    n = indices.shape[0]
-    for k in prange(n_chunks):
-        rows, cols = frames.shape[1], frames.shape[2]
-        scratch_u16 = np.empty((rows, cols), np.uint16)
-        scratch_f32 = np.empty((rows, cols), np.float32)
-        frame = frames[k]
-        for i in range(k, n, n_chunks):
-            failed[i] = read_frame(fds, source_file, source_record, indices[i], frame)
-            counts[i] = 0 if failed[i] >= 0 else count_one(frame, params, scratch_u16, scratch_f32, out[i])
-
-
-@njit(nogil=True, parallel=True, cache=True)
-def _read_accumulate(fds, source_file, source_record, indices, weights, dark_int, use_dark, frames, hist, failed, n_chunks):
-    local = np.zeros((n_chunks, hist.shape[0]), np.int64)  # one histogram per thread, no atomics
-    n = indices.shape[0]
-    for k in prange(n_chunks):
-        frame = frames[k]
-        for i in range(k, n, n_chunks):
-            failed[i] = read_frame(fds, source_file, source_record, indices[i], frame)
-            if failed[i] < 0:
-                _accumulate(frame, dark_int, use_dark, weights[i], local[k])
-    for k in range(n_chunks):
-        hist += local[k]
 
 
 class RawFrameWorker:
@@ -80,7 +51,7 @@ class RawFrameWorker:
         failed = self._failures(n)
         if n:
             table = self.scan.table
-            _read_count(self._fds, table.source_file, table.source_record, indices, counter.params,
+            read_count(self._fds, table.source_file, table.source_record, indices, counter.params,
                         self._frames, out, counts, failed, min(n, self.threads))
             self._check(indices, failed)
         return counter.compact(n)
@@ -99,7 +70,7 @@ class RawFrameWorker:
             dark_int, use_dark = np.asarray(dark, np.float32).astype(np.int64), True
         failed = self._failures(n)
         table = self.scan.table
-        _read_accumulate(self._fds, table.source_file, table.source_record, indices, weights, dark_int, use_dark,
+        read_accumulate(self._fds, table.source_file, table.source_record, indices, weights, dark_int, use_dark,
                          self._frames, histogram.counts, failed, min(n, self.threads))
         self._check(indices, failed)
         histogram.n_frames += int(weights.sum())

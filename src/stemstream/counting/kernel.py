@@ -23,6 +23,8 @@ import numpy as np
 from numba import njit, prange
 from numba.cpython.unsafe.numbers import trailing_zeros
 
+from stemstream.sources.raw_pread import read_frame
+
 # Pixels per block in the fast scan: a block whose maximum is below the background threshold is
 # skipped after one vectorised pass, which is what most of a sparse frame is. Blocks of 96 and 192
 # columns measured fastest (blocks of 64 and 128 do not vectorise; 288 hit too often); unsigned
@@ -281,6 +283,24 @@ def _count_batch(frames, params, out, counts, n_chunks):
         scratch_f32 = np.empty((rows, cols), np.float32)
         for i in range(k, n, n_chunks):
             counts[i] = count_one(frames[i], params, scratch_u16, scratch_f32, out[i])
+
+
+@njit(nogil=True, parallel=True, cache=True)
+def read_count(fds, source_file, source_record, indices, params, frames, out, counts, failed, n_chunks):
+    """Read (raw_pread.read_frame) and count the frames at FrameTable ``indices``, each thread
+    into its own scratch frame ``frames[k]`` and straight on to counting it while it is in the
+    thread's cache (see counting.from_files). ``failed[i]``: -1, or the module whose read failed.
+    Here, not in from_files.py: numba's cache only notices edits to the file of the cached
+    function, so it lives next to the kernel it compiles in."""
+    n = indices.shape[0]
+    for k in prange(n_chunks):
+        rows, cols = frames.shape[1], frames.shape[2]
+        scratch_u16 = np.empty((rows, cols), np.uint16)
+        scratch_f32 = np.empty((rows, cols), np.float32)
+        frame = frames[k]
+        for i in range(k, n, n_chunks):
+            failed[i] = read_frame(fds, source_file, source_record, indices[i], frame)
+            counts[i] = 0 if failed[i] >= 0 else count_one(frame, params, scratch_u16, scratch_f32, out[i])
 
 
 @njit(nogil=True, cache=True)

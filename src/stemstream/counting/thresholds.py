@@ -19,6 +19,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from stemstream.sources.raw_pread import read_frame
+
 # Pixel values after integer dark subtraction span -65535..65535; the histogram is offset so that
 # index = value + _OFFSET.
 _OFFSET = 65536
@@ -107,6 +109,23 @@ def _accumulate_frames(frames, weights, dark_int, use_dark, hist, n_chunks):
     for k in prange(n_chunks):
         for i in range(k, frames.shape[0], n_chunks):
             _accumulate(frames[i], dark_int, use_dark, weights[i], local[k])
+    for k in range(n_chunks):
+        hist += local[k]
+
+
+@njit(nogil=True, parallel=True, cache=True)
+def read_accumulate(fds, source_file, source_record, indices, weights, dark_int, use_dark, frames, hist, failed, n_chunks):
+    """Read (raw_pread.read_frame) the frames at FrameTable ``indices`` into the threads' scratch
+    frames and add frame i ``weights[i]`` times to ``hist``. ``failed[i]``: -1, or the module
+    whose read failed. Next to _accumulate: numba's cache only notices edits to this file."""
+    local = np.zeros((n_chunks, hist.shape[0]), np.int64)  # one histogram per thread, no atomics
+    n = indices.shape[0]
+    for k in prange(n_chunks):
+        frame = frames[k]
+        for i in range(k, n, n_chunks):
+            failed[i] = read_frame(fds, source_file, source_record, indices[i], frame)
+            if failed[i] < 0:
+                _accumulate(frame, dark_int, use_dark, weights[i], local[k])
     for k in range(n_chunks):
         hist += local[k]
 

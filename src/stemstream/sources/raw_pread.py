@@ -7,7 +7,9 @@ the numba threads needs no hand-over, no GIL and no batch buffer (measured on 2 
 frames/s of the reader-thread pipeline).
 
 ``pread`` is declared by name in the generated code (resolved from the C library when the code is
-loaded), not bound as a ctypes pointer, so the functions stay cacheable.
+loaded), not bound as a ctypes pointer, so the functions stay cacheable. numba's cache checks only
+the file of each cached function: after editing this file, delete the ``__pycache__`` folders of
+counting/ (the callers there keep their compiled copy of read_frame otherwise).
 """
 
 from __future__ import annotations
