@@ -88,3 +88,35 @@ def test_fixed_thresholds_must_be_ordered():
     assert fixed_thresholds(28, 1000).stempy_attributes()["threshold_calculated"] is False
     with pytest.raises(ValueError, match="must be above"):
         fixed_thresholds(1000, 28)
+
+
+def test_gaussian_fit_reaches_scipy_curve_fit_optimum():
+    # Our Levenberg-Marquardt (no scipy.optimize import at start-up) against scipy's MINPACK one.
+    curve_fit = pytest.importorskip("scipy.optimize").curve_fit
+    from stemstream.counting.thresholds import _fit_gaussian, _gaussian
+
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        mu, sigma, n = rng.uniform(5, 40), rng.uniform(0.8, 4), int(10 ** rng.uniform(3, 7))
+        values = np.concatenate([np.round(rng.normal(mu, sigma, n)), rng.integers(30, 400, n // 50)]).astype(int)
+        hist = np.bincount(values - values.min()).astype(float)
+        x = np.arange(values.min(), values.min() + len(hist), dtype=float)
+        peak = int(np.argmax(hist))
+        p0 = (hist[peak], x[peak], max(values.std(), 1.0))
+        ref, _ = curve_fit(_gaussian, x, hist, p0=p0, method="lm", maxfev=2000)
+        with np.errstate(all="ignore"):
+            ours = _fit_gaussian(x, hist, p0)
+        assert ours[1] + 4 * abs(ours[2]) == pytest.approx(ref[1] + 4 * abs(ref[2]), abs=1e-4)
+        cost = lambda p: float(((_gaussian(x, *p) - hist) ** 2).sum())  # noqa: E731
+        assert cost(ours) <= cost(ref) * (1 + 1e-9)
+
+
+def test_batch_histogram_equals_frame_by_frame():
+    frames = noisy_frames(9, seed=5)
+    dark = np.full((64, 64), 3.5, np.float32)
+    weights = np.arange(9) % 3
+    one, batch = PixelHistogram(), PixelHistogram()
+    for frame, w in zip(frames, weights):
+        one.add(frame, dark, int(w))
+    batch.add_frames(frames, weights, dark)
+    assert np.array_equal(one.counts, batch.counts) and one.n_frames == batch.n_frames
