@@ -1,0 +1,126 @@
+"""Counting accuracy against the truth: counted events matched to the electrons that really landed.
+
+Used by benchmarks/bench_accuracy.py and tests/test_accuracy.py with the detector simulator's
+``FrameBatch.true_events`` (distinct landing pixels per frame). An event matches a true electron at
+the same pixel; optionally, events still unmatched then match a still unmatched true electron among
+the 8 neighbours (one-to-one, so a split electron counted twice counts once). recall = matched /
+true electrons, precision = matched / events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+
+@njit(nogil=True, cache=True)
+def _match(events, event_offsets, truth, truth_offsets, rows, cols):
+    # Stamps instead of clearing: pixel p holds a true electron of frame i when
+    # stamp[p] == i + 1; used[p] is i + 1 when an event at p matched it, -(i + 1) when an event
+    # next to it did.
+    stamp = np.zeros(rows * cols, np.int64)
+    used = np.zeros(rows * cols, np.int64)
+    exact = 0
+    near = 0
+    isolated = 0
+    isolated_found = 0
+    n = event_offsets.shape[0] - 1
+    for i in range(n):
+        tag = i + 1
+        for t in range(truth_offsets[i], truth_offsets[i + 1]):
+            stamp[truth[t]] = tag
+        pending = np.empty(event_offsets[i + 1] - event_offsets[i], np.int64)
+        n_pending = 0
+        for e in range(event_offsets[i], event_offsets[i + 1]):
+            p = events[e]
+            if stamp[p] == tag and used[p] != tag:
+                used[p] = tag
+                exact += 1
+            else:
+                pending[n_pending] = p
+                n_pending += 1
+        for k in range(n_pending):
+            p = pending[k]
+            r, c = p // cols, p % cols
+            done = False
+            for dr in range(-1, 2):
+                for dc in range(-1, 2):
+                    rr, cc = r + dr, c + dc
+                    if done or rr < 0 or rr >= rows or cc < 0 or cc >= cols:
+                        continue
+                    q = rr * cols + cc
+                    if stamp[q] == tag and used[q] != tag and used[q] != -tag:
+                        used[q] = -tag  # matched by a neighbouring event
+                        near += 1
+                        done = True
+        # Isolated electrons: no other true electron within 2 pixels (their charge clouds and the
+        # 3 x 3 maximum test cannot interfere), and how many of them were found at their pixel.
+        for t in range(truth_offsets[i], truth_offsets[i + 1]):
+            p = truth[t]
+            r, c = p // cols, p % cols
+            alone = True
+            for rr in range(max(r - 2, 0), min(r + 3, rows)):
+                for cc in range(max(c - 2, 0), min(c + 3, cols)):
+                    if (rr != r or cc != c) and stamp[rr * cols + cc] == tag:
+                        alone = False
+            if alone:
+                isolated += 1
+                if used[p] == tag:
+                    isolated_found += 1
+    return exact, near, isolated, isolated_found
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    events: int  # counted events
+    true: int  # true electrons (distinct landing pixels)
+    matched: int  # events at a true electron's pixel
+    matched_within_1: int  # ... or, one-to-one, at one of its 8 neighbours
+    isolated: int = 0  # true electrons with no other within 2 pixels
+    isolated_found: int = 0  # ... of which matched at their pixel (a within-1 match counts only if exact)
+
+    @property
+    def recall(self) -> float:
+        return self.matched / self.true if self.true else 1.0
+
+    @property
+    def precision(self) -> float:
+        return self.matched / self.events if self.events else 1.0
+
+    @property
+    def isolated_recall(self) -> float:
+        """Recall of isolated electrons: what is lost beyond it is coincidence loss (electrons
+        too close to be told apart by a 3 x 3 maximum), not missed single electrons."""
+        return self.isolated_found / self.isolated if self.isolated else 1.0
+
+    @property
+    def recall_within_1(self) -> float:
+        return self.matched_within_1 / self.true if self.true else 1.0
+
+    @property
+    def precision_within_1(self) -> float:
+        return self.matched_within_1 / self.events if self.events else 1.0
+
+    def __add__(self, other: Accuracy) -> Accuracy:
+        return Accuracy(*(a + b for a, b in zip(
+            (self.events, self.true, self.matched, self.matched_within_1, self.isolated, self.isolated_found),
+            (other.events, other.true, other.matched, other.matched_within_1, other.isolated, other.isolated_found),
+        )))
+
+
+def compare_with_truth(events: np.ndarray, offsets: np.ndarray, true_events: list[np.ndarray],
+                       frame_shape: tuple[int, int] = (576, 576)) -> Accuracy:
+    """Match counted events (frame ``i`` = ``events[offsets[i]:offsets[i+1]]``, flat pixel indices)
+    with the true landing pixels of the same frames."""
+    if len(true_events) != len(offsets) - 1:
+        raise ValueError(f"{len(offsets) - 1} counted frames but {len(true_events)} frames of truth")
+    truth_offsets = np.zeros(len(true_events) + 1, np.int64)
+    np.cumsum([len(t) for t in true_events], out=truth_offsets[1:])
+    truth = np.concatenate(true_events).astype(np.int64) if true_events else np.zeros(0, np.int64)
+    exact, near, isolated, isolated_found = _match(
+        np.asarray(events, np.int64), np.asarray(offsets, np.int64), truth, truth_offsets, *frame_shape
+    )
+    return Accuracy(events=int(offsets[-1] - offsets[0]), true=int(truth_offsets[-1]), matched=int(exact),
+                    matched_within_1=int(exact + near), isolated=int(isolated), isolated_found=int(isolated_found))
