@@ -93,7 +93,8 @@ def test_killed_producer_gives_missing_sectors_and_a_clean_end(tmp_path):
 
 def test_stalled_node_group_spills_and_the_replay_completes_the_scan(tmp_path):
     raw = tmp_path / "raw"
-    simulate_to_directory(raw, SimulationConfig(scan_shape=(16, 16), seed=4))
+    # big enough that the sockets' buffers cannot absorb node group 1's share during the stall
+    simulate_to_directory(raw, SimulationConfig(scan_shape=(32, 32), seed=4))
     reference = count_raw_scan([raw], tmp_path / "reference.h5", CountOptions(background=28.0, xray=1000.0))
     config = test_config(tmp_path)
     config.flow.send_hwm = 1
@@ -102,7 +103,7 @@ def test_stalled_node_group_spills_and_the_replay_completes_the_scan(tmp_path):
     with LocalPipeline(config, tmp_path / "work", ProducerSource(replay=[raw])) as pipeline:
         pipeline.start()
         pipeline.kill("node-1", signal.SIGSTOP)  # stalls: reads nothing, answers nothing
-        reply = pipeline.control.request("start_scan", scan_number=1, scan_shape=[16, 16])
+        reply = pipeline.control.request("start_scan", scan_number=1, scan_shape=[32, 32])
         assert reply["ok"]
         time.sleep(4.0)  # longer than the producers' patience (1 s): they spill
         pipeline.kill("node-1", signal.SIGCONT)
@@ -120,9 +121,9 @@ def test_stalled_node_group_spills_and_the_replay_completes_the_scan(tmp_path):
     config2 = test_config(tmp_path)
     with LocalPipeline(config2, tmp_path / "work2", ProducerSource(replay=[spill_dir])) as pipeline:
         pipeline.start()
-        final = pipeline.run_scan(1, (16, 16), resume=True, file_name=first["path"].rsplit("/", 1)[-1], timeout_s=120)
+        final = pipeline.run_scan(1, (32, 32), resume=True, file_name=first["path"].rsplit("/", 1)[-1], timeout_s=120)
     assert final["path"] == first["path"]
-    assert final["ledger"]["frames_complete"] == 256
+    assert final["ledger"]["frames_complete"] == 1024, (str(first["ledger"]), str(final["ledger"]))
     assert final["ledger"]["frames_incomplete"] == 0
     assert_same_events(final["path"], reference.output)
 

@@ -7,10 +7,12 @@ as raw frames, never inside msgpack, so they travel zero-copy.
   raw 4D Camera sector records (header v5, formats.md section 2) of one module, all from one
   routing block of frames. The payload is the receivers' own file format, so a producer that must
   spill writes it to disk unchanged, and a gateway forwards it without decoding.
-  envelope: scan, module, block, node (the node group it is routed to), n (records).
+  envelope: scan, module, block, node (the node group it is routed to), n (records), spilled
+  (blocks for this node group that the producer spilled to disk since its last message to it).
 - ``END``      producer -> each node group: ``[b"E", envelope]``: the module has sent everything
   for the scan. envelope: scan, module, node, sent (records sent to that node group), spilled
-  (records the module spilled to disk instead of sending, all node groups together).
+  (records the module spilled to disk instead of sending, all node groups together),
+  spilled_blocks (this node group's blocks spilled since the module's last message to it).
 - ``EVENTS``   node group -> writer: ``[b"V", envelope, frame_numbers u32, positions i64,
   present u8, offsets i64, events u32]``; present is a bit mask of the modules that arrived.
   envelope: scan, node, n (frames).
@@ -90,9 +92,11 @@ def kind_of(parts: list) -> bytes:
 # -- sectors ---------------------------------------------------------------------------------------
 
 
-def encode_sectors(scan: int, module: int, block: int, node: int, records: np.ndarray) -> list:
+def encode_sectors(scan: int, module: int, block: int, node: int, records: np.ndarray,
+                   spilled: list[int] | None = None) -> list:
     """Parts of a SECTORS message; ``records`` (RECORD_DTYPE) is sent without a copy."""
-    envelope = {"scan": scan, "module": module, "block": block, "node": node, "n": len(records)}
+    envelope = {"scan": scan, "module": module, "block": block, "node": node, "n": len(records),
+                "spilled": list(spilled or [])}
     return [SECTORS, _pack(envelope), records]
 
 
@@ -103,6 +107,7 @@ class SectorsMessage:
     block: int
     node: int
     records: np.ndarray  # RECORD_DTYPE, a view on the received buffer
+    spilled: list[int]
 
 
 def sectors_envelope(parts: list) -> dict:
@@ -115,7 +120,16 @@ def sectors_envelope(parts: list) -> dict:
     _int_field(envelope, "block")
     _int_field(envelope, "node", 0, 65535)
     _int_field(envelope, "n", 0, MAX_RECORDS_PER_MESSAGE)
+    envelope["spilled"] = _block_list(envelope, "spilled")
     return envelope
+
+
+def _block_list(envelope: dict, name: str) -> list[int]:
+    value = envelope.get(name, [])
+    if not isinstance(value, list) or len(value) > 1_000_000 or not all(
+            isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 2**32 for b in value):
+        raise MessageError("bad_envelope", f"{name} must be a list of block numbers")
+    return value
 
 
 def decode_sectors(parts: list) -> SectorsMessage:
@@ -128,14 +142,17 @@ def decode_sectors(parts: list) -> SectorsMessage:
     if size // RECORD_BYTES != envelope["n"]:
         raise MessageError("wrong_record_count", f"envelope says {envelope['n']}, payload holds {size // RECORD_BYTES}")
     records = np.frombuffer(payload, RECORD_DTYPE)
-    return SectorsMessage(envelope["scan"], envelope["module"], envelope["block"], envelope["node"], records)
+    return SectorsMessage(envelope["scan"], envelope["module"], envelope["block"], envelope["node"], records,
+                          envelope["spilled"])
 
 
 # -- end of a module's scan -------------------------------------------------------------------------
 
 
-def encode_end(scan: int, module: int, node: int, sent: int, spilled: int = 0) -> list:
-    envelope = {"scan": scan, "module": module, "node": node, "sent": int(sent), "spilled": int(spilled)}
+def encode_end(scan: int, module: int, node: int, sent: int, spilled: int = 0,
+               spilled_blocks: list[int] | None = None) -> list:
+    envelope = {"scan": scan, "module": module, "node": node, "sent": int(sent), "spilled": int(spilled),
+                "spilled_blocks": list(spilled_blocks or [])}
     return [END, _pack(envelope)]
 
 
@@ -146,6 +163,7 @@ class EndMessage:
     node: int
     sent: int
     spilled: int
+    spilled_blocks: list[int]
 
 
 def end_envelope(parts: list) -> dict:
@@ -158,12 +176,13 @@ def end_envelope(parts: list) -> dict:
     _int_field(envelope, "node", 0, 65535)
     _int_field(envelope, "sent", 0, 2**40)
     _int_field(envelope, "spilled", 0, 2**40)
+    envelope["spilled_blocks"] = _block_list(envelope, "spilled_blocks")
     return envelope
 
 
 def decode_end(parts: list) -> EndMessage:
     e = end_envelope(parts)
-    return EndMessage(e["scan"], e["module"], e["node"], e["sent"], e["spilled"])
+    return EndMessage(e["scan"], e["module"], e["node"], e["sent"], e["spilled"], e["spilled_blocks"])
 
 
 # -- counted events ---------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 """Node group: reassembles frames from the 4 modules' sectors, counts them, sends events on.
 
 Sectors arrive in routing blocks (``block_frames`` consecutive frame numbers, one message per
-module and block). A block is counted when all 4 modules' messages for it are in; at the end of a
-scan (every module's END, or a timeout) the blocks still waiting are counted as they are, their
-missing sectors zero-filled and the frames marked incomplete. If a producer reports that it spilled
-records to disk, incomplete blocks are spilled too (in the receivers' format) instead of counted,
-so that a later replay of the spill directory reassembles and counts those frames whole.
+module and block). Each module's stream is in block order, so a block is *settled* once, for every
+module, its part arrived, or a later block of that module arrived, or the module ended: a part
+that is still absent then will never come. A settled block with all parts is counted; one with
+absent parts is counted with those sectors zero-filled (incomplete frames), unless the producer
+said it spilled that part to disk (the next message of that module lists the blocks it spilled):
+then the parts present are spilled too, in the receivers' format, so that a later replay of the
+spill directory reassembles and counts those frames whole.
 
 Flow control is per module: each module arrives on its own socket, and a module that is
 ``max_pending_blocks`` blocks ahead of the others is not read until they catch up, which holds its
@@ -78,6 +80,8 @@ class NodeScan:
         self.sectors_rejected = [0] * N_MODULES
         self.rejected_reasons: Counter = Counter()
         self.frames_spilled = 0
+        self.highest_block = [-1] * N_MODULES  # highest block received per module
+        self.spilled_parts: set[tuple[int, int]] = set()  # (block, module) a producer spilled
         self._spill_writers: dict[int, RawModuleWriter] = {}
         self._frames = np.empty((self.block_frames, *FRAME_SHAPE), np.uint16)
         self.counter: ElectronCounter | None = None
@@ -139,6 +143,8 @@ class NodeScan:
 
     def add_sectors(self, msg: wire.SectorsMessage) -> None:
         self.last_activity = time.monotonic()
+        self.spilled_parts.update((b, msg.module) for b in msg.spilled)
+        self.highest_block[msg.module] = max(self.highest_block[msg.module], msg.block)
         if msg.block in self.done_blocks:
             self._reject("late_sector", msg.module, len(msg.records))
             return
@@ -147,6 +153,7 @@ class NodeScan:
 
     def add_end(self, msg: wire.EndMessage) -> None:
         self.last_activity = time.monotonic()
+        self.spilled_parts.update((b, msg.module) for b in msg.spilled_blocks)
         self.ends[msg.module] = msg
         if self.first_end_at is None:
             self.first_end_at = time.monotonic()
@@ -249,16 +256,20 @@ class NodeScan:
 
     # -- progress ----------------------------------------------------------------------------------
 
+    def _settled(self, number: int, block: Block) -> bool:
+        return all(m in block.parts or self.highest_block[m] > number or m in self.ends for m in range(N_MODULES))
+
     def _ready(self, final: bool) -> list[int]:
         if final:
             return sorted(self.pending)
-        ready = sorted(n for n, b in self.pending.items() if b.modules == N_MODULES)
-        incomplete = [n for n, b in self.pending.items() if b.modules < N_MODULES]
-        if incomplete and any(self.node.module_gated(m) for m in range(N_MODULES)):
-            oldest = min(incomplete)
-            silent = [m for m in range(N_MODULES) if m not in self.pending[oldest].parts]
-            quiet_for = time.monotonic() - max(self.node.last_heard[m] for m in silent)
-            if quiet_for > self.node.config.flow.end_timeout_s:
+        ready = sorted(n for n, b in self.pending.items() if self._settled(n, b))
+        waiting = [n for n in self.pending if n not in ready]
+        if waiting:
+            oldest = min(waiting)
+            absent = [m for m in range(N_MODULES) if m not in self.pending[oldest].parts]
+            alive = any(self.node.module_gated(m) for m in absent)  # a gated module has data queued
+            quiet_for = time.monotonic() - max(self.node.last_heard[m] for m in absent)
+            if not alive and quiet_for > self.node.config.flow.end_timeout_s:
                 # The modules it lacks went silent (a dead producer): count it as it stands.
                 ready.append(oldest)
         return ready
@@ -302,10 +313,9 @@ class NodeScan:
                     log.error("scan %d: no thresholds from control; the scan's frames cannot be counted", self.number)
                     self._finish(failed=True)
                 return
-        spill_incomplete = final and any(e.spilled for e in self.ends.values())
         for number in self._ready(final):
             block = self.pending.pop(number)
-            if spill_incomplete and block.modules < N_MODULES:
+            if any((number, m) in self.spilled_parts for m in range(N_MODULES) if m not in block.parts):
                 self._spill_block(number, block)
             else:
                 self._count_block(number, block)
@@ -413,7 +423,14 @@ class NodeGroup(Role):
             self.reject(exc.reason, str(exc))
 
     def run(self) -> None:
+        last_loop = time.monotonic()
         while not self.shutdown:
+            now = time.monotonic()
+            if now - last_loop > 1.0:
+                # This process was not running (stopped, swapped out): silence measured across
+                # that gap says nothing about the producers.
+                self.last_heard = [now] * N_MODULES
+            last_loop = now
             poller = zmq.Poller()
             for module, sock in enumerate(self.inputs):
                 if not self.module_gated(module):

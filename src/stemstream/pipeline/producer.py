@@ -79,13 +79,16 @@ class Producer(Role):
         source = self.source_factory(spec)
         sent = [0] * nodes
         spilled = 0
+        spilled_blocks: list[list[int]] = [[] for _ in range(nodes)]  # not yet told to the node group
         spill_writer = None
         patience = self.patience_s
         t0 = time.monotonic()
         if source is not None:
             for block, records in source.blocks():
                 node = block % nodes
-                if self._send(wire.encode_sectors(scan, self.module, block, node, records), node, patience):
+                message = wire.encode_sectors(scan, self.module, block, node, records, spilled_blocks[node])
+                if self._send(message, node, patience):
+                    spilled_blocks[node] = []
                     sent[node] += len(records)
                     patience = self.patience_s
                     self.counters["records_sent"] += len(records)
@@ -99,6 +102,7 @@ class Producer(Role):
                     log.warning("producer %d: node group %d blocked for %.1f s; spilling scan %d to %s",
                                 self.module, node, patience, scan, out)
                 spill_writer.write(records)
+                spilled_blocks[node].append(block)
                 spilled += len(records)
                 self.counters["records_spilled"] += len(records)
                 patience = _GRACE_AFTER_SPILL_S
@@ -106,7 +110,7 @@ class Producer(Role):
         if spill_writer is not None:
             spill_writer.close()
         for node in range(nodes):
-            end = wire.encode_end(scan, self.module, node, sent[node], spilled)
+            end = wire.encode_end(scan, self.module, node, sent[node], spilled, spilled_blocks[node])
             if not self._send(end, node, self.config.flow.scan_timeout_s):
                 log.error("producer %d: could not deliver the end of scan %d to node group %d", self.module, scan, node)
         self.mark_finished(spec)
