@@ -1,10 +1,11 @@
 """A scan on disk: the receivers' module files, indexed by frame number and read back as frames.
 
-Opening a scan reads only the 16-byte headers of every record (through a memory map) and builds a
-frame table: for each frame number, which file and record hold each of its 4 sectors. Frames are
-then read in frame-number order, in batches, straight from the files into the batch buffer with
-``preadv`` (one system call per run of consecutive records), so memory stays at a few batches
-whatever the scan size; the index costs ~60 bytes per frame, <3% of the counted events it yields.
+Opening a scan reads only the 16-byte headers of every record (one compiled ``pread`` each, see
+raw_pread) and builds a frame table: for each frame number, which file and record hold each of its
+4 sectors. :meth:`RawScan.read_frames` then reads frames straight from the files into a buffer with
+``preadv`` (one system call per run of consecutive records); offline counting reads them inside
+its compiled threads instead (counting.from_files). Memory stays at a few frames whatever the scan
+size; the index costs ~60 bytes per frame, <3% of the counted events it yields.
 
 Bad records never stop the scan: they are rejected with a reason in the ledger and a log line
 naming the file and byte offset. What cannot be read at all (no raw file, a name without a module
@@ -28,9 +29,9 @@ from stemstream.formats.raw import (
     RawFormatError,
     discover_raw_files,
     inspect_raw_file,
-    read_headers,
     sector_rows,
 )
+from stemstream.sources.raw_pread import read_headers
 from stemstream.ledger import ScanLedger
 
 log = logging.getLogger(__name__)
