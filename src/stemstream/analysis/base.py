@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 
 import msgpack
 import numpy as np
+from numba import njit
 
 from stemstream.formats.wire import MessageError
 
@@ -223,6 +224,18 @@ def select_frames(positions: np.ndarray, events: np.ndarray, offsets: np.ndarray
     new_offsets = np.zeros(int(np.count_nonzero(keep)) + 1, np.int64)
     np.cumsum(counts[keep], out=new_offsets[1:])
     return positions[keep], events[first : offsets[-1]][event_keep], new_offsets
+
+
+@njit(nogil=True, cache=True, inline="always")
+def pixel_row_col(e, cols, inv_cols):
+    """(row, col) of flat pixel index ``e`` in frames of ``cols`` columns, ``inv_cols = 1.0 / cols``.
+
+    For kernels: a multiply instead of an integer division (several times slower). Exact:
+    ``(e + 0.5) / cols`` is at least ``0.5 / cols`` away from an integer, far more than the
+    rounding error of the product for any ``e`` below 2**50."""
+    e = np.int64(e)
+    r = np.int64((e + 0.5) * inv_cols)
+    return r, e - r * cols
 
 
 # ------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 import numpy as np
 from numba import njit
 
-from stemstream.analysis.base import DEFAULT_FRAME_SHAPE, Analysis, View, check_point, register
+from stemstream.analysis.base import DEFAULT_FRAME_SHAPE, Analysis, View, check_point, pixel_row_col, register
 
 
 @njit(nogil=True, cache=True)
@@ -42,6 +42,7 @@ def _com_kernel(sums, cols, mode, c_row, c_col, radius, positions, events, offse
     # sums (n_positions, 3) int64: sum of rows, sum of cols, electrons kept.
     # mode 0: every electron; 1: within radius of (c_row, c_col); 2: within radius of the frame's CoM.
     n_positions = sums.shape[0]
+    inv_cols = 1.0 / cols
     for i in range(positions.shape[0]):
         p = positions[i]
         if p < 0 or p >= n_positions:
@@ -50,32 +51,28 @@ def _com_kernel(sums, cols, mode, c_row, c_col, radius, positions, events, offse
         b = offsets[i + 1]
         if b == a:
             continue
-        cr = c_row
-        cc = c_col
-        if mode == 2:
-            sr = np.int64(0)
-            sc = np.int64(0)
-            for j in range(a, b):
-                e = np.int64(events[j])
-                sr += e // cols
-                sc += e % cols
-            cr = sr / (b - a)
-            cc = sc / (b - a)
         sr = np.int64(0)
         sc = np.int64(0)
-        k = np.int64(0)
         for j in range(a, b):
-            e = np.int64(events[j])
-            r = e // cols
-            c = e % cols
-            if mode != 0:
-                dr = r - cr
-                dc = c - cc
-                if math.sqrt(dr * dr + dc * dc) > radius:
-                    continue
+            r, c = pixel_row_col(events[j], cols, inv_cols)
             sr += r
             sc += c
-            k += 1
+        k = b - a
+        if mode != 0:
+            # crop: keep electrons with sqrt(dr^2 + dc^2) <= radius, float64 as stempy computes it
+            cr = c_row if mode == 1 else sr / k
+            cc = c_col if mode == 1 else sc / k
+            sr = np.int64(0)
+            sc = np.int64(0)
+            k = np.int64(0)
+            for j in range(a, b):
+                r, c = pixel_row_col(events[j], cols, inv_cols)
+                dr = r - cr
+                dc = c - cc
+                if math.sqrt(dr * dr + dc * dc) <= radius:
+                    sr += r
+                    sc += c
+                    k += 1
         sums[p, 0] += sr
         sums[p, 1] += sc
         sums[p, 2] += k

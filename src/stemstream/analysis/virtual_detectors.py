@@ -17,6 +17,7 @@ Conventions, checked against ``stempy.image.create_stem_images`` 3.6.0 on sparse
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,25 +51,38 @@ def annulus_mask(frame_shape: tuple[int, int], center: tuple[float, float], inne
 
 
 @njit(nogil=True, cache=True)
-def _detectors_kernel(images, lut, positions, events, offsets):
+def _detectors_kernel(images, cols, c_row, c_col, lo2, hi2, positions, events, offsets):
     # images (n_positions, n_detectors + 1) int64, the last column counts all electrons;
-    # lut (n_pixels,) uint16: bit k set where the pixel belongs to detector k.
+    # detector k holds lo2[k] <= r**2 < hi2[k]. First r**2 of every event of the batch (the same
+    # float64 arithmetic as annulus_mask), then per frame and detector a branch-free count: both
+    # loops vectorise, which measured faster than a per-pixel lookup table (cache misses).
     n_positions = images.shape[0]
     n_det = images.shape[1] - 1
-    hits = np.zeros(MAX_DETECTORS, np.int64)
+    first = offsets[0]
+    d2 = np.empty(offsets[offsets.shape[0] - 1] - first, np.float64)
+    inv_cols = 1.0 / cols
+    f_cols = np.float64(cols)
+    for j in range(d2.shape[0]):
+        # pixel_row_col in floats (exact integers), so that the loop vectorises
+        e = np.float64(events[first + j])
+        r = math.floor((e + 0.5) * inv_cols)
+        dr = r - c_row
+        dc = (e - r * f_cols) - c_col
+        d2[j] = dr * dr + dc * dc
     for i in range(positions.shape[0]):
         p = positions[i]
         if p < 0 or p >= n_positions:
             continue
+        a = offsets[i] - first
+        b = offsets[i + 1] - first
         for k in range(n_det):
-            hits[k] = 0
-        for j in range(offsets[i], offsets[i + 1]):
-            bits = lut[events[j]]
-            for k in range(n_det):
-                hits[k] += (bits >> k) & 1
-        for k in range(n_det):
-            images[p, k] += hits[k]
-        images[p, n_det] += offsets[i + 1] - offsets[i]
+            lo = lo2[k]
+            hi = hi2[k]
+            hits = 0
+            for j in range(a, b):
+                hits += (d2[j] >= lo) & (d2[j] < hi)
+            images[p, k] += hits
+        images[p, n_det] += b - a
 
 
 @njit(nogil=True, cache=True)
@@ -126,22 +140,23 @@ class VirtualDetectors(Analysis):
             "annular_dark_field": list(detectors["annular_dark_field"]),
             "extra": {k: list(v) for k, v in detectors.items() if k not in ("bright_field", "annular_dark_field")},
         }
-        lut = np.zeros(self.n_pixels, np.uint16)
-        for k, (inner, outer) in enumerate(detectors.values()):
-            lut |= annulus_mask(self.frame_shape, centre, inner, outer).reshape(-1).astype(np.uint16) << k
-        self.lut = lut
+        self._lo2 = np.array([inner * inner for inner, _ in detectors.values()], np.float64)
+        self._hi2 = np.array([outer * outer for _, outer in detectors.values()], np.float64)
 
     def mask(self, detector: str) -> np.ndarray:
-        """The (rows, cols) bool mask of one detector."""
-        k = list(self.detectors).index(detector)
-        return ((self.lut >> k) & 1).astype(bool).reshape(self.frame_shape)
+        """The (rows, cols) bool mask of one detector (the kernel tests the same inequality)."""
+        inner, outer = self.detectors[detector]
+        return annulus_mask(self.frame_shape, self.center, inner, outer)
 
     def new_partial(self, scan_shape):
         n = scan_shape[0] * scan_shape[1]
         return {"images": np.zeros((n, len(self.detectors) + 1), np.int64)}
 
     def update(self, partial, positions, events, offsets):
-        _detectors_kernel(partial["images"], self.lut, positions, events, offsets)
+        _detectors_kernel(
+            partial["images"], self.frame_shape[1], self.center[0], self.center[1], self._lo2, self._hi2,
+            positions, events, offsets,
+        )
 
     def finish(self, partial, scan_shape):
         images = partial["images"]
@@ -176,14 +191,16 @@ class SummedPattern(Analysis):
         super().__init__(frame_shape)
 
     def new_partial(self, scan_shape):
-        return {"pattern": np.zeros(self.n_pixels, np.int64)}
+        # uint32: half the cache footprint of int64 (measured faster next to counting); a pixel
+        # would need 4e9 electrons to overflow. The result is int64.
+        return {"pattern": np.zeros(self.n_pixels, np.uint32)}
 
     def update(self, partial, positions, events, offsets):
         # The position does not matter here; ScanAnalyses has already dropped frames outside the scan.
         _pattern_kernel(partial["pattern"], events, offsets)
 
     def finish(self, partial, scan_shape):
-        return {"pattern": partial["pattern"].reshape(self.frame_shape).copy()}
+        return {"pattern": partial["pattern"].reshape(self.frame_shape).astype(np.int64)}
 
     def show(self, results):
         return {"pattern": View(results["pattern"], "log")}

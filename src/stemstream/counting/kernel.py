@@ -16,6 +16,7 @@ All kernels release the GIL; :func:`count_frames` spreads a batch over all numba
 from __future__ import annotations
 
 import math
+import mmap
 from dataclasses import dataclass
 
 import numba
@@ -343,6 +344,16 @@ def _integer_window(background: float, xray: float) -> tuple[int, int]:
     return max(lo, 1), min(hi, np.iinfo(np.int64).max)
 
 
+def _sparse_rows(shape: tuple[int, int], dtype) -> np.ndarray:
+    """A zero array on an anonymous memory map: only the pages written become resident. The
+    event rows are sized for the densest possible frame (331 kB for 576 x 576) but a frame fills
+    a few kB; numpy's own large arrays ask for transparent huge pages, which would make every
+    2 MB that a row touches resident (85 MB for 256 rows instead of ~1 MB)."""
+    count = shape[0] * shape[1]
+    buffer = mmap.mmap(-1, max(count * np.dtype(dtype).itemsize, 1))
+    return np.frombuffer(buffer, dtype, count).reshape(shape)
+
+
 class ElectronCounter:
     """Counts batches of frames with fixed thresholds, reusing its buffers between batches.
 
@@ -418,7 +429,7 @@ class ElectronCounter:
         """Per-frame event rows (n, max events per frame) uint32 and counts (n,) int64 for a
         batch of n frames, reused between batches (untouched rows cost no memory)."""
         if self._out.shape[0] < n:
-            self._out = np.empty((n, self._out.shape[1]), np.uint32)
+            self._out = _sparse_rows((n, self._out.shape[1]), np.uint32)
             self._counts = np.empty(n, np.int64)
         return self._out[:n], self._counts[:n]
 

@@ -133,7 +133,10 @@ def count_raw_scan(
             thresholds.background, thresholds.xray, FRAME_SHAPE, dark, gain,
             row_dark=options.row_dark, optimized_mean=thresholds.optimized_mean,
         )
-        writer = SparseCountsWriter(output, scan.scan_shape, FRAME_SHAPE, scan.frames_per_position, overwrite=overwrite)
+        # Flushing every 1024 frames bounds the events held for the file to ~2.5 MB at 0.002 e/px
+        # (twice that while h5py converts them); 4096 measured no faster.
+        writer = SparseCountsWriter(output, scan.scan_shape, FRAME_SHAPE, scan.frames_per_position,
+                                    overwrite=overwrite, flush_frames=1024)
         n_events = _count_all(scan, worker, counter, writer, thresholds, options, progress, t0)
     finally:
         numba.set_num_threads(previous_threads)

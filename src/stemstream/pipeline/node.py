@@ -267,10 +267,12 @@ class NodeScan:
         if waiting:
             oldest = min(waiting)
             absent = [m for m in range(N_MODULES) if m not in self.pending[oldest].parts]
-            alive = any(self.node.module_gated(m) for m in absent)  # a gated module has data queued
+            # Only when the modules it holds wait on it (memory bound reached), and the modules it
+            # lacks have nothing queued and went silent (a dead producer): count it as it stands.
+            blocking = any(self.node.module_gated(m) for m in range(N_MODULES) if m not in absent)
+            alive = any(self.node.module_gated(m) for m in absent)
             quiet_for = time.monotonic() - max(self.node.last_heard[m] for m in absent)
-            if not alive and quiet_for > self.node.config.flow.end_timeout_s:
-                # The modules it lacks went silent (a dead producer): count it as it stands.
+            if blocking and not alive and quiet_for > self.node.config.flow.end_timeout_s:
                 ready.append(oldest)
         return ready
 
