@@ -191,9 +191,42 @@ class Analysis:
         return f"{type(self).__name__}(frame_shape={self.frame_shape}, {params})"
 
 
-def check_batch(positions, events, offsets, n_pixels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A batch of counted frames as contiguous int64 / uint32 / int64 arrays; ValueError if the
-    arrays disagree, offsets are not monotonic or leave ``events``, or a pixel is outside the frame."""
+@njit(nogil=True, cache=True)
+def _batch_stats(positions, events, offsets, n_positions):
+    """One pass over a batch: (offsets_ok, min event, max event, frames inside the scan, lowest and
+    highest position inside, events of frames inside)."""
+    n = positions.shape[0]
+    ok = offsets[0] >= 0 and offsets[n] <= events.shape[0]
+    for i in range(n):
+        if offsets[i + 1] < offsets[i]:
+            ok = False
+    if not ok:
+        return False, 0, 0, 0, 0, 0, 0
+    ev_min = np.int64(0)
+    ev_max = np.int64(0)
+    if offsets[n] > offsets[0]:
+        first = np.uint64(offsets[0])
+        ev_min = np.int64(events[first])
+        ev_max = ev_min
+        for j in range(np.uint64(offsets[n]) - first):  # unsigned indices: the loop vectorises
+            e = np.int64(events[first + j])
+            ev_min = min(ev_min, e)
+            ev_max = max(ev_max, e)
+    n_in = 0
+    lo = n_positions
+    hi = -1
+    n_events = np.int64(0)
+    for i in range(n):
+        p = positions[i]
+        if p >= 0 and p < n_positions:
+            n_in += 1
+            lo = min(lo, p)
+            hi = max(hi, p)
+            n_events += offsets[i + 1] - offsets[i]
+    return True, ev_min, ev_max, n_in, lo, hi + 1, n_events
+
+
+def _checked(positions, events, offsets, n_pixels: int, n_positions: int):
     positions = np.asarray(positions)
     events = np.asarray(events)
     offsets = np.asarray(offsets)
@@ -205,14 +238,23 @@ def check_batch(positions, events, offsets, n_pixels: int) -> tuple[np.ndarray, 
         raise ValueError(f"offsets must be {len(positions) + 1} integers (one more than positions), got shape {offsets.shape}")
     positions = np.ascontiguousarray(positions, np.int64)
     offsets = np.ascontiguousarray(offsets, np.int64)
-    if len(positions) and (offsets[0] < 0 or offsets[-1] > len(events) or np.any(offsets[1:] < offsets[:-1])):
+    if events.dtype.kind == "u" and events.dtype.itemsize > 4:
+        events = events.astype(np.int64)  # uint64: numba would mix signs; values are checked below
+    events = np.ascontiguousarray(events)
+    stats = _batch_stats(positions, events, offsets, n_positions)
+    if not stats[0]:
         raise ValueError("offsets must be non-decreasing and within events")
-    used = events[offsets[0] : offsets[-1]] if len(positions) else events[:0]
-    if used.size:
-        lo, hi = (int(used.min()), int(used.max())) if used.dtype.kind == "i" else (0, int(used.max()))
-        if lo < 0 or hi >= n_pixels:
-            raise ValueError(f"an event's pixel index lies outside the frame of {n_pixels} pixels")
-    events = np.ascontiguousarray(events, np.uint32)
+    if stats[1] < 0 or stats[2] >= n_pixels:
+        raise ValueError(f"an event's pixel index lies outside the frame of {n_pixels} pixels")
+    if events.dtype != np.uint32:
+        events = events.astype(np.uint32)
+    return positions, events, offsets, stats
+
+
+def check_batch(positions, events, offsets, n_pixels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A batch of counted frames as contiguous int64 / uint32 / int64 arrays; ValueError if the
+    arrays disagree, offsets are not monotonic or leave ``events``, or a pixel is outside the frame."""
+    positions, events, offsets, _ = _checked(positions, events, offsets, n_pixels, 0)
     return positions, events, offsets
 
 
@@ -443,16 +485,14 @@ class ScanAnalyses:
 
     def accumulate(self, positions, events, offsets) -> None:
         """Add a batch of counted frames to every analysis (checked once; ValueError if bad)."""
-        positions, events, offsets = check_batch(positions, events, offsets, self.n_pixels)
+        positions, events, offsets, stats = _checked(positions, events, offsets, self.n_pixels, self.n_positions)
         n = len(positions)
         if n == 0:
             return
-        inside = (positions >= 0) & (positions < self.n_positions)
-        n_in = int(np.count_nonzero(inside))
+        _, _, _, n_in, lo, hi, n_events = stats
         skipped = n - n_in
         if skipped:
-            positions, events, offsets = select_frames(positions, events, offsets, inside)
-        n_events = int(offsets[-1] - offsets[0])
+            positions, events, offsets = select_frames(positions, events, offsets, (positions >= 0) & (positions < self.n_positions))
         if n_in:
             for a in self.analyses:
                 a.update(self.partials[a.name], positions, events, offsets)
@@ -464,8 +504,6 @@ class ScanAnalyses:
         d["events"] += n_events
         d["skipped"] += skipped
         if n_in:
-            lo = int(positions.min())
-            hi = int(positions.max()) + 1
             d["lo"] = lo if d["lo"] is None else min(d["lo"], lo)
             d["hi"] = hi if d["hi"] is None else max(d["hi"], hi)
 

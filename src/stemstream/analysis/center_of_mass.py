@@ -51,10 +51,12 @@ def _com_kernel(sums, cols, mode, c_row, c_col, radius, positions, events, offse
         b = offsets[i + 1]
         if b == a:
             continue
+        # unsigned indices let this loop vectorise (numba's wrap-around of negative indices does not)
         sr = np.int64(0)
         sc = np.int64(0)
-        for j in range(a, b):
-            r, c = pixel_row_col(events[j], cols, inv_cols)
+        ua = np.uint64(a)
+        for j in range(np.uint64(b - a)):
+            r, c = pixel_row_col(events[ua + j], cols, inv_cols)
             sr += r
             sc += c
         k = b - a

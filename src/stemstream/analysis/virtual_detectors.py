@@ -53,42 +53,47 @@ def annulus_mask(frame_shape: tuple[int, int], center: tuple[float, float], inne
 @njit(nogil=True, cache=True)
 def _detectors_kernel(images, cols, c_row, c_col, lo2, hi2, positions, events, offsets):
     # images (n_positions, n_detectors + 1) int64, the last column counts all electrons;
-    # detector k holds lo2[k] <= r**2 < hi2[k]. First r**2 of every event of the batch (the same
-    # float64 arithmetic as annulus_mask), then per frame and detector a branch-free count: both
-    # loops vectorise, which measured faster than a per-pixel lookup table (cache misses).
+    # detector k holds lo2[k] <= r**2 < hi2[k]. Per frame, first r**2 of its events (the same
+    # float64 arithmetic as annulus_mask), then per detector a branch-free count. Both loops
+    # vectorise: floats and unsigned indices (numba's wrap-around of negative signed indices
+    # stops LLVM vectorising); measured ~5x faster than a per-pixel lookup table (cache misses).
     n_positions = images.shape[0]
     n_det = images.shape[1] - 1
-    first = offsets[0]
-    d2 = np.empty(offsets[offsets.shape[0] - 1] - first, np.float64)
+    longest = 0
+    for i in range(positions.shape[0]):
+        longest = max(longest, offsets[i + 1] - offsets[i])
+    d2 = np.empty(longest, np.float64)  # small: one frame's events
     inv_cols = 1.0 / cols
     f_cols = np.float64(cols)
-    for j in range(d2.shape[0]):
-        # pixel_row_col in floats (exact integers), so that the loop vectorises
-        e = np.float64(events[first + j])
-        r = math.floor((e + 0.5) * inv_cols)
-        dr = r - c_row
-        dc = (e - r * f_cols) - c_col
-        d2[j] = dr * dr + dc * dc
     for i in range(positions.shape[0]):
         p = positions[i]
         if p < 0 or p >= n_positions:
             continue
-        a = offsets[i] - first
-        b = offsets[i + 1] - first
+        a = np.uint64(offsets[i])
+        m = np.uint64(offsets[i + 1] - offsets[i])
+        for j in range(m):
+            # pixel_row_col in floats (exact integers)
+            e = np.float64(events[a + j])
+            r = math.floor((e + 0.5) * inv_cols)
+            dr = r - c_row
+            dc = (e - r * f_cols) - c_col
+            d2[j] = dr * dr + dc * dc
         for k in range(n_det):
             lo = lo2[k]
             hi = hi2[k]
-            hits = 0
-            for j in range(a, b):
-                hits += (d2[j] >= lo) & (d2[j] < hi)
+            hits = np.int64(0)
+            for j in range(m):
+                x = d2[j]
+                hits += (x >= lo) & (x < hi)
             images[p, k] += hits
-        images[p, n_det] += b - a
+        images[p, n_det] += np.int64(m)
 
 
 @njit(nogil=True, cache=True)
 def _pattern_kernel(pattern, events, offsets):
-    for j in range(offsets[0], offsets[offsets.shape[0] - 1]):
-        pattern[events[j]] += 1
+    first = np.uint64(offsets[0])
+    for j in range(np.uint64(offsets[offsets.shape[0] - 1]) - first):
+        pattern[np.uint64(events[first + j])] += 1
 
 
 class VirtualDetectors(Analysis):

@@ -4,7 +4,8 @@ One ROUTER socket answers small msgpack requests (``op`` names the request); eve
 reply. Roles learn about scans from the replies to their heartbeats, so no broadcast can be missed
 by a late joiner. Requests:
 
-- ``heartbeat {role, id, stats}`` -> ``{scans: [spec...], shutdown}``: the open scans.
+- ``heartbeat {role, id, stats}`` -> ``{scans: [spec...], shutdown, ages}``: the open scans, and
+  how long ago each role last checked in (node groups tell a dead producer from a slow one).
 - ``start_scan {scan_number, scan_shape, frames_per_position, ...}`` -> ``{scan: spec}``.
 - ``get_scan {scan}`` -> ``{scan: spec}`` (thresholds appear once calibrated).
 - ``calibration {scan, node, values, counts, n_frames}``: a node group's pixel histogram.
@@ -82,7 +83,9 @@ class Control:
     def _op_heartbeat(self, req: dict) -> dict:
         key = f"{req['role']}-{req.get('id', 0)}"
         self.roles[key] = {"role": req["role"], "id": req.get("id", 0), "seen": time.time(), "stats": req.get("stats", {})}
-        return {"ok": True, "scans": self._open_specs(), "shutdown": self.shutting_down}
+        now = time.time()
+        ages = {k: now - v["seen"] for k, v in self.roles.items()}
+        return {"ok": True, "scans": self._open_specs(), "shutdown": self.shutting_down, "ages": ages}
 
     def _op_status(self, req: dict) -> dict:
         now = time.time()

@@ -267,12 +267,11 @@ class NodeScan:
         if waiting:
             oldest = min(waiting)
             absent = [m for m in range(N_MODULES) if m not in self.pending[oldest].parts]
-            # Only when the modules it holds wait on it (memory bound reached), and the modules it
-            # lacks have nothing queued and went silent (a dead producer): count it as it stands.
+            # Only when the modules it holds wait on it (memory bound reached) and a module it
+            # lacks has a dead producer (control stopped hearing from it): count it as it stands.
+            # A slow producer is waited for: backpressure and spilling bound that wait upstream.
             blocking = any(self.node.module_gated(m) for m in range(N_MODULES) if m not in absent)
-            alive = any(self.node.module_gated(m) for m in absent)
-            quiet_for = time.monotonic() - max(self.node.last_heard[m] for m in absent)
-            if blocking and not alive and quiet_for > self.node.config.flow.end_timeout_s:
+            if blocking and any(self.node.role_is_dead(f"producer-{m}") for m in absent):
                 ready.append(oldest)
         return ready
 
@@ -359,7 +358,6 @@ class NodeGroup(Role):
             sock = self.data_socket(zmq.PULL)
             sock.bind(config.network.bind(config.network.node_port(index, module)))
             self.inputs.append(sock)
-        self.last_heard = [time.monotonic()] * N_MODULES
         self.events_out = self.data_socket(zmq.PUSH, hwm=64, linger_ms=5000)
         self.events_out.connect(config.network.writer())
         self.scans: dict[int, NodeScan] = {}
@@ -425,14 +423,7 @@ class NodeGroup(Role):
             self.reject(exc.reason, str(exc))
 
     def run(self) -> None:
-        last_loop = time.monotonic()
         while not self.shutdown:
-            now = time.monotonic()
-            if now - last_loop > 1.0:
-                # This process was not running (stopped, swapped out): silence measured across
-                # that gap says nothing about the producers.
-                self.last_heard = [now] * N_MODULES
-            last_loop = now
             poller = zmq.Poller()
             for module, sock in enumerate(self.inputs):
                 if not self.module_gated(module):
@@ -441,7 +432,6 @@ class NodeGroup(Role):
             for module, sock in enumerate(self.inputs):
                 if sock not in events:
                     continue
-                self.last_heard[module] = time.monotonic()
                 for _ in range(8):
                     try:
                         parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)

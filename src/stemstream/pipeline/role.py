@@ -34,6 +34,8 @@ class Role:
         self.counters: Counter = Counter()
         self.rejected: Counter = Counter()
         self.shutdown = False
+        self.role_ages: dict[str, float] = {}  # seconds since each role's last heartbeat, per control
+        self.role_ages_at = 0.0
         self._next_heartbeat = 0.0
         self._control_missing_since: float | None = None
         self._process = psutil.Process(os.getpid())
@@ -66,6 +68,17 @@ class Role:
             self.scan_specs[int(spec["scan"])] = spec
         if reply.get("shutdown"):
             self.shutdown = True
+        self.role_ages = reply.get("ages", {})
+        self.role_ages_at = now
+
+    def role_is_dead(self, key: str) -> bool:
+        """True when control has not heard from role ``key`` (e.g. "producer-2") for several
+        heartbeats. A role control never heard of is not called dead."""
+        age = self.role_ages.get(key)
+        if age is None:
+            return False
+        age += time.monotonic() - self.role_ages_at
+        return age > 4 * self.config.flow.heartbeat_s + 1.0
 
     def is_finished(self, spec: dict) -> bool:
         return (int(spec["scan"]), int(spec["epoch"])) in self.finished
