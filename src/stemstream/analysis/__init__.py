@@ -55,6 +55,7 @@ from stemstream.analysis.base import (
     decode_partials,
     encode_partials,
     register,
+    warm_up,
 )
 from stemstream.analysis.center_of_mass import CenterOfMass, dpc_phase, stempy_com
 from stemstream.analysis.virtual_detectors import SummedPattern, VirtualDetectors
@@ -130,4 +131,5 @@ __all__ = [
     "encode_partials",
     "register",
     "stempy_com",
+    "warm_up",
 ]

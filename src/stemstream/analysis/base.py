@@ -27,6 +27,8 @@ analysis modules can register themselves without importing the package's ``__ini
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -181,7 +183,8 @@ class Analysis:
     # -- provided ---------------------------------------------------------------------------------
 
     def accumulate(self, partial: dict[str, np.ndarray], positions, events, offsets) -> None:
-        """Check a batch (ValueError if it is inconsistent) and :meth:`update` ``partial`` with it."""
+        """Check a batch (ValueError if it is inconsistent) and :meth:`update` ``partial`` with it.
+        Frames outside the scan are left to the kernel here; :class:`ScanAnalyses` drops them."""
         positions, events, offsets = check_batch(positions, events, offsets, self.n_pixels)
         if len(positions):
             self.update(partial, positions, events, offsets)
@@ -326,6 +329,7 @@ class PartialsMessage:
     window: tuple[int, int] | None = None
     windowed: set[tuple[str, str]] = field(default_factory=set)
     info: dict[str, int] = field(default_factory=dict)
+    fingerprint: str | None = None
 
 
 def encode_partials(
@@ -334,11 +338,13 @@ def encode_partials(
     window: tuple[int, int] | None = None,
     windowed: Iterable[tuple[str, str]] = (),
     info: Mapping[str, int] | None = None,
+    fingerprint: str | None = None,
 ) -> list:
     """Parts of a partials message: ``[header, array_0, array_1, ...]``; the header is msgpack,
     the arrays travel as raw buffers (no copy for contiguous arrays). ``windowed`` names the
     (analysis, key) arrays that hold rows ``window[0]:window[1]`` of a per-position array.
-    The caller puts its own envelope (kind, scan, node) in front."""
+    ``fingerprint`` (a short string, see :func:`fingerprint`) lets the receiver check that both
+    sides configured the same analyses. The caller puts its own envelope (kind, scan, node) in front."""
     windowed = set(windowed)
     entries = []
     buffers = []
@@ -355,6 +361,7 @@ def encode_partials(
         "format": PARTIALS_FORMAT,
         "window": None if window is None else [int(window[0]), int(window[1])],
         "info": {str(k): int(v) for k, v in (info or {}).items()},
+        "fingerprint": fingerprint,
         "arrays": entries,
     }
     return [msgpack.packb(header, use_bin_type=True), *buffers]
@@ -393,6 +400,9 @@ def decode_partials(parts: list) -> PartialsMessage:
         ):
             raise MessageError("bad_envelope", f"window {window!r} is not [lo, hi] with 0 <= lo <= hi")
         window = (window[0], window[1])
+    fp = header.get("fingerprint")
+    if fp is not None and not (isinstance(fp, str) and len(fp) <= 64):
+        raise MessageError("bad_envelope", "fingerprint must be a short string")
     if len(parts) != 1 + len(entries):
         raise MessageError("wrong_part_count", f"{len(parts)} parts for {len(entries)} arrays")
     out: dict[str, dict[str, np.ndarray]] = {}
@@ -425,7 +435,17 @@ def decode_partials(parts: list) -> PartialsMessage:
                 raise MessageError("bad_envelope", f"{name}/{key}: windowed rows do not match the window")
             windowed.add((name, key))
         out.setdefault(name, {})[key] = np.frombuffer(buf, dt).reshape(shape)
-    return PartialsMessage(out, window, windowed, info)
+    return PartialsMessage(out, window, windowed, info, fp)
+
+
+def fingerprint(analyses: Iterable[Analysis]) -> str:
+    """A short digest of the analyses' names, classes, frame shape and parameters: equal on a node
+    group and the writer when both built the same analyses."""
+    desc = [
+        [a.name, f"{type(a).__module__}.{type(a).__qualname__}", list(a.frame_shape), a.params] for a in analyses
+    ]
+    text = json.dumps(desc, sort_keys=True, default=repr)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -465,6 +485,7 @@ class ScanAnalyses:
         self.frames = 0
         self.events = 0
         self.frames_skipped = 0
+        self.fingerprint = fingerprint(self.analyses)
         self._since = self._empty_delta()
 
     @staticmethod
@@ -507,6 +528,12 @@ class ScanAnalyses:
             d["lo"] = lo if d["lo"] is None else min(d["lo"], lo)
             d["hi"] = hi if d["hi"] is None else max(d["hi"], hi)
 
+    @property
+    def pending(self) -> int:
+        """Frames (and skipped frames) accumulated since the last :meth:`take_partials`: 0 means
+        a take would only send zeros, so a timer may skip it."""
+        return self._since["frames"] + self._since["skipped"]
+
     def take_partials(self) -> list:
         """Encode what was accumulated since the last take (per-position arrays only for the
         window of positions touched) and reset it. Returns the parts of :func:`encode_partials`;
@@ -515,7 +542,7 @@ class ScanAnalyses:
         lo, hi = (d["lo"], d["hi"]) if d["lo"] is not None else (0, 0)
         views, windowed = self._views(lo, hi)
         info = {"frames": d["frames"], "events": d["events"], "skipped": d["skipped"]}
-        parts = encode_partials(views, window=(lo, hi), windowed=windowed, info=info)
+        parts = encode_partials(views, window=(lo, hi), windowed=windowed, info=info, fingerprint=self.fingerprint)
         # encode_partials shares contiguous buffers: copy before resetting them
         parts = [parts[0]] + [bytes(p) if not isinstance(p, bytes) else p for p in parts[1:]]
         for a in self.analyses:
@@ -545,6 +572,8 @@ class ScanAnalyses:
         scan's analyses (names, keys, dtypes, shapes, window) before anything is merged: a
         mismatch raises MessageError('partial_mismatch') and leaves the partials unchanged."""
         msg = decode_partials(parts)
+        if msg.fingerprint is not None and msg.fingerprint != self.fingerprint:
+            raise MessageError("partial_mismatch", "the sender's analyses are configured differently")
         lo, hi = msg.window if msg.window is not None else (0, 0)
         if hi > self.n_positions:
             raise MessageError("partial_mismatch", f"window {lo}..{hi} beyond {self.n_positions} positions")
@@ -591,3 +620,14 @@ class ScanAnalyses:
 
     def info(self) -> dict[str, int]:
         return {"frames": self.frames, "events": self.events, "frames_skipped": self.frames_skipped}
+
+
+def warm_up(analyses: Iterable[Analysis]) -> None:
+    """Run every step once on a one-electron scan, so numba compiles (or loads its cache) before
+    the first real batch: call it when a node group or the writer starts."""
+    analyses = list(analyses)
+    node = ScanAnalyses(analyses, (1, 1))
+    node.accumulate(np.zeros(1, np.int64), np.zeros(1, np.uint32), np.array([0, 1], np.int64))
+    writer = ScanAnalyses(analyses, (1, 1))
+    writer.merge_parts(node.take_partials())
+    writer.views()
