@@ -73,12 +73,13 @@ class Role:
 
     def role_is_dead(self, key: str) -> bool:
         """True when control has not heard from role ``key`` (e.g. "producer-2") for several
-        heartbeats. A role control never heard of is not called dead."""
+        heartbeats (at least 5 s: a loaded machine delays heartbeats, and calling a slow producer
+        dead costs frames). A role control never heard of is not called dead."""
         age = self.role_ages.get(key)
         if age is None:
             return False
         age += time.monotonic() - self.role_ages_at
-        return age > 4 * self.config.flow.heartbeat_s + 1.0
+        return age > max(10 * self.config.flow.heartbeat_s, 5.0)
 
     def is_finished(self, spec: dict) -> bool:
         return (int(spec["scan"]), int(spec["epoch"])) in self.finished
