@@ -140,6 +140,8 @@ class PipelineConfig:
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     counting: CountingSettings = field(default_factory=CountingSettings)
     flow: FlowSettings = field(default_factory=FlowSettings)
+    # [analysis]: which live analyses run and their parameters (see stemstream.analysis)
+    analysis: dict = field(default_factory=dict)
 
     def validate(self) -> PipelineConfig:
         """Check values that types cannot; raises ConfigError. Returns self."""
@@ -170,13 +172,22 @@ class PipelineConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        from stemstream.analysis import default_analyses
+
+        try:
+            default_analyses(config=self.analysis)
+        except ValueError as exc:
+            raise ConfigError(f"[analysis] {exc}") from None
         return self
 
     def to_dict(self) -> dict:
         def clean(obj: Any) -> Any:
             return {k: v for k, v in dataclasses.asdict(obj).items() if v is not None}
 
-        return {name: clean(getattr(self, name)) for name in ("network", "pipeline", "counting", "flow")}
+        sections = {name: clean(getattr(self, name)) for name in ("network", "pipeline", "counting", "flow")}
+        if self.analysis:
+            sections["analysis"] = self.analysis
+        return sections
 
     def write(self, path: str | Path) -> Path:
         path = Path(path)
@@ -213,10 +224,13 @@ def config_from_dict(data: dict) -> PipelineConfig:
     """Build and validate a config from nested dicts (as TOML gives them)."""
     config = PipelineConfig()
     for section, values in data.items():
-        if section not in ("network", "pipeline", "counting", "flow"):
-            raise ConfigError(f"unknown section [{section}] (known: network, pipeline, counting, flow)")
+        if section not in ("network", "pipeline", "counting", "flow", "analysis"):
+            raise ConfigError(f"unknown section [{section}] (known: network, pipeline, counting, flow, analysis)")
         if not isinstance(values, dict):
             raise ConfigError(f"[{section}] must be a table of settings")
+        if section == "analysis":
+            config.analysis = values  # checked by stemstream.analysis in validate()
+            continue
         target = getattr(config, section)
         known = {f.name: f.type for f in dataclasses.fields(target)}
         for name, value in values.items():

@@ -292,6 +292,13 @@ class SparseCountsWriter:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def h5file(self) -> h5py.File:
+        """The open (temporary) file, for groups of other writers beside ``/electron_events``
+        and ``/metadata`` (e.g. ``/analysis``) before :meth:`close` renames it into place."""
+        self._check_open()
+        return self._file
+
     # -- writing ---------------------------------------------------------------------------
 
     def write(self, slots: np.ndarray, events: Sequence[np.ndarray]) -> None:

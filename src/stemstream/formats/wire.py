@@ -16,6 +16,8 @@ as raw frames, never inside msgpack, so they travel zero-copy.
 - ``EVENTS``   node group -> writer: ``[b"V", envelope, frame_numbers u32, positions i64,
   present u8, offsets i64, events u32]``; present is a bit mask of the modules that arrived.
   envelope: scan, node, n (frames).
+- ``ANALYSIS`` node group -> writer: ``[b"A", envelope, *partials]``: live analyses' partial
+  results since the last such message (stemstream.analysis.encode_partials); envelope: scan, node.
 - ``DONE``     node group -> writer: ``[b"D", envelope]``: the node group finished the scan;
   envelope: scan, node, ledger (a partial ScanLedger.as_dict()), lost (sectors a producer
   reported sent to this node group that never arrived).
@@ -38,7 +40,8 @@ SECTORS = b"S"
 END = b"E"
 EVENTS = b"V"
 DONE = b"D"
-_KINDS = (SECTORS, END, EVENTS, DONE)
+ANALYSIS = b"A"
+_KINDS = (SECTORS, END, EVENTS, DONE, ANALYSIS)
 
 # Envelopes are tiny; anything bigger is garbage or an attack.
 MAX_ENVELOPE_BYTES = 64 * 1024
@@ -264,6 +267,21 @@ def decode_done(parts: list) -> DoneMessage:
     if not isinstance(ledger, dict) or not isinstance(lost, list):
         raise MessageError("bad_envelope", "ledger must be a map and lost a list")
     return DoneMessage(_int_field(envelope, "scan"), _int_field(envelope, "node", 0, 65535), ledger, [int(x) for x in lost])
+
+
+def encode_analysis(scan: int, node: int, partial_parts: list) -> list:
+    return [ANALYSIS, _pack({"scan": scan, "node": node}), *partial_parts]
+
+
+def analysis_envelope(parts: list) -> dict:
+    """Validate the envelope of an ANALYSIS message; the partials (parts[2:]) are checked by
+    stemstream.analysis when merged."""
+    if len(parts) < 3:
+        raise MessageError("wrong_part_count", f"{len(parts)} parts, ANALYSIS has at least 3")
+    envelope = _unpack_envelope(parts[1])
+    _int_field(envelope, "scan")
+    _int_field(envelope, "node", 0, 65535)
+    return envelope
 
 
 def pack_control(message: dict[str, Any]) -> bytes:

@@ -29,6 +29,7 @@ import numba
 import numpy as np
 import zmq
 
+from stemstream.analysis import ScanAnalyses, default_analyses, warm_up
 from stemstream.counting.kernel import ElectronCounter
 from stemstream.counting.thresholds import PixelHistogram, Thresholds, draw_sample_weights
 from stemstream.formats import wire
@@ -37,6 +38,9 @@ from stemstream.pipeline.role import Role
 from stemstream.pipeline.spill import spill_directory
 
 log = logging.getLogger(__name__)
+
+# How often a node group sends its analyses' partial results to the writer (live images).
+_PARTIALS_INTERVAL_S = 0.4
 
 
 @dataclass
@@ -85,6 +89,8 @@ class NodeScan:
         self._spill_writers: dict[int, RawModuleWriter] = {}
         self._frames = np.empty((self.block_frames, *FRAME_SHAPE), np.uint16)
         self.counter: ElectronCounter | None = None
+        self.live = ScanAnalyses(node.analyses, (self.rows, self.cols))
+        self._next_partials = 0.0
         self._calibration_sent = False
         self._histogram = PixelHistogram()
         cal = spec["calibration"]
@@ -235,6 +241,7 @@ class NodeScan:
             wire.encode_events(self.number, self.node.index, assembled.frame_numbers, assembled.positions,
                                assembled.present, counted.offsets, counted.events)
         )
+        self.live.accumulate(assembled.positions, counted.events, counted.offsets)
         self.node.counters["frames_counted"] += len(assembled.frame_numbers)
         self.node.counters["events"] += len(counted.events)
 
@@ -320,6 +327,11 @@ class NodeScan:
                 self._spill_block(number, block)
             else:
                 self._count_block(number, block)
+        now = time.monotonic()
+        if self.live.pending and (now >= self._next_partials or (final and not self.pending)):
+            # live images a few times a second; everything before DONE
+            self.node.send_events(wire.encode_analysis(self.number, self.node.index, self.live.take_partials()))
+            self._next_partials = now + _PARTIALS_INTERVAL_S
         if final and not self.pending:
             self._finish()
 
@@ -362,8 +374,10 @@ class NodeGroup(Role):
         self.events_out.connect(config.network.writer())
         self.scans: dict[int, NodeScan] = {}
         numba.set_num_threads(min(config.counting.workers, numba.config.NUMBA_NUM_THREADS))
+        self.analyses = default_analyses(FRAME_SHAPE, config.analysis)
         # Load the compiled kernels now, not when the first scan's frames are waiting.
         ElectronCounter(28.0, 1000.0, FRAME_SHAPE).count(np.zeros((1, *FRAME_SHAPE), np.uint16))
+        warm_up(self.analyses)
 
     def send_events(self, parts: list) -> None:
         # Events are small (~2 kB a frame): copying beats pyzmq's zero-copy bookkeeping.

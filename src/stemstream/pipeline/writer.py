@@ -17,6 +17,8 @@ import numpy as np
 import zmq
 
 from stemstream import __version__
+from stemstream.analysis import ScanAnalyses, default_analyses
+from stemstream.analysis.run import store_results, write_pngs
 from stemstream.counting.thresholds import Thresholds
 from stemstream.formats import wire
 from stemstream.formats.raw import FRAME_SHAPE, N_MODULES
@@ -51,6 +53,8 @@ class WriterScan:
         self.rank = np.zeros(self.shape[0] * self.shape[1], np.uint16)  # frames so far per position
         self.held: dict[int, list] = {}  # position -> [(frame number, events)] not yet written
         self.out = SparseCountsWriter(self.path, self.shape, FRAME_SHAPE, self.fpp, overwrite=True)
+        self.analyses = ScanAnalyses(writer.analyses, self.shape)
+        self.pngs: list[Path] = []
         if spec.get("resume") and self.path.exists():
             self._carry_over(self.path)
 
@@ -123,6 +127,10 @@ class WriterScan:
         elif len(keep):
             self.out.write(slots[keep], [events[offsets[index[k]]:offsets[index[k] + 1]] for k in keep])
 
+    def add_partials(self, parts: list) -> None:
+        self.last_activity = time.monotonic()
+        self.analyses.merge_parts(parts)
+
     def add_done(self, msg: wire.DoneMessage) -> None:
         self.last_activity = time.monotonic()
         if msg.node in self.done_nodes:
@@ -184,8 +192,16 @@ class WriterScan:
             "scan_number": self.number, "node_groups": self.n_nodes, "seconds": elapsed,
             "events": self.n_events, "ledger": ledger,
         })
+        results = self.analyses.finish()
+        store_results(self.out.h5file, self.analyses.analyses, results,
+                      info={**self.analyses.info(), "source": "stream"})
         self.out.close()
         summary["closed_wall"] = time.time()  # file renamed into place (wall clock, s)
+        try:
+            self.pngs = write_pngs(self.analyses.analyses, results, self.path.parent, self.path.stem)
+        except OSError as exc:
+            log.warning("scan %d: images not written: %s", self.number, exc)
+        summary["images"] = [str(p) for p in self.pngs]
         self.closed = True
         if missing_nodes:
             log.warning("scan %d closed without DONE from node group(s) %s", self.number, missing_nodes)
@@ -201,6 +217,7 @@ class Writer(Role):
         self.events_in = self.data_socket(zmq.PULL, hwm=64)
         self.events_in.bind(config.network.bind(config.network.writer_port))
         self.scans: dict[int, WriterScan] = {}
+        self.analyses = default_analyses(FRAME_SHAPE, config.analysis)
         Path(config.pipeline.output_dir).mkdir(parents=True, exist_ok=True)
 
     def _scan(self, number: int) -> WriterScan | None:
@@ -220,6 +237,12 @@ class Writer(Role):
                 if scan is None:
                     raise wire.MessageError("unknown_scan", f"scan {msg.scan}")
                 scan.add_events(msg)
+            elif kind == wire.ANALYSIS:
+                envelope = wire.analysis_envelope(parts)
+                scan = self._scan(envelope["scan"])
+                if scan is None:
+                    raise wire.MessageError("unknown_scan", f"scan {envelope['scan']}")
+                scan.add_partials(parts[2:])
             elif kind == wire.DONE:
                 msg = wire.decode_done(parts)
                 scan = self._scan(msg.scan)
