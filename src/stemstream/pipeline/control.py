@@ -10,6 +10,8 @@ by a late joiner. Requests:
 - ``get_scan {scan}`` -> ``{scan: spec}`` (thresholds appear once calibrated).
 - ``calibration {scan, node, values, counts, n_frames}``: a node group's pixel histogram.
 - ``scan_done {scan, summary}`` from the writer; ``status {}``; ``shutdown {}``.
+- ``live_images {scan, images, progress}`` from the writer (PNG bytes by name, a few times a
+  second); ``live {scan}`` -> ``{images, progress, updated}``: the latest, for the dashboard.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ class ScanState:
     histogram: PixelHistogram | None = None
     contributors: set[int] = field(default_factory=set)
     summary: dict | None = None
+    images: dict = field(default_factory=dict)  # latest live images: name -> PNG bytes
+    progress: dict = field(default_factory=dict)
+    images_updated: float = 0.0
 
 
 class Control:
@@ -176,6 +181,22 @@ class Control:
             state.state = "closed" if req.get("ok", True) else "failed"
             state.summary = req.get("summary")
         return {"ok": True}
+
+    def _op_live_images(self, req: dict) -> dict:
+        state = self.scans.get(int(req["scan"]))
+        if state is not None:
+            images = req.get("images", {})
+            if not isinstance(images, dict) or not all(isinstance(v, bytes) for v in images.values()):
+                return {"ok": False, "error": "images must map names to PNG bytes"}
+            state.images, state.progress, state.images_updated = images, dict(req.get("progress", {})), time.time()
+        return {"ok": True}
+
+    def _op_live(self, req: dict) -> dict:
+        state = self.scans.get(int(req["scan"]))
+        if state is None:
+            return {"ok": False, "error": f"unknown scan {req['scan']}"}
+        return {"ok": True, "images": state.images, "progress": state.progress, "updated": state.images_updated,
+                "state": state.state}
 
     def _op_shutdown(self, req: dict) -> dict:
         self.shutting_down = True

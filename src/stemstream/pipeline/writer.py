@@ -18,7 +18,7 @@ import zmq
 
 from stemstream import __version__
 from stemstream.analysis import ScanAnalyses, default_analyses
-from stemstream.analysis.run import store_results, write_pngs
+from stemstream.analysis.run import png_bytes, scale_image, store_results, write_pngs
 from stemstream.counting.thresholds import Thresholds
 from stemstream.formats import wire
 from stemstream.formats.raw import FRAME_SHAPE, N_MODULES
@@ -29,6 +29,8 @@ from stemstream.pipeline.role import Role
 log = logging.getLogger(__name__)
 
 _ALL_MODULES = (1 << N_MODULES) - 1
+# Live images go to control this often while a scan runs (the dashboard wants >= 2 per second).
+_LIVE_INTERVAL_S = 0.4
 
 
 class WriterScan:
@@ -131,6 +133,19 @@ class WriterScan:
         self.last_activity = time.monotonic()
         self.analyses.merge_parts(parts)
 
+    def live_images(self) -> dict[str, bytes]:
+        """The analyses' current images as PNG bytes, ``<analysis>/<name>`` -> PNG."""
+        images = {}
+        for name, views in self.analyses.views().items():
+            for key, view in views.items():
+                images[f"{name}/{key}"] = png_bytes(scale_image(view.image, view.kind))
+        return images
+
+    def progress(self) -> dict:
+        return {"frames_written": self.ledger.frames_received, "frames_expected": self.ledger.frames_expected,
+                "frames_complete": self.ledger.frames_complete, "frames_incomplete": self.ledger.frames_incomplete,
+                "events": self.n_events, "seconds": time.time() - self.started}
+
     def add_done(self, msg: wire.DoneMessage) -> None:
         self.last_activity = time.monotonic()
         if msg.node in self.done_nodes:
@@ -218,6 +233,7 @@ class Writer(Role):
         self.events_in.bind(config.network.bind(config.network.writer_port))
         self.scans: dict[int, WriterScan] = {}
         self.analyses = default_analyses(FRAME_SHAPE, config.analysis)
+        self._next_live = 0.0
         Path(config.pipeline.output_dir).mkdir(parents=True, exist_ok=True)
 
     def _scan(self, number: int) -> WriterScan | None:
@@ -270,10 +286,26 @@ class Writer(Role):
         except Exception as exc:  # control away: the file and its metadata still say it all
             log.warning("could not report scan %d to control: %s", scan.number, exc)
 
+    def publish_live(self) -> None:
+        """Send each open scan's live images and progress to control (for the dashboard)."""
+        now = time.monotonic()
+        if now < self._next_live:
+            return
+        self._next_live = now + _LIVE_INTERVAL_S
+        for scan in self.scans.values():
+            if scan.analyses.frames == 0:
+                continue
+            try:
+                self.control.request("live_images", timeout_s=1.0, scan=scan.number, images=scan.live_images(),
+                                     progress=scan.progress())
+            except Exception as exc:  # control busy or away: live images are best effort
+                log.debug("live images of scan %d not sent: %s", scan.number, exc)
+
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.events_in, zmq.POLLIN)
         while not self.shutdown:
+            self.publish_live()
             if poller.poll(20):
                 for _ in range(64):
                     try:
