@@ -421,15 +421,11 @@ class NodeGroup(Role):
                     raise wire.MessageError("wrong_node", f"routed to {msg.node}, this is {self.index}")
                 if msg.module != module:
                     raise wire.MessageError("wrong_module", f"module {msg.module} on module {module}'s input")
-                scan = self._scan(msg.scan)
-                if scan is None:
-                    raise wire.MessageError("unknown_scan", f"scan {msg.scan}")
+                scan = self.known_scan(msg.scan)
                 scan.add_sectors(msg)
             elif kind == wire.END:
                 msg = wire.decode_end(parts)
-                scan = self._scan(msg.scan)
-                if scan is None:
-                    raise wire.MessageError("unknown_scan", f"scan {msg.scan}")
+                scan = self.known_scan(msg.scan)
                 scan.add_end(msg)
             else:
                 raise wire.MessageError("unexpected_kind", repr(kind))

@@ -11,6 +11,7 @@ import psutil
 import zmq
 
 from stemstream.deploy.config import PipelineConfig
+from stemstream.formats.wire import MessageError
 from stemstream.pipeline.control_client import ControlClient, ControlUnavailable
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,18 @@ class Role:
         sock.setsockopt(zmq.SNDBUF if kind == zmq.PUSH else zmq.RCVBUF, _KERNEL_BUFFER_BYTES)
         sock.setsockopt(zmq.LINGER, linger_ms)
         return sock
+
+    def _scan(self, number: int):
+        """This role's state of scan ``number``, opened on first use; None if control has no
+        such open scan. Roles that keep per-scan state override it."""
+        raise NotImplementedError
+
+    def known_scan(self, number: int):
+        """Like :meth:`_scan`, but a message for a scan nobody opened is an error."""
+        scan = self._scan(number)
+        if scan is None:
+            raise MessageError("unknown_scan", f"scan {number}")
+        return scan
 
     def reject(self, reason: str, detail: str = "") -> None:
         """Count a rejected message; log the first few of each reason."""

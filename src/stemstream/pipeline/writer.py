@@ -249,21 +249,15 @@ class Writer(Role):
             kind = wire.kind_of(parts)
             if kind == wire.EVENTS:
                 msg = wire.decode_events(parts, FRAME_SHAPE[0] * FRAME_SHAPE[1])
-                scan = self._scan(msg.scan)
-                if scan is None:
-                    raise wire.MessageError("unknown_scan", f"scan {msg.scan}")
+                scan = self.known_scan(msg.scan)
                 scan.add_events(msg)
             elif kind == wire.ANALYSIS:
                 envelope = wire.analysis_envelope(parts)
-                scan = self._scan(envelope["scan"])
-                if scan is None:
-                    raise wire.MessageError("unknown_scan", f"scan {envelope['scan']}")
+                scan = self.known_scan(envelope["scan"])
                 scan.add_partials(parts[2:])
             elif kind == wire.DONE:
                 msg = wire.decode_done(parts)
-                scan = self._scan(msg.scan)
-                if scan is None:
-                    raise wire.MessageError("unknown_scan", f"scan {msg.scan}")
+                scan = self.known_scan(msg.scan)
                 scan.add_done(msg)
             else:
                 raise wire.MessageError("unexpected_kind", repr(kind))
