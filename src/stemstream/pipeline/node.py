@@ -31,6 +31,7 @@ import zmq
 
 from stemstream.analysis import ScanAnalyses, default_analyses, warm_up
 from stemstream.counting.kernel import ElectronCounter
+from stemstream.counting.sectors import count_from_sectors
 from stemstream.counting.thresholds import PixelHistogram, Thresholds, draw_sample_weights
 from stemstream.formats import wire
 from stemstream.formats.raw import FRAME_SHAPE, N_MODULES, RawModuleWriter, sector_rows
@@ -54,11 +55,24 @@ class Block:
 
 
 @dataclass
-class AssembledBlock:
+class IndexedBlock:
+    """A block's frames as references into the received records, without copying pixels."""
+
     frame_numbers: np.ndarray  # (n,) uint32, ascending
     positions: np.ndarray  # (n,) int64
     present: np.ndarray  # (n,) uint8 bit mask of modules
-    frames: np.ndarray  # (n, 576, 576) uint16
+    buffers: list  # module -> RECORD_DTYPE array of the records kept (or None)
+    records: np.ndarray  # (n, 4) int64 index into buffers[module], -1 where the sector is missing
+
+    def frames(self, out: np.ndarray) -> np.ndarray:
+        """The frames assembled into ``out`` (at least n x 576 x 576 uint16); missing sectors zero."""
+        frames = out[: len(self.frame_numbers)]
+        for module in range(N_MODULES):
+            rows = sector_rows(module)
+            data = self.buffers[module]["data"] if self.buffers[module] is not None else None
+            for i, k in enumerate(self.records[:, module].tolist()):
+                frames[i, rows] = data[k] if k >= 0 else 0
+        return frames
 
 
 class NodeScan:
@@ -87,7 +101,7 @@ class NodeScan:
         self.highest_block = [-1] * N_MODULES  # highest block received per module
         self.spilled_parts: set[tuple[int, int]] = set()  # (block, module) a producer spilled
         self._spill_writers: dict[int, RawModuleWriter] = {}
-        self._frames = np.empty((self.block_frames, *FRAME_SHAPE), np.uint16)
+        self._frames = np.empty((self.block_frames, *FRAME_SHAPE), np.uint16)  # calibration only
         self.counter: ElectronCounter | None = None
         self.live = ScanAnalyses(node.analyses, (self.rows, self.cols))
         self._next_partials = 0.0
@@ -130,14 +144,15 @@ class NodeScan:
         self._calibration_sent = True
 
     def _sample_for_calibration(self, number: int, block: Block) -> None:
-        assembled = self._assemble(number, block, count_ledger=False)
-        complete = np.flatnonzero(assembled.present == (1 << N_MODULES) - 1)
+        indexed = self._index(number, block, count_ledger=False)
+        frames = indexed.frames(self._frames)
+        complete = np.flatnonzero(indexed.present == (1 << N_MODULES) - 1)
         for i in complete:
             if self._sampled >= self._quota:
                 break
             w = int(self._weights[self._sampled])
             if w:
-                self._histogram.add(assembled.frames[i], weight=w)
+                self._histogram.add(frames[i], weight=w)
             self._sampled += 1
         self._sampled_blocks.add(number)
 
@@ -172,14 +187,10 @@ class NodeScan:
 
     # -- assembly and counting ---------------------------------------------------------------------
 
-    def _assemble(self, number: int, block: Block, count_ledger: bool = True) -> AssembledBlock:
-        """Frames of a block from its modules' records; bad records rejected, duplicates dropped.
-
-        Sectors are copied once, from the received buffers straight into a frame buffer that is
-        reused from block to block (a fresh 21 MB buffer per block costs more in page faults than
-        the copy itself)."""
+    def _index(self, number: int, block: Block, count_ledger: bool = True) -> IndexedBlock:
+        """Check a block's records (bad ones rejected, duplicates dropped) and index its frames."""
         first = number * self.block_frames
-        kept: list[tuple[int, np.ndarray, np.ndarray]] = []  # (module, records, indices of good ones)
+        buffers: list = [None] * N_MODULES
         for module, arrays in block.parts.items():
             records = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
             h = records["header"]
@@ -203,40 +214,36 @@ class NodeScan:
             good = good[np.sort(first_idx)]
             if count_ledger:
                 self.sectors_received[module] += len(good)
-            kept.append((module, records, good))
-        numbers = [r["header"]["frame_number"][g] for _, r, g in kept]
+            # a copy only when records were dropped; otherwise the received buffer itself
+            buffers[module] = records if len(good) == len(records) else records[good]
+        numbers = [b["header"]["frame_number"] for b in buffers if b is not None]
         all_numbers = np.unique(np.concatenate(numbers)) if numbers else np.empty(0, np.uint32)
         n = len(all_numbers)
-        if self._frames.shape[0] < n:
-            self._frames = np.empty((n, *FRAME_SHAPE), np.uint16)
-        frames = self._frames[:n]
+        index = np.full((n, N_MODULES), -1, np.int64)
         present = np.zeros(n, np.uint8)
         positions = np.full(n, -1, np.int64)
-        for module, records, good in kept:
+        for module, records in enumerate(buffers):
+            if records is None:
+                continue
             h = records["header"]
-            idx = np.searchsorted(all_numbers, h["frame_number"][good])
-            rows = sector_rows(module)
-            data = records["data"]
-            for i, k in zip(idx.tolist(), good.tolist()):
-                frames[i, rows] = data[k]
+            idx = np.searchsorted(all_numbers, h["frame_number"])
+            index[idx, module] = np.arange(len(records))
             present[idx] |= np.uint8(1 << module)
-            pos = h["y"][good].astype(np.int64) * self.cols + h["x"][good]
+            pos = h["y"].astype(np.int64) * self.cols + h["x"]
             unset = positions[idx] < 0
             positions[idx[unset]] = pos[unset]
-        for module in range(N_MODULES):
-            missing = np.flatnonzero((present & (1 << module)) == 0)
-            if len(missing):
-                frames[missing, sector_rows(module)] = 0
-                if count_ledger:
-                    self.sectors_missing[module] += len(missing)
-        return AssembledBlock(all_numbers.astype(np.uint32), positions, present, frames)
+        if count_ledger:
+            for module in range(N_MODULES):
+                self.sectors_missing[module] += int((index[:, module] < 0).sum())
+        return IndexedBlock(all_numbers.astype(np.uint32), positions, present, buffers, index)
 
     def _count_block(self, number: int, block: Block) -> None:
-        assembled = self._assemble(number, block)
+        assembled = self._index(number, block)
         self.done_blocks.add(number)
         if len(assembled.frame_numbers) == 0:
             return
-        counted = self.counter.count(assembled.frames)
+        # counted where the sectors were received: no frame is assembled
+        counted = count_from_sectors(self.counter, assembled.buffers, assembled.records)
         self.node.send_events(
             wire.encode_events(self.number, self.node.index, assembled.frame_numbers, assembled.positions,
                                assembled.present, counted.offsets, counted.events)
