@@ -1,7 +1,8 @@
 """``stemstream count`` against stempy 3.6.0 on the same raw files, wall-clock, same machine, one run.
 
-Simulates a scan (4 module files per the receivers' layout, --dose electrons/pixel/frame), reads
-the files once so both sides find them in the page cache, then times, alternately, --repeats times:
+Simulates a scan (4 module files per the receivers' layout, --dose electrons/pixel/frame), then
+times, alternately, --repeats times (reading the files right before each run, so that both sides
+find them in the page cache):
 
 - ours:   ``stemstream count DIR -o OUT.h5`` (calibrated thresholds, production defaults);
 - stempy: ``stempy.io.reader(files, version=FileVersion.VERSION5, backend='multi-pass')``,
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -75,13 +77,37 @@ def warm_page_cache(files: list[Path]) -> float:
     return time.perf_counter() - t0
 
 
-def timed(cmd: list[str], env: dict) -> float:
+def resident_fraction(files: list[Path]) -> float | None:
+    """Fraction of the files' pages in the page cache (util-linux ``fincore``), None without it."""
+    if not shutil.which("fincore"):
+        return None
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES,SIZE", *map(str, files)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        return None
+    res = size = 0
+    for line in out.stdout.split("\n"):
+        if line.strip():
+            r, s = line.split()
+            res, size = res + int(r), size + int(s)
+    return res / size if size else None
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(cmd: list[str], env: dict, output: Path) -> tuple[float, float]:
+    """Wall-clock and CPU (user + sys, all threads) seconds of one run of cmd."""
+    output.unlink(missing_ok=True)  # stempy's save_electron_counts fails on an existing file
+    cpu0 = children_cpu()
     t0 = time.perf_counter()
     result = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - t0
     if result.returncode != 0:
         sys.exit(f"{' '.join(cmd[:3])} ... failed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
-    return seconds
+    return seconds, children_cpu() - cpu0
 
 
 def summary(path: Path) -> tuple[int, float, float]:
@@ -141,11 +167,21 @@ def main() -> None:
             "stemstream count": stemstream_command() + ["count", str(raw), "-o", str(ours_out), "--force"],
             "stempy 3.6.0": [sys.executable, "-c", STEMPY_SCRIPT, str(raw), str(stempy_out)],
         }
+        outputs = {"stemstream count": ours_out, "stempy 3.6.0": stempy_out}
         times: dict[str, list[float]] = {name: [] for name in commands}
+        cpu: dict[str, list[float]] = {name: [] for name in commands}
         for r in range(args.repeats):
             for name, cmd in commands.items():
-                times[name].append(timed(cmd, env))
-                print(f"  run {r + 1}/{args.repeats} {name}: {times[name][-1]:.2f} s", flush=True)
+                # This VM drops cached pages now and then even with memory free: read the files
+                # again before every run so that each side starts from the page cache.
+                warm_page_cache(files)
+                cached = resident_fraction(files)
+                wall, cpu_seconds = timed(cmd, env, outputs[name])
+                times[name].append(wall)
+                cpu[name].append(cpu_seconds)
+                note = f", {cached:.0%} of the raw data cached at the start" if cached is not None else ""
+                print(f"  run {r + 1}/{args.repeats} {name}: {wall:.2f} s (CPU {cpu_seconds:.2f} s{note}); "
+                      f"load average {os.getloadavg()[0]:.1f}", flush=True)
 
         ours_events, ours_bg, ours_xray = summary(ours_out)
         stempy_events, stempy_bg, stempy_xray = summary(stempy_out)
@@ -156,13 +192,15 @@ def main() -> None:
         print()
         print(f"stemstream count vs stempy 3.6.0: {n_frames:,} frames ({size / 1e9:.1f} GB raw, page cache), "
               f"wall clock incl. start-up, median of {args.repeats}")
-        print(f"{'':18} {'median s':>9} {'min s':>7} {'frames/s':>9} {'events':>12} {'background':>10} {'x-ray':>8}")
+        med_cpu = {name: statistics.median(t) for name, t in cpu.items()}
+        print(f"{'':18} {'median s':>9} {'min s':>7} {'max s':>7} {'frames/s':>9} {'CPU s':>7} {'events':>12} "
+              f"{'background':>10} {'x-ray':>8}")
         for name, events, bg, xray in (("stemstream count", ours_events, ours_bg, ours_xray),
                                        ("stempy 3.6.0", stempy_events, stempy_bg, stempy_xray)):
-            print(f"{name:18} {med[name]:9.2f} {min(times[name]):7.2f} {n_frames / med[name]:9.0f} "
-                  f"{events:12,} {bg:10.2f} {xray:8.1f}")
-        print(f"ratio stempy / stemstream (median wall clock): {med['stempy 3.6.0'] / med['stemstream count']:.1f}x "
-              f"(target >= 20x)")
+            print(f"{name:18} {med[name]:9.2f} {min(times[name]):7.2f} {max(times[name]):7.2f} "
+                  f"{n_frames / med[name]:9.0f} {med_cpu[name]:7.2f} {events:12,} {bg:10.2f} {xray:8.1f}")
+        print(f"ratio stempy / stemstream, median wall clock: {med['stempy 3.6.0'] / med['stemstream count']:.1f}x "
+              f"(target >= 20x); CPU time (user + sys): {med_cpu['stempy 3.6.0'] / med_cpu['stemstream count']:.1f}x")
         diff = (ours_events - stempy_events) / max(stempy_events, 1)
         print(f"events: ours {diff:+.2%} vs stempy ({'agree' if abs(diff) < 0.03 else 'DIFFER'} within 3 %)")
     finally:

@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit, prange
 from numba.cpython.unsafe.numbers import trailing_zeros
 
-from stemstream.sources.raw_pread import read_frame
+from stemstream.sources.raw_pread import fetch_add, read_frame
 
 # Pixels per block in the fast scan: a block whose maximum is below the background threshold is
 # skipped after one vectorised pass, which is what most of a sparse frame is. Blocks of 96 and 192
@@ -294,12 +294,18 @@ def read_count(fds, source_file, source_record, indices, params, frames, out, co
     Here, not in from_files.py: numba's cache only notices edits to the file of the cached
     function, so it lives next to the kernel it compiles in."""
     n = indices.shape[0]
+    next_frame = np.zeros(1, np.int64)
     for k in prange(n_chunks):
         rows, cols = frames.shape[1], frames.shape[2]
         scratch_u16 = np.empty((rows, cols), np.uint16)
         scratch_f32 = np.empty((rows, cols), np.float32)
         frame = frames[k]
-        for i in range(k, n, n_chunks):
+        while True:
+            # Threads take the next frame when free (not a fixed share: on a busy machine one
+            # thread may be descheduled, and the others should not wait for it).
+            i = fetch_add(next_frame, 0, 1)
+            if i >= n:
+                break
             failed[i] = read_frame(fds, source_file, source_record, indices[i], frame)
             counts[i] = 0 if failed[i] >= 0 else count_one(frame, params, scratch_u16, scratch_f32, out[i])
 

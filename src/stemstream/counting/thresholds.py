@@ -19,7 +19,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from stemstream.sources.raw_pread import read_frame
+from stemstream.sources.raw_pread import fetch_add, read_frame
 
 # Pixel values after integer dark subtraction span -65535..65535; the histogram is offset so that
 # index = value + _OFFSET.
@@ -120,9 +120,13 @@ def read_accumulate(fds, source_file, source_record, indices, weights, dark_int,
     whose read failed. Next to _accumulate: numba's cache only notices edits to this file."""
     local = np.zeros((n_chunks, hist.shape[0]), np.int64)  # one histogram per thread, no atomics
     n = indices.shape[0]
+    next_frame = np.zeros(1, np.int64)
     for k in prange(n_chunks):
         frame = frames[k]
-        for i in range(k, n, n_chunks):
+        while True:
+            i = fetch_add(next_frame, 0, 1)  # the next frame to whichever thread is free
+            if i >= n:
+                break
             failed[i] = read_frame(fds, source_file, source_record, indices[i], frame)
             if failed[i] < 0:
                 _accumulate(frame, dark_int, use_dark, weights[i], local[k])

@@ -46,6 +46,24 @@ def _pread(typingctx, fd, array, byte_offset, nbytes, file_offset):
     return sig, codegen
 
 
+@intrinsic
+def fetch_add(typingctx, array, index, value):
+    """Atomically add ``value`` to ``array[index]`` (a C-contiguous int64 array) and return the old
+    value: a shared work counter, so that numba threads take frames as they become free instead of
+    a fixed share each (on a shared machine one of them is often descheduled for a while)."""
+    if not (isinstance(array, types.Array) and array.dtype == types.int64):
+        return None
+    sig = types.int64(array, types.intp, types.int64)
+
+    def codegen(context, builder, signature, args):
+        array_v, index_v, value_v = args
+        ary = context.make_array(signature.args[0])(context, builder, array_v)
+        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], ary, [index_v])
+        return builder.atomic_rmw("add", ptr, value_v, "seq_cst")
+
+    return sig, codegen
+
+
 @njit(nogil=True, cache=True)
 def pread_into(fd, array, byte_offset, nbytes, file_offset):
     """Read exactly ``nbytes`` (a short read is retried); False on an error or the end of the file."""
