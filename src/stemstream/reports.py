@@ -102,6 +102,8 @@ def stream_summary(summary: dict, status: dict) -> Panel:
         facts.add_row("[yellow]attention[/]", f"sectors lost in transit {lost:,}, frames spilled {spilled:,}, "
                                               f"node groups silent {extra.get('node_groups_missing', [])}")
     facts.add_row("output", summary["path"])
+    if summary.get("images"):
+        facts.add_row("images", f"{len(summary['images'])} PNG images beside it (virtual BF/ADF, CoM, DPC, summed pattern)")
     roles = Table(title="roles", title_justify="left", show_header=True, header_style="bold")
     roles.add_column("role")
     roles.add_column("peak RSS", justify="right")

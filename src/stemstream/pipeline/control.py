@@ -34,6 +34,8 @@ from stemstream.formats.wire import MessageError, pack_control, unpack_control
 
 log = logging.getLogger(__name__)
 
+# The writer renders live images only while someone asked for them this recently (seconds).
+_LIVE_WANTED_S = 5.0
 # How long calibration waits for the node groups' histograms before fitting what it has.
 CALIBRATION_TIMEOUT_S = 10.0
 
@@ -69,6 +71,7 @@ class Control:
         self.sequence = 0
         self.shutting_down = False
         self.rejected = 0
+        self.last_live_request = 0.0
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -90,7 +93,9 @@ class Control:
         self.roles[key] = {"role": req["role"], "id": req.get("id", 0), "seen": time.time(), "stats": req.get("stats", {})}
         now = time.time()
         ages = {k: now - v["seen"] for k, v in self.roles.items()}
-        return {"ok": True, "scans": self._open_specs(), "shutdown": self.shutting_down, "ages": ages}
+        live_wanted = now - self.last_live_request < _LIVE_WANTED_S
+        return {"ok": True, "scans": self._open_specs(), "shutdown": self.shutting_down, "ages": ages,
+                "live_wanted": live_wanted}
 
     def _op_status(self, req: dict) -> dict:
         now = time.time()
@@ -188,10 +193,13 @@ class Control:
             images = req.get("images", {})
             if not isinstance(images, dict) or not all(isinstance(v, bytes) for v in images.values()):
                 return {"ok": False, "error": "images must map names to PNG bytes"}
-            state.images, state.progress, state.images_updated = images, dict(req.get("progress", {})), time.time()
+            state.progress = dict(req.get("progress", {}))
+            if images:  # the writer leaves them out while nobody watches
+                state.images, state.images_updated = images, time.time()
         return {"ok": True}
 
     def _op_live(self, req: dict) -> dict:
+        self.last_live_request = time.time()
         state = self.scans.get(int(req["scan"]))
         if state is None:
             return {"ok": False, "error": f"unknown scan {req['scan']}"}

@@ -37,6 +37,7 @@ class Role:
         self.shutdown = False
         self.role_ages: dict[str, float] = {}  # seconds since each role's last heartbeat, per control
         self.role_ages_at = 0.0
+        self.live_wanted = False  # someone (the dashboard) is watching live images
         self._next_heartbeat = 0.0
         self._control_missing_since: float | None = None
         self._process = psutil.Process(os.getpid())
@@ -70,6 +71,7 @@ class Role:
         if reply.get("shutdown"):
             self.shutdown = True
         self.role_ages = reply.get("ages", {})
+        self.live_wanted = bool(reply.get("live_wanted", False))
         self.role_ages_at = now
 
     def role_is_dead(self, key: str) -> bool:

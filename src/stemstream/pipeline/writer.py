@@ -287,10 +287,12 @@ class Writer(Role):
             return
         self._next_live = now + _LIVE_INTERVAL_S
         for scan in self.scans.values():
-            if scan.analyses.frames == 0:
+            if scan.analyses.frames == 0 and scan.ledger.frames_received == 0:
                 continue
+            # Rendering costs the writer more than writing: only while someone is watching.
+            images = scan.live_images() if self.live_wanted else {}
             try:
-                self.control.request("live_images", timeout_s=1.0, scan=scan.number, images=scan.live_images(),
+                self.control.request("live_images", timeout_s=1.0, scan=scan.number, images=images,
                                      progress=scan.progress())
             except Exception as exc:  # control busy or away: live images are best effort
                 log.debug("live images of scan %d not sent: %s", scan.number, exc)

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -92,33 +92,50 @@ def read_frame(fds, source_file, source_record, f, out):
     return -1
 
 
-@njit(nogil=True, cache=True)
-def _read_headers(fd, n_records, out):
-    # out: (n_records, HEADER_BYTES) uint8. Returns the first record whose header could not be
-    # read, or -1.
-    for i in range(n_records):
-        if not pread_into(fd, out[i], 0, HEADER_BYTES, i * RECORD_BYTES):
-            return i
-    return -1
+@njit(nogil=True, parallel=True, cache=True)
+def _read_headers(fds, first, n_records, out, failed):
+    # Files spread over the threads; out rows first[f] .. first[f] + n_records[f] - 1 are file f's
+    # headers (HEADER_BYTES each). failed[f]: the first record whose header could not be read, or -1.
+    for f in prange(fds.shape[0]):
+        failed[f] = -1
+        for i in range(n_records[f]):
+            if not pread_into(fds[f], out[first[f] + i], 0, HEADER_BYTES, i * RECORD_BYTES):
+                failed[f] = i
+                break
 
 
-def read_headers(path, n_records: int) -> np.ndarray:
-    """The headers of the first ``n_records`` records of a raw file, as formats.raw.HEADER_DTYPE:
-    one 16-byte ``pread`` per record from compiled code, ~1 us each, where reading them through a
-    memory map faults in a page per record (~5 us). Raises OSError when the file cannot be read."""
+def read_headers(paths, n_records) -> list[np.ndarray]:
+    """The headers of the first ``n_records[f]`` records of each raw file ``paths[f]``, as
+    formats.raw.HEADER_DTYPE arrays: one 16-byte ``pread`` per record from compiled code, files
+    spread over the threads (~1 us a record, where reading them through a memory map faults in a
+    page per record, ~5 us). Raises OSError naming the file that cannot be read."""
     from stemstream.formats.raw import HEADER_DTYPE
 
-    out = np.empty((n_records, HEADER_BYTES), np.uint8)
-    fd = os.open(path, os.O_RDONLY)
+    counts = np.asarray(n_records, np.int64)
+    first = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+    out = np.empty((int(counts.sum()), HEADER_BYTES), np.uint8)
+    failed = np.full(len(paths), -1, np.int64)
+    fds = []
     try:
-        failed = _read_headers(fd, n_records, out)
-        if failed >= 0:
-            offset = failed * RECORD_BYTES
-            data = os.pread(fd, HEADER_BYTES, offset)  # raises OSError with errno for a read error
-            raise OSError(f"{path} ended at byte offset {offset + len(data)} inside a record header (was it truncated?)")
+        for path in paths:
+            try:
+                fds.append(os.open(path, os.O_RDONLY))
+            except OSError as exc:
+                raise OSError(exc.errno, f"{path}: cannot open ({exc.strerror})") from exc
+        if len(out):
+            _read_headers(np.array(fds, np.int64), first, counts, out, failed)
+        for f in np.flatnonzero(failed >= 0):
+            offset = int(failed[f]) * RECORD_BYTES
+            try:
+                data = os.pread(fds[f], HEADER_BYTES, offset)
+            except OSError as exc:
+                raise OSError(exc.errno, f"{paths[f]}: cannot read at byte offset {offset} ({exc.strerror})") from exc
+            raise OSError(f"{paths[f]} ended at byte offset {offset + len(data)} inside a record header (was it truncated?)")
     finally:
-        os.close(fd)
-    return out.view(HEADER_DTYPE).reshape(n_records)
+        for fd in fds:
+            os.close(fd)
+    headers = out.view(HEADER_DTYPE).reshape(-1)
+    return [headers[a : a + n] for a, n in zip(first, counts)]
 
 
 def raise_read_error(paths, fds: np.ndarray, source_file: np.ndarray, source_record: np.ndarray, f: int, module: int):

@@ -106,12 +106,10 @@ class RawScan:
             log.warning("rejected %d more records (%s) in %s", len(offsets) - _LOG_EACH, reason, path)
 
     def _index(self) -> None:
-        headers = []
-        for layout in self.layouts:
-            try:
-                headers.append(read_headers(layout.path, layout.n_records))
-            except OSError as exc:
-                raise RawFormatError(f"{layout.path}: cannot read ({exc.strerror or exc})") from exc
+        try:
+            headers = read_headers([layout.path for layout in self.layouts], [layout.n_records for layout in self.layouts])
+        except OSError as exc:
+            raise RawFormatError(str(exc)) from exc
         all_headers = np.concatenate(headers) if headers else np.empty(0)
         if len(all_headers) == 0:
             names = ", ".join(str(p) for p in self.paths[:3])
