@@ -477,8 +477,6 @@ def test_control_refuses_scan_shapes_outside_the_header_range(tmp_path):
         control.socket.close(0)
 
 
-@pytest.mark.xfail(reason="node groups do not check an END marker's module against the input it came on, "
-                          "nor its node group (the gateway does); see docs/reliability.md", strict=False)
 def test_node_group_checks_an_end_markers_module_and_node_group(harness):
     harness.feed_next_block()
     before = harness.rejections()[0]

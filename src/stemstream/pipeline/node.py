@@ -432,6 +432,10 @@ class NodeGroup(Role):
                 scan.add_sectors(msg)
             elif kind == wire.END:
                 msg = wire.decode_end(parts)
+                if msg.node != self.index:
+                    raise wire.MessageError("wrong_node", f"end marker for {msg.node}, this is {self.index}")
+                if msg.module != module:
+                    raise wire.MessageError("wrong_module", f"module {msg.module}'s end on module {module}'s input")
                 scan = self.known_scan(msg.scan)
                 scan.add_end(msg)
             else:
