@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from stemstream import cli_pipeline
+from stemstream import cli_pipeline, cli_web
 from stemstream.cli_support import (
     UserError,
     parse_shape,
@@ -118,6 +118,7 @@ def count(
 
 
 cli_pipeline.register(app)
+cli_web.register(app)
 
 
 def main() -> None:

@@ -127,6 +127,7 @@ def register(app: typer.Typer) -> None:
         dose: Annotated[float, typer.Option(help="Simulator dose, electrons/pixel/frame.")] = 0.002,
         seed: Annotated[int, typer.Option(help="Simulator seed.")] = 0,
         no_gateway: Annotated[bool, typer.Option("--no-gateway", help="Producers send straight to node groups.")] = False,
+        no_dashboard: Annotated[bool, typer.Option("--no-dashboard", help="Do not start the web dashboard.")] = False,
         config: ConfigOption = None,
     ) -> None:
         """Start every role locally, stream scans through them, write OUTDIR/<scan name>.h5."""
@@ -148,7 +149,7 @@ def register(app: typer.Typer) -> None:
             if scans < 1:
                 raise UserError(f"--scans must be at least 1, got {scans}")
             _validate(cfg)
-            ok = run_locally(cfg, simulate, replay, scans, frames_per_position, dose, seed)
+            ok = run_locally(cfg, simulate, replay, scans, frames_per_position, dose, seed, dashboard=not no_dashboard)
             if not ok:
                 raise typer.Exit(1)
 
@@ -158,6 +159,7 @@ def register(app: typer.Typer) -> None:
     def demo(
         output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the counted file.")] = Path("."),
         scan_shape: Annotated[str, typer.Option("--scan-shape", help="Scan positions ROWSxCOLS.")] = "128x128",
+        no_dashboard: Annotated[bool, typer.Option("--no-dashboard", help="Do not start the web dashboard.")] = False,
     ) -> None:
         """A simulated scan streamed through every role on this machine: the first thing to run."""
 
@@ -167,7 +169,7 @@ def register(app: typer.Typer) -> None:
             cfg.pipeline.output_dir = str(output.resolve())
             console.print("[bold]stemstream demo[/]: simulating a 4D Camera scan and streaming it through "
                           "4 producers, a gateway, 2 node groups and a writer on this machine.")
-            ok = run_locally(cfg, scan_shape, None, 1, 1, 0.002, 0)
+            ok = run_locally(cfg, scan_shape, None, 1, 1, 0.002, 0, dashboard=not no_dashboard)
             if not ok:
                 raise typer.Exit(1)
 
@@ -237,7 +239,7 @@ def _validate(cfg) -> None:
 
 def run_locally(cfg, simulate: str | None, replay: Path | None, n_scans: int, frames_per_position: int,
                 dose: float, seed: int, plan: list | None = None, resume: bool = False,
-                file_name: str | None = None) -> bool:
+                file_name: str | None = None, dashboard: bool = False) -> bool:
     """Start the local pipeline, stream the scans, print summaries. True if every frame of every
     scan was accounted for."""
     from stemstream.deploy.local import LocalPipeline, PipelineError, ProducerSource
@@ -263,12 +265,14 @@ def run_locally(cfg, simulate: str | None, replay: Path | None, n_scans: int, fr
     if cfg.pipeline.spill_dir == "spill":  # the default: beside the counted files
         cfg.pipeline.spill_dir = str(Path(cfg.pipeline.output_dir) / "spill")
     all_ok = True
-    pipeline = LocalPipeline(cfg, work, source)
+    token, token_generated = _dashboard_setup(cfg) if dashboard else ("", False)
+    pipeline = LocalPipeline(cfg, work, source, dashboard=dashboard and bool(token), dashboard_token=token)
     try:
         t0 = time.monotonic()
         with console.status("starting the roles..."):
             pipeline.start()
         log.info("roles started in %.1f s", time.monotonic() - t0)
+        _announce_dashboard(pipeline, token if token_generated else None)
         for number, shape, fpp in plan:
             total = shape[0] * shape[1] * fpp
             with progress_bar(console, f"scan {number}", total) as advance:
@@ -286,6 +290,33 @@ def run_locally(cfg, simulate: str | None, replay: Path | None, n_scans: int, fr
     finally:
         pipeline.stop()
     return all_ok
+
+
+# -- the dashboard of run / demo ---------------------------------------------------------------------
+
+
+def _dashboard_setup(cfg) -> tuple[str, bool]:
+    """Pick the dashboard's port (the configured one or the next free one) and its token; ("", False)
+    when no port is free (the run goes on without a dashboard)."""
+    from stemstream.web.server import free_port, resolve_token
+
+    port = free_port("127.0.0.1", cfg.network.dashboard_port)
+    if port is None:
+        console.print(f"[yellow]no free port from {cfg.network.dashboard_port} on: running without the dashboard[/]")
+        return "", False
+    cfg.network.dashboard_port = port
+    return resolve_token(None)
+
+
+def _announce_dashboard(pipeline, token: str | None) -> None:
+    if pipeline.dashboard_url:
+        line = f"dashboard: [bold]{pipeline.dashboard_url}[/] (while the pipeline runs)"
+        if token:
+            line += f"; token for starting scans: {token}"
+        console.print(line, highlight=False, soft_wrap=True)
+    elif pipeline.dashboard and pipeline.dashboard_failed:
+        console.print(f"[yellow]{pipeline.dashboard_failed}; going on without the dashboard[/]",
+                      highlight=False, soft_wrap=True)
 
 
 def _frames_counted(status: dict) -> int:

@@ -10,6 +10,7 @@ control_port = 5550
 writer_port = 5551
 gateway_port = 5552         # the gateway listens on 4 ports: one per module, gateway_port + m
 node_base_port = 5560       # node group i listens on node_base_port + 4 i + m, m the module
+dashboard_port = 8000       # the web dashboard (stemstream serve)
 # control_host / gateway_host / writer_host / node_hosts = ["10.0.0.5", ...]: per-role hosts
 transport = "tcp"           # or "ipc" (every role on one host; needs ipc_dir)
 
@@ -61,6 +62,7 @@ class NetworkConfig:
     writer_port: int = 5551
     gateway_port: int = 5552
     node_base_port: int = 5560
+    dashboard_port: int = 8000  # the web dashboard (HTTP), on the host that runs `stemstream serve`
     control_host: str = ""
     gateway_host: str = ""
     writer_host: str = ""
@@ -162,7 +164,7 @@ class PipelineConfig:
         for name in ("backpressure_timeout_s", "end_timeout_s", "scan_timeout_s", "heartbeat_s"):
             value = getattr(f, name)
             checks.append((0 < value <= 86400, f"[flow] {name} must be a positive number of seconds, got {value}"))
-        for name in ("control_port", "gateway_port", "writer_port", "node_base_port"):
+        for name in ("control_port", "gateway_port", "writer_port", "node_base_port", "dashboard_port"):
             value = getattr(n, name)
             checks.append((1 <= value <= 65535, f"[network] {name} must be a port number 1 to 65535, got {value}"))
         checks.append((n.node_base_port + 4 * p.nodes - 1 <= 65535, "[network] node_base_port + 4 x nodes exceeds 65535"))

@@ -50,6 +50,11 @@ class LocalPipeline:
     work_dir: Path
     source: ProducerSource = field(default_factory=ProducerSource)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    # The web dashboard as one more process (stemstream serve on [network] dashboard_port); it
+    # is optional: if it cannot start, scans go on without it (see dashboard_failed).
+    dashboard: bool = False
+    dashboard_token: str = ""
+    dashboard_failed: str = ""
 
     def __post_init__(self):
         self.work_dir = Path(self.work_dir)
@@ -61,10 +66,10 @@ class LocalPipeline:
 
     # -- processes --------------------------------------------------------------------------------
 
-    def _start(self, key: str, args: list[str]) -> None:
+    def _start(self, key: str, args: list[str], env: dict | None = None) -> None:
         log_file = open(self.log_dir / f"{key}.log", "ab")
         cmd = [sys.executable, "-m", "stemstream", *args, "--config", str(self.config_path)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.processes[key] = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                                start_new_session=True)
         log_file.close()
@@ -74,7 +79,33 @@ class LocalPipeline:
         roles |= {f"producer-{m}" for m in range(4)}
         if self.config.pipeline.gateway:
             roles.add("gateway-0")
+        if self._dashboard_alive():
+            roles.add("dashboard-0")
         return roles
+
+    # -- the dashboard (optional) -----------------------------------------------------------------
+
+    @property
+    def dashboard_url(self) -> str | None:
+        if not self.dashboard or self.dashboard_failed:
+            return None
+        return f"http://127.0.0.1:{self.config.network.dashboard_port}/"
+
+    def _start_dashboard(self) -> None:
+        env = {"STEMSTREAM_TOKEN": self.dashboard_token} if self.dashboard_token else {}
+        self._start("dashboard", ["serve", "--exit-on-shutdown", "--port", str(self.config.network.dashboard_port)], env)
+
+    def _dashboard_alive(self) -> bool:
+        """True while the dashboard should check in; once its process ended, say why (once)."""
+        proc = self.processes.get("dashboard")
+        if proc is None or self.dashboard_failed:
+            return False
+        if proc.poll() is None:
+            return True
+        tail = (self.log_dir / "dashboard.log").read_text(errors="replace").strip().splitlines()[-2:]
+        self.dashboard_failed = f"the dashboard exited with code {proc.returncode}: {' | '.join(tail)}"
+        log.warning("%s; the scans go on without it", self.dashboard_failed)
+        return False
 
     def start(self, timeout_s: float = 60.0) -> None:
         """Start every role and wait until all have checked in with control."""
@@ -86,6 +117,8 @@ class LocalPipeline:
             self._start("gateway", ["gateway"])
         for m in range(4):
             self._start(f"producer-{m}", ["producer", "--module", str(m), *self.source.arguments()])
+        if self.dashboard:
+            self._start_dashboard()
         deadline = time.monotonic() + timeout_s
         while True:
             self._check_alive()
@@ -103,7 +136,7 @@ class LocalPipeline:
 
     def _check_alive(self) -> None:
         for key, proc in self.processes.items():
-            if proc.poll() is not None and key != "control" and not key.startswith("killed"):
+            if proc.poll() is not None and key not in ("control", "dashboard") and not key.startswith("killed"):
                 tail = (self.log_dir / f"{key}.log").read_text(errors="replace").strip().splitlines()[-3:]
                 raise PipelineError(f"{key} exited with code {proc.returncode}: {' | '.join(tail)}")
 

@@ -1,0 +1,291 @@
+"""The dashboard's catalog and HTTP API, against a real control role (in a thread) and real counted
+files; the browser test is in test_web_browser.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from stemstream.analysis.run import analyze_counted_file
+from stemstream.formats.sparse_h5 import SparseCountsWriter
+from stemstream.pipeline.control import Control
+from stemstream.pipeline.control_client import ControlClient
+from stemstream.web.app import create_app
+from stemstream.web.catalog import Catalog, CatalogError, catalog_url
+
+from pipeline_support import test_config
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def make_counted_file(path: Path, scan_shape=(6, 5), scan_number=4, analyse=True) -> Path:
+    """A small counted file as the writer leaves it: events, a ledger, /analysis and PNGs beside."""
+    rng = np.random.default_rng(scan_number)
+    n = scan_shape[0] * scan_shape[1]
+    with SparseCountsWriter(path, scan_shape, (576, 576), 1, overwrite=True) as out:
+        events = [np.unique(rng.integers(0, 576 * 576, 40)).astype(np.uint32) for _ in range(n)]
+        out.write(np.arange(n), events)
+        total = sum(len(e) for e in events)
+        out.set_metadata("stemstream", {
+            "software": "stemstream", "scan_number": scan_number, "events": total, "seconds": 1.5,
+            "ledger": {"scan_number": scan_number, "scan_rows": scan_shape[0], "scan_cols": scan_shape[1],
+                       "frames_per_position": 1, "frames_expected": n, "frames_received": n,
+                       "frames_complete": n, "frames_incomplete": 0, "frames_missing": 0,
+                       "frames_over_capacity": 0, "sectors_received": [n] * 4, "sectors_missing": [0] * 4,
+                       "sectors_duplicate": [0] * 4, "sectors_rejected": [0] * 4},
+        })
+    if analyse:
+        analyze_counted_file(path)
+    return path
+
+
+def summary_for(path: Path, scan_number: int, events: int, n: int) -> dict:
+    return {"scan": scan_number, "path": str(path), "events": events, "seconds": 2.0, "frames_per_second": n / 2.0,
+            "thresholds": {"background": 28.0, "xray": 1000.0, "calculated": False},
+            "ledger": {"scan_number": scan_number, "scan_rows": 6, "scan_cols": 5, "frames_per_position": 1,
+                       "frames_expected": n, "frames_received": n, "frames_complete": n, "frames_incomplete": 0,
+                       "frames_missing": 0, "sectors_received": [n] * 4, "sectors_missing": [0] * 4,
+                       "sectors_duplicate": [0] * 4, "sectors_rejected": [0] * 4, "sectors_lost": [0] * 4},
+            "images": []}
+
+
+# -- catalog --------------------------------------------------------------------------------------
+
+
+def test_catalog_records_updates_hides_and_indexes(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    a = make_counted_file(out / "FOURD_250101_1200_00001_00004.h5", scan_number=4)
+    b = make_counted_file(out / "FOURD_250101_1201_00002_00005.h5", scan_number=5, analyse=False)
+    catalog = Catalog(catalog_url(None, out))
+    assert catalog.url.endswith("/out/catalog.db")
+
+    entry = catalog.add_summary(summary_for(a, 4, 1200, 30), started=time.time() - 3)
+    row = catalog.get(entry)
+    assert row["scan_number"] == 4 and row["frames_complete"] == 30 and row["accounted"] is True
+    assert "virtual_detectors/bright_field" in row["images"]  # the PNGs beside the file, by key
+    # the same file again (a resumed scan) updates its row
+    assert catalog.add_summary(summary_for(a, 4, 1300, 30)) == entry
+    assert catalog.get(entry)["events"] == 1300 and catalog.count() == 1
+    # a failed scan has no file: nothing to catalogue
+    assert catalog.add_summary({"scan": 9, "error": "calibration failed"}) is None
+
+    # the directory index adds the other file from its own metadata, once
+    assert catalog.index_directory(out) == 1
+    assert catalog.index_directory(out) == 0
+    other = catalog.list(scan_number=5)[0]
+    assert other["source"] == "file" and other["frames_complete"] == 30 and other["events"] > 0
+    assert other["scan_rows"] == 6 and other["scan_cols"] == 5
+
+    # deleting hides the entry, and indexing again does not bring it back
+    assert catalog.hide(other["id"]) and not catalog.hide(other["id"])
+    assert catalog.get(other["id"]) is None
+    assert catalog.index_directory(out) == 0 and catalog.count() == 1
+    assert b.exists()  # the file is never touched
+    catalog.close()
+
+
+def test_catalog_accepts_urls_and_refuses_bad_ones_in_one_sentence(tmp_path):
+    assert catalog_url(str(tmp_path / "x.db"), ".") == f"sqlite:///{tmp_path / 'x.db'}"
+    assert catalog_url("sqlite:///:memory:", ".") == "sqlite:///:memory:"
+    Catalog("sqlite:///:memory:").close()
+    for url, words in (("nosuchdb://host/db", "no driver"), ("sqlite:////no/such/folder/c.db", "does not exist"),
+                       ("::not a url::", "not a database URL")):
+        with pytest.raises(CatalogError) as info:
+            Catalog(url)
+        assert words in str(info.value) and "\n" not in str(info.value)
+
+
+# -- HTTP API against a real control ----------------------------------------------------------------
+
+
+@pytest.fixture
+def control(tmp_path):
+    config = test_config(tmp_path)
+    ctl = Control(config)
+    thread = threading.Thread(target=ctl.serve, kwargs={"stop_after_shutdown_s": 0.1}, daemon=True)
+    thread.start()
+    yield config
+    client = ControlClient(config.network.control())
+    client.request("shutdown", timeout_s=2.0)
+    client.close()
+    thread.join(5)
+
+
+@pytest.fixture
+def dashboard(control, tmp_path):
+    out = Path(control.pipeline.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    catalog = Catalog(catalog_url(None, out))
+    app = create_app(control, catalog, TOKEN, open_reads=True)
+    with TestClient(app) as client:
+        client.catalog = catalog
+        client.out = out
+        yield client
+    catalog.close()
+
+
+def _entry(client, path: Path, number: int) -> int:
+    return client.catalog.add_summary(summary_for(path, number, 1234, 30), started=time.time())
+
+
+def test_pages_and_api_read_the_catalog(dashboard):
+    path = make_counted_file(dashboard.out / "FOURD_250101_1200_00001_00007.h5", scan_number=7)
+    entry = _entry(dashboard, path, 7)
+
+    page = dashboard.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "FOURD_250101_1200_00001_00007.h5" in page.text and "/static/live.js" in page.text
+
+    listing = dashboard.get("/api/scans").json()
+    assert listing["count"] == 1 and listing["scans"][0]["scan_number"] == 7
+    one = dashboard.get(f"/api/scans/{entry}").json()
+    assert one["frames_complete"] == 30 and one["events"] == 1234 and one["file_url"] == f"/scans/{entry}/file"
+    assert {im["key"] for im in one["images"]} >= {"virtual_detectors/bright_field", "center_of_mass/dpc_phase"}
+
+    scan_page = dashboard.get(f"/scans/{entry}")
+    assert scan_page.status_code == 200 and "every frame accounted for" in scan_page.text
+    download = dashboard.get(f"/scans/{entry}/file")
+    assert download.status_code == 200 and download.content == path.read_bytes()
+    assert path.name in download.headers["content-disposition"]
+    png = dashboard.get(f"/scans/{entry}/images/virtual_detectors/bright_field")
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+
+    # no PNGs beside the file: the images come from /analysis in the file
+    for p in dashboard.out.glob("*.png"):
+        p.unlink()
+    png = dashboard.get(f"/scans/{entry}/images/summed_pattern/pattern")
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+
+    status = dashboard.get("/api/status").json()
+    assert status["type"] == "state" and "roles" in status
+
+
+def test_unknown_scans_and_bad_requests_get_clear_errors(dashboard):
+    r = dashboard.get("/api/scans/999")
+    assert r.status_code == 404 and r.json()["error"] == "there is no scan 999 in the catalog"
+    r = dashboard.get("/scans/999", headers={"Accept": "text/html"})
+    assert r.status_code == 404 and "there is no scan 999 in the catalog" in r.text and "<html" in r.text
+    assert dashboard.get("/scans/999/file").status_code == 404
+    assert dashboard.get("/api/scans/abc").status_code == 422
+    assert dashboard.get("/api/scans?limit=0").status_code == 422
+    r = dashboard.get("/no/such/page")
+    assert r.status_code == 404 and "no page /no/such/page" in r.json()["error"]
+
+    r = dashboard.post("/api/scans", headers=AUTH, json={"scan_shape": "12 by 3"})
+    assert r.status_code == 422 and "ROWSxCOLS" in r.json()["error"]
+    r = dashboard.post("/api/scans", headers=AUTH, json={"scan_shape": "4x4", "frames_per_position": 0})
+    assert r.status_code == 422 and "frames_per_position" in r.json()["error"]
+    r = dashboard.post("/api/scans", headers=AUTH, json={"scan_shape": "4x4", "colour": "red"})
+    assert r.status_code == 422 and "colour" in r.json()["error"]
+    r = dashboard.post("/api/scans", headers={**AUTH, "Content-Type": "application/json"}, content=b"{not json")
+    assert r.status_code == 400 and r.json()["error"] == "the request body is not valid JSON"
+
+
+def test_mutations_need_the_token(dashboard, control):
+    path = make_counted_file(dashboard.out / "FOURD_250101_1200_00001_00008.h5", scan_number=8, analyse=False)
+    entry = _entry(dashboard, path, 8)
+
+    assert dashboard.post("/api/scans", json={"scan_shape": "4x4"}).status_code == 401
+    assert dashboard.post("/api/scans", json={"scan_shape": "4x4"},
+                          headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert dashboard.delete(f"/api/scans/{entry}").status_code == 401
+    assert dashboard.delete(f"/api/scans/{entry}", headers={"X-Stemstream-Token": "nope"}).status_code == 403
+
+    r = dashboard.post("/api/scans", json={"scan_shape": "4x6", "frames_per_position": 2}, headers=AUTH)
+    assert r.status_code == 202, r.text
+    started = r.json()
+    assert started["scan"] == 9  # one above the highest scan number known
+    assert started["scan_shape"] == [4, 6] and started["frames_per_position"] == 2
+    state = ControlClient(control.network.control()).request("get_scan", scan=9)
+    assert state["ok"] and state["state"] == "running"
+    # the same scan again while it runs: control refuses, the API says why
+    r = dashboard.post("/api/scans", json={"scan_shape": [4, 6], "scan_number": 9}, headers=AUTH)
+    assert r.status_code == 409 and "already running" in r.json()["error"]
+
+    r = dashboard.delete(f"/api/scans/{entry}", headers=AUTH)
+    assert r.status_code == 200 and r.json()["deleted"] == entry
+    assert dashboard.get(f"/api/scans/{entry}").status_code == 404
+    assert dashboard.delete(f"/api/scans/{entry}", headers=AUTH).status_code == 404
+    assert path.exists()
+
+
+def test_user_text_is_escaped(dashboard):
+    nasty = '<script>alert("x")</script>'
+    path = make_counted_file(dashboard.out / "FOURD_250101_1200_00001_00011.h5", scan_number=11, analyse=False)
+    summary = summary_for(path, 11, 10, 30)
+    summary["ledger"]["rejected_reasons"] = {nasty: 1}
+    entry = dashboard.catalog.add_summary(summary)
+    page = dashboard.get(f"/scans/{entry}")
+    assert page.status_code == 200
+    assert nasty not in page.text and "&lt;script&gt;" in page.text
+    r = dashboard.get("/scans/<b>x</b>", headers={"Accept": "text/html"})
+    assert "<b>x</b>" not in r.text
+
+
+def test_reads_need_the_token_off_loopback(control, tmp_path):
+    catalog = Catalog("sqlite:///:memory:")
+    app = create_app(control, catalog, TOKEN, open_reads=False, index_output=False)
+    with TestClient(app) as client:
+        assert client.get("/api/scans").status_code == 401
+        assert client.get("/api/scans", headers=AUTH).status_code == 200
+        r = client.get("/?token=" + TOKEN, follow_redirects=False)  # a link with the token: cookie, then clean URL
+        assert r.status_code == 303 and "token" not in r.headers["location"]
+        assert client.get("/").status_code == 200  # the cookie now
+    catalog.close()
+
+
+def test_websocket_pushes_the_state_and_the_scans_control_reports_closed(dashboard, control):
+    path = make_counted_file(dashboard.out / "FOURD_250101_1200_00001_00012.h5", scan_number=12)
+    ctl = ControlClient(control.network.control())
+    assert ctl.request("start_scan", scan_number=12, scan_shape=[6, 5])["ok"]
+    with dashboard.websocket_connect("/ws") as ws:
+        kinds = set()
+        deadline = time.monotonic() + 10
+        while "state" not in kinds and time.monotonic() < deadline:
+            msg = ws.receive_json()
+            kinds.add(msg["type"])
+            if msg["type"] == "state":
+                assert msg["control"]["ok"] and msg["scan"]["number"] == 12 and msg["scan"]["state"] == "running"
+        assert "state" in kinds
+        # the writer reports the scan done: the dashboard catalogues it and pushes the new list
+        ctl.request("scan_done", scan=12, ok=True, summary=summary_for(path, 12, 777, 30))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            msg = ws.receive_json()
+            if msg["type"] == "catalog" and msg["scans"]:
+                assert msg["scans"][0]["scan_number"] == 12 and msg["scans"][0]["events"] == 777
+                break
+        else:
+            pytest.fail("no catalog push after the scan closed")
+    ctl.close()
+
+
+# -- the command ------------------------------------------------------------------------------------
+
+
+def _stemstream(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "stemstream", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_serve_refuses_bad_input_in_one_sentence(tmp_path):
+    r = _stemstream("serve", "--catalog", "nosuchdb://x/y", "--port", "1")
+    assert r.returncode == 2 and "error:" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _stemstream("serve", "--port", "70000")
+    assert r.returncode == 2 and "--port must be 1 to 65535" in r.stderr
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = _stemstream("serve", "--port", str(port), "--catalog", f"sqlite:///{tmp_path}/c.db")
+    assert r.returncode == 2 and "in use" in r.stderr
