@@ -66,15 +66,13 @@ def end_envelope(module: int, node: int = 0, scan: int = SCAN) -> dict:
 class Bad:
     """A malformed message. node_reasons: what the node group may reject it for; gateway_reasons:
     the same at the gateway, or None when the gateway cannot tell (it reads only the envelope) and
-    forwards it to the node group. only_via_gateway: the node group alone does not catch it (see
-    test_node_group_checks_an_end_markers_module_and_node_group)."""
+    forwards it to the node group."""
 
     category: str
     module: int
     parts: list
     node_reasons: set
     gateway_reasons: set | None
-    only_via_gateway: bool = False
 
 
 def bad_int(low: int, high: int):
@@ -162,10 +160,10 @@ def malformed(draw, nodes: int = 1, in_process: bool = True, scan: int = SCAN) -
     if category == "wrong_module":
         other = draw(st.integers(0, N_MODULES - 1).filter(lambda m: m != module))
         envelope = {**base, "module": other}
-        return Bad(category, module, message(envelope), {"wrong_module"}, {"wrong_module"}, only_via_gateway=is_end)
+        return Bad(category, module, message(envelope), {"wrong_module"}, {"wrong_module"})
     if category == "wrong_node":
         envelope = {**base, "node": draw(st.integers(nodes, 65535))}
-        return Bad(category, module, message(envelope), {"wrong_node"}, {"unknown_node"}, only_via_gateway=is_end)
+        return Bad(category, module, message(envelope), {"wrong_node"}, {"unknown_node"})
     if category == "unknown_scan":
         envelope = {**base, "scan": draw(st.integers(1000, 2**32 - 1))}
         return Bad(category, module, message(envelope), {"unknown_scan"}, None)
@@ -314,7 +312,6 @@ class Harness:
             self.feed_next_block()
 
     def throw(self, bad: Bad, via_gateway: bool) -> None:
-        via_gateway = via_gateway or bad.only_via_gateway
         node_before, gateway_before = self.rejections()
         self.deliver(bad.parts, bad.module, via_gateway)
         node_after, gateway_after = self.rejections()
@@ -478,6 +475,7 @@ def test_control_refuses_scan_shapes_outside_the_header_range(tmp_path):
 
 
 def test_node_group_checks_an_end_markers_module_and_node_group(harness):
+    """The gateway checks them too; without a gateway the node group is the only check."""
     harness.feed_next_block()
     before = harness.rejections()[0]
     harness.node.handle(wire.encode_end(SCAN, 2, 0, sent=0), 1)  # module 2's END on module 1's input
@@ -501,7 +499,7 @@ def test_malformed_messages_on_real_sockets_during_a_scan_change_nothing(tmp_pat
     @settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(malformed(nodes=2, in_process=False, scan=1), st.booleans())
     def collect(bad, via_gateway):
-        (to_gateway if via_gateway or bad.only_via_gateway else to_node).append(bad)
+        (to_gateway if via_gateway else to_node).append(bad)
 
     collect()
     ctx = zmq.Context.instance()

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from stemstream import cli_pipeline, cli_web
+from stemstream import cli_security
 from stemstream.cli_support import (
     UserError,
     parse_shape,
@@ -119,6 +120,7 @@ def count(
 
 cli_pipeline.register(app)
 cli_web.register(app)
+cli_security.register(app)
 
 
 def main() -> None:

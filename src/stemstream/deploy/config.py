@@ -37,6 +37,13 @@ max_pending_blocks = 24     # blocks a node group holds while sectors of them ar
 end_timeout_s = 3           # wait after the first end marker for the rest
 scan_timeout_s = 60         # a scan with no traffic for this long is closed as it stands
 heartbeat_s = 0.5
+
+[security]                  # CURVE encryption + authentication on every link (see deploy.keys)
+curve = false
+keys_dir = "keys"           # made by `stemstream keys keys`
+server_key = "server"       # keys_dir/server.key(_secret): the listening sockets' key pair
+client_key = "client"       # keys_dir/client.key(_secret): this host's connecting sockets
+authorized_dir = ""         # public keys allowed to connect; default keys_dir/authorized
 ```
 """
 
@@ -137,11 +144,21 @@ class FlowSettings:
 
 
 @dataclass
+class SecuritySettings:
+    curve: bool = False
+    keys_dir: str = "keys"
+    server_key: str = "server"
+    client_key: str = "client"
+    authorized_dir: str = ""
+
+
+@dataclass
 class PipelineConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     counting: CountingSettings = field(default_factory=CountingSettings)
     flow: FlowSettings = field(default_factory=FlowSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
     # [analysis]: which live analyses run and their parameters (see stemstream.analysis)
     analysis: dict = field(default_factory=dict)
 
@@ -171,6 +188,11 @@ class PipelineConfig:
         checks.append((n.gateway_port + 3 <= 65535, "[network] gateway_port + 3 exceeds 65535"))
         checks.append((n.transport in ("tcp", "ipc"), f"[network] transport must be \"tcp\" or \"ipc\", got {n.transport!r}"))
         checks.append((n.transport != "ipc" or bool(n.ipc_dir), "[network] transport \"ipc\" needs ipc_dir, a directory for the sockets"))
+        s = self.security
+        for name in ("server_key", "client_key"):
+            value = getattr(s, name)
+            checks.append((bool(value) and "/" not in value, f"[security] {name} must be a key name (a file name in keys_dir), got {value!r}"))
+        checks.append((not s.curve or bool(s.keys_dir), "[security] curve = true needs keys_dir, the directory made by `stemstream keys`"))
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
@@ -186,7 +208,7 @@ class PipelineConfig:
         def clean(obj: Any) -> Any:
             return {k: v for k, v in dataclasses.asdict(obj).items() if v is not None}
 
-        sections = {name: clean(getattr(self, name)) for name in ("network", "pipeline", "counting", "flow")}
+        sections = {name: clean(getattr(self, name)) for name in ("network", "pipeline", "counting", "flow", "security")}
         if self.analysis:
             sections["analysis"] = self.analysis
         return sections
@@ -226,8 +248,8 @@ def config_from_dict(data: dict) -> PipelineConfig:
     """Build and validate a config from nested dicts (as TOML gives them)."""
     config = PipelineConfig()
     for section, values in data.items():
-        if section not in ("network", "pipeline", "counting", "flow", "analysis"):
-            raise ConfigError(f"unknown section [{section}] (known: network, pipeline, counting, flow, analysis)")
+        if section not in ("network", "pipeline", "counting", "flow", "analysis", "security"):
+            raise ConfigError(f"unknown section [{section}] (known: network, pipeline, counting, flow, analysis, security)")
         if not isinstance(values, dict):
             raise ConfigError(f"[{section}] must be a table of settings")
         if section == "analysis":
@@ -251,6 +273,8 @@ def load_config(path: str | Path | None) -> PipelineConfig:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: not UTF-8 text (byte {exc.start})") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

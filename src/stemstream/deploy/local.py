@@ -62,7 +62,7 @@ class LocalPipeline:
         self.log_dir = self.work_dir / "logs"
         self.log_dir.mkdir(exist_ok=True)
         self.config_path = self.config.write(self.work_dir / "pipeline.toml")
-        self.control = ControlClient(self.config.network.control(), timeout_s=5.0)
+        self.control = ControlClient.for_config(self.config, timeout_s=5.0)
 
     # -- processes --------------------------------------------------------------------------------
 

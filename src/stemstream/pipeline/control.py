@@ -30,6 +30,7 @@ from stemstream.counting.thresholds import (
     thresholds_from_histogram,
 )
 from stemstream.deploy.config import PipelineConfig
+from stemstream.deploy.keys import curve_for
 from stemstream.formats.wire import MessageError, pack_control, unpack_control
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ class Control:
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.curve = curve_for(config)
+        if self.curve is not None:
+            self.curve.server(self.socket)
         self.socket.bind(config.network.bind(config.network.control_port))
         self.scans: dict[int, ScanState] = {}
         self.roles: dict[str, dict] = {}

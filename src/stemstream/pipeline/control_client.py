@@ -15,8 +15,10 @@ class ControlClient:
     """Request/reply over a DEALER socket. After a timeout the socket is replaced, so a reply that
     arrives late is never mistaken for the answer to the next request."""
 
-    def __init__(self, endpoint: str, context: zmq.Context | None = None, timeout_s: float = 5.0):
+    def __init__(self, endpoint: str, context: zmq.Context | None = None, timeout_s: float = 5.0, curve=None):
+        """curve: a stemstream.deploy.keys.Curve when [security] curve is on (see for_config)."""
         self.endpoint = endpoint
+        self.curve = curve
         self.context = context or zmq.Context.instance()
         self.timeout_ms = int(timeout_s * 1000)
         self._socket = None
@@ -25,9 +27,18 @@ class ControlClient:
         if self._socket is None:
             sock = self.context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            if self.curve is not None:
+                self.curve.client(sock)
             sock.connect(self.endpoint)
             self._socket = sock
         return self._socket
+
+    @classmethod
+    def for_config(cls, config, context: zmq.Context | None = None, timeout_s: float = 5.0) -> "ControlClient":
+        """A client of the config's control, with CURVE when ``[security] curve`` is on."""
+        from stemstream.deploy.keys import curve_for
+
+        return cls(config.network.control(), context, timeout_s, curve=curve_for(config))
 
     def request(self, op: str, timeout_s: float | None = None, **fields) -> dict:
         """Send ``{op, **fields}``; return the reply. Raises ControlUnavailable on timeout."""

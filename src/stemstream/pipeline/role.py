@@ -11,6 +11,7 @@ import psutil
 import zmq
 
 from stemstream.deploy.config import PipelineConfig
+from stemstream.deploy.keys import curve_for
 from stemstream.formats.wire import MessageError
 from stemstream.pipeline.control_client import ControlClient, ControlUnavailable
 
@@ -29,7 +30,8 @@ class Role:
         self.config = config
         self.index = index
         self.context = context or zmq.Context.instance()
-        self.control = ControlClient(config.network.control(), self.context, timeout_s=2.0)
+        self.curve = curve_for(config)  # None unless [security] curve = true
+        self.control = ControlClient(config.network.control(), self.context, timeout_s=2.0, curve=self.curve)
         self.scan_specs: dict[int, dict] = {}
         self.finished: set[tuple[int, int]] = set()  # (scan, epoch) this role is done with
         self.counters: Counter = Counter()
@@ -48,6 +50,8 @@ class Role:
         rss = self._process.memory_info().rss
         self.peak_rss = max(self.peak_rss, rss)
         cpu = self._process.cpu_times()
+        if self.curve is not None:
+            self.counters["connections_refused"] = self.curve.refused(self.context)
         return {"counters": dict(self.counters), "rejected": dict(self.rejected), "rss": rss, "peak_rss": self.peak_rss,
                 "pid": os.getpid(), "cpu_s": cpu.user + cpu.system}
 
@@ -106,8 +110,11 @@ class Role:
 
     def data_socket(self, kind: int, hwm: int | None = None, linger_ms: int = 0) -> zmq.Socket:
         """A socket of the data path: bounded queue (high-water mark, in messages) and large
-        kernel buffers, since its messages are blocks of sectors of a few MB."""
+        kernel buffers, since its messages are blocks of sectors of a few MB. With CURVE on, a
+        PULL socket (they all bind) is a CURVE server, a PUSH socket (they all connect) a client."""
         sock = self.context.socket(kind)
+        if self.curve is not None:
+            self.curve.server(sock) if kind == zmq.PULL else self.curve.client(sock)
         hwm = self.config.flow.send_hwm if hwm is None else hwm
         sock.setsockopt(zmq.SNDHWM if kind == zmq.PUSH else zmq.RCVHWM, hwm)
         sock.setsockopt(zmq.SNDBUF if kind == zmq.PUSH else zmq.RCVBUF, _KERNEL_BUFFER_BYTES)
