@@ -9,7 +9,11 @@ missing). A scan started with ``resume`` adds frames to an existing file (the re
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +35,41 @@ log = logging.getLogger(__name__)
 _ALL_MODULES = (1 << N_MODULES) - 1
 # Live images go to control this often while a scan runs (the dashboard wants >= 2 per second).
 _LIVE_INTERVAL_S = 0.4
+
+# -- disk checks ---------------------------------------------------------------------------------
+# HDF5 (2.0.0, through h5py 3.16) crashes the process with a segmentation fault when the disk
+# fills inside a write, so the writer never lets it get there: a scan needs this much free space
+# to start, and fails cleanly (partial file deleted, control told, the writer goes on) as soon as
+# free space drops below it. The reserve covers a flush of buffered frames (~4 MB at most) and
+# what close() writes: the /analysis images and the ledger's mask, a few bytes per position.
+RESERVE_BYTES = 64 * 1024 * 1024
+RESERVE_BYTES_PER_POSITION = 64
+
+
+class OutputDirError(OSError):
+    """The output directory cannot take files; the message is one sentence."""
+
+
+def check_output_dir(path: Path) -> None:
+    """Create ``path`` if needed and prove that a file can be created in it (a permission check
+    says nothing for root, nor for a read-only file system); OutputDirError if not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".stemstream-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputDirError(exc.errno, f"the output directory {path} is not writable: {exc.strerror or exc}") from None
+
+
+def check_free_space(path: Path, positions: int) -> None:
+    """OSError(ENOSPC) when ``path``'s file system has less room than a scan of ``positions``
+    positions needs to go on (RESERVE_BYTES + RESERVE_BYTES_PER_POSITION per position)."""
+    need = RESERVE_BYTES + RESERVE_BYTES_PER_POSITION * positions
+    free = shutil.disk_usage(path).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"only {free / 1e6:.1f} MB free in {path}, a scan of {positions} positions "
+                                    f"needs at least {need / 1e6:.1f} MB to go on")
 
 
 class WriterScan:
@@ -54,6 +93,7 @@ class WriterScan:
         self.closed = False
         self.rank = np.zeros(self.shape[0] * self.shape[1], np.uint16)  # frames so far per position
         self.held: dict[int, list] = {}  # position -> [(frame number, events)] not yet written
+        check_free_space(self.path.parent, len(self.rank))  # before any data is accepted
         self.out = SparseCountsWriter(self.path, self.shape, FRAME_SHAPE, self.fpp, overwrite=True)
         self.analyses = ScanAnalyses(writer.analyses, self.shape)
         self.pngs: list[Path] = []
@@ -81,6 +121,7 @@ class WriterScan:
 
     def add_events(self, msg: wire.EventsMessage) -> None:
         self.last_activity = time.monotonic()
+        check_free_space(self.path.parent, len(self.rank))  # one statvfs call, ~2 us
         if self.first_event_at is None:
             self.first_event_at = time.time()
         positions = msg.positions
@@ -182,6 +223,7 @@ class WriterScan:
         return idle > flow.scan_timeout_s
 
     def close(self) -> dict:
+        check_free_space(self.path.parent, len(self.rank))
         for p in sorted(self.held):
             self._release(p)
         thresholds = self.spec.get("thresholds") or self._thresholds_from_control()
@@ -228,55 +270,102 @@ class Writer(Role):
     name = "writer"
 
     def __init__(self, config, index: int = 0, context: zmq.Context | None = None):
+        check_output_dir(Path(config.pipeline.output_dir))  # refuse to start, before any data
         super().__init__(config, index, context)
+        self.failed: dict[int, int] = {}  # scan -> epoch, of scans abandoned after an I/O error
         self.events_in = self.data_socket(zmq.PULL, hwm=64)
         self.events_in.bind(config.network.bind(config.network.writer_port))
         self.scans: dict[int, WriterScan] = {}
         self.analyses = default_analyses(FRAME_SHAPE, config.analysis)
         self._next_live = 0.0
-        Path(config.pipeline.output_dir).mkdir(parents=True, exist_ok=True)
 
     def _scan(self, number: int) -> WriterScan | None:
         scan = self.scans.get(number)
         if scan is None:
             spec = self.scan_spec(number)
             if spec is not None:
-                scan = self.scans[number] = WriterScan(self, spec)
+                scan = self._open(spec)
         return scan
 
+    def _open(self, spec: dict) -> WriterScan | None:
+        """A scan's state and file; None if the file cannot be created (the scan fails)."""
+        try:
+            scan = self.scans[int(spec["scan"])] = WriterScan(self, spec)
+        except OSError as exc:
+            self._fail(spec, exc)
+            return None
+        return scan
+
+    def _failed(self, number: int) -> bool:
+        """True for a scan (this epoch of it) abandoned after an I/O error."""
+        epoch = self.failed.get(number)
+        spec = self.scan_specs.get(number)
+        return epoch is not None and (spec is None or int(spec["epoch"]) == epoch)
+
+    def _fail(self, spec: dict, exc: OSError, scan: WriterScan | None = None) -> None:
+        """Abandon a scan after an I/O error (disk full, directory gone): no file at its final
+        path, control told it failed and why; the writer goes on with the other scans."""
+        number = int(spec["scan"])
+        path = Path(self.config.pipeline.output_dir) / spec["file_name"]
+        if scan is not None:
+            try:
+                scan.out.abort()  # deletes the partial file
+            except OSError as abort_exc:
+                log.warning("scan %d: could not delete %s: %s", number, scan.out.tmp_path, abort_exc)
+            self.scans.pop(number, None)
+        error = f"cannot write {path}: {exc.strerror or exc}"
+        log.error("scan %d failed, %s; no file was left at that path: stream the scan again once the disk has room",
+                  number, error)
+        self.failed[number] = int(spec["epoch"])
+        self.mark_finished(spec)
+        self.counters["scans_failed"] += 1
+        summary = {"scan": number, "error": error,
+                   "frames_written": scan.out.slots_written if scan is not None else 0}
+        try:
+            self.control.request("scan_done", timeout_s=5.0, scan=number, ok=False, summary=summary)
+        except Exception as report_exc:
+            log.warning("could not report scan %d to control: %s", number, report_exc)
+
     def handle(self, parts: list) -> None:
+        number = None
         try:
             kind = wire.kind_of(parts)
             if kind == wire.EVENTS:
                 msg = wire.decode_events(parts, FRAME_SHAPE[0] * FRAME_SHAPE[1])
-                scan = self.known_scan(msg.scan)
-                scan.add_events(msg)
+                number, apply = msg.scan, lambda scan: scan.add_events(msg)
             elif kind == wire.ANALYSIS:
                 envelope = wire.analysis_envelope(parts)
-                scan = self.known_scan(envelope["scan"])
-                scan.add_partials(parts[2:])
+                number, apply = envelope["scan"], lambda scan: scan.add_partials(parts[2:])
             elif kind == wire.DONE:
                 msg = wire.decode_done(parts)
-                scan = self.known_scan(msg.scan)
-                scan.add_done(msg)
+                number, apply = msg.scan, lambda scan: scan.add_done(msg)
             else:
                 raise wire.MessageError("unexpected_kind", repr(kind))
+            if not self._failed(number):
+                scan = self.known_scan(number)
         except wire.MessageError as exc:
-            self.reject(exc.reason, str(exc))
+            if number is None or not self._failed(number):
+                self.reject(exc.reason, str(exc))
+                return
+        if self._failed(number):  # the rest of a scan that failed: not malformed, not written
+            self.counters["messages_of_failed_scans"] += 1
+            return
+        try:
+            apply(scan)
+        except OSError as exc:  # the disk is full or gone: this scan fails, the writer goes on
+            self._fail(scan.spec, exc, scan)
 
     def _close(self, scan: WriterScan) -> None:
         try:
             summary = scan.close()
-            ok = True
         except OSError as exc:
-            log.error("scan %d could not be written: %s", scan.number, exc)
-            scan.out.abort()
-            summary, ok = {"scan": scan.number, "error": str(exc)}, False
+            self._fail(scan.spec, exc, scan)
+            return
         del self.scans[scan.number]
         self.mark_finished(scan.spec)
         self.counters["scans_closed"] += 1
         try:
-            self.control.request("scan_done", timeout_s=5.0, scan=scan.number, ok=ok, summary=summary)
+            self.control.request("scan_done", timeout_s=5.0, scan=scan.number, ok=True, summary=summary)
         except Exception as exc:  # control away: the file and its metadata still say it all
             log.warning("could not report scan %d to control: %s", scan.number, exc)
 
@@ -315,7 +404,7 @@ class Writer(Role):
             # a scan control knows of but no frame reached: open it so its timeout can close it
             for number, spec in list(self.scan_specs.items()):
                 if number not in self.scans and not self.is_finished(spec):
-                    self.scans[number] = WriterScan(self, spec)
+                    self._open(spec)
             self.tick()
         for scan in list(self.scans.values()):
             self._close(scan)
