@@ -1,7 +1,8 @@
 """Counting and calibrating straight from a scan's raw files.
 
 Each numba thread reads a frame with ``pread`` into its own scratch frame and works on it at once
-(counts it, or adds it to the calibration histogram), frames interleaved over the threads. There
+(counts it, or adds it to the calibration histogram), then takes the next frame not yet taken (a
+shared atomic counter: a thread that the machine deschedules holds no share of the work). There
 is no reader thread and no batch buffer: a frame crosses main memory once, the scratch frame stays
 in the thread's cache, and all cores share reading and counting alike. Python only hands out
 ranges of frames and collects the events.

@@ -56,7 +56,7 @@ class CountOptions:
     gain: Path | None = None
     row_dark: bool = False
     workers: int | None = None  # counting threads; None: all cores
-    batch_size: int = 256  # frames per compiled call (a progress step); ~330 kB of event rows each
+    batch_size: int = 256  # frames per compiled call (a progress step); event rows of 331 kB each, only written pages resident
     seed: int | None = 0
 
     def __post_init__(self):
@@ -134,7 +134,7 @@ def count_raw_scan(
             row_dark=options.row_dark, optimized_mean=thresholds.optimized_mean,
         )
         # Flushing every 1024 frames bounds the events held for the file to ~2.5 MB at 0.002 e/px
-        # (twice that while h5py converts them); 4096 measured no faster.
+        # (twice that while h5py converts them), see benchmarks/bench_count_memory.py.
         writer = SparseCountsWriter(output, scan.scan_shape, FRAME_SHAPE, scan.frames_per_position,
                                     overwrite=overwrite, flush_frames=1024)
         n_events = _count_all(scan, worker, counter, writer, thresholds, options, progress, t0)
