@@ -36,6 +36,9 @@ POLL_WATCHED_S = 0.25
 POLL_IDLE_S = 1.0
 #: How many catalog entries the live page lists.
 RECENT = 12
+#: Images pushed at most this often (s): the summed pattern is 576 x 576, ~10x the bytes of a scan
+#: image, and changes slowly once a few hundred frames are in. The others go with every update.
+SLOW_IMAGES = {"summed_pattern/pattern": 1.0}
 
 
 @dataclass(eq=False)
@@ -118,7 +121,7 @@ class LiveMonitor:
         self.url = url
         self.heartbeat = heartbeat
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="control")
-        self.control = ControlClient(config.network.control(), timeout_s=1.0)
+        self.control = ControlClient.for_config(config, timeout_s=1.0)
         self.clients: set[Client] = set()
         self.on_shutdown = None  # set by the server: called when control says the pipeline stops
         self.status: dict = {}
@@ -131,6 +134,7 @@ class LiveMonitor:
         self.images: dict[str, str] = {}  # key -> data URL of the current scan's latest live images
         self.images_updated = 0.0
         self.images_version = 0
+        self._slow_sent: dict[str, float] = {}  # key -> when it was last pushed
         self.rates = RateMeter()
         self.state_text = ""
         self.images_text = ""
@@ -306,8 +310,17 @@ class LiveMonitor:
         }
         return json.dumps(message, default=str)
 
-    def build_images(self) -> str:
+    def build_images(self, full: bool = True) -> str:
+        """The current scan's live images as one message; unless ``full``, slow images (see
+        SLOW_IMAGES) only when their interval has passed since they were last pushed."""
         keys = image_order(self.images)
+        if not full:
+            now = time.monotonic()
+            due = [k for k in keys if now - self._slow_sent.get(k, -1e9) >= SLOW_IMAGES.get(k, 0.0)]
+            for k in due:
+                if k in SLOW_IMAGES:
+                    self._slow_sent[k] = now
+            keys = due
         return json.dumps({"type": "images", "scan": self.current, "version": self.images_version,
                            "updated": self.images_updated,
                            "images": [{"key": k, "label": image_label(k), "src": self.images[k]} for k in keys]})
@@ -341,8 +354,9 @@ class LiveMonitor:
                 self.state_text = await loop.run_in_executor(self.executor, self.build_state)
                 if self.images_version != last_images:
                     last_images = self.images_version
-                    self.images_text = await loop.run_in_executor(self.executor, self.build_images)
-                    self.broadcast(self.images_text)
+                    self.images_text = await loop.run_in_executor(self.executor, self.build_images)  # for newcomers
+                    if self.clients:
+                        self.broadcast(await loop.run_in_executor(self.executor, self.build_images, False))
                 if self.catalog.version != self._catalog_version:
                     self._catalog_version = self.catalog.version
                     self.catalog_text = await loop.run_in_executor(self.executor, self.build_catalog)

@@ -1,6 +1,7 @@
 // The live page: one WebSocket, the server pushes state (4/s), images (when new) and the catalog.
 "use strict";
 (function () {
+  const pending = new Map();  // the latest message of each type that came while the tab was hidden
   let socket = null, retry = 500, shownScan = null, shownImages = -1, finalShown = null;
   const images = new Map();  // key -> <img>
 
@@ -15,15 +16,20 @@
     socket.onopen = () => { retry = 500; connection("live", "ok"); };
     socket.onmessage = (ev) => {
       const msg = JSON.parse(ev.data);
-      if (msg.type === "state") showState(msg);
-      else if (msg.type === "images") showLiveImages(msg);
-      else if (msg.type === "catalog") showCatalog(msg);
+      if (document.hidden) { pending.set(msg.type, msg); return; }  // drawn when the tab shows again
+      handle(msg);
     };
     socket.onclose = () => {
       connection("reconnecting", "warn");
       setTimeout(connect, retry);
       retry = Math.min(retry * 2, 5000);
     };
+  }
+
+  function handle(msg) {
+    if (msg.type === "state") showState(msg);
+    else if (msg.type === "images") showLiveImages(msg);
+    else if (msg.type === "catalog") showCatalog(msg);
   }
 
   function imageSlot(key, label) {
@@ -106,33 +112,48 @@
     showRoles(msg.roles);
   }
 
-  function showModules(modules, ledger) {
-    const body = document.querySelector("#modules tbody");
-    const rows = modules.map((m) => {
-      const L = (name) => ledger && ledger[name] ? S.int(ledger[name][m.module]) : "-";
-      return S.el("tr", {}, S.el("td", {text: String(m.module)}), S.el("td", {className: "num", text: S.int(m.records_sent)}),
-        S.el("td", {className: "num" + (m.records_spilled ? " warn" : ""), text: S.int(m.records_spilled)}),
-        S.el("td", {className: "num", text: L("sectors_received")}), S.el("td", {className: "num", text: L("sectors_missing")}),
-        S.el("td", {className: "num", text: L("sectors_duplicate")}), S.el("td", {className: "num", text: L("sectors_rejected")}),
-        S.el("td", {className: "num", text: L("sectors_lost")}));
+  // Tables are built once per set of rows; later updates only touch cells whose text changed
+  // (rebuilding them 4 times a second would make the browser lay out and paint the page each time).
+  function fillTable(tbody, rows) {
+    const keys = rows.map((r) => r.key).join("|");
+    if (tbody.dataset.keys !== keys) {
+      tbody.dataset.keys = keys;
+      tbody.replaceChildren(...rows.map((r) => S.el("tr", {}, ...r.cells.map(() => S.el("td")))));
+    }
+    rows.forEach((r, i) => {
+      const tds = tbody.rows[i].cells;
+      r.cells.forEach((c, j) => {
+        const td = tds[j];
+        if (td.textContent !== c.text) td.textContent = c.text;
+        const cls = c.cls || "";
+        if (td.className !== cls) td.className = cls;
+      });
     });
-    body.replaceChildren(...rows);
-    document.getElementById("ledger-note").hidden = !!ledger;
+  }
+
+  function showModules(modules, ledger) {
+    const L = (name, m) => ledger && ledger[name] ? S.int(ledger[name][m]) : "-";
+    fillTable(document.querySelector("#modules tbody"), modules.map((m) => ({key: String(m.module), cells: [
+      {text: String(m.module)}, {text: S.int(m.records_sent), cls: "num"},
+      {text: S.int(m.records_spilled), cls: "num" + (m.records_spilled ? " warn" : "")},
+      {text: L("sectors_received", m.module), cls: "num"}, {text: L("sectors_missing", m.module), cls: "num"},
+      {text: L("sectors_duplicate", m.module), cls: "num"}, {text: L("sectors_rejected", m.module), cls: "num"},
+      {text: L("sectors_lost", m.module), cls: "num"}]})));
+    const note = document.getElementById("ledger-note");
+    if (note.hidden !== !!ledger) note.hidden = !!ledger;
   }
 
   function showRoles(roles) {
-    const body = document.querySelector("#roles tbody");
-    body.replaceChildren(...roles.map((r) => {
-      const counters = Object.entries(r.counters || {}).map(([k, v]) => `${k.replace(/_/g, " ")} ${S.int(v)}`).join(", ")
-        + (r.pending_blocks ? `, pending blocks ${r.pending_blocks}` : "");
-      return S.el("tr", {}, S.el("td", {text: r.key}),
-        S.el("td", {}, S.el("span", {className: "badge " + ({ok: "ok", late: "warn", silent: "bad"}[r.health] || ""), text: r.health})),
-        S.el("td", {className: "num", text: S.num(r.age_s, 1) + " s ago"}),
-        S.el("td", {text: counters}),
-        S.el("td", {className: "num" + (r.rejected ? " warn" : ""), text: S.int(r.rejected)}),
-        S.el("td", {className: "num", text: S.num(r.cpu_s, 1)}),
-        S.el("td", {className: "num", text: S.num(r.rss_mib, 0) + " MiB"}));
-    }));
+    const health = {ok: "health-ok", late: "health-late", silent: "health-silent"};
+    fillTable(document.querySelector("#roles tbody"), roles.map((r) => ({key: r.key, cells: [
+      {text: r.key},
+      {text: r.health, cls: health[r.health] || ""},
+      {text: S.num(r.age_s, 1) + " s ago", cls: "num"},
+      {text: Object.entries(r.counters || {}).map(([k, v]) => `${k.replace(/_/g, " ")} ${S.int(v)}`).join(", ")
+        + (r.pending_blocks ? `, pending blocks ${r.pending_blocks}` : "")},
+      {text: S.int(r.rejected), cls: "num" + (r.rejected ? " warn" : "")},
+      {text: S.num(r.cpu_s, 1), cls: "num"},
+      {text: S.num(r.rss_mib, 0) + " MiB", cls: "num"}]})));
   }
 
   function showCatalog(msg) {
@@ -152,6 +173,14 @@
     out.className = r.ok ? "" : "warn";
   });
 
+  document.addEventListener("visibilitychange", () => {
+    if (document.hidden) return;
+    for (const type of ["state", "images", "catalog"]) {
+      const msg = pending.get(type);
+      if (msg) handle(msg);
+    }
+    pending.clear();
+  });
   connection("connecting", "");
   connect();
 })();
