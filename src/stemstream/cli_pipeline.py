@@ -243,7 +243,10 @@ def run_locally(cfg, simulate: str | None, replay: Path | None, n_scans: int, fr
     """Start the local pipeline, stream the scans, print summaries. True if every frame of every
     scan was accounted for."""
     from stemstream.deploy.local import LocalPipeline, PipelineError, ProducerSource
+    from stemstream.pipeline.writer import check_output_dir
     from stemstream.reports import stream_summary
+
+    check_output_dir(Path(cfg.pipeline.output_dir))  # fail now, not after the roles started
 
     if replay is not None:
         from stemstream.sources.raw_scan import RawScan

@@ -19,6 +19,7 @@ complete blocks wait.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -468,6 +469,7 @@ class NodeGroup(Role):
                 if scan.finished:
                     del self.scans[number]
                     self.mark_finished(scan.spec)
+                    gc.collect()  # the scan's buffers go now, not at some later scan's expense
             self.tick()
         for sock in self.inputs:
             sock.close(0)

@@ -153,6 +153,10 @@ class RawScan:
             keep_pos.append(hdr["y"][good].astype(np.int64) * width + hdr["x"][good])
             keep_module.append(np.full(len(good), m, np.int8))
 
+        if sum(len(k) for k in keep_rec) == 0:
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.ledger.rejected_reasons.items()))
+            raise RawFormatError(f"every sector record in the raw files given was rejected ({reasons}); "
+                                 "see the log lines above for files and byte offsets")
         file_ids = np.concatenate(keep_file)
         recs = np.concatenate(keep_rec)
         frame_numbers = np.concatenate(keep_frame)
