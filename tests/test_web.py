@@ -240,6 +240,10 @@ def test_reads_need_the_token_off_loopback(control, tmp_path):
         r = client.get("/?token=" + TOKEN, follow_redirects=False)  # a link with the token: cookie, then clean URL
         assert r.status_code == 303 and "token" not in r.headers["location"]
         assert client.get("/").status_code == 200  # the cookie now
+        assert client.get("/api/scans", headers={"Authorization": "Bearer wrong"}).status_code == 403
+        # the cookie lets a browser read, never change anything (no cross-site requests)
+        r = client.post("/api/scans", json={"scan_shape": "4x4"})
+        assert r.status_code == 401 and "token" in r.json()["error"]
     catalog.close()
 
 

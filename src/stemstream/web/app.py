@@ -120,18 +120,23 @@ def create_app(config: PipelineConfig, catalog: Catalog, token: str, *, open_rea
 
     # -- access -----------------------------------------------------------------------------------
 
-    def _given_token(request: Request | WebSocket) -> str:
+    def _header_token(request: Request | WebSocket) -> str:
         auth = request.headers.get("authorization", "")
         if auth.lower().startswith("bearer "):
             return auth[7:].strip()
-        return (request.headers.get("x-stemstream-token") or request.query_params.get("token")
-                or request.cookies.get(TOKEN_COOKIE) or "")
+        return request.headers.get("x-stemstream-token") or ""
+
+    def _given_token(request: Request | WebSocket) -> str:
+        """For reads: a header, ``?token=`` or the cookie a link with the token left."""
+        return _header_token(request) or request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE) or ""
 
     def _token_ok(given: str) -> bool:
         return bool(given) and hmac.compare_digest(given.encode(), token.encode())
 
     def require_token(request: Request) -> None:
-        given = _given_token(request)
+        """Mutations take the token from a header only: a browser never adds one by itself, so
+        another site cannot make a visitor's browser start or delete anything."""
+        given = _header_token(request)
         if not given:
             raise HTTPException(401, "this request changes something: send the dashboard's token "
                                      "(Authorization: Bearer TOKEN)")
@@ -139,8 +144,14 @@ def create_app(config: PipelineConfig, catalog: Catalog, token: str, *, open_rea
             raise HTTPException(403, "the token is wrong")
 
     def require_read(request: Request) -> None:
-        if not open_reads:
-            require_token(request)
+        if open_reads:
+            return
+        given = _given_token(request)
+        if not given:
+            raise HTTPException(401, "this dashboard listens beyond this machine: reading needs the token "
+                                     "(open the address with ?token=TOKEN once)")
+        if not _token_ok(given):
+            raise HTTPException(403, "the token is wrong")
 
     def _wants_html(request: Request) -> bool:
         return not request.url.path.startswith("/api/") and "text/html" in request.headers.get("accept", "")

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -104,6 +105,19 @@ def file_facts(path: str | os.PathLike) -> dict:
 
 
 def stored_views(path: str | os.PathLike) -> dict[str, View]:
+    """Like :func:`read_stored_views`, remembered for the last few files (keyed by path, size and
+    modification time), since a scan's page asks for its images one by one."""
+    p = Path(path)
+    st = p.stat()
+    return _cached_views(str(p.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_views(path: str, size: int, mtime_ns: int) -> dict[str, View]:
+    return read_stored_views(path)
+
+
+def read_stored_views(path: str | os.PathLike) -> dict[str, View]:
     """``<analysis>/<result>`` -> View of the results stored in the file's ``/analysis`` group
     ({} if it has none). Each analysis's own ``show`` (built from its stored parameters) picks the
     images and their colour scale; an analysis this installation does not know shows its 2-D

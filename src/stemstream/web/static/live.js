@@ -1,8 +1,8 @@
-// The live page: one WebSocket, the server pushes state (4/s), images (when new) and the catalog.
+// The live page: one WebSocket, the server pushes state (~3/s), images (when new) and the catalog.
 "use strict";
 (function () {
   const pending = new Map();  // the latest message of each type that came while the tab was hidden
-  let socket = null, retry = 500, shownScan = null, shownImages = -1, finalShown = null;
+  let socket = null, retry = 500, shownScan = null, finalShown = null;
   const images = new Map();  // key -> <img>
 
   function connection(text, cls) {
@@ -52,7 +52,6 @@
 
   function showLiveImages(msg) {
     if (msg.scan !== shownScan || finalShown === msg.scan) return;
-    shownImages = msg.version;
     for (const im of msg.images) {
       const img = imageSlot(im.key, im.label);
       if (img.getAttribute("src") !== im.src) img.setAttribute("src", im.src);
