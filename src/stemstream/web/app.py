@@ -94,14 +94,17 @@ def create_app(config: PipelineConfig, catalog: Catalog, token: str, *, open_rea
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        if index_output:
+        indexing = None
+        if index_output:  # in the background: a directory of thousands of files must not delay the page
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(monitor.executor, catalog.index_directory, config.pipeline.output_dir)
+            indexing = loop.run_in_executor(None, catalog.index_directory, config.pipeline.output_dir)
         task = asyncio.create_task(monitor.run())
         try:
             yield
         finally:
             monitor.stopped = True
+            if indexing is not None:
+                indexing.cancel()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
