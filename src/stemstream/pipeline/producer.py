@@ -93,6 +93,7 @@ class Producer(Role):
                     patience = self.patience_s
                     self.counters["records_sent"] += len(records)
                     self.last_sent_wall = time.time()
+                    self.tick()  # heartbeats keep coming while a scan streams
                     continue
                 # The consumer is behind beyond the bound: spill instead of waiting longer.
                 if spill_writer is None:

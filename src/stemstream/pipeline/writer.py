@@ -175,11 +175,20 @@ class WriterScan:
         self.analyses.merge_parts(parts)
 
     def live_images(self) -> dict[str, bytes]:
-        """The analyses' current images as PNG bytes, ``<analysis>/<name>`` -> PNG."""
+        """The analyses' current images as PNG bytes, ``<analysis>/<name>`` -> PNG. Scan images
+        show positions not yet scanned as blank (NaN), so the colour scale follows the data that
+        is in; frame-sized images are binned 2 x 2 (what a browser tile shows, a quarter of the
+        cost of rendering)."""
+        scanned = (self.rank > 0).reshape(self.shape)
         images = {}
         for name, views in self.analyses.views().items():
             for key, view in views.items():
-                images[f"{name}/{key}"] = png_bytes(scale_image(view.image, view.kind))
+                image = np.asarray(view.image, np.float64)
+                if image.shape == self.shape:
+                    image = np.where(scanned, image, np.nan)
+                elif image.shape[0] % 2 == 0 and image.shape[1] % 2 == 0 and image.size > 4 * len(self.rank):
+                    image = image.reshape(image.shape[0] // 2, 2, image.shape[1] // 2, 2).sum(axis=(1, 3))
+                images[f"{name}/{key}"] = png_bytes(scale_image(image, view.kind))
         return images
 
     def progress(self) -> dict:
