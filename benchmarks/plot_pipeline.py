@@ -27,7 +27,7 @@ def main() -> None:
     streaming = [results["sizes"][s]["frames_per_s"] for s in sizes]
     file_based = [f / results["sizes"][s]["file_based"]["total_s"] if "file_based" in results["sizes"][s] else None
                   for s, f in zip(sizes, frames)]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
     x = range(len(sizes))
     width = 0.38
     ax.bar([i - width / 2 for i in x], streaming, width, label="stemstream streaming (simulator to closed file)")
@@ -40,7 +40,8 @@ def main() -> None:
     ax.set_xlabel("scan (rows x cols)")
     ax.set_ylabel("frames/s, end to end")
     ax.set_title(f"Time to counted data on {results.get('machine', 'this machine')}", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.set_ylim(0, max(streaming) * 1.15)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, frameon=False)
     fig.tight_layout()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.output)
