@@ -73,6 +73,13 @@ def _unpack_envelope(frame) -> dict:
     return envelope
 
 
+def _envelope_of(parts: list, n_parts: int, kind: str) -> dict:
+    """The decoded envelope of a message that must have exactly ``n_parts`` parts."""
+    if len(parts) != n_parts:
+        raise MessageError("wrong_part_count", f"{len(parts)} parts, {kind} has {n_parts}")
+    return _unpack_envelope(parts[1])
+
+
 def _int_field(envelope: dict, name: str, low: int = 0, high: int = 2**32 - 1) -> int:
     value = envelope.get(name)
     if isinstance(value, bool) or not isinstance(value, int):
@@ -115,9 +122,7 @@ class SectorsMessage:
 
 def sectors_envelope(parts: list) -> dict:
     """Validate just the envelope of a SECTORS message (what a gateway needs to route it)."""
-    if len(parts) != 3:
-        raise MessageError("wrong_part_count", f"{len(parts)} parts, SECTORS has 3")
-    envelope = _unpack_envelope(parts[1])
+    envelope = _envelope_of(parts, 3, "SECTORS")
     _int_field(envelope, "scan")
     _int_field(envelope, "module", 0, N_MODULES - 1)
     _int_field(envelope, "block")
@@ -171,9 +176,7 @@ class EndMessage:
 
 def end_envelope(parts: list) -> dict:
     """Validate the envelope of an END message."""
-    if len(parts) != 2:
-        raise MessageError("wrong_part_count", f"{len(parts)} parts, END has 2")
-    envelope = _unpack_envelope(parts[1])
+    envelope = _envelope_of(parts, 2, "END")
     _int_field(envelope, "scan")
     _int_field(envelope, "module", 0, N_MODULES - 1)
     _int_field(envelope, "node", 0, 65535)
@@ -223,9 +226,7 @@ def _array(part, dtype, what: str) -> np.ndarray:
 
 def decode_events(parts: list, n_pixels: int) -> EventsMessage:
     """Validate an EVENTS message: consistent lengths, monotonic offsets, pixels inside the frame."""
-    if len(parts) != 7:
-        raise MessageError("wrong_part_count", f"{len(parts)} parts, EVENTS has 7")
-    envelope = _unpack_envelope(parts[1])
+    envelope = _envelope_of(parts, 7, "EVENTS")
     scan = _int_field(envelope, "scan")
     node = _int_field(envelope, "node", 0, 65535)
     n = _int_field(envelope, "n", 0, 1 << 24)
@@ -259,9 +260,7 @@ class DoneMessage:
 
 
 def decode_done(parts: list) -> DoneMessage:
-    if len(parts) != 2:
-        raise MessageError("wrong_part_count", f"{len(parts)} parts, DONE has 2")
-    envelope = _unpack_envelope(parts[1])
+    envelope = _envelope_of(parts, 2, "DONE")
     ledger = envelope.get("ledger")
     lost = envelope.get("lost")
     if not isinstance(ledger, dict) or not isinstance(lost, list):

@@ -419,26 +419,25 @@ class NodeGroup(Role):
                 return True
         return False
 
+    def _check_route(self, msg, module: int) -> None:
+        """A message must reach this node group on its own module's input."""
+        if msg.node != self.index:
+            raise wire.MessageError("wrong_node", f"routed to {msg.node}, this is {self.index}")
+        if msg.module != module:
+            raise wire.MessageError("wrong_module", f"module {msg.module} on module {module}'s input")
+
     def handle(self, parts: list, module: int) -> None:
         """One message from ``module``'s input; bad ones are counted and logged, never raised."""
         try:
             kind = wire.kind_of(parts)
             if kind == wire.SECTORS:
                 msg = wire.decode_sectors(parts)
-                if msg.node != self.index:
-                    raise wire.MessageError("wrong_node", f"routed to {msg.node}, this is {self.index}")
-                if msg.module != module:
-                    raise wire.MessageError("wrong_module", f"module {msg.module} on module {module}'s input")
-                scan = self.known_scan(msg.scan)
-                scan.add_sectors(msg)
+                self._check_route(msg, module)
+                self.known_scan(msg.scan).add_sectors(msg)
             elif kind == wire.END:
                 msg = wire.decode_end(parts)
-                if msg.node != self.index:
-                    raise wire.MessageError("wrong_node", f"end marker for {msg.node}, this is {self.index}")
-                if msg.module != module:
-                    raise wire.MessageError("wrong_module", f"module {msg.module}'s end on module {module}'s input")
-                scan = self.known_scan(msg.scan)
-                scan.add_end(msg)
+                self._check_route(msg, module)
+                self.known_scan(msg.scan).add_end(msg)
             else:
                 raise wire.MessageError("unexpected_kind", repr(kind))
         except wire.MessageError as exc:
