@@ -37,16 +37,10 @@ import numpy as np
 
 from stemstream.analysis import ScanAnalyses, default_analyses
 from stemstream.counting.kernel import ElectronCounter
-from stemstream.sources.simulator import DetectorSimulator, SimulationConfig
+from stemstream.sources.simulator import SimulationConfig
+from common import simulated_frames
 
 
-def simulate(scan_shape: tuple[int, int], n_frames: int, dose: float, seed: int) -> np.ndarray:
-    sim = DetectorSimulator(SimulationConfig(scan_shape=scan_shape, dose=dose, seed=seed))
-    frames = np.empty((n_frames, 576, 576), np.uint16)
-    for start in range(0, n_frames, 32):
-        count = min(32, n_frames - start)
-        sim.batch(start, count, out=frames[start : start + count])
-    return frames
 
 
 def main() -> None:
@@ -67,7 +61,7 @@ def main() -> None:
     numba.set_num_threads(1)
     cols = 64
     scan_shape = (max(1, -(-args.frames // cols)), cols)
-    frames = simulate(scan_shape, args.frames, args.dose, args.seed)
+    frames = simulated_frames(SimulationConfig(scan_shape=scan_shape, dose=args.dose, seed=args.seed), args.frames)
     positions = np.arange(args.frames, dtype=np.int64)
     starts = range(0, args.frames, args.batch)
     counter = ElectronCounter(28.0, 2000.0)

@@ -19,21 +19,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from common import parse_shape, stemstream_command
 
 
-def parse_shape(text: str) -> tuple[int, int]:
-    try:
-        rows, cols = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"scan shape must be ROWSxCOLS, e.g. 64x64, got {text!r}") from None
-    if rows < 1 or cols < 1:
-        raise argparse.ArgumentTypeError(f"scan shape must be positive, got {text!r}")
-    return rows, cols
 
 
-def stemstream_command() -> list[str]:
-    script = Path(sys.executable).with_name("stemstream")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "stemstream.cli"]
 
 
 def peak_rss_bytes(cmd: list[str], env: dict) -> int:

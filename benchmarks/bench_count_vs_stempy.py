@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import parse_shape, stemstream_command
+
 STEMPY_SCRIPT = r"""
 import glob, sys
 import stempy.io, stempy.image
@@ -43,20 +45,8 @@ stempy.io.save_electron_counts(sys.argv[2], array)
 """
 
 
-def parse_shape(text: str) -> tuple[int, int]:
-    try:
-        rows, cols = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"scan shape must be ROWSxCOLS, e.g. 128x128, got {text!r}") from None
-    if rows < 1 or cols < 1:
-        raise argparse.ArgumentTypeError(f"scan shape must be positive, got {text!r}")
-    return rows, cols
 
 
-def stemstream_command() -> list[str]:
-    # The installed entry point next to this interpreter, as a user runs it.
-    script = Path(sys.executable).with_name("stemstream")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "stemstream.cli"]
 
 
 def available_memory_bytes() -> int:

@@ -32,15 +32,13 @@ import psutil
 from stemstream.deploy.config import PipelineConfig
 from stemstream.deploy.local import LocalPipeline, ProducerSource
 from stemstream.web.server import free_port
+from common import parse_shape
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage"]
 
 
-def parse_shape(text: str) -> tuple[int, int]:
-    rows, cols = text.lower().split("x")
-    return int(rows), int(cols)
 
 
 class Dashboard:

@@ -23,20 +23,12 @@ import statistics
 import time
 
 import numba
-import numpy as np
 
 from stemstream.counting.kernel import ElectronCounter
-from stemstream.sources.simulator import DetectorSimulator, SimulationConfig
+from stemstream.sources.simulator import SimulationConfig
+from common import simulated_frames
 
 
-def simulate(n_frames: int, dose: float, seed: int) -> np.ndarray:
-    config = SimulationConfig(scan_shape=(max(1, -(-n_frames // 64)), 64), dose=dose, seed=seed)
-    sim = DetectorSimulator(config)
-    frames = np.empty((n_frames, 576, 576), np.uint16)
-    for start in range(0, n_frames, 32):
-        count = min(32, n_frames - start)
-        sim.batch(start, count, out=frames[start : start + count])
-    return frames
 
 
 def main() -> None:
@@ -52,7 +44,8 @@ def main() -> None:
         parser.error("--frames and --repeats must be at least 1")
 
     numba.set_num_threads(1)
-    frames = simulate(args.frames, args.dose, args.seed)
+    scan_shape = (max(1, -(-args.frames // 64)), 64)
+    frames = simulated_frames(SimulationConfig(scan_shape=scan_shape, dose=args.dose, seed=args.seed), args.frames)
     counter = ElectronCounter(args.background, args.xray)
     counted = counter.count(frames)  # compiles (or loads from the cache) and warms the buffers
     frames.max(axis=(1, 2))

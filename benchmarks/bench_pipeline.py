@@ -28,6 +28,7 @@ from pathlib import Path
 
 from stemstream.deploy.config import PipelineConfig
 from stemstream.deploy.local import LocalPipeline, ProducerSource
+from common import parse_shape
 
 STEMPY_COUNT = textwrap.dedent("""
     import glob, sys, time
@@ -40,9 +41,6 @@ STEMPY_COUNT = textwrap.dedent("""
 """)
 
 
-def parse_shape(text: str) -> tuple[int, int]:
-    rows, cols = text.lower().split("x")
-    return int(rows), int(cols)
 
 
 def timed(cmd: list[str]) -> float:

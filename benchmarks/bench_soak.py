@@ -39,13 +39,11 @@ import numpy as np
 
 from stemstream.deploy.config import PipelineConfig
 from stemstream.deploy.local import LocalPipeline, ProducerSource
+from common import parse_shape
 
 MIB = 2**20
 
 
-def parse_shape(text: str) -> tuple[int, int]:
-    rows, cols = text.lower().split("x")
-    return int(rows), int(cols)
 
 
 def complete(ledger: dict) -> bool:
@@ -155,7 +153,7 @@ def main() -> int:
     for s in scans:
         print(f"{s['scan']:>4} {s['frames_per_second']:9.0f} {'complete' if s['complete'] else 'LOST ' + str(s['frames_lost']):>9} "
               + " ".join(f"{s['rss'][r] / MIB:7.0f}" for r in roles))
-    print(f"peak RSS (MiB) over the session: " + ", ".join(f"{short[r]} {scans[-1]['peak_rss'][r] / MIB:.0f}" for r in roles))
+    print("peak RSS (MiB) over the session: " + ", ".join(f"{short[r]} {scans[-1]['peak_rss'][r] / MIB:.0f}" for r in roles))
     lost = sum(s["frames_lost"] for s in scans)
     flat = all(v["flat"] for v in result["verdict"].values())
     worst = max(result["verdict"].items(), key=lambda kv: kv[1]["rise_mib"])

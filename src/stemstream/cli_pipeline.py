@@ -280,9 +280,7 @@ def run_locally(cfg, simulate: str | None, replay: Path | None, n_scans: int, fr
             total = shape[0] * shape[1] * fpp
             with progress_bar(console, f"scan {number}", total) as advance:
                 def progress(status, advance=advance):
-                    done = sum(r["stats"].get("counters", {}).get("frames_counted", 0)
-                               for k, r in status["roles"].items() if k.startswith("node"))
-                    advance(min(done - progress.base, total))
+                    advance(min(_frames_counted(status) - progress.base, total))
                 progress.base = _frames_counted(pipeline.status())
                 summary = pipeline.run_scan(number, shape, fpp, progress=progress, resume=resume, file_name=file_name)
             console.print(stream_summary(summary, pipeline.status()))
