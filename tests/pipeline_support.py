@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +69,25 @@ def assert_same_events(a: str | Path, b: str | Path) -> None:
     assert len(fa) == len(fb)
     different = [i for i in range(len(fa)) if not np.array_equal(fa[i], fb[i])]
     assert not different, f"{len(different)} slots differ, first {different[:5]}"
+
+
+def frames_counted(pipeline) -> int:
+    """Frames the node groups have counted so far, from their heartbeats."""
+    roles = pipeline.status()["roles"]
+    return sum(r["stats"]["counters"].get("frames_counted", 0) for k, r in roles.items() if k.startswith("node"))
+
+
+def wait_until_counted(pipeline, n: int, timeout_s: float = 60) -> None:
+    t0 = time.monotonic()
+    while frames_counted(pipeline) < n:
+        assert time.monotonic() - t0 < timeout_s, f"fewer than {n} frames counted in {timeout_s} s"
+        time.sleep(0.05)
+
+
+def wait_until_closed(pipeline, scan: int, timeout_s: float = 90) -> dict:
+    """Wait for the writer to close (or fail) ``scan``; its summary."""
+    t0 = time.monotonic()
+    while (state := pipeline.status()["scans"][str(scan)])["state"] == "running":
+        assert time.monotonic() - t0 < timeout_s, f"scan {scan} did not end within {timeout_s} s"
+        time.sleep(0.1)
+    return state["summary"]

@@ -166,7 +166,7 @@ def malformed(draw, nodes: int = 1, in_process: bool = True, scan: int = SCAN) -
         return Bad(category, module, message(envelope), {"wrong_node"}, {"unknown_node"})
     if category == "unknown_scan":
         envelope = {**base, "scan": draw(st.integers(1000, 2**32 - 1))}
-        return Bad(category, module, message(envelope), {"unknown_scan"}, None)
+        return Bad(category, module, message(envelope), {"unknown_scan"}, {"unknown_scan"})
     # payloads that do not hold what the envelope says (the gateway forwards them unread)
     if category == "truncated":
         whole = draw(st.integers(0, 2))
@@ -245,7 +245,7 @@ class Harness:
         config.pipeline.block_frames = BLOCK_FRAMES
         config.flow.scan_timeout_s = 3600.0
         self.control = Control(config)
-        assert self.control.handle({"op": "start_scan", "scan_number": SCAN, "scan_shape": list(SHAPE)})["ok"]
+        assert self.control.handle({"op": "start_scan", "scan_number": SCAN, "scan_shape": list(SHAPE), "nodes": [0]})["ok"]
         self.node = NodeGroup(config, 0)
         self.node.control = InProcessControl(self.control)
         self.out: list[list] = []  # what the node group sends the writer
@@ -267,23 +267,23 @@ class Harness:
 
     def close(self) -> None:
         for sock in [*self.node.inputs, self.node.events_out, *self.gateway.inputs,
-                     *(s for row in self.gateway.outputs for s in row), self.control.socket]:
+                     *(s for row in self.gateway.outputs.values() for s in row), self.control.socket]:
             sock.close(0)
 
     @property
     def scan(self):
-        return self.node.scans[SCAN]
+        return self.node.scans[(SCAN, 0)]
 
     def deliver(self, parts: list, module: int, via_gateway: bool) -> None:
         """What the roles' loops do with a message from module ``module``'s input."""
         t0 = time.monotonic()
         if via_gateway:
             try:
-                node = self.gateway.route(parts, module)
+                node, scan, stream = self.gateway.route(parts, module)
             except wire.MessageError as exc:
                 self.gateway.reject(exc.reason, str(exc))
             else:
-                assert node == 0
+                assert (node, scan, stream) == (0, SCAN, 0)
                 self.node.handle(parts, module)
         else:
             self.node.handle(parts, module)
@@ -306,7 +306,7 @@ class Harness:
 
     def advance(self) -> None:
         """The node group's loop comes round: count what is ready, then the next block arrives."""
-        if SCAN in self.node.scans:
+        if (SCAN, 0) in self.node.scans:
             self.scan.step()
         if self.fed < self.n_blocks:
             self.feed_next_block()

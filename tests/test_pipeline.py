@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zmq
 
-from pipeline_support import assert_same_events, frames_by_slot, test_config
+from pipeline_support import assert_same_events, frames_by_slot, test_config, wait_until_counted
 from stemstream.counting.offline import CountOptions, count_raw_scan
 from stemstream.deploy.local import LocalPipeline, ProducerSource
 from stemstream.formats import wire
@@ -18,18 +18,6 @@ from stemstream.formats.sparse_h5 import read_counted
 from stemstream.sources.simulator import DetectorSimulator, SimulationConfig, simulate_to_directory
 
 pytestmark = pytest.mark.slow
-
-
-def frames_counted(pipeline) -> int:
-    roles = pipeline.status()["roles"]
-    return sum(r["stats"]["counters"].get("frames_counted", 0) for k, r in roles.items() if k.startswith("node"))
-
-
-def wait_until_counted(pipeline, n: int, timeout_s: float = 60) -> None:
-    t0 = time.monotonic()
-    while frames_counted(pipeline) < n:
-        assert time.monotonic() - t0 < timeout_s, f"fewer than {n} frames counted in {timeout_s} s"
-        time.sleep(0.05)
 
 
 def ledger_of(path):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from pipeline_support import test_config
+from stemstream.analysis import ScanAnalyses
 from stemstream.deploy.config import ConfigError, config_from_dict, load_config
 from stemstream.formats import wire
 from stemstream.formats.raw import N_MODULES
@@ -160,6 +161,14 @@ def events_message(scan: int, frames: range) -> list:
                               np.full(len(events), 0b1111, np.uint8), offsets, np.concatenate(events))
 
 
+def commit(writer: Writer, scan: int, frames: range) -> None:
+    """Events of ``frames`` and the ANALYSIS message after them, which makes the writer commit
+    (write) them."""
+    writer.handle(events_message(scan, frames))
+    partials = ScanAnalyses(writer.analyses, (4, 4)).take_partials()
+    writer.handle(wire.encode_analysis(scan, 0, partials))
+
+
 def done_message(scan: int) -> list:
     ledger = {"sectors_received": [16] * N_MODULES, "sectors_missing": [0] * N_MODULES,
               "sectors_duplicate": [0] * N_MODULES, "sectors_rejected": [0] * N_MODULES}
@@ -167,7 +176,7 @@ def done_message(scan: int) -> list:
 
 
 def start_scan(control: Control, number: int) -> dict:
-    reply = control.handle({"op": "start_scan", "scan_number": number, "scan_shape": [4, 4]})
+    reply = control.handle({"op": "start_scan", "scan_number": number, "scan_shape": [4, 4], "nodes": [0]})
     assert reply["ok"]
     return reply["scan"]
 
@@ -212,7 +221,7 @@ def test_writer_refuses_a_read_only_output_directory_even_as_root(tmp_path):
 def test_no_space_while_writing_fails_the_scan_cleanly_and_the_writer_goes_on(tmp_path):
     with writer_in_process(tmp_path) as (writer, control):
         start_scan(control, 1)
-        writer.handle(events_message(1, range(0, 8)))
+        commit(writer, 1, range(0, 8))
         scan = writer.scans[1]
         final, partial = scan.path, scan.out.tmp_path
         assert partial.exists() and not final.exists()
@@ -221,20 +230,20 @@ def test_no_space_while_writing_fails_the_scan_cleanly_and_the_writer_goes_on(tm
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         scan.out.write_flat = scan.out.write = disk_full
-        writer.handle(events_message(1, range(8, 16)))
+        commit(writer, 1, range(8, 16))
         # the scan failed: nothing at the final path, the partial file gone, control told why
         assert not final.exists() and not partial.exists() and 1 not in writer.scans
         state = control.scans[1]
         assert state.state == "failed" and "No space left on device" in state.summary["error"]
         assert str(final) in state.summary["error"] and state.summary["frames_written"] == 8
         # the rest of that scan is dropped and counted, not rejected as malformed
-        writer.handle(events_message(1, range(8, 12)))
+        commit(writer, 1, range(8, 12))
         writer.handle(done_message(1))
-        assert writer.counters["messages_of_failed_scans"] == 2 and not writer.rejected
+        assert writer.counters["messages_of_failed_scans"] == 3 and not writer.rejected  # events, analysis, done
         assert writer.counters["scans_failed"] == 1
         # and the next scan is written as usual
         start_scan(control, 2)
-        writer.handle(events_message(2, range(0, 16)))
+        commit(writer, 2, range(0, 16))
         writer.handle(done_message(2))
         assert writer.scans[2].should_close()
         writer._close(writer.scans[2])
@@ -246,12 +255,12 @@ def test_too_little_free_space_fails_the_scan_before_any_data_is_accepted(tmp_pa
     with writer_in_process(tmp_path) as (writer, control):
         monkeypatch.setattr(writer_module, "RESERVE_BYTES", 1 << 62)  # more than any disk has
         start_scan(control, 1)
-        writer.handle(events_message(1, range(0, 8)))
+        commit(writer, 1, range(0, 8))
         state = control.scans[1]
         assert state.state == "failed" and "MB free in" in state.summary["error"]
         assert state.summary["frames_written"] == 0
         assert not list(Path(writer.config.pipeline.output_dir).iterdir())
-        assert writer.counters["messages_of_failed_scans"] == 1 and not writer.rejected
+        assert writer.counters["messages_of_failed_scans"] == 2 and not writer.rejected  # events, analysis
 
 
 @pytest.mark.slow

@@ -57,15 +57,20 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def node(config: ConfigOption = None,
-             index: Annotated[int, typer.Option("--index", help="Node group number, 0-based.")] = 0) -> None:
-        """Run one node group (reassemble, count, send events)."""
+             index: Annotated[int, typer.Option("--index", help="Node group number, 0-based.")] = 0,
+             advertise_host: Annotated[str, typer.Option(
+                 "--advertise-host", help="Address the producers and gateway reach this node group at, told to "
+                                          "control (default: [network] node_hosts[index], else host).")] = "") -> None:
+        """Run one node group (reassemble, count, send events). It registers with control and
+        is used by the scans that start after that."""
         from stemstream.pipeline.node import NodeGroup
 
         def job() -> None:
             cfg = _load(config)
-            if not 0 <= index < cfg.pipeline.nodes:
-                raise UserError(f"--index {index} is outside the {cfg.pipeline.nodes} node groups of the config")
-            NodeGroup(cfg, index).run()
+            last = (65535 - 3 - cfg.network.node_base_port) // 4
+            if not 0 <= index <= last:
+                raise UserError(f"--index {index} must be 0 to {last} (node group i listens on node_base_port + 4 i + module)")
+            NodeGroup(cfg, index, advertise_host=advertise_host).run()
 
         _role_guard(job)
 

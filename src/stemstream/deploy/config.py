@@ -37,6 +37,8 @@ max_pending_blocks = 24     # blocks a node group holds while sectors of them ar
 end_timeout_s = 3           # wait after the first end marker for the rest
 scan_timeout_s = 60         # a scan with no traffic for this long is closed as it stands
 heartbeat_s = 0.5
+dead_after_s = 5            # a node group silent this long mid-scan is failed over
+retain_blocks = 64          # sent blocks a producer keeps until committed (resend after failover)
 
 [security]                  # CURVE encryption + authentication on every link (see deploy.keys)
 curve = false
@@ -101,6 +103,11 @@ class NetworkConfig:
         host = self.node_hosts[index] if index < len(self.node_hosts) else self.host
         return self._endpoint(host, self.node_port(index, module))
 
+    def node_at(self, host: str, index: int, module: int) -> str:
+        """Node group ``index``'s input for ``module`` on ``host`` (as it registered with control;
+        empty: the configured host)."""
+        return self.node(index, module) if not host else self._endpoint(host, self.node_port(index, module))
+
     def node_port(self, index: int, module: int) -> int:
         # One stream per module keeps the modules' flow control apart (see pipeline.node).
         return self.node_base_port + 4 * index + module
@@ -141,6 +148,11 @@ class FlowSettings:
     end_timeout_s: float = 3.0
     scan_timeout_s: float = 60.0
     heartbeat_s: float = 0.5
+    # A node group silent this long during a scan is failed over (its work goes to the others).
+    dead_after_s: float = 5.0
+    # Blocks a producer keeps after sending, until the writer commits them, to resend after a
+    # failover (~5 MB each at 32 frames per block); when full, the producer waits, then spills.
+    retain_blocks: int = 64
 
 
 @dataclass
@@ -178,7 +190,8 @@ class PipelineConfig:
             (f.send_hwm >= 1, f"[flow] send_hwm must be at least 1, got {f.send_hwm}"),
             (f.max_pending_blocks >= 2, f"[flow] max_pending_blocks must be at least 2, got {f.max_pending_blocks}"),
         ]
-        for name in ("backpressure_timeout_s", "end_timeout_s", "scan_timeout_s", "heartbeat_s"):
+        checks.append((f.retain_blocks >= 1, f"[flow] retain_blocks must be at least 1, got {f.retain_blocks}"))
+        for name in ("backpressure_timeout_s", "end_timeout_s", "scan_timeout_s", "heartbeat_s", "dead_after_s"):
             value = getattr(f, name)
             checks.append((0 < value <= 86400, f"[flow] {name} must be a positive number of seconds, got {value}"))
         for name in ("control_port", "gateway_port", "writer_port", "node_base_port", "dashboard_port"):

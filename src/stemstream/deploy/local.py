@@ -112,19 +112,27 @@ class LocalPipeline:
         self._start("control", ["control"])
         self._start("writer", ["writer"])
         for i in range(self.config.pipeline.nodes):
-            self._start(f"node-{i}", ["node", "--index", str(i)])
+            self.start_node(i)
         if self.config.pipeline.gateway:
             self._start("gateway", ["gateway"])
         for m in range(4):
             self._start(f"producer-{m}", ["producer", "--module", str(m), *self.source.arguments()])
         if self.dashboard:
             self._start_dashboard()
+        self.wait_for_roles(self.expected_roles(), timeout_s)
+
+    def start_node(self, index: int) -> None:
+        """Start node group ``index`` (one more joins the scans that start after it registered)."""
+        self._start(f"node-{index}", ["node", "--index", str(index)])
+
+    def wait_for_roles(self, roles: set[str], timeout_s: float = 60.0) -> None:
+        """Wait until every role in ``roles`` (e.g. "node-2") has checked in with control."""
         deadline = time.monotonic() + timeout_s
         while True:
             self._check_alive()
             try:
                 status = self.control.request("status", timeout_s=1.0)
-                missing = self.expected_roles() - set(status.get("roles", {}))
+                missing = roles - set(status.get("roles", {}))
                 if not missing:
                     return
             except ControlUnavailable:

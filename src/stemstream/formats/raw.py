@@ -184,6 +184,11 @@ class RawModuleWriter:
             self.records_written += take
             start += take
 
+    def flush(self) -> None:
+        """Hand what was written to the operating system (readable by others; not fsync)."""
+        if self._file is not None:
+            self._file.flush()
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

@@ -46,6 +46,7 @@ _KINDS = (SECTORS, END, EVENTS, DONE, ANALYSIS)
 # Envelopes are tiny; anything bigger is garbage or an attack.
 MAX_ENVELOPE_BYTES = 64 * 1024
 MAX_RECORDS_PER_MESSAGE = 4096
+NO_BLOCK = -1  # an EVENTS message not tied to one routing block
 
 
 class MessageError(ValueError):
@@ -103,10 +104,12 @@ def kind_of(parts: list) -> bytes:
 
 
 def encode_sectors(scan: int, module: int, block: int, node: int, records: np.ndarray,
-                   spilled: list[int] | None = None) -> list:
-    """Parts of a SECTORS message; ``records`` (RECORD_DTYPE) is sent without a copy."""
+                   spilled: list[int] | None = None, stream: int = 0) -> list:
+    """Parts of a SECTORS message; ``records`` (RECORD_DTYPE) is sent without a copy. ``stream``
+    is the scan's routing generation (0, then one more after each failover, see
+    pipeline.routing): each (node group, stream, module) is a stream in block order."""
     envelope = {"scan": scan, "module": module, "block": block, "node": node, "n": len(records),
-                "spilled": list(spilled or [])}
+                "spilled": list(spilled or []), "stream": stream}
     return [SECTORS, _pack(envelope), records]
 
 
@@ -118,6 +121,7 @@ class SectorsMessage:
     node: int
     records: np.ndarray  # RECORD_DTYPE, a view on the received buffer
     spilled: list[int]
+    stream: int = 0
 
 
 def sectors_envelope(parts: list) -> dict:
@@ -129,7 +133,14 @@ def sectors_envelope(parts: list) -> dict:
     _int_field(envelope, "node", 0, 65535)
     _int_field(envelope, "n", 0, MAX_RECORDS_PER_MESSAGE)
     envelope["spilled"] = _block_list(envelope, "spilled")
+    envelope["stream"] = _stream_field(envelope)
     return envelope
+
+
+def _stream_field(envelope: dict) -> int:
+    """The routing generation a message belongs to (absent: 0, the scan's first)."""
+    envelope.setdefault("stream", 0)
+    return _int_field(envelope, "stream", 0, 65535)
 
 
 def _block_list(envelope: dict, name: str) -> list[int]:
@@ -151,16 +162,16 @@ def decode_sectors(parts: list) -> SectorsMessage:
         raise MessageError("wrong_record_count", f"envelope says {envelope['n']}, payload holds {size // RECORD_BYTES}")
     records = np.frombuffer(payload, RECORD_DTYPE)
     return SectorsMessage(envelope["scan"], envelope["module"], envelope["block"], envelope["node"], records,
-                          envelope["spilled"])
+                          envelope["spilled"], envelope["stream"])
 
 
 # -- end of a module's scan -------------------------------------------------------------------------
 
 
 def encode_end(scan: int, module: int, node: int, sent: int, spilled: int = 0,
-               spilled_blocks: list[int] | None = None) -> list:
+               spilled_blocks: list[int] | None = None, stream: int = 0) -> list:
     envelope = {"scan": scan, "module": module, "node": node, "sent": int(sent), "spilled": int(spilled),
-                "spilled_blocks": list(spilled_blocks or [])}
+                "spilled_blocks": list(spilled_blocks or []), "stream": stream}
     return [END, _pack(envelope)]
 
 
@@ -172,6 +183,7 @@ class EndMessage:
     sent: int
     spilled: int
     spilled_blocks: list[int]
+    stream: int = 0
 
 
 def end_envelope(parts: list) -> dict:
@@ -183,21 +195,25 @@ def end_envelope(parts: list) -> dict:
     _int_field(envelope, "sent", 0, 2**40)
     _int_field(envelope, "spilled", 0, 2**40)
     envelope["spilled_blocks"] = _block_list(envelope, "spilled_blocks")
+    _stream_field(envelope)
     return envelope
 
 
 def decode_end(parts: list) -> EndMessage:
     e = end_envelope(parts)
-    return EndMessage(e["scan"], e["module"], e["node"], e["sent"], e["spilled"], e["spilled_blocks"])
+    return EndMessage(e["scan"], e["module"], e["node"], e["sent"], e["spilled"], e["spilled_blocks"], e["stream"])
 
 
 # -- counted events ---------------------------------------------------------------------------------
 
 
-def encode_events(scan: int, node: int, frame_numbers, positions, present, offsets, events) -> list:
+def encode_events(scan: int, node: int, frame_numbers, positions, present, offsets, events,
+                  block: int = NO_BLOCK, stream: int = 0) -> list:
+    """An EVENTS message: the counted frames of routing ``block`` (NO_BLOCK: not tied to one),
+    counted by ``node`` in routing generation ``stream``."""
     return [
         EVENTS,
-        _pack({"scan": scan, "node": node, "n": len(frame_numbers)}),
+        _pack({"scan": scan, "node": node, "n": len(frame_numbers), "block": block, "stream": stream}),
         np.ascontiguousarray(frame_numbers, np.uint32),
         np.ascontiguousarray(positions, np.int64),
         np.ascontiguousarray(present, np.uint8),
@@ -215,6 +231,8 @@ class EventsMessage:
     present: np.ndarray
     offsets: np.ndarray
     events: np.ndarray
+    block: int = -1
+    stream: int = 0
 
 
 def _array(part, dtype, what: str) -> np.ndarray:
@@ -230,6 +248,9 @@ def decode_events(parts: list, n_pixels: int) -> EventsMessage:
     scan = _int_field(envelope, "scan")
     node = _int_field(envelope, "node", 0, 65535)
     n = _int_field(envelope, "n", 0, 1 << 24)
+    envelope.setdefault("block", NO_BLOCK)
+    block = _int_field(envelope, "block", NO_BLOCK, 2**32 - 1)
+    stream = _stream_field(envelope)
     frame_numbers = _array(parts[2], np.uint32, "frame numbers")
     positions = _array(parts[3], np.int64, "positions")
     present = _array(parts[4], np.uint8, "present")
@@ -241,14 +262,15 @@ def decode_events(parts: list, n_pixels: int) -> EventsMessage:
         raise MessageError("bad_offsets")
     if len(events) and int(events.max()) >= n_pixels:
         raise MessageError("pixel_outside_frame")
-    return EventsMessage(scan, node, frame_numbers, positions, present, offsets, events)
+    return EventsMessage(scan, node, frame_numbers, positions, present, offsets, events, block, stream)
 
 
 # -- a node group's end of scan ---------------------------------------------------------------------
 
 
-def encode_done(scan: int, node: int, ledger: dict, lost: list[int]) -> list:
-    return [DONE, _pack({"scan": scan, "node": node, "ledger": ledger, "lost": [int(x) for x in lost]})]
+def encode_done(scan: int, node: int, ledger: dict, lost: list[int], stream: int = 0) -> list:
+    return [DONE, _pack({"scan": scan, "node": node, "ledger": ledger, "lost": [int(x) for x in lost],
+                         "stream": stream})]
 
 
 @dataclass
@@ -257,6 +279,7 @@ class DoneMessage:
     node: int
     ledger: dict
     lost: list[int]
+    stream: int = 0
 
 
 def decode_done(parts: list) -> DoneMessage:
@@ -265,11 +288,14 @@ def decode_done(parts: list) -> DoneMessage:
     lost = envelope.get("lost")
     if not isinstance(ledger, dict) or not isinstance(lost, list):
         raise MessageError("bad_envelope", "ledger must be a map and lost a list")
-    return DoneMessage(_int_field(envelope, "scan"), _int_field(envelope, "node", 0, 65535), ledger, [int(x) for x in lost])
+    return DoneMessage(_int_field(envelope, "scan"), _int_field(envelope, "node", 0, 65535), ledger,
+                       [int(x) for x in lost], _stream_field(envelope))
 
 
-def encode_analysis(scan: int, node: int, partial_parts: list) -> list:
-    return [ANALYSIS, _pack({"scan": scan, "node": node}), *partial_parts]
+def encode_analysis(scan: int, node: int, partial_parts: list, stream: int = 0) -> list:
+    """Partial analyses of the frames ``node`` sent since its last ANALYSIS message of this
+    (scan, stream); the writer commits those frames when it arrives (see pipeline.writer)."""
+    return [ANALYSIS, _pack({"scan": scan, "node": node, "stream": stream}), *partial_parts]
 
 
 def analysis_envelope(parts: list) -> dict:
@@ -280,6 +306,7 @@ def analysis_envelope(parts: list) -> dict:
     envelope = _unpack_envelope(parts[1])
     _int_field(envelope, "scan")
     _int_field(envelope, "node", 0, 65535)
+    _stream_field(envelope)
     return envelope
 
 

@@ -4,9 +4,16 @@ One ROUTER socket answers small msgpack requests (``op`` names the request); eve
 reply. Roles learn about scans from the replies to their heartbeats, so no broadcast can be missed
 by a late joiner. Requests:
 
-- ``heartbeat {role, id, stats}`` -> ``{scans: [spec...], shutdown, ages}``: the open scans, and
-  how long ago each role last checked in (node groups tell a dead producer from a slow one).
-- ``start_scan {scan_number, scan_shape, frames_per_position, ...}`` -> ``{scan: spec}``.
+- ``heartbeat {role, id, stats, host}`` -> ``{scans: [spec...], shutdown, ages, acks}``: the open
+  scans, how long ago each role last checked in (node groups tell a dead producer from a slow
+  one), and the blocks the writer committed per open scan (producers free their resend buffers).
+  A node group's heartbeat registers it, with the host it listens on; ``leave {role, id}``
+  unregisters it. A scan uses the node groups registered (and alive) when it starts.
+- ``start_scan {scan_number, scan_shape, frames_per_position, [nodes], ...}`` -> ``{scan: spec}``.
+- ``committed {scan, ranges, fenced, done}`` from the writer: blocks committed, the routing
+  generation it has fenced, node groups done in it. ``writer_restarted {scan}``: a new generation.
+  A node group of a running scan silent for ``[flow] dead_after_s`` is failed over: a new
+  routing generation without it (see pipeline.routing).
 - ``get_scan {scan}`` -> ``{scan: spec}`` (thresholds appear once calibrated).
 - ``calibration {scan, node, values, counts, n_frames}``: a node group's pixel histogram.
 - ``scan_done {scan, summary}`` from the writer; ``status {}``; ``shutdown {}``.
@@ -32,6 +39,7 @@ from stemstream.counting.thresholds import (
 from stemstream.deploy.config import PipelineConfig
 from stemstream.deploy.keys import curve_for
 from stemstream.formats.wire import MessageError, pack_control, unpack_control
+from stemstream.pipeline.routing import alive_nodes, generation
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,8 @@ class ScanState:
     images: dict = field(default_factory=dict)  # latest live images: name -> PNG bytes
     progress: dict = field(default_factory=dict)
     images_updated: float = 0.0
+    committed: list = field(default_factory=list)  # the writer's committed block ranges
+    done_nodes: set[int] = field(default_factory=set)  # node groups done in the current generation
 
 
 class Control:
@@ -96,10 +106,28 @@ class Control:
         key = f"{req['role']}-{req.get('id', 0)}"
         self.roles[key] = {"role": req["role"], "id": req.get("id", 0), "seen": time.time(), "stats": req.get("stats", {})}
         now = time.time()
+        if req["role"] == "node":
+            self.roles[key]["host"] = str(req.get("host") or self.config.network.host)
         ages = {k: now - v["seen"] for k, v in self.roles.items()}
         live_wanted = now - self.last_live_request < _LIVE_WANTED_S
+        acks = {str(n): s.committed for n, s in self.scans.items() if s.state == "running"}
         return {"ok": True, "scans": self._open_specs(), "shutdown": self.shutting_down, "ages": ages,
-                "live_wanted": live_wanted}
+                "live_wanted": live_wanted, "acks": acks}
+
+    def _op_leave(self, req: dict) -> dict:
+        """A role stopping on purpose: not used by later scans, and failed over at once in a
+        running one."""
+        role = self.roles.get(f"{req['role']}-{req.get('id', 0)}")
+        if role is not None:
+            role["seen"], role["left"] = 0.0, True
+        log.info("%s %s left", req["role"], req.get("id", 0))
+        return {"ok": True}
+
+    def live_nodes(self) -> dict[int, str]:
+        """Registered node groups heard from recently: id -> host they listen on."""
+        now = time.time()
+        return {int(v["id"]): v.get("host", self.config.network.host) for v in self.roles.values()
+                if v["role"] == "node" and now - v["seen"] < self.config.flow.dead_after_s}
 
     def _op_status(self, req: dict) -> dict:
         now = time.time()
@@ -121,6 +149,11 @@ class Control:
         if fpp < 1:
             return {"ok": False, "error": "frames_per_position must be at least 1"}
         counting = self.config.counting
+        registered = self.live_nodes()
+        nodes = sorted(int(n) for n in req["nodes"]) if req.get("nodes") is not None else sorted(registered)
+        if not nodes or any(n < 0 or n > 65535 for n in nodes):
+            return {"ok": False, "error": "no node group has registered with control yet (start `stemstream node`)"
+                    if not nodes else f"node group ids must be 0 to 65535, got {nodes}"}
         now = time.time()
         self.sequence += 1
         spec = {
@@ -128,7 +161,12 @@ class Control:
             "epoch": self.sequence,  # tells a resumed scan from its first run
             "scan_shape": [rows, cols],
             "frames_per_position": fpp,
-            "nodes": int(req.get("nodes", self.config.pipeline.nodes)),
+            "nodes": nodes,
+            "node_hosts": {str(n): registered.get(n, self._configured_host(n)) for n in nodes},
+            "generation": 0,  # routing generation: one more after each failover
+            "alive": nodes,
+            "fenced": 0,  # the generation the writer has fenced (dropped what older ones left)
+            "failovers": [],
             "block_frames": self.config.pipeline.block_frames,
             "file_name": req.get("file_name") or scan_file_name(number, self.sequence, now),
             "resume": bool(req.get("resume", False)),
@@ -144,8 +182,46 @@ class Control:
         if fixed is not None:
             spec["thresholds"] = fixed_thresholds(float(fixed["background"]), float(fixed["xray"])).as_dict()
         self.scans[number] = ScanState(spec=spec, started=now, histogram=PixelHistogram())
-        log.info("scan %d started: %dx%d, %d frame(s) per position, %d node group(s)", number, rows, cols, fpp, spec["nodes"])
+        log.info("scan %d started: %dx%d, %d frame(s) per position, node group(s) %s", number, rows, cols, fpp, nodes)
         return {"ok": True, "scan": spec}
+
+    def _configured_host(self, node: int) -> str:
+        hosts = self.config.network.node_hosts
+        return hosts[node] if node < len(hosts) else self.config.network.host
+
+    def _op_committed(self, req: dict) -> dict:
+        state = self.scans.get(int(req["scan"]))
+        if state is None or state.state != "running":
+            return {"ok": True}
+        ranges = [[int(a), int(b)] for a, b in req["ranges"]]
+        fenced = int(req["fenced"])
+        if fenced == generation(state.spec):  # done_nodes of an older generation mean nothing now
+            state.committed = ranges
+            state.spec["fenced"] = fenced
+            state.done_nodes = {int(n) for n in req.get("done", [])}
+        return {"ok": True}
+
+    def _op_writer_restarted(self, req: dict) -> dict:
+        """The writer lost what it had not committed: everything uncommitted is streamed again."""
+        state = self.scans.get(int(req["scan"]))
+        if state is None or state.state != "running":
+            return {"ok": False, "error": f"scan {req['scan']} is not running"}
+        self._new_generation(state, dead=[], reason="writer restarted")
+        return {"ok": True, "scan": state.spec}
+
+    def _new_generation(self, state: ScanState, dead: list[int], reason: str) -> None:
+        spec = state.spec
+        spec["generation"] = generation(spec) + 1
+        spec["alive"] = [n for n in alive_nodes(spec) if n not in dead]
+        spec["failovers"].append({"generation": spec["generation"], "dead": dead, "reason": reason,
+                                  "at": time.time(), "committed_blocks": sum(b - a for a, b in state.committed)})
+        state.done_nodes = set()
+        if spec["alive"]:
+            log.warning("scan %d: %s; routing generation %d streams everything uncommitted to node group(s) %s",
+                        spec["scan"], reason, spec["generation"], spec["alive"])
+        else:
+            log.error("scan %d: %s and no node group is left; the scan will end at its timeout with what was "
+                      "committed", spec["scan"], reason)
 
     def _op_get_scan(self, req: dict) -> dict:
         state = self.scans.get(int(req["scan"]))
@@ -167,7 +243,7 @@ class Control:
         np.add.at(state.histogram.counts, values + 65536, counts)
         state.histogram.n_frames += int(req.get("n_frames", 0))
         state.contributors.add(node)
-        if len(state.contributors) >= state.spec["nodes"]:
+        if len(state.contributors) >= len(alive_nodes(state.spec)):
             self._fit(state)
         return {"ok": True}
 
@@ -216,13 +292,30 @@ class Control:
 
     # -- loop -------------------------------------------------------------------------------------
 
+    def _fail_over(self) -> None:
+        """Start a new routing generation for every running scan that a dead node group (silent
+        for ``dead_after_s``, not done) belongs to."""
+        now = time.time()
+        for state in self.scans.values():
+            if state.state != "running":
+                continue
+            dead = []
+            for n in alive_nodes(state.spec):
+                seen = self.roles.get(f"node-{n}", {}).get("seen")
+                # one control never heard of (named in start_scan) is unknown, not dead
+                if n not in state.done_nodes and seen is not None and now - seen > self.config.flow.dead_after_s:
+                    dead.append(n)
+            if dead:
+                self._new_generation(state, dead, f"node group(s) {dead} stopped answering")
+
     def _tick(self) -> None:
         now = time.time()
+        self._fail_over()
         for state in self.scans.values():
             waiting = state.state == "running" and state.spec["thresholds"] is None
             if waiting and state.contributors and now - state.started > CALIBRATION_TIMEOUT_S:
                 log.warning("scan %d: calibrating from %d of %d node groups (the others sent nothing)",
-                            state.spec["scan"], len(state.contributors), state.spec["nodes"])
+                            state.spec["scan"], len(state.contributors), len(alive_nodes(state.spec)))
                 self._fit(state)
 
     def serve(self, stop_after_shutdown_s: float = 2.0) -> None:

@@ -1,7 +1,10 @@
 """Gateway: the optional hop where a facility has one host facing the wide-area link.
 
 It reads each message's small envelope to find the node group it is routed to (the producer chose
-it: ``block % nodes``) and forwards the parts untouched; payloads are never decoded or copied.
+it, see pipeline.routing) and forwards the parts untouched; payloads are never decoded or copied.
+It connects to a node group when the first message for it comes, at the address the node group
+registered with control (the scan's spec says it). Messages of a routing generation that a
+failover superseded are dropped from its queues: the producers resend what they hold.
 Each module has its own input and each (node group, module) its own bounded queue and output, so
 flow control stays per module end to end: when a queue is full the gateway stops reading that
 module's input only, which slows that producer (who may then spill) without blocking the others.
@@ -17,6 +20,7 @@ import zmq
 from stemstream.formats import wire
 from stemstream.formats.raw import N_MODULES
 from stemstream.pipeline.role import Role
+from stemstream.pipeline.routing import generation, scan_nodes
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +36,23 @@ class Gateway(Role):
             sock = self.data_socket(zmq.PULL)
             sock.bind(net.bind(net.gateway_port + module))
             self.inputs.append(sock)
-        self.outputs: list[list[zmq.Socket]] = []  # [node][module]
-        for i in range(config.pipeline.nodes):
-            row = []
-            for module in range(N_MODULES):
-                sock = self.data_socket(zmq.PUSH, linger_ms=10000)
-                sock.connect(net.node(i, module))
-                row.append(sock)
-            self.outputs.append(row)
-        self.queues = [[deque() for _ in range(N_MODULES)] for _ in self.outputs]
+        self.outputs: dict[int, list[zmq.Socket]] = {}  # node -> [module]
+        # node -> [module] -> queued (scan, stream, parts)
+        self.queues: dict[int, list[deque]] = {}
         self.queue_limit = flow.send_hwm
 
-    def route(self, parts: list, module: int) -> int:
-        """The node group a message that came in on ``module``'s input goes to; raises
+    def _connect(self, node: int, spec: dict) -> None:
+        host = spec.get("node_hosts", {}).get(str(node), "")
+        row = []
+        for module in range(N_MODULES):
+            sock = self.data_socket(zmq.PUSH, linger_ms=10000)
+            sock.connect(self.config.network.node_at(host, node, module))
+            row.append(sock)
+        self.outputs[node] = row
+        self.queues[node] = [deque() for _ in range(N_MODULES)]
+
+    def route(self, parts: list, module: int) -> tuple[int, int, int]:
+        """(node group, scan, stream) of a message that came in on ``module``'s input; raises
         MessageError for one that cannot be routed."""
         kind = wire.kind_of(parts)
         if kind == wire.SECTORS:
@@ -55,29 +63,48 @@ class Gateway(Role):
             raise wire.MessageError("unexpected_kind", repr(kind))
         if envelope["module"] != module:
             raise wire.MessageError("wrong_module", f"module {envelope['module']} on module {module}'s input")
-        node = envelope["node"]
-        if node >= len(self.outputs):
-            raise wire.MessageError("unknown_node", f"node group {node} of {len(self.outputs)}")
-        return node
+        node, scan = envelope["node"], envelope["scan"]
+        spec = self.known_scan(scan)
+        if node not in scan_nodes(spec):
+            raise wire.MessageError("unknown_node", f"node group {node} is not in scan {scan}")
+        if node not in self.outputs:
+            self._connect(node, spec)
+        return node, scan, envelope["stream"]
+
+    def _scan(self, number: int) -> dict | None:
+        return self.scan_spec(number)
 
     def _flush(self) -> None:
-        for node, row in enumerate(self.queues):
+        for node, row in self.queues.items():
             for module, queue in enumerate(row):
                 while queue:
                     try:
-                        self.outputs[node][module].send_multipart(queue[0], flags=zmq.NOBLOCK, copy=False)
+                        self.outputs[node][module].send_multipart(queue[0][2], flags=zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
                     queue.popleft()
                     self.counters["forwarded"] += 1
 
+    def _drop_superseded(self) -> None:
+        """Forget queued messages of routing generations a failover replaced (a dead node
+        group's queue would otherwise block its module's input for good)."""
+        for row in self.queues.values():
+            for module, queue in enumerate(row):
+                if not queue:
+                    continue
+                keep = deque((scan, stream, parts) for scan, stream, parts in queue
+                             if scan not in self.scan_specs or stream >= generation(self.scan_specs[scan]))
+                if len(keep) < len(queue):
+                    self.counters["messages_superseded"] += len(queue) - len(keep)
+                    row[module] = keep
+
     def stats(self) -> dict:
         s = super().stats()
-        s["queued"] = [[len(q) for q in row] for row in self.queues]
+        s["queued"] = {str(node): [len(q) for q in row] for node, row in self.queues.items()}
         return s
 
     def _module_full(self, module: int) -> bool:
-        return any(len(row[module]) >= self.queue_limit for row in self.queues)
+        return any(len(row[module]) >= self.queue_limit for row in self.queues.values())
 
     def run(self) -> None:
         while not self.shutdown:
@@ -86,7 +113,7 @@ class Gateway(Role):
             for module, sock in enumerate(self.inputs):
                 if not self._module_full(module):
                     poller.register(sock, zmq.POLLIN)
-            for node, row in enumerate(self.queues):
+            for node, row in self.queues.items():
                 for module, queue in enumerate(row):
                     if queue:
                         poller.register(self.outputs[node][module], zmq.POLLOUT)
@@ -100,16 +127,17 @@ class Gateway(Role):
                     except zmq.Again:
                         break
                     try:
-                        node = self.route(parts, module)
+                        node, scan, stream = self.route(parts, module)
                     except wire.MessageError as exc:
                         self.reject(exc.reason, str(exc))
                         continue
-                    self.queues[node][module].append(parts)
+                    self.queues[node][module].append((scan, stream, parts))
                     if self._module_full(module):
                         break
             self.tick()
+            self._drop_superseded()
         for sock in self.inputs:
             sock.close(0)
-        for row in self.outputs:
+        for row in self.outputs.values():
             for sock in row:
                 sock.close()

@@ -9,6 +9,15 @@ said it spilled that part to disk (the next message of that module lists the blo
 then the parts present are spilled too, in the receivers' format, so that a later replay of the
 spill directory reassembles and counts those frames whole.
 
+Each (scan, routing generation) is a stream of its own (see pipeline.routing): after a failover
+the producers resend what the writer had not committed on a new stream, so the block order that
+the settling rule relies on holds within each stream; a stream a newer generation supersedes is
+dropped (the writer has fenced it). Every finished block, even one with no frame or one spilled,
+is reported to the writer with its block number, and an ANALYSIS message follows the events
+at least every ``_PARTIALS_INTERVAL_S``: the writer commits a stream's events when their
+partials arrive, so what a node group that dies had in flight is either wholly committed or
+wholly resent.
+
 Flow control is per module: each module arrives on its own socket, and a module that is
 ``max_pending_blocks`` blocks ahead of the others is not read until they catch up, which holds its
 producer back (backpressure) instead of growing memory or dropping anything. If the modules that
@@ -37,12 +46,14 @@ from stemstream.counting.thresholds import PixelHistogram, Thresholds, draw_samp
 from stemstream.formats import wire
 from stemstream.formats.raw import FRAME_SHAPE, N_MODULES, RawModuleWriter, sector_rows
 from stemstream.pipeline.role import Role
+from stemstream.pipeline.routing import generation, scan_nodes
 from stemstream.pipeline.spill import spill_directory
 
 log = logging.getLogger(__name__)
 
-# How often a node group sends its analyses' partial results to the writer (live images).
-_PARTIALS_INTERVAL_S = 0.4
+# How often a node group sends its analyses' partial results to the writer: live images, and the
+# writer's commit point (producers free their resend buffers once blocks are committed).
+_PARTIALS_INTERVAL_S = 0.2
 
 
 @dataclass
@@ -79,13 +90,15 @@ class IndexedBlock:
 class NodeScan:
     """One scan as seen by one node group."""
 
-    def __init__(self, node: "NodeGroup", spec: dict):
+    def __init__(self, node: "NodeGroup", spec: dict, stream: int = 0):
         self.node = node
         self.spec = spec
+        self.stream = stream
         self.number = int(spec["scan"])
         self.rows, self.cols = spec["scan_shape"]
         self.block_frames = int(spec["block_frames"])
-        self.n_nodes = int(spec["nodes"])
+        self.n_nodes = len(scan_nodes(spec))
+        self._uncommitted = False  # events sent that no ANALYSIS message followed yet
         self.pending: dict[int, Block] = {}
         self.done_blocks: set[int] = set()
         self.ends: dict[int, wire.EndMessage] = {}
@@ -238,17 +251,26 @@ class NodeScan:
                 self.sectors_missing[module] += int((index[:, module] < 0).sum())
         return IndexedBlock(all_numbers.astype(np.uint32), positions, present, buffers, index)
 
+    def _send_events(self, number: int, frame_numbers, positions, present, offsets, events) -> None:
+        self.node.send_events(wire.encode_events(self.number, self.node.index, frame_numbers, positions, present,
+                                                 offsets, events, block=number, stream=self.stream))
+        self._uncommitted = True
+
+    def _send_empty(self, number: int) -> None:
+        """Tell the writer a block is finished without frames to write (spilled, or none came)."""
+        empty = np.empty(0, np.uint32)
+        self._send_events(number, empty, np.empty(0, np.int64), np.empty(0, np.uint8), np.zeros(1, np.int64), empty)
+
     def _count_block(self, number: int, block: Block) -> None:
         assembled = self._index(number, block)
         self.done_blocks.add(number)
         if len(assembled.frame_numbers) == 0:
+            self._send_empty(number)
             return
         # counted where the sectors were received: no frame is assembled
         counted = count_from_sectors(self.counter, assembled.buffers, assembled.records)
-        self.node.send_events(
-            wire.encode_events(self.number, self.node.index, assembled.frame_numbers, assembled.positions,
-                               assembled.present, counted.offsets, counted.events)
-        )
+        self._send_events(number, assembled.frame_numbers, assembled.positions, assembled.present,
+                          counted.offsets, counted.events)
         self.live.accumulate(assembled.positions, counted.events, counted.offsets)
         self.node.counters["frames_counted"] += len(assembled.frame_numbers)
         self.node.counters["events"] += len(counted.events)
@@ -268,6 +290,7 @@ class NodeScan:
                 frames.update(records["header"]["frame_number"].tolist())
         self.frames_spilled += len(frames)
         self.done_blocks.add(number)
+        self._send_empty(number)
 
     # -- progress ----------------------------------------------------------------------------------
 
@@ -336,9 +359,11 @@ class NodeScan:
             else:
                 self._count_block(number, block)
         now = time.monotonic()
-        if self.live.pending and (now >= self._next_partials or (final and not self.pending)):
-            # live images a few times a second; everything before DONE
-            self.node.send_events(wire.encode_analysis(self.number, self.node.index, self.live.take_partials()))
+        if self._uncommitted and (now >= self._next_partials or (final and not self.pending)):
+            # live images a few times a second, the writer's commit point; everything before DONE
+            self.node.send_events(wire.encode_analysis(self.number, self.node.index, self.live.take_partials(),
+                                                       stream=self.stream))
+            self._uncommitted = False
             self._next_partials = now + _PARTIALS_INTERVAL_S
         if final and not self.pending:
             self._finish()
@@ -361,9 +386,9 @@ class NodeScan:
             "sectors_spilled_by_producers": [self.ends[m].spilled if m in self.ends else 0 for m in range(N_MODULES)],
             "failed": failed,
         }
-        self.node.send_done(wire.encode_done(self.number, self.node.index, ledger, lost))
+        self.node.send_done(wire.encode_done(self.number, self.node.index, ledger, lost, stream=self.stream))
         self.finished = True
-        log.info("node %d finished scan %d", self.node.index, self.number)
+        log.info("node %d finished scan %d (stream %d)", self.node.index, self.number, self.stream)
 
 
 class NodeGroup(Role):
@@ -371,8 +396,12 @@ class NodeGroup(Role):
 
     name = "node"
 
-    def __init__(self, config, index: int = 0, context: zmq.Context | None = None):
+    def __init__(self, config, index: int = 0, context: zmq.Context | None = None, advertise_host: str = ""):
+        """``advertise_host``: the address producers and gateway reach this node group at, told to
+        control when it registers (default: ``[network] node_hosts[index]``, else ``host``)."""
         super().__init__(config, index, context)
+        hosts = config.network.node_hosts
+        self.advertise_host = advertise_host or (hosts[index] if index < len(hosts) else config.network.host)
         self.inputs: list[zmq.Socket] = []
         for module in range(N_MODULES):
             sock = self.data_socket(zmq.PULL)
@@ -380,7 +409,7 @@ class NodeGroup(Role):
             self.inputs.append(sock)
         self.events_out = self.data_socket(zmq.PUSH, hwm=64, linger_ms=5000)
         self.events_out.connect(config.network.writer())
-        self.scans: dict[int, NodeScan] = {}
+        self.scans: dict[tuple[int, int], NodeScan] = {}  # (scan, stream) -> its state
         numba.set_num_threads(min(config.counting.workers, numba.config.NUMBA_NUM_THREADS))
         self.analyses = default_analyses(FRAME_SHAPE, config.analysis)
         # Load the compiled kernels now, not when the first scan's frames are waiting.
@@ -394,20 +423,38 @@ class NodeGroup(Role):
     def send_done(self, parts: list) -> None:
         self.events_out.send_multipart(parts)
 
+    def registration(self) -> dict:
+        return {"host": self.advertise_host}
+
     def stats(self) -> dict:
         s = super().stats()
         s["pending_blocks"] = sum(len(sc.pending) for sc in self.scans.values())
-        s["scans"] = sorted(self.scans)
+        s["scans"] = sorted({number for number, _ in self.scans})
         return s
 
-    def _scan(self, number: int) -> NodeScan | None:
-        scan = self.scans.get(number)
+    def _stream(self, number: int, stream: int) -> NodeScan | None:
+        """The state of (scan, stream), opened on first use; None if control has no such open
+        scan or a newer routing generation superseded the stream."""
+        scan = self.scans.get((number, stream))
         if scan is None:
             spec = self.scan_spec(number)
             if spec is None:
+                raise wire.MessageError("unknown_scan", f"scan {number}")
+            if stream < generation(spec):
                 return None
-            scan = self.scans[number] = NodeScan(self, spec)
+            scan = self.scans[(number, stream)] = NodeScan(self, spec, stream)
         return scan
+
+    def _supersede(self) -> None:
+        """Drop the streams of scans whose routing generation moved on: the writer fenced them,
+        and the producers resend what they held."""
+        for key, scan in list(self.scans.items()):
+            spec = self.scan_specs.get(key[0])
+            if spec is not None and key[1] < generation(spec):
+                del self.scans[key]
+                self.counters["streams_superseded"] += 1
+                log.warning("node %d: scan %d stream %d superseded by routing generation %d",
+                            self.index, key[0], key[1], generation(spec))
 
     def module_gated(self, module: int) -> bool:
         """True when this module's input must wait for the others (or for calibration)."""
@@ -433,13 +480,19 @@ class NodeGroup(Role):
             if kind == wire.SECTORS:
                 msg = wire.decode_sectors(parts)
                 self._check_route(msg, module)
-                self.known_scan(msg.scan).add_sectors(msg)
+                scan = self._stream(msg.scan, msg.stream)
+                if scan is not None:
+                    scan.add_sectors(msg)
             elif kind == wire.END:
                 msg = wire.decode_end(parts)
                 self._check_route(msg, module)
-                self.known_scan(msg.scan).add_end(msg)
+                scan = self._stream(msg.scan, msg.stream)
+                if scan is not None:
+                    scan.add_end(msg)
             else:
                 raise wire.MessageError("unexpected_kind", repr(kind))
+            if scan is None:
+                self.counters["messages_superseded"] += 1
         except wire.MessageError as exc:
             self.reject(exc.reason, str(exc))
 
@@ -463,13 +516,15 @@ class NodeGroup(Role):
                         break
             if not events:
                 time.sleep(0.001) if any(self.module_gated(m) for m in range(N_MODULES)) else None
-            for number, scan in list(self.scans.items()):
+            for key, scan in list(self.scans.items()):
                 scan.step()
                 if scan.finished:
-                    del self.scans[number]
+                    del self.scans[key]
                     self.mark_finished(scan.spec)
                     gc.collect()  # the scan's buffers go now, not at some later scan's expense
             self.tick()
+            self._supersede()
+        self.leave()
         for sock in self.inputs:
             sock.close(0)
         self.events_out.close()

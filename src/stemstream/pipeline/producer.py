@@ -1,9 +1,15 @@
 """Producer: stands in for one receiver server (one detector module) and streams its sectors.
 
 For every scan control opens, the producer takes its module's records from a source (the live
-simulator, or raw files to replay), sends each routing block to the node group that owns it
-(``block % nodes``), through the gateway or straight to the node groups, and ends with an END
+simulator, or raw files to replay), sends each routing block to the node group that counts it
+(see pipeline.routing), through the gateway or straight to the node groups, and ends with an END
 marker to every node group.
+
+Acknowledged delivery: a sent block stays in a bounded resend buffer (``[flow] retain_blocks``)
+until the writer has committed it (control relays the commits in heartbeat replies). When control
+starts a new routing generation (a node group died, or the writer restarted), the producer waits
+until the writer has fenced the old one, then resends every block still held, in block order, to
+the node groups alive in the new generation, and sends later blocks there too.
 
 Backpressure: a send waits at most ``backpressure_timeout_s``; past that the block is spilled to
 disk in the receivers' format (``spill_dir/scan_NNNNN``) and counted, and later blocks get only a
@@ -14,17 +20,37 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter, defaultdict
 
+import numpy as np
 import zmq
 
 from stemstream.formats import wire
 from stemstream.formats.raw import RawModuleWriter
 from stemstream.pipeline.role import Role
+from stemstream.pipeline.routing import alive_nodes, generation, in_ranges, route
 from stemstream.pipeline.spill import spill_directory
 
 log = logging.getLogger(__name__)
 
 _GRACE_AFTER_SPILL_S = 0.05
+
+
+class OutgoingScan:
+    """What a producer keeps of one scan while the writer has not closed it."""
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.number = int(spec["scan"])
+        self.generation = generation(spec)
+        self.retained: dict[int, np.ndarray] = {}  # block -> records sent, not yet committed
+        self.spilled: set[int] = set()  # blocks this module spilled to disk
+        self.notices: defaultdict[tuple[int, int], list[int]] = defaultdict(list)  # (node, stream) -> spilled blocks to tell
+        self.sent: Counter = Counter()  # (node, stream) -> records sent
+        self.spilled_records = 0
+        self.resent_blocks = 0
+        self.source_done = False
+        self.spill_writer: RawModuleWriter | None = None
 
 
 class Producer(Role):
@@ -36,30 +62,36 @@ class Producer(Role):
         super().__init__(config, module, context)
         self.module = module
         self.source_factory = source_factory
-        self.sockets: list[zmq.Socket] = []
-        net = config.network
-        if config.pipeline.gateway:
-            endpoints = [net.gateway(module)]
-        else:
-            endpoints = [net.node(i, module) for i in range(config.pipeline.nodes)]
-        for endpoint in endpoints:
-            sock = self.data_socket(zmq.PUSH, linger_ms=10000)
-            sock.connect(endpoint)
-            self.sockets.append(sock)
+        self.sockets: dict[int, zmq.Socket] = {}  # node group (or -1: the gateway) -> socket
         self.patience_s = config.flow.backpressure_timeout_s
         self.last_sent_wall = 0.0
+        self.outgoing: dict[int, OutgoingScan] = {}
 
     def stats(self) -> dict:
         s = super().stats()
         s["last_sent_wall"] = self.last_sent_wall  # when the last record left (wall clock, s)
+        s["retained_blocks"] = sum(len(o.retained) for o in self.outgoing.values())
         return s
 
-    def _socket_for(self, node: int) -> zmq.Socket:
-        return self.sockets[0] if len(self.sockets) == 1 else self.sockets[node]
+    def _socket_for(self, spec: dict, node: int) -> zmq.Socket:
+        """The gateway's input for this module, or node group ``node``'s, connected on first use
+        (node groups register with control, so a scan's spec says where they listen)."""
+        key = -1 if self.config.pipeline.gateway else node
+        sock = self.sockets.get(key)
+        if sock is None:
+            net = self.config.network
+            if key == -1:
+                endpoint = net.gateway(self.module)
+            else:
+                endpoint = net.node_at(spec.get("node_hosts", {}).get(str(node), ""), node, self.module)
+            sock = self.sockets[key] = self.data_socket(zmq.PUSH, linger_ms=10000)
+            sock.connect(endpoint)
+        return sock
 
-    def _send(self, parts: list, node: int, patience_s: float) -> bool:
-        """Send within ``patience_s``; False if the consumer did not take it in time."""
-        sock = self._socket_for(node)
+    def _send(self, out: OutgoingScan, parts: list, node: int, patience_s: float) -> bool | None:
+        """Send within ``patience_s``: True if sent, False if the consumer did not take it in time,
+        None if a new routing generation began meanwhile (the message's route is stale)."""
+        sock = self._socket_for(out.spec, node)
         deadline = time.monotonic() + patience_s
         while True:
             try:
@@ -70,54 +102,168 @@ class Producer(Role):
                 if remaining <= 0:
                     return False
                 sock.poll(min(50, max(1, int(remaining * 1000))), zmq.POLLOUT)
-                self.tick()
+                self.tick(interval_s=0.1)
+                if self._generation_changed(out):
+                    return None
+
+    # -- acknowledgements and failover -------------------------------------------------------------
+
+    def _latest(self, out: OutgoingScan) -> dict:
+        return self.scan_specs.get(out.number, out.spec)
+
+    def _generation_changed(self, out: OutgoingScan) -> bool:
+        return generation(self._latest(out)) > out.generation
+
+    def _release(self, out: OutgoingScan) -> None:
+        """Forget the blocks the writer has committed."""
+        ranges = self.acks.get(out.number)
+        if ranges and out.retained:
+            for block in [b for b in out.retained if in_ranges(ranges, b)]:
+                del out.retained[block]
+
+    def _wait_for_room(self, out: OutgoingScan, patience_s: float) -> bool:
+        """Wait (at most ``patience_s``) until the resend buffer has room; a failover met on the
+        way is carried out. False if no room came in time."""
+        deadline = time.monotonic() + patience_s
+        while True:
+            self._release(out)
+            if self._generation_changed(out):
+                self._follow(out)
+            if len(out.retained) < self.config.flow.retain_blocks:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+            self.tick(interval_s=0.1)
+
+    def _follow(self, out: OutgoingScan) -> None:
+        """Move to the spec's newer routing generation: once the writer has fenced it (dropped
+        what older generations left uncommitted), resend every block not committed."""
+        deadline = time.monotonic() + self.patience_s
+        spec = self._latest(out)
+        while int(spec.get("fenced", 0)) < generation(spec) and time.monotonic() < deadline:
+            time.sleep(0.02)
+            self.tick(interval_s=0.05)
+            spec = self._latest(out)
+        if int(spec.get("fenced", 0)) < generation(spec):
+            log.warning("producer %d: the writer did not fence generation %d of scan %d in %.0f s; resending anyway",
+                        self.module, generation(spec), out.number, self.patience_s)
+        out.spec, out.generation = spec, generation(spec)
+        self._release(out)
+        ranges = self.acks.get(out.number, [])
+        for block in sorted(out.spilled):  # the new node groups must not wait for these parts
+            target = route(spec, block)
+            if target is not None and not in_ranges(ranges, block):
+                out.notices[target].append(block)
+        resend = sorted(out.retained)
+        log.warning("producer %d: scan %d routing generation %d, resending %d block(s) not committed",
+                    self.module, out.number, out.generation, len(resend))
+        for block in resend:
+            records = out.retained.pop(block)
+            out.resent_blocks += 1
+            self.counters["blocks_resent"] += 1
+            self._send_block(out, block, records, self.patience_s, retained_ok=True)
+        if out.source_done:
+            self._end(out)
+
+    # -- sending -----------------------------------------------------------------------------------
+
+    def _send_block(self, out: OutgoingScan, block: int, records: np.ndarray, patience: float,
+                    retained_ok: bool = False) -> bool:
+        """Send one block to its node group, keeping it for resending; spill it if that cannot
+        be done within ``patience``. True if sent."""
+        while True:
+            if self._generation_changed(out):
+                self._follow(out)
+            # A full resend buffer waits for commits; a dead node group holds them up until its
+            # failover, so that wait may last dead_after_s longer than a slow consumer's.
+            if not retained_ok and not self._wait_for_room(out, patience + self.config.flow.dead_after_s):
+                break
+            target = route(out.spec, block)
+            if target is None:
+                break
+            node, stream = target
+            notices = out.notices.pop(target, [])
+            message = wire.encode_sectors(out.number, self.module, block, node, records, notices, stream)
+            sent = self._send(out, message, node, patience)
+            if sent:
+                out.retained[block] = records
+                out.sent[target] += len(records)
+                self.counters["records_sent"] += len(records)
+                self.last_sent_wall = time.time()
+                self.tick(interval_s=0.1)  # heartbeats (and commits) keep coming while a scan streams
+                return True
+            out.notices[target] = notices + out.notices.get(target, [])
+            if sent is False:
+                break
+            # sent is None: a new generation began while waiting; route again
+        self._spill(out, block, records, patience)
+        return False
+
+    def _spill(self, out: OutgoingScan, block: int, records: np.ndarray, patience: float) -> None:
+        """The consumer is behind beyond the bound: write the block to disk instead."""
+        if out.spill_writer is None:
+            directory = spill_directory(self.config.pipeline.spill_dir, out.number)
+            directory.mkdir(parents=True, exist_ok=True)
+            out.spill_writer = RawModuleWriter(directory, out.number, self.module, dst=int(out.spec["epoch"]))
+            log.warning("producer %d: node groups blocked for %.1f s; spilling scan %d to %s",
+                        self.module, patience, out.number, directory)
+        out.spill_writer.write(records)
+        out.spilled.add(block)
+        target = route(out.spec, block)
+        if target is not None:
+            out.notices[target].append(block)
+        out.spilled_records += len(records)
+        self.counters["records_spilled"] += len(records)
+        self.tick(interval_s=0.1)
+
+    def _end(self, out: OutgoingScan) -> None:
+        """END of this module's part of the scan to every node group of the current generation."""
+        for node in alive_nodes(out.spec):
+            target = (node, out.generation)
+            end = wire.encode_end(out.number, self.module, node, out.sent[target], out.spilled_records,
+                                  out.notices.pop(target, []), stream=out.generation)
+            if self._send(out, end, node, self.config.flow.scan_timeout_s) is False:  # None: a failover resends it
+                log.error("producer %d: could not deliver the end of scan %d to node group %d",
+                          self.module, out.number, node)
 
     def produce(self, spec: dict) -> dict:
         """Stream one scan; returns what was sent and spilled."""
-        scan = int(spec["scan"])
-        nodes = int(spec["nodes"])
+        out = self.outgoing[int(spec["scan"])] = OutgoingScan(spec)
         source = self.source_factory(spec)
-        sent = [0] * nodes
-        spilled = 0
-        spilled_blocks: list[list[int]] = [[] for _ in range(nodes)]  # not yet told to the node group
-        spill_writer = None
         patience = self.patience_s
         t0 = time.monotonic()
         if source is not None:
             for block, records in source.blocks():
-                node = block % nodes
-                message = wire.encode_sectors(scan, self.module, block, node, records, spilled_blocks[node])
-                if self._send(message, node, patience):
-                    spilled_blocks[node] = []
-                    sent[node] += len(records)
-                    patience = self.patience_s
-                    self.counters["records_sent"] += len(records)
-                    self.last_sent_wall = time.time()
-                    self.tick()  # heartbeats keep coming while a scan streams
-                    continue
-                # The consumer is behind beyond the bound: spill instead of waiting longer.
-                if spill_writer is None:
-                    out = spill_directory(self.config.pipeline.spill_dir, scan)
-                    out.mkdir(parents=True, exist_ok=True)
-                    spill_writer = RawModuleWriter(out, scan, self.module, dst=int(spec["epoch"]))
-                    log.warning("producer %d: node group %d blocked for %.1f s; spilling scan %d to %s",
-                                self.module, node, patience, scan, out)
-                spill_writer.write(records)
-                spilled_blocks[node].append(block)
-                spilled += len(records)
-                self.counters["records_spilled"] += len(records)
-                patience = _GRACE_AFTER_SPILL_S
-                self.tick()
-        if spill_writer is not None:
-            spill_writer.close()
-        for node in range(nodes):
-            end = wire.encode_end(scan, self.module, node, sent[node], spilled, spilled_blocks[node])
-            if not self._send(end, node, self.config.flow.scan_timeout_s):
-                log.error("producer %d: could not deliver the end of scan %d to node group %d", self.module, scan, node)
+                # After a spill, later blocks get only a short grace until a send succeeds again,
+                # so a stalled consumer never stalls the detector side.
+                patience = self.patience_s if self._send_block(out, block, records, patience) else _GRACE_AFTER_SPILL_S
+        out.source_done = True
+        if out.spill_writer is not None:
+            out.spill_writer.flush()  # complete on disk now; closed when the scan is
+        self._end(out)
         self.mark_finished(spec)
         seconds = time.monotonic() - t0
-        log.info("producer %d: scan %d sent %d records, spilled %d, in %.2f s", self.module, scan, sum(sent), spilled, seconds)
-        return {"sent": sum(sent), "spilled": spilled, "seconds": seconds}
+        sent = sum(out.sent.values())
+        log.info("producer %d: scan %d sent %d records, spilled %d, in %.2f s", self.module, out.number, sent,
+                 out.spilled_records, seconds)
+        return {"sent": sent, "spilled": out.spilled_records, "seconds": seconds}
+
+    def _service(self) -> None:
+        """Scans already sent: free what the writer committed, carry out a late failover, forget
+        the scans control closed."""
+        for number, out in list(self.outgoing.items()):
+            if number not in self.open_scans and out.source_done:
+                self._forget(number)
+                continue
+            self._release(out)
+            if out.source_done and self._generation_changed(out):
+                self._follow(out)
+
+    def _forget(self, number: int) -> None:
+        out = self.outgoing.pop(number)
+        if out.spill_writer is not None:
+            out.spill_writer.close()
 
     def run(self) -> None:
         warm_up = getattr(self.source_factory, "warm_up", None)
@@ -126,10 +272,13 @@ class Producer(Role):
         while not self.shutdown:
             # Idle, a producer asks often: a new scan's first frames should not wait a heartbeat.
             self.tick(interval_s=0.05)
+            self._service()
             todo = [s for s in self.scan_specs.values() if not self.is_finished(s)]
             if not todo:
                 time.sleep(0.02)
                 continue
             self.produce(min(todo, key=lambda s: (s["epoch"], s["scan"])))
-        for sock in self.sockets:
+        for number in list(self.outgoing):
+            self._forget(number)
+        for sock in self.sockets.values():
             sock.close()

@@ -40,6 +40,8 @@ class Role:
         self.role_ages: dict[str, float] = {}  # seconds since each role's last heartbeat, per control
         self.role_ages_at = 0.0
         self.live_wanted = False  # someone (the dashboard) is watching live images
+        self.open_scans: set[int] = set()  # scans control had open at the last heartbeat
+        self.acks: dict[int, list] = {}  # scan -> block ranges the writer has committed
         self._next_heartbeat = 0.0
         self._control_missing_since: float | None = None
         self._process = psutil.Process(os.getpid())
@@ -63,7 +65,8 @@ class Role:
             return
         self._next_heartbeat = now + (self.config.flow.heartbeat_s if interval_s is None else interval_s)
         try:
-            reply = self.control.request("heartbeat", timeout_s=1.0, role=self.name, id=self.index, stats=self.stats())
+            reply = self.control.request("heartbeat", timeout_s=1.0, role=self.name, id=self.index, stats=self.stats(),
+                                         **self.registration())
         except ControlUnavailable as exc:
             if self._control_missing_since is None:
                 self._control_missing_since = now
@@ -72,11 +75,25 @@ class Role:
         self._control_missing_since = None
         for spec in reply.get("scans", []):
             self.scan_specs[int(spec["scan"])] = spec
+        self.open_scans = {int(spec["scan"]) for spec in reply.get("scans", [])}
+        self.acks = {int(k): v for k, v in reply.get("acks", {}).items()}
         if reply.get("shutdown"):
             self.shutdown = True
         self.role_ages = reply.get("ages", {})
         self.live_wanted = bool(reply.get("live_wanted", False))
         self.role_ages_at = now
+
+    def registration(self) -> dict:
+        """What this role tells control about itself in every heartbeat (node groups: the host
+        they listen on)."""
+        return {}
+
+    def leave(self) -> None:
+        """Tell control this role is stopping on purpose (best effort)."""
+        try:
+            self.control.request("leave", timeout_s=1.0, role=self.name, id=self.index)
+        except ControlUnavailable:
+            pass
 
     def role_is_dead(self, key: str) -> bool:
         """True when control has not heard from role ``key`` (e.g. "producer-2") for several

@@ -3,8 +3,16 @@
 Events arrive from the node groups in any order; the writer gives each frame its slot (position x
 frames per position + the frame's rank at that position) and appends it to the scan's
 SparseCountsWriter, which writes to a temporary name and renames on close. The scan closes when
-every node group sent DONE, or when the flow timeouts run out (the ledger then says what is
-missing). A scan started with ``resume`` adds frames to an existing file (the replay of a spill).
+every node group of its routing generation sent DONE, or when the flow timeouts run out (the
+ledger then says what is missing). A scan started with ``resume`` adds frames to an existing file
+(the replay of a spill).
+
+Commits: a node group's events are held until the ANALYSIS (or DONE) message that follows them
+on the same stream arrives; then events and partials are applied together and their blocks are
+*committed*, which the writer tells control (producers then free those blocks). When control
+starts a new routing generation after a failover, the writer *fences* the old streams: what they
+left uncommitted is dropped and anything more from them ignored, so every block is written once,
+from either the old generation or the resent copy (see pipeline.routing).
 """
 
 from __future__ import annotations
@@ -29,12 +37,15 @@ from stemstream.formats.raw import FRAME_SHAPE, N_MODULES
 from stemstream.formats.sparse_h5 import SparseCountsWriter, read_counted
 from stemstream.ledger import ScanLedger
 from stemstream.pipeline.role import Role
+from stemstream.pipeline.routing import alive_nodes, generation, to_ranges
 
 log = logging.getLogger(__name__)
 
 _ALL_MODULES = (1 << N_MODULES) - 1
 # Live images go to control this often while a scan runs (the dashboard wants >= 2 per second).
 _LIVE_INTERVAL_S = 0.4
+# Commits go to control at most this often (producers free their resend buffers from them).
+_COMMIT_REPORT_S = 0.1
 
 # -- disk checks ---------------------------------------------------------------------------------
 # HDF5 (2.0.0, through h5py 3.16) crashes the process with a segmentation fault when the disk
@@ -79,7 +90,14 @@ class WriterScan:
         self.number = int(spec["scan"])
         self.shape = tuple(spec["scan_shape"])
         self.fpp = int(spec["frames_per_position"])
-        self.n_nodes = int(spec["nodes"])
+        self.n_nodes = len(spec["nodes"])
+        self.generation = generation(spec)
+        self.alive = alive_nodes(spec)
+        self.pending: dict[tuple[int, int], list[wire.EventsMessage]] = {}  # (node, stream) -> not committed
+        self.committed: set[int] = set()  # blocks whose events are applied
+        self.commits_changed = True  # control has not heard of the latest commits
+        self.frames_superseded = 0  # frames of fenced streams, dropped (their blocks were resent)
+        self.duplicate_blocks = 0
         self.path = Path(writer.config.pipeline.output_dir) / spec["file_name"]
         self.ledger = ScanLedger(self.number, self.shape, self.fpp)
         self.started = time.time()
@@ -118,6 +136,63 @@ class WriterScan:
             np.add.at(self.rank, slots // self.fpp, 1)
             self.n_events += int(sum(len(frames[i]) for i in slots))
         log.info("scan %d: resuming %s with %d frames already counted", self.number, path, len(slots))
+
+    # -- commits and failover ------------------------------------------------------------------------
+
+    def _current(self, stream: int) -> bool:
+        """False (and the message is dropped) for a stream that a newer generation superseded."""
+        self.last_activity = time.monotonic()
+        if stream < self.generation:
+            self.writer.counters["messages_superseded"] += 1
+            return False
+        return True
+
+    def receive_events(self, msg: wire.EventsMessage) -> None:
+        if self._current(msg.stream):
+            self.pending.setdefault((msg.node, msg.stream), []).append(msg)
+
+    def receive_partials(self, node: int, stream: int, parts: list) -> None:
+        if self._current(stream):
+            self._commit((node, stream))
+            self.add_partials(parts)
+
+    def receive_done(self, msg: wire.DoneMessage) -> None:
+        if self._current(msg.stream):
+            self._commit((msg.node, msg.stream))
+            self.add_done(msg)
+
+    def _commit(self, key: tuple[int, int]) -> None:
+        for msg in self.pending.pop(key, []):
+            if msg.block >= 0:
+                if msg.block in self.committed:  # resent after a fence that came too late
+                    self.duplicate_blocks += 1
+                    continue
+                self.committed.add(msg.block)
+                self.commits_changed = True
+            self.add_events(msg)
+
+    def follow(self, spec: dict) -> None:
+        """Take a new routing generation: fence the older streams."""
+        if generation(spec) <= self.generation:
+            return
+        dropped = sum(len(m.frame_numbers) for msgs in self.pending.values() for m in msgs)
+        self.frames_superseded += dropped
+        self.pending.clear()
+        self.spec = spec
+        self.generation, self.alive = generation(spec), alive_nodes(spec)
+        self.done_nodes.clear()  # DONE of an older generation says nothing of the resent blocks
+        self.first_done_at = None
+        self.commits_changed = True
+        self.last_activity = time.monotonic()
+        log.warning("scan %d: routing generation %d (node groups %s); %d uncommitted frame(s) dropped, to be resent",
+                    self.number, self.generation, self.alive, dropped)
+
+    def commit_report(self) -> dict:
+        self.commits_changed = False
+        return {"scan": self.number, "ranges": to_ranges(self.committed), "fenced": self.generation,
+                "done": sorted(self.done_nodes)}
+
+    # -- applying ----------------------------------------------------------------------------------
 
     def add_events(self, msg: wire.EventsMessage) -> None:
         self.last_activity = time.monotonic()
@@ -201,6 +276,7 @@ class WriterScan:
         if msg.node in self.done_nodes:
             return
         self.done_nodes[msg.node] = msg
+        self.commits_changed = True
         if self.first_done_at is None:
             self.first_done_at = time.monotonic()
         d = msg.ledger
@@ -223,11 +299,15 @@ class WriterScan:
         return reply.get("scan", {}).get("thresholds") if reply.get("ok") else None
 
     def should_close(self) -> bool:
-        if len(self.done_nodes) >= self.n_nodes:
+        missing = set(self.alive) - set(self.done_nodes)
+        if self.alive and not missing:
             return True
         flow = self.writer.config.flow
         idle = time.monotonic() - self.last_activity
-        if self.first_done_at is not None and idle > flow.end_timeout_s:
+        # A missing node group that control knows is either slow or about to be failed over
+        # (control decides that after dead_after_s): wait for it, up to scan_timeout_s.
+        unknown = all(f"node-{n}" not in self.writer.role_ages for n in missing)
+        if self.first_done_at is not None and idle > flow.end_timeout_s and unknown:
             return True
         return idle > flow.scan_timeout_s
 
@@ -239,11 +319,19 @@ class WriterScan:
         if thresholds:
             self.out.set_metadata("electron_counting", Thresholds(**thresholds).stempy_attributes())
         elapsed = time.time() - self.started
-        missing_nodes = sorted(set(range(self.n_nodes)) - set(self.done_nodes))
+        for key in list(self.pending):  # a stream whose DONE never came: apply what it sent
+            self._commit(key)
+        missing_nodes = sorted(set(self.alive) - set(self.done_nodes))
         ledger = self.ledger.as_dict()
         ledger["frames_spilled"] = self.frames_spilled
         ledger["sectors_lost"] = list(self.sectors_lost)
         ledger["node_groups_missing"] = missing_nodes
+        failovers = self.spec.get("failovers", [])
+        if failovers:  # by generation: HDF5 attributes hold maps and lists of numbers, not lists of maps
+            ledger["failovers"] = {str(f["generation"]): {k: v for k, v in f.items() if k != "generation"}
+                                   for f in failovers}
+            ledger["frames_superseded"] = self.frames_superseded
+            ledger["duplicate_blocks"] = self.duplicate_blocks
         summary = {
             "scan": self.number,
             "path": str(self.path),
@@ -287,6 +375,7 @@ class Writer(Role):
         self.scans: dict[int, WriterScan] = {}
         self.analyses = default_analyses(FRAME_SHAPE, config.analysis)
         self._next_live = 0.0
+        self._next_commit_report = 0.0
 
     def _scan(self, number: int) -> WriterScan | None:
         scan = self.scans.get(number)
@@ -341,13 +430,14 @@ class Writer(Role):
             kind = wire.kind_of(parts)
             if kind == wire.EVENTS:
                 msg = wire.decode_events(parts, FRAME_SHAPE[0] * FRAME_SHAPE[1])
-                number, apply = msg.scan, lambda scan: scan.add_events(msg)
+                number, apply = msg.scan, lambda scan: scan.receive_events(msg)
             elif kind == wire.ANALYSIS:
                 envelope = wire.analysis_envelope(parts)
-                number, apply = envelope["scan"], lambda scan: scan.add_partials(parts[2:])
+                number = envelope["scan"]
+                apply = lambda scan: scan.receive_partials(envelope["node"], envelope["stream"], parts[2:])  # noqa: E731
             elif kind == wire.DONE:
                 msg = wire.decode_done(parts)
-                number, apply = msg.scan, lambda scan: scan.add_done(msg)
+                number, apply = msg.scan, lambda scan: scan.receive_done(msg)
             else:
                 raise wire.MessageError("unexpected_kind", repr(kind))
             if not self._failed(number):
@@ -378,6 +468,23 @@ class Writer(Role):
         except Exception as exc:  # control away: the file and its metadata still say it all
             log.warning("could not report scan %d to control: %s", scan.number, exc)
 
+    def report_commits(self) -> None:
+        """Follow each open scan's routing generation, and tell control what was committed
+        (producers free their resend buffers; after a fence, they resend the rest)."""
+        now = time.monotonic()
+        for scan in list(self.scans.values()):
+            spec = self.scan_specs.get(scan.number)
+            if spec is not None and int(spec["epoch"]) == int(scan.spec["epoch"]):
+                scan.follow(spec)
+            if scan.commits_changed and now >= self._next_commit_report:
+                try:
+                    self.control.request("committed", timeout_s=1.0, **scan.commit_report())
+                except Exception as exc:  # control busy: the next report carries it all
+                    scan.commits_changed = True
+                    log.debug("commits of scan %d not reported: %s", scan.number, exc)
+        if now >= self._next_commit_report:
+            self._next_commit_report = now + _COMMIT_REPORT_S
+
     def publish_live(self) -> None:
         """Send each open scan's live images and progress to control (for the dashboard)."""
         now = time.monotonic()
@@ -400,6 +507,7 @@ class Writer(Role):
         poller.register(self.events_in, zmq.POLLIN)
         while not self.shutdown:
             self.publish_live()
+            self.report_commits()
             if poller.poll(20):
                 for _ in range(64):
                     try:

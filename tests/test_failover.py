@@ -1,0 +1,80 @@
+"""Node groups dying, joining and leaving: real role processes, real sockets, SIGKILL.
+
+The scan's file after a failover must be the file of a clean run of the same scan, event for
+event, with the failover in its ledger (docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline_support import assert_same_events, test_config, wait_until_closed, wait_until_counted
+from stemstream.deploy.local import LocalPipeline, ProducerSource
+
+pytestmark = pytest.mark.slow
+
+SHAPE = (32, 32)  # (rows, cols)
+N_FRAMES = SHAPE[0] * SHAPE[1]
+
+
+def failover_config(tmp_path):
+    # ports for three node groups; the embedded run starts two, the third joins later
+    config = test_config(tmp_path, nodes=3)
+    config.pipeline.nodes = 2
+    config.pipeline.block_frames = 16
+    config.flow.dead_after_s = 2.0
+    # No spilling: the failover alone must carry the scan through.
+    config.flow.backpressure_timeout_s = 30.0
+    config.flow.scan_timeout_s = 60.0
+    return config.validate()
+
+
+def complete(summary: dict) -> None:
+    ledger = summary["ledger"]
+    assert ledger["frames_complete"] == N_FRAMES, ledger
+    assert ledger["frames_incomplete"] == ledger["frames_missing"] == 0, ledger
+
+
+def producer_counter(pipeline, name: str) -> int:
+    roles = pipeline.status()["roles"]
+    return sum(r["stats"]["counters"].get(name, 0) for k, r in roles.items() if k.startswith("producer"))
+
+
+def test_node_group_killed_mid_scan_fails_over_and_a_joining_one_is_used_next(tmp_path):
+    config = failover_config(tmp_path)
+    with LocalPipeline(config, tmp_path / "work", ProducerSource(seed=3, rate=400)) as pipeline:
+        pipeline.start()
+        clean = pipeline.run_scan(1, SHAPE, timeout_s=120)
+        complete(clean)
+        assert "failovers" not in clean["ledger"]
+
+        # The same scan again; node group 1 dies a quarter of the way in.
+        reply = pipeline.control.request("start_scan", scan_number=1, scan_shape=list(SHAPE))
+        assert reply["ok"] and reply["scan"]["nodes"] == [0, 1]
+        wait_until_counted(pipeline, N_FRAMES + N_FRAMES // 4)
+        pipeline.kill("node-1")
+        failed_over = wait_until_closed(pipeline, 1)
+        resent = producer_counter(pipeline, "blocks_resent")
+
+        # Node group 1 is gone: the next scan uses node group 0 alone ...
+        # (scan number 1 again each time: the simulated frames depend on it)
+        alone = pipeline.run_scan(1, SHAPE, timeout_s=120)
+        spec_alone = pipeline.control.request("get_scan", scan=1)["scan"]
+        # ... and one that registers between scans is used from the next one on.
+        pipeline.start_node(2)
+        pipeline.wait_for_roles({"node-2"})
+        joined = pipeline.run_scan(1, SHAPE, timeout_s=120)
+        spec_joined = pipeline.control.request("get_scan", scan=1)["scan"]
+
+    complete(failed_over)
+    failovers = failed_over["ledger"]["failovers"]
+    assert list(failovers) == ["1"] and failovers["1"]["dead"] == [1], failovers
+    assert resent > 0
+    assert_same_events(failed_over["path"], clean["path"])
+
+    assert spec_alone["nodes"] == [0]
+    complete(alone)
+    assert spec_joined["nodes"] == [0, 2]
+    complete(joined)
+    assert_same_events(alone["path"], clean["path"])
+    assert_same_events(joined["path"], clean["path"])
