@@ -6,6 +6,8 @@ event, with the failover in its ledger (docs/reliability.md).
 
 from __future__ import annotations
 
+import h5py
+import numpy as np
 import pytest
 
 from pipeline_support import assert_same_events, test_config, wait_until_closed, wait_until_counted
@@ -33,6 +35,21 @@ def complete(summary: dict) -> None:
     ledger = summary["ledger"]
     assert ledger["frames_complete"] == N_FRAMES, ledger
     assert ledger["frames_incomplete"] == ledger["frames_missing"] == 0, ledger
+
+
+def assert_same_analyses(a: str, b: str) -> None:
+    """Every array under /analysis equal (the live analyses merged from the node groups'
+    partials, or recomputed from recovered events)."""
+    def arrays(path):
+        found = {}
+        with h5py.File(path, "r") as f:
+            f["analysis"].visititems(lambda name, obj: found.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+        return found
+
+    ours, theirs = arrays(a), arrays(b)
+    assert ours.keys() == theirs.keys() and ours
+    for name in ours:
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-12, err_msg=name)
 
 
 def producer_counter(pipeline, name: str) -> int:
@@ -68,9 +85,10 @@ def test_node_group_killed_mid_scan_fails_over_and_a_joining_one_is_used_next(tm
 
     complete(failed_over)
     failovers = failed_over["ledger"]["failovers"]
-    assert list(failovers) == ["1"] and failovers["1"]["dead"] == [1], failovers
+    assert [f["dead"] for f in failovers.values()] == [[1]], failovers
     assert resent > 0
     assert_same_events(failed_over["path"], clean["path"])
+    assert_same_analyses(failed_over["path"], clean["path"])
 
     assert spec_alone["nodes"] == [0]
     complete(alone)
@@ -78,3 +96,33 @@ def test_node_group_killed_mid_scan_fails_over_and_a_joining_one_is_used_next(tm
     complete(joined)
     assert_same_events(alone["path"], clean["path"])
     assert_same_events(joined["path"], clean["path"])
+
+
+def test_writer_killed_and_restarted_mid_scan_completes_the_scan_from_its_journal(tmp_path):
+    config = failover_config(tmp_path)
+    out = tmp_path / "out"
+    with LocalPipeline(config, tmp_path / "work", ProducerSource(seed=3, rate=400)) as pipeline:
+        pipeline.start()
+        clean = pipeline.run_scan(1, SHAPE, timeout_s=120)
+        complete(clean)
+
+        reply = pipeline.control.request("start_scan", scan_number=1, scan_shape=list(SHAPE))
+        assert reply["ok"]
+        final = out / reply["scan"]["file_name"]
+        wait_until_counted(pipeline, N_FRAMES + N_FRAMES // 3)
+        pipeline.kill("writer")
+        # nothing at the final name while the scan is unfinished; the journal holds the commits
+        left = sorted(p.name for p in out.iterdir() if p.name.startswith(final.name))
+        assert left == [final.name + ".journal", final.name + ".partial"], left
+        pipeline.start_writer()
+        summary = wait_until_closed(pipeline, 1)
+        resent = producer_counter(pipeline, "blocks_resent")
+
+    complete(summary)
+    assert summary["path"] == str(final) and final.exists()
+    assert not (out / (final.name + ".journal")).exists() and not (out / (final.name + ".partial")).exists()
+    failovers = summary["ledger"]["failovers"]
+    assert [f["reason"] for f in failovers.values()] == ["writer restarted"], failovers
+    assert resent > 0
+    assert_same_events(summary["path"], clean["path"])
+    assert_same_analyses(summary["path"], clean["path"])

@@ -113,8 +113,10 @@ def control(tmp_path):
     ctl = Control(config)
     thread = threading.Thread(target=ctl.serve, kwargs={"stop_after_shutdown_s": 0.1}, daemon=True)
     thread.start()
-    yield config
     client = ControlClient(config.network.control())
+    # one node group checks in, as `stemstream node` would: scans need one to start
+    assert client.request("heartbeat", role="node", id=0, stats={}, host="127.0.0.1")["ok"]
+    yield config
     client.request("shutdown", timeout_s=2.0)
     client.close()
     thread.join(5)

@@ -110,7 +110,7 @@ class LocalPipeline:
     def start(self, timeout_s: float = 60.0) -> None:
         """Start every role and wait until all have checked in with control."""
         self._start("control", ["control"])
-        self._start("writer", ["writer"])
+        self.start_writer()
         for i in range(self.config.pipeline.nodes):
             self.start_node(i)
         if self.config.pipeline.gateway:
@@ -120,6 +120,10 @@ class LocalPipeline:
         if self.dashboard:
             self._start_dashboard()
         self.wait_for_roles(self.expected_roles(), timeout_s)
+
+    def start_writer(self) -> None:
+        """Start the writer (again, after it died: it takes over the open scans from its journal)."""
+        self._start("writer", ["writer"])
 
     def start_node(self, index: int) -> None:
         """Start node group ``index`` (one more joins the scans that start after it registered)."""

@@ -156,6 +156,7 @@ class Control:
                     if not nodes else f"node group ids must be 0 to 65535, got {nodes}"}
         now = time.time()
         self.sequence += 1
+        first_generation = generation(self.scans[number].spec) + 1 if number in self.scans else 0
         spec = {
             "scan": number,
             "epoch": self.sequence,  # tells a resumed scan from its first run
@@ -163,9 +164,11 @@ class Control:
             "frames_per_position": fpp,
             "nodes": nodes,
             "node_hosts": {str(n): registered.get(n, self._configured_host(n)) for n in nodes},
-            "generation": 0,  # routing generation: one more after each failover
+            # Routing generation: one more after each failover. A scan number used again starts
+            # above its last run's, so a message of the earlier run is never taken for this one.
+            "generation": first_generation,
             "alive": nodes,
-            "fenced": 0,  # the generation the writer has fenced (dropped what older ones left)
+            "fenced": first_generation,  # the generation the writer has fenced (dropped what older ones left)
             "failovers": [],
             "block_frames": self.config.pipeline.block_frames,
             "file_name": req.get("file_name") or scan_file_name(number, self.sequence, now),

@@ -64,15 +64,14 @@ class Gateway(Role):
         if envelope["module"] != module:
             raise wire.MessageError("wrong_module", f"module {envelope['module']} on module {module}'s input")
         node, scan = envelope["node"], envelope["scan"]
-        spec = self.known_scan(scan)
+        spec = self.scan_spec(scan, stream=envelope["stream"])
+        if spec is None:
+            raise wire.MessageError("unknown_scan", f"scan {scan}")
         if node not in scan_nodes(spec):
             raise wire.MessageError("unknown_node", f"node group {node} is not in scan {scan}")
         if node not in self.outputs:
             self._connect(node, spec)
         return node, scan, envelope["stream"]
-
-    def _scan(self, number: int) -> dict | None:
-        return self.scan_spec(number)
 
     def _flush(self) -> None:
         for node, row in self.queues.items():

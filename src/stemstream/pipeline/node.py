@@ -437,7 +437,7 @@ class NodeGroup(Role):
         scan or a newer routing generation superseded the stream."""
         scan = self.scans.get((number, stream))
         if scan is None:
-            spec = self.scan_spec(number)
+            spec = self.scan_spec(number, stream=stream)
             if spec is None:
                 raise wire.MessageError("unknown_scan", f"scan {number}")
             if stream < generation(spec):

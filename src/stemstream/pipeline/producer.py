@@ -109,7 +109,14 @@ class Producer(Role):
     # -- acknowledgements and failover -------------------------------------------------------------
 
     def _latest(self, out: OutgoingScan) -> dict:
-        return self.scan_specs.get(out.number, out.spec)
+        """The newest spec of ``out``'s scan, as long as it is the same run (epoch) of it."""
+        spec = self.scan_specs.get(out.number, out.spec)
+        return spec if spec["epoch"] == out.spec["epoch"] else out.spec
+
+    def _over(self, number: int, out: OutgoingScan) -> bool:
+        """True once control closed this run of the scan (or started the scan number again)."""
+        spec = self.scan_specs.get(number, out.spec)
+        return number not in self.open_scans or spec["epoch"] != out.spec["epoch"]
 
     def _generation_changed(self, out: OutgoingScan) -> bool:
         return generation(self._latest(out)) > out.generation
@@ -229,6 +236,8 @@ class Producer(Role):
 
     def produce(self, spec: dict) -> dict:
         """Stream one scan; returns what was sent and spilled."""
+        if int(spec["scan"]) in self.outgoing:  # an earlier run of this scan number
+            self._forget(int(spec["scan"]))
         out = self.outgoing[int(spec["scan"])] = OutgoingScan(spec)
         source = self.source_factory(spec)
         patience = self.patience_s
@@ -253,7 +262,7 @@ class Producer(Role):
         """Scans already sent: free what the writer committed, carry out a late failover, forget
         the scans control closed."""
         for number, out in list(self.outgoing.items()):
-            if number not in self.open_scans and out.source_done:
+            if out.source_done and self._over(number, out):
                 self._forget(number)
                 continue
             self._release(out)

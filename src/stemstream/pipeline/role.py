@@ -111,10 +111,12 @@ class Role:
     def mark_finished(self, spec: dict) -> None:
         self.finished.add((int(spec["scan"]), int(spec["epoch"])))
 
-    def scan_spec(self, scan: int, wait_s: float = 2.0) -> dict | None:
-        """The spec of ``scan``: known already, or asked of control (None if control has none)."""
+    def scan_spec(self, scan: int, wait_s: float = 2.0, stream: int = 0) -> dict | None:
+        """The spec of ``scan``: known already, or asked of control (None if control has none).
+        A message of routing generation ``stream`` newer than the spec known here means that
+        spec is out of date (a failover, or the scan number used again): control is asked."""
         spec = self.scan_specs.get(scan)
-        if spec is not None and not self.is_finished(spec):
+        if spec is not None and not self.is_finished(spec) and stream <= int(spec.get("generation", 0)):
             return spec
         try:
             reply = self.control.request("get_scan", timeout_s=wait_s, scan=scan)

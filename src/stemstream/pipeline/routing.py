@@ -1,7 +1,8 @@
 """Which node group counts a routing block, and what the writer has committed.
 
 A scan's spec (made by control) names the node groups it uses (``nodes``, registered with control
-when the scan started) and its routing *generation* (``generation``, 0 at the start). Block ``b``
+when the scan started) and its routing *generation* (``generation``: 0 at the start, or one more
+than the last run's when a scan number is used again). Block ``b``
 belongs to ``nodes[b % len(nodes)]``. When a node group dies mid-scan (or the writer restarts),
 control starts a new generation with the node groups still ``alive``: the writer drops whatever
 it had not committed from earlier generations (it *fences* them), and the producers resend every
@@ -39,8 +40,6 @@ def route(spec: dict, block: int) -> tuple[int, int] | None:
     nodes = scan_nodes(spec)
     owner = nodes[block % len(nodes)]
     g = generation(spec)
-    if g == 0:
-        return owner, 0
     alive = alive_nodes(spec)
     if not alive:
         return None

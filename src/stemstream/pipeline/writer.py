@@ -36,6 +36,7 @@ from stemstream.formats import wire
 from stemstream.formats.raw import FRAME_SHAPE, N_MODULES
 from stemstream.formats.sparse_h5 import SparseCountsWriter, read_counted
 from stemstream.ledger import ScanLedger
+from stemstream.pipeline.journal import Journal, journal_path, read_journal
 from stemstream.pipeline.role import Role
 from stemstream.pipeline.routing import alive_nodes, generation, to_ranges
 
@@ -117,6 +118,28 @@ class WriterScan:
         self.pngs: list[Path] = []
         if spec.get("resume") and self.path.exists():
             self._carry_over(self.path)
+        self.recovered = self._recover()
+        self.journal = Journal(journal_path(self.path), self.number, int(spec["epoch"]))
+
+    def _recover(self) -> bool:
+        """A writer that died mid-scan left its journal: rewrite what it had committed (the
+        analyses recomputed from the events, the node groups' partials being gone). True when
+        this scan's journal was there (even with nothing committed yet)."""
+        path = journal_path(self.path)
+        if not path.exists():
+            return False
+        messages = read_journal(path, self.number, int(self.spec["epoch"]))
+        if messages is None:
+            path.unlink()  # another scan's or epoch's: stale
+            return False
+        for msg in messages:
+            if msg.block >= 0:
+                self.committed.add(msg.block)
+            self.add_events(msg)
+            self.analyses.accumulate(msg.positions, msg.events, msg.offsets)
+        log.warning("scan %d: a previous writer died mid-scan; %d committed block(s) recovered from %s",
+                    self.number, len(messages), path)
+        return True
 
     def _carry_over(self, path: Path) -> None:
         """Resume: copy the frames already in the file (and its ledger) into the new file."""
@@ -169,6 +192,7 @@ class WriterScan:
                     continue
                 self.committed.add(msg.block)
                 self.commits_changed = True
+            self.journal.add(msg)  # before control hears of the commit
             self.add_events(msg)
 
     def follow(self, spec: dict) -> None:
@@ -350,6 +374,7 @@ class WriterScan:
         store_results(self.out.h5file, self.analyses.analyses, results,
                       info={**self.analyses.info(), "source": "stream"})
         self.out.close()
+        self.journal.close(delete=True)  # the file holds it all now
         summary["closed_wall"] = time.time()  # file renamed into place (wall clock, s)
         try:
             self.pngs = write_pngs(self.analyses.analyses, results, self.path.parent, self.path.stem)
@@ -392,7 +417,22 @@ class Writer(Role):
         except OSError as exc:
             self._fail(spec, exc)
             return None
+        if scan.recovered:
+            self._restarted(scan)
         return scan
+
+    def _restarted(self, scan: WriterScan) -> None:
+        """This writer took over a running scan from one that died: whatever it had not
+        committed is lost with it, so control starts a new routing generation and the producers
+        stream it all again."""
+        try:
+            reply = self.control.request("writer_restarted", timeout_s=5.0, scan=scan.number)
+        except Exception as exc:
+            log.error("scan %d: could not ask control to resend what a dead writer lost: %s", scan.number, exc)
+            return
+        if reply.get("ok"):
+            self.scan_specs[scan.number] = reply["scan"]
+            scan.follow(reply["scan"])
 
     def _failed(self, number: int) -> bool:
         """True for a scan (this epoch of it) abandoned after an I/O error."""
@@ -408,6 +448,7 @@ class Writer(Role):
         if scan is not None:
             try:
                 scan.out.abort()  # deletes the partial file
+                scan.journal.close(delete=True)
             except OSError as abort_exc:
                 log.warning("scan %d: could not delete %s: %s", number, scan.out.tmp_path, abort_exc)
             self.scans.pop(number, None)

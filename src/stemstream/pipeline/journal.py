@@ -1,0 +1,92 @@
+"""The writer's journal: every committed block's events, appended before the commit is reported.
+
+A writer killed mid-scan loses its open HDF5 file (HDF5 is not safe against a process dying in
+a write), and the producers have already freed the blocks it reported committed. The journal
+keeps exactly those: one record per committed EVENTS message, written (to the operating system,
+which keeps it when the process dies; not fsync'ed, so not proof against the machine failing)
+before the commit goes to control. A restarted writer reads it back, rewrites the file from it,
+and asks control for a new routing generation, so that everything else is streamed again.
+
+Layout: records of an 8-byte little-endian length and a msgpack map. The first record names the
+scan and its epoch (a resumed scan is another epoch); a torn last record is ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import numpy as np
+
+from stemstream.formats import wire
+
+log = logging.getLogger(__name__)
+
+JOURNAL_SUFFIX = ".journal"
+_LENGTH = struct.Struct("<Q")
+_FIELDS = (("frame_numbers", np.uint32), ("positions", np.int64), ("present", np.uint8), ("offsets", np.int64),
+           ("events", np.uint32))
+
+
+def journal_path(h5_path: Path) -> Path:
+    return h5_path.with_name(h5_path.name + JOURNAL_SUFFIX)
+
+
+class Journal:
+    """Append-only record of one scan's committed events."""
+
+    def __init__(self, path: Path, scan: int, epoch: int):
+        self.path = path
+        self._file = open(path, "ab")
+        if self._file.tell() == 0:
+            self._append({"scan": scan, "epoch": epoch})
+
+    def _append(self, record: dict) -> None:
+        data = msgpack.packb(record, use_bin_type=True)
+        self._file.write(_LENGTH.pack(len(data)) + data)
+
+    def add(self, msg: wire.EventsMessage) -> None:
+        record = {"block": msg.block, "node": msg.node}
+        for name, dtype in _FIELDS:
+            record[name] = np.ascontiguousarray(getattr(msg, name), dtype).tobytes()
+        self._append(record)
+        self._file.flush()  # in the kernel's hands before the commit is reported
+
+    def close(self, delete: bool = True) -> None:
+        self._file.close()
+        if delete:
+            self.path.unlink(missing_ok=True)
+
+
+def _records(path: Path) -> Iterator[dict]:
+    data = path.read_bytes()
+    at = 0
+    while at + _LENGTH.size <= len(data):
+        (length,) = _LENGTH.unpack_from(data, at)
+        if at + _LENGTH.size + length > len(data):
+            log.warning("%s: torn last record ignored (the writer died while appending it)", path)
+            return
+        try:
+            record = msgpack.unpackb(data[at + _LENGTH.size: at + _LENGTH.size + length], raw=False)
+        except Exception:
+            log.warning("%s: unreadable record at byte %d; the rest is ignored", path, at)
+            return
+        yield record
+        at += _LENGTH.size + length
+
+
+def read_journal(path: Path, scan: int, epoch: int) -> list[wire.EventsMessage] | None:
+    """The committed events of (scan, epoch) in ``path``; None when the journal is of another
+    scan or epoch (a stale one, to be discarded) or has no header."""
+    records = _records(path)
+    header = next(records, None)
+    if not header or header.get("scan") != scan or header.get("epoch") != epoch:
+        return None
+    messages = []
+    for r in records:
+        arrays = {name: np.frombuffer(r[name], dtype) for name, dtype in _FIELDS}
+        messages.append(wire.EventsMessage(scan, int(r["node"]), block=int(r["block"]), stream=0, **arrays))
+    return messages
