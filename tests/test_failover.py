@@ -6,6 +6,9 @@ event, with the failover in its ledger (docs/reliability.md).
 
 from __future__ import annotations
 
+import signal
+import time
+
 import h5py
 import numpy as np
 import pytest
@@ -126,3 +129,26 @@ def test_writer_killed_and_restarted_mid_scan_completes_the_scan_from_its_journa
     assert resent > 0
     assert_same_events(summary["path"], clean["path"])
     assert_same_analyses(summary["path"], clean["path"])
+
+
+@pytest.mark.parametrize("dead_after_s", [5.0, 30.0], ids=["failover", "backpressure"])
+def test_node_group_that_stops_for_10_s_then_resumes_loses_nothing(tmp_path, dead_after_s):
+    """SIGSTOP for 10 s: with the default dead_after_s (5 s) its work fails over and, resumed, it
+    drops its superseded stream; with dead_after_s above the stall, backpressure holds the
+    producers until it reads again. Either way the file is the clean run's."""
+    config = failover_config(tmp_path)
+    config.flow.dead_after_s = dead_after_s
+    with LocalPipeline(config, tmp_path / "work", ProducerSource(seed=3, rate=400)) as pipeline:
+        pipeline.start()
+        clean = pipeline.run_scan(1, SHAPE, timeout_s=120)
+        assert pipeline.control.request("start_scan", scan_number=1, scan_shape=list(SHAPE))["ok"]
+        wait_until_counted(pipeline, N_FRAMES + N_FRAMES // 4)
+        pipeline.kill("node-1", signal.SIGSTOP)
+        time.sleep(10.0)
+        pipeline.kill("node-1", signal.SIGCONT)
+        summary = wait_until_closed(pipeline, 1)
+        spilled = producer_counter(pipeline, "records_spilled")
+    complete(summary)
+    assert spilled == 0
+    assert bool(summary["ledger"].get("failovers")) == (dead_after_s < 10)
+    assert_same_events(summary["path"], clean["path"])
