@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="streaming runs per size (median reported)")
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--no-gateway", action="store_true")
+    parser.add_argument("--no-shared-memory", action="store_true",
+                        help="blocks through the sockets, not shared memory (as between hosts)")
     parser.add_argument("--skip-file-based", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -95,12 +97,14 @@ def main() -> None:
     config.pipeline.output_dir = str(work / "out")
     config.pipeline.spill_dir = str(work / "spill")
     config.network.transport, config.network.ipc_dir = "ipc", str(work / "sockets")
+    config.network.shared_memory = not args.no_shared_memory
     (work / "sockets").mkdir()
     # fixed thresholds as in the paper's comparisons of counting speed; calibration is timed in
     # bench_count_vs_stempy.py
     config.counting.background_threshold, config.counting.xray_threshold = 28.0, 1000.0
     results = {"machine": f"{platform.processor() or platform.machine()}, {shutil.os.cpu_count()} cores", "sizes": {}}
-    print(f"machine: {results['machine']}; node groups: {args.nodes}; gateway: {not args.no_gateway}")
+    print(f"machine: {results['machine']}; node groups: {args.nodes}; gateway: {not args.no_gateway}; "
+          f"shared memory: {not args.no_shared_memory}")
     number = 0
     with LocalPipeline(config.validate(), work / "pipeline", ProducerSource(seed=1)) as pipeline:
         pipeline.start()

@@ -35,8 +35,10 @@ def _free_port_block(size: int) -> int:
     raise RuntimeError("no block of free ports")
 
 
-def test_config(tmp_path: Path, nodes: int = 2, gateway: bool = True, fixed: bool = True) -> PipelineConfig:
-    """Every role on 127.0.0.1, fresh ports, short timeouts, output and spill under tmp_path."""
+def test_config(tmp_path: Path, nodes: int = 2, gateway: bool = True, fixed: bool = True,
+                shared_memory: bool = False) -> PipelineConfig:
+    """Every role on 127.0.0.1, fresh ports, short timeouts, output and spill under tmp_path;
+    blocks through the sockets, or through shared memory."""
     config = PipelineConfig()
     base = _free_port_block(8 + 4 * nodes)
     net = config.network
@@ -53,6 +55,7 @@ def test_config(tmp_path: Path, nodes: int = 2, gateway: bool = True, fixed: boo
     config.flow.scan_timeout_s = 30.0
     config.flow.backpressure_timeout_s = 1.0
     config.flow.heartbeat_s = 0.2
+    config.network.shared_memory = shared_memory
     return config.validate()
 
 

@@ -22,9 +22,9 @@ SHAPE = (32, 32)  # (rows, cols)
 N_FRAMES = SHAPE[0] * SHAPE[1]
 
 
-def failover_config(tmp_path):
+def failover_config(tmp_path, shared_memory: bool = False):
     # ports for three node groups; the embedded run starts two, the third joins later
-    config = test_config(tmp_path, nodes=3)
+    config = test_config(tmp_path, nodes=3, shared_memory=shared_memory)
     config.pipeline.nodes = 2
     config.pipeline.block_frames = 16
     config.flow.dead_after_s = 2.0
@@ -61,7 +61,8 @@ def producer_counter(pipeline, name: str) -> int:
 
 
 def test_node_group_killed_mid_scan_fails_over_and_a_joining_one_is_used_next(tmp_path):
-    config = failover_config(tmp_path)
+    # shared memory: the resent blocks are read again from the producers' slots
+    config = failover_config(tmp_path, shared_memory=True)
     with LocalPipeline(config, tmp_path / "work", ProducerSource(seed=3, rate=400)) as pipeline:
         pipeline.start()
         clean = pipeline.run_scan(1, SHAPE, timeout_s=120)

@@ -106,7 +106,7 @@ def malformed(draw, nodes: int = 1, in_process: bool = True, scan: int = SCAN) -
     module = draw(st.integers(0, N_MODULES - 1))
     categories = ["unknown_kind", "unexpected_kind", "part_count", "garbage_envelope", "not_a_map", "big_envelope",
                   "bad_field", "wrong_module", "wrong_node", "unknown_scan", "truncated", "oversized",
-                  "record_count"]
+                  "record_count", "bad_descriptor"]
     if in_process:
         categories.append("empty")  # ZeroMQ cannot send a message of no parts
     category = draw(st.sampled_from(categories))
@@ -157,6 +157,28 @@ def malformed(draw, nodes: int = 1, in_process: bool = True, scan: int = SCAN) -
         else:
             envelope[name] = value
         return Bad(category, module, message(envelope), {"bad_envelope"}, {"bad_envelope"})
+    if category == "bad_descriptor":  # shared-memory descriptors that point nowhere sound
+        n = draw(st.integers(0, 4))
+        envelope = sectors_envelope(module, n=n, scan=scan)
+        good = {"name": "stemstream-0-p0-1", "offset": 0, "nbytes": n * RECORD_BYTES}
+        variant = draw(st.sampled_from(["shape", "size", "unknown", "name", "payload"]))
+        if variant == "shape":  # not a map, or without a usable name or offset
+            envelope["shm"] = draw(st.one_of(st.integers(), st.text(max_size=8), st.just({"offset": 0}),
+                                             st.just({**good, "name": 7}), st.just({**good, "offset": -1})))
+            return Bad(category, module, [wire.SECTORS, pack(envelope), b""], {"bad_descriptor", "bad_envelope"},
+                       {"bad_descriptor", "bad_envelope"})
+        if variant == "size":  # bytes that are not the envelope's records
+            envelope["shm"] = {**good, "nbytes": draw(st.integers(0, 10**6).filter(lambda v: v != n * RECORD_BYTES))}
+            reasons = {"wrong_record_count", "bad_envelope"}
+            return Bad(category, module, [wire.SECTORS, pack(envelope), b""], reasons, reasons)
+        if variant == "unknown":  # a well-formed name of no segment, or a range beyond one
+            envelope["shm"] = {**good, "name": f"stemstream-fuzz-{draw(st.integers(0, 10**9))}"}
+        elif variant == "name":  # a path, not a segment name
+            envelope["shm"] = {**good, "name": draw(st.sampled_from(["../../etc/passwd", "/dev/zero", "", "x" * 150]))}
+        else:  # a payload as well as a descriptor
+            envelope["shm"] = good
+            return Bad(category, module, [wire.SECTORS, pack(envelope), bytes(RECORD_BYTES)], {"wrong_payload_size"}, None)
+        return Bad(category, module, [wire.SECTORS, pack(envelope), b""], {"bad_descriptor"}, None)
     if category == "wrong_module":
         other = draw(st.integers(0, N_MODULES - 1).filter(lambda m: m != module))
         envelope = {**base, "module": other}

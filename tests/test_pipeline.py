@@ -24,12 +24,13 @@ def ledger_of(path):
     return read_counted(path).metadata["stemstream"]["ledger"]
 
 
-def test_streamed_file_equals_offline_count_of_the_same_raw_files(tmp_path):
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["sockets", "shared-memory"])
+def test_streamed_file_equals_offline_count_of_the_same_raw_files(tmp_path, shared_memory):
     raw = tmp_path / "raw"
     simulate_to_directory(raw, SimulationConfig(scan_shape=(10, 12), frames_per_position=2, seed=3,
                                                 drop_sector_probability=0.01))
     offline = count_raw_scan([raw], tmp_path / "offline.h5", CountOptions(background=28.0, xray=1000.0))
-    config = test_config(tmp_path)
+    config = test_config(tmp_path, shared_memory=shared_memory)
     with LocalPipeline(config, tmp_path / "work", ProducerSource(replay=[raw])) as pipeline:
         pipeline.start()
         summary = pipeline.run_scan(1, (10, 12), 2, timeout_s=120)

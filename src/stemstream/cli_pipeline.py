@@ -266,10 +266,12 @@ def run_locally(cfg, simulate: str | None, replay: Path | None, n_scans: int, fr
         source = ProducerSource(dose=dose, seed=seed)
     work = Path(tempfile.mkdtemp(prefix="stemstream-run-"))
     if cfg.network.transport == "tcp" and cfg.network.host in ("127.0.0.1", "localhost") and not cfg.network.ipc_dir:
-        # Every role is on this host: Unix domain sockets cost about half the CPU of TCP.
+        # Every role is on this host: Unix domain sockets cost about half the CPU of TCP, and
+        # blocks of sectors go through shared memory instead of through the sockets.
         cfg.network.transport = "ipc"
         cfg.network.ipc_dir = str(work / "sockets")
         Path(cfg.network.ipc_dir).mkdir()
+        cfg.network.shared_memory = Path(cfg.network.shm_dir).is_dir()
     if cfg.pipeline.spill_dir == "spill":  # the default: beside the counted files
         cfg.pipeline.spill_dir = str(Path(cfg.pipeline.output_dir) / "spill")
     all_ok = True

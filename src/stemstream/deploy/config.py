@@ -13,6 +13,7 @@ node_base_port = 5560       # node group i listens on node_base_port + 4 i + m, 
 dashboard_port = 8000       # the web dashboard (stemstream serve)
 # control_host / gateway_host / writer_host / node_hosts = ["10.0.0.5", ...]: per-role hosts
 transport = "tcp"           # or "ipc" (every role on one host; needs ipc_dir)
+shared_memory = false       # every role on one host: blocks through shm_dir ("/dev/shm")
 
 [pipeline]
 nodes = 2                   # node groups
@@ -81,6 +82,10 @@ class NetworkConfig:
     # about half the CPU per byte of TCP on loopback.
     transport: str = "tcp"
     ipc_dir: str = ""
+    # Every role on one host: blocks of sectors go through shared memory files in shm_dir and
+    # only descriptors through the sockets (see pipeline.shared_memory).
+    shared_memory: bool = False
+    shm_dir: str = "/dev/shm"
 
     def _endpoint(self, host: str, port: int) -> str:
         if self.transport == "ipc":

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from stemstream.deploy.config import PipelineConfig
 from stemstream.pipeline.control_client import ControlClient, ControlUnavailable
+from stemstream.pipeline.shared_memory import segment_prefix
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,14 @@ class LocalPipeline:
                 proc.kill()
                 proc.wait(5)
         self.control.close()
+        self._remove_segments()
+
+    def _remove_segments(self) -> None:
+        """Shared-memory files of producers that were killed (a clean stop removes its own)."""
+        net = self.config.network
+        if net.shared_memory:
+            for path in Path(net.shm_dir).glob(f"{segment_prefix(net.control_port)}*"):
+                path.unlink(missing_ok=True)
 
     def __enter__(self) -> LocalPipeline:
         return self

@@ -104,12 +104,16 @@ def kind_of(parts: list) -> bytes:
 
 
 def encode_sectors(scan: int, module: int, block: int, node: int, records: np.ndarray,
-                   spilled: list[int] | None = None, stream: int = 0) -> list:
+                   spilled: list[int] | None = None, stream: int = 0, shm: dict | None = None) -> list:
     """Parts of a SECTORS message; ``records`` (RECORD_DTYPE) is sent without a copy. ``stream``
-    is the scan's routing generation (0, then one more after each failover, see
-    pipeline.routing): each (node group, stream, module) is a stream in block order."""
+    is the scan's routing generation (see pipeline.routing): each (node group, stream, module)
+    is a stream in block order. With ``shm`` (a shared-memory descriptor, see
+    pipeline.shared_memory) the records stay where they are and the payload is empty."""
     envelope = {"scan": scan, "module": module, "block": block, "node": node, "n": len(records),
                 "spilled": list(spilled or []), "stream": stream}
+    if shm is not None:
+        envelope["shm"] = shm
+        return [SECTORS, _pack(envelope), b""]
     return [SECTORS, _pack(envelope), records]
 
 
@@ -119,9 +123,10 @@ class SectorsMessage:
     module: int
     block: int
     node: int
-    records: np.ndarray  # RECORD_DTYPE, a view on the received buffer
+    records: np.ndarray | None  # RECORD_DTYPE, a view on the received buffer (None: see shm)
     spilled: list[int]
     stream: int = 0
+    shm: dict | None = None  # where the records lie in shared memory: {name, offset, nbytes}
 
 
 def sectors_envelope(parts: list) -> dict:
@@ -134,6 +139,13 @@ def sectors_envelope(parts: list) -> dict:
     _int_field(envelope, "n", 0, MAX_RECORDS_PER_MESSAGE)
     envelope["spilled"] = _block_list(envelope, "spilled")
     envelope["stream"] = _stream_field(envelope)
+    if "shm" in envelope:
+        shm = envelope["shm"]
+        if not isinstance(shm, dict) or not isinstance(shm.get("name"), str) or len(shm["name"]) > 200:
+            raise MessageError("bad_descriptor", "shm must be a map with a segment name")
+        _int_field(shm, "offset", 0, 2**48)
+        if _int_field(shm, "nbytes", 0, MAX_RECORDS_PER_MESSAGE * RECORD_BYTES) != envelope["n"] * RECORD_BYTES:
+            raise MessageError("wrong_record_count", f"envelope says {envelope['n']}, descriptor {shm['nbytes']} bytes")
     return envelope
 
 
@@ -156,6 +168,11 @@ def decode_sectors(parts: list) -> SectorsMessage:
     envelope = sectors_envelope(parts)
     payload = parts[2].buffer if hasattr(parts[2], "buffer") else memoryview(parts[2])
     size = payload.nbytes
+    if "shm" in envelope:
+        if size:
+            raise MessageError("wrong_payload_size", f"{size} bytes beside a shared-memory descriptor")
+        return SectorsMessage(envelope["scan"], envelope["module"], envelope["block"], envelope["node"], None,
+                              envelope["spilled"], envelope["stream"], envelope["shm"])
     if size % RECORD_BYTES:
         raise MessageError("wrong_payload_size", f"{size} bytes is not a whole number of {RECORD_BYTES}-byte records")
     if size // RECORD_BYTES != envelope["n"]:

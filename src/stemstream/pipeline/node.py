@@ -44,9 +44,10 @@ from stemstream.counting.kernel import ElectronCounter
 from stemstream.counting.sectors import count_from_sectors
 from stemstream.counting.thresholds import PixelHistogram, Thresholds, draw_sample_weights
 from stemstream.formats import wire
-from stemstream.formats.raw import FRAME_SHAPE, N_MODULES, RawModuleWriter, sector_rows
+from stemstream.formats.raw import FRAME_SHAPE, N_MODULES, RECORD_BYTES, RawModuleWriter, sector_rows
 from stemstream.pipeline.role import Role
 from stemstream.pipeline.routing import generation, scan_nodes
+from stemstream.pipeline.shared_memory import Attachments
 from stemstream.pipeline.spill import spill_directory
 
 log = logging.getLogger(__name__)
@@ -410,6 +411,7 @@ class NodeGroup(Role):
         self.events_out = self.data_socket(zmq.PUSH, hwm=64, linger_ms=5000)
         self.events_out.connect(config.network.writer())
         self.scans: dict[tuple[int, int], NodeScan] = {}  # (scan, stream) -> its state
+        self.shared = Attachments(config.network.shm_dir)  # producers' segments, on one host
         numba.set_num_threads(min(config.counting.workers, numba.config.NUMBA_NUM_THREADS))
         self.analyses = default_analyses(FRAME_SHAPE, config.analysis)
         # Load the compiled kernels now, not when the first scan's frames are waiting.
@@ -480,6 +482,9 @@ class NodeGroup(Role):
             if kind == wire.SECTORS:
                 msg = wire.decode_sectors(parts)
                 self._check_route(msg, module)
+                if msg.shm is not None:
+                    self.shared.validate_name(msg.shm["name"])
+                    msg.records = self.shared.records(msg.shm, msg.shm["nbytes"] // RECORD_BYTES)
                 scan = self._stream(msg.scan, msg.stream)
                 if scan is not None:
                     scan.add_sectors(msg)

@@ -19,6 +19,7 @@ short grace until a send succeeds again, so a stalled consumer never stalls the 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter, defaultdict
 
@@ -28,6 +29,7 @@ import zmq
 from stemstream.formats import wire
 from stemstream.formats.raw import RawModuleWriter
 from stemstream.pipeline.role import Role
+from stemstream.pipeline.shared_memory import SlotRing, segment_prefix
 from stemstream.pipeline.routing import alive_nodes, generation, in_ranges, route
 from stemstream.pipeline.spill import spill_directory
 
@@ -44,6 +46,7 @@ class OutgoingScan:
         self.number = int(spec["scan"])
         self.generation = generation(spec)
         self.retained: dict[int, np.ndarray] = {}  # block -> records sent, not yet committed
+        self.slots: dict[int, int] = {}  # block -> its shared-memory slot (shared_memory on)
         self.spilled: set[int] = set()  # blocks this module spilled to disk
         self.notices: defaultdict[tuple[int, int], list[int]] = defaultdict(list)  # (node, stream) -> spilled blocks to tell
         self.sent: Counter = Counter()  # (node, stream) -> records sent
@@ -66,6 +69,14 @@ class Producer(Role):
         self.patience_s = config.flow.backpressure_timeout_s
         self.last_sent_wall = 0.0
         self.outgoing: dict[int, OutgoingScan] = {}
+        self.ring: SlotRing | None = None
+        self._filling: int | None = None  # the slot handed to the source for the block it renders
+        self._current: OutgoingScan | None = None
+        net = config.network
+        if net.shared_memory:
+            # one slot per block it may hold for resending, one being filled, one spare
+            self.ring = SlotRing(net.shm_dir, f"{segment_prefix(net.control_port)}p{module}-{os.getpid()}",
+                                 config.pipeline.block_frames, config.flow.retain_blocks + 2)
 
     def stats(self) -> dict:
         s = super().stats()
@@ -126,7 +137,38 @@ class Producer(Role):
         ranges = self.acks.get(out.number)
         if ranges and out.retained:
             for block in [b for b in out.retained if in_ranges(ranges, b)]:
-                del out.retained[block]
+                self._drop(out, block)
+
+    def _drop(self, out: OutgoingScan, block: int) -> None:
+        """Forget a retained block; its shared-memory slot can take another."""
+        out.retained.pop(block, None)
+        slot = out.slots.pop(block, None)
+        if slot is not None:
+            self.ring.release(slot)
+
+    def _buffer_for(self, n: int) -> np.ndarray | None:
+        """Where the source should put the next block's ``n`` records: a shared-memory slot, once
+        the resend buffer has room (None: the source allocates, the block may be spilled)."""
+        out = self._current
+        if self.ring is None or out is None or n > self.ring.slot_records:
+            return None
+        if not self._wait_for_room(out, self.patience_s + self.config.flow.dead_after_s):
+            return None
+        self._filling = self.ring.acquire()
+        return None if self._filling is None else self.ring.view(self._filling, n)
+
+    def _into_slot(self, records: np.ndarray, slot: int | None) -> tuple[np.ndarray, int | None]:
+        """The records in a shared-memory slot (copied there if the source did not fill one)."""
+        if self.ring is None or len(records) > self.ring.slot_records:
+            return records, None
+        if slot is None:
+            slot = self.ring.acquire()
+            if slot is None:
+                return records, None
+            view = self.ring.view(slot, len(records))
+            view[:] = records
+            records = view
+        return records, slot
 
     def _wait_for_room(self, out: OutgoingScan, patience_s: float) -> bool:
         """Wait (at most ``patience_s``) until the resend buffer has room; a failover met on the
@@ -169,16 +211,17 @@ class Producer(Role):
             records = out.retained.pop(block)
             out.resent_blocks += 1
             self.counters["blocks_resent"] += 1
-            self._send_block(out, block, records, self.patience_s, retained_ok=True)
+            self._send_block(out, block, records, self.patience_s, retained_ok=True, slot=out.slots.pop(block, None))
         if out.source_done:
             self._end(out)
 
     # -- sending -----------------------------------------------------------------------------------
 
     def _send_block(self, out: OutgoingScan, block: int, records: np.ndarray, patience: float,
-                    retained_ok: bool = False) -> bool:
+                    retained_ok: bool = False, slot: int | None = None) -> bool:
         """Send one block to its node group, keeping it for resending; spill it if that cannot
-        be done within ``patience``. True if sent."""
+        be done within ``patience``. ``slot``: the shared-memory slot the records are in, if any.
+        True if sent."""
         while True:
             if self._generation_changed(out):
                 self._follow(out)
@@ -190,11 +233,15 @@ class Producer(Role):
             if target is None:
                 break
             node, stream = target
+            records, slot = self._into_slot(records, slot)
             notices = out.notices.pop(target, [])
-            message = wire.encode_sectors(out.number, self.module, block, node, records, notices, stream)
+            shm = self.ring.descriptor(slot, len(records)) if slot is not None else None
+            message = wire.encode_sectors(out.number, self.module, block, node, records, notices, stream, shm)
             sent = self._send(out, message, node, patience)
             if sent:
                 out.retained[block] = records
+                if slot is not None:
+                    out.slots[block] = slot
                 out.sent[target] += len(records)
                 self.counters["records_sent"] += len(records)
                 self.last_sent_wall = time.time()
@@ -205,6 +252,8 @@ class Producer(Role):
                 break
             # sent is None: a new generation began while waiting; route again
         self._spill(out, block, records, patience)
+        if slot is not None:
+            self.ring.release(slot)
         return False
 
     def _spill(self, out: OutgoingScan, block: int, records: np.ndarray, patience: float) -> None:
@@ -238,15 +287,18 @@ class Producer(Role):
         """Stream one scan; returns what was sent and spilled."""
         if int(spec["scan"]) in self.outgoing:  # an earlier run of this scan number
             self._forget(int(spec["scan"]))
-        out = self.outgoing[int(spec["scan"])] = OutgoingScan(spec)
+        out = self._current = self.outgoing[int(spec["scan"])] = OutgoingScan(spec)
         source = self.source_factory(spec)
         patience = self.patience_s
         t0 = time.monotonic()
         if source is not None:
-            for block, records in source.blocks():
+            for block, records in source.blocks(self._buffer_for):
+                slot, self._filling = self._filling, None
                 # After a spill, later blocks get only a short grace until a send succeeds again,
                 # so a stalled consumer never stalls the detector side.
-                patience = self.patience_s if self._send_block(out, block, records, patience) else _GRACE_AFTER_SPILL_S
+                sent = self._send_block(out, block, records, patience, slot=slot)
+                patience = self.patience_s if sent else _GRACE_AFTER_SPILL_S
+        self._current = None
         out.source_done = True
         if out.spill_writer is not None:
             out.spill_writer.flush()  # complete on disk now; closed when the scan is
@@ -271,6 +323,8 @@ class Producer(Role):
 
     def _forget(self, number: int) -> None:
         out = self.outgoing.pop(number)
+        for block in list(out.retained):
+            self._drop(out, block)
         if out.spill_writer is not None:
             out.spill_writer.close()
 
@@ -291,3 +345,5 @@ class Producer(Role):
             self._forget(number)
         for sock in self.sockets.values():
             sock.close()
+        if self.ring is not None:
+            self.ring.close()

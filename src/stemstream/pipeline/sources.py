@@ -3,14 +3,16 @@
 A source yields ``(block, records)``: all of this module's records of one routing block (frames
 ``block * block_frames`` to ``(block + 1) * block_frames - 1``), in frame order, exactly once per
 block that has any frame of the scan (possibly with no record, when every sector of the block was
-dropped: the node group then knows not to wait for it).
+dropped: the node group then knows not to wait for it). ``blocks(buffer_for)`` asks
+``buffer_for(n)`` for the array to put a block's ``n`` records in (the producer's shared-memory
+slot, so they are written once); when it returns None the source allocates its own.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,7 @@ class SimulatedModule:
         self.block_frames = int(spec["block_frames"])
         self.rate = rate
 
-    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+    def blocks(self, buffer_for: Callable[[int], np.ndarray | None] | None = None) -> Iterator[tuple[int, np.ndarray]]:
         n = self.simulator.n_frames
         t0 = time.monotonic()
         # first_frame_number = 0, so frame index == frame number and blocks start at index 0
@@ -45,7 +47,8 @@ class SimulatedModule:
                 delay = t0 + start / self.rate - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-            yield start // self.block_frames, self.simulator.records(start, count, self.module)
+            out = buffer_for(count) if buffer_for is not None else None
+            yield start // self.block_frames, self.simulator.records(start, count, self.module, out=out)
 
 
 class ReplayModule:
@@ -73,13 +76,15 @@ class ReplayModule:
         order = np.argsort(self.frame_numbers, kind="stable")
         self.file_ids, self.recs, self.frame_numbers = self.file_ids[order], self.recs[order], self.frame_numbers[order]
 
-    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+    def blocks(self, buffer_for: Callable[[int], np.ndarray | None] | None = None) -> Iterator[tuple[int, np.ndarray]]:
         fds = [os.open(p, os.O_RDONLY) for p in self.paths]
         try:
             block_ids = self.frame_numbers // self.block_frames
             bounds = np.flatnonzero(np.r_[True, block_ids[1:] != block_ids[:-1], True])
             for a, b in zip(bounds[:-1], bounds[1:]):
-                records = np.empty(b - a, RECORD_DTYPE)
+                records = buffer_for(b - a) if buffer_for is not None else None
+                if records is None:
+                    records = np.empty(b - a, RECORD_DTYPE)
                 view = memoryview(records).cast("B")
                 for k in range(a, b):
                     offset = int(self.recs[k]) * RECORD_BYTES
