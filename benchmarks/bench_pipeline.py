@@ -60,7 +60,13 @@ def file_based(shape: tuple[int, int], work: Path) -> dict:
     return {"simulate_write_s": t_sim, "stempy_count_s": t_count, "total_s": t_sim + t_count}
 
 
+def _cpu(status: dict) -> dict[str, float]:
+    return {k: r["stats"]["cpu_s"] for k, r in sorted(status["roles"].items())}
+
+
 def streaming(pipeline: LocalPipeline, number: int, shape: tuple[int, int]) -> dict:
+    """One scan; shape is (rows, cols)."""
+    cpu_before = _cpu(pipeline.status())
     t0 = time.perf_counter()
     summary = pipeline.run_scan(number, shape, timeout_s=3600)
     seconds = time.perf_counter() - t0
@@ -74,7 +80,13 @@ def streaming(pipeline: LocalPipeline, number: int, shape: tuple[int, int]) -> d
         "last_sent_to_closed_s": summary["closed_wall"] - last_sent,
         "complete": ok,
         "peak_rss_mib": {k: r["stats"]["peak_rss"] / 2**20 for k, r in sorted(status["roles"].items())},
-        "cpu_s": {k: r["stats"]["cpu_s"] for k, r in sorted(status["roles"].items())},
+        # RSS less the shared-memory pages of the producers' blocks that the role touched
+        "peak_private_mib": {k: r["stats"].get("peak_private", 0) / 2**20 for k, r in sorted(status["roles"].items())},
+        "cpu_s": _cpu(status),
+        # CPU each role spent on this scan per frame (ms), from the heartbeats just before and
+        # after (a heartbeat is at most heartbeat_s old: a few % on a scan of seconds)
+        "cpu_ms_per_frame": {k: 1e3 * (v - cpu_before.get(k, 0.0)) / ledger["frames_expected"]
+                             for k, v in _cpu(status).items()},
         "path": summary["path"],
     }
 
@@ -133,10 +145,19 @@ def main() -> None:
         print(f"{text:>9} {fb:>15.1f} {e['streaming_median_s']:>14.2f} {e.get('speedup', float('nan')):>8.1f}x "
               f"{e['frames_per_s']:>9,.0f} {e['last_sent_to_closed_s']:>24.2f} "
               f"{all(r['complete'] for r in e['streaming'])!s:>9}")
+    roles = sorted(results["sizes"][args.sizes[0]]["streaming"][0]["cpu_ms_per_frame"])
+    print("\nCPU per frame by role (ms, median of the runs), and all roles together:")
+    print(f"{'scan':>9} " + " ".join(f"{r:>11}" for r in roles) + f" {'total':>7}")
+    for text in args.sizes:
+        runs = results["sizes"][text]["streaming"]
+        per_role = {r: statistics.median(run["cpu_ms_per_frame"].get(r, 0.0) for run in runs) for r in roles}
+        results["sizes"][text]["cpu_ms_per_frame"] = per_role
+        print(f"{text:>9} " + " ".join(f"{per_role[r]:>11.3f}" for r in roles) + f" {sum(per_role.values()):>7.3f}")
     last = results["sizes"][args.sizes[-1]]["streaming"][-1]
-    print(f"\npeak RSS per role after the {args.sizes[-1]} runs (MiB):")
+    print(f"\npeak RSS per role after the {args.sizes[-1]} runs (MiB; private: less the shared-memory blocks):")
     for role, mib in last["peak_rss_mib"].items():
-        print(f"  {role:<11} {mib:8.0f}   CPU {last['cpu_s'][role]:6.1f} s (cumulative)")
+        print(f"  {role:<11} {mib:8.0f}   private {last['peak_private_mib'][role]:6.0f}   "
+              f"CPU {last['cpu_s'][role]:6.1f} s (cumulative)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     shutil.rmtree(work, ignore_errors=True)

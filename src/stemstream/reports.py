@@ -107,12 +107,14 @@ def stream_summary(summary: dict, status: dict) -> Panel:
     roles = Table(title="roles", title_justify="left", show_header=True, header_style="bold")
     roles.add_column("role")
     roles.add_column("peak RSS", justify="right")
+    roles.add_column("of it private", justify="right")  # the rest: shared-memory blocks
     roles.add_column("CPU", justify="right")
     roles.add_column("rejected", justify="right")
     for key, role in sorted(status.get("roles", {}).items()):
         stats = role.get("stats", {})
-        roles.add_row(key, f"{stats.get('peak_rss', 0) / 2**20:,.0f} MiB", f"{stats.get('cpu_s', 0):.1f} s",
-                      f"{sum(stats.get('rejected', {}).values()):,}")
+        private = stats.get("peak_private", stats.get("peak_rss", 0))
+        roles.add_row(key, f"{stats.get('peak_rss', 0) / 2**20:,.0f} MiB", f"{private / 2**20:,.0f} MiB",
+                      f"{stats.get('cpu_s', 0):.1f} s", f"{sum(stats.get('rejected', {}).values()):,}")
     accounted = (ledger.frames_complete == ledger.frames_expected and ledger.frames_incomplete == 0
                  and sum(ledger.sectors_rejected) == 0)
     facts.add_row("status", "[green]every frame accounted for[/]" if accounted else "[yellow]scan incomplete: see the ledger[/]")

@@ -46,15 +46,21 @@ class Role:
         self._control_missing_since: float | None = None
         self._process = psutil.Process(os.getpid())
         self.peak_rss = 0
+        self.peak_private = 0
 
     def stats(self) -> dict:
         """What this role reports in its heartbeats (subclasses add to it)."""
-        rss = self._process.memory_info().rss
+        memory = self._process.memory_info()
+        rss = memory.rss
         self.peak_rss = max(self.peak_rss, rss)
+        # RSS counts the pages of shared-memory segments this role has touched (the producers'
+        # blocks, see pipeline.shared_memory); what the role holds alone is rss - shared.
+        self.peak_private = max(self.peak_private, rss - memory.shared)
         cpu = self._process.cpu_times()
         if self.curve is not None:
             self.counters["connections_refused"] = self.curve.refused(self.context)
         return {"counters": dict(self.counters), "rejected": dict(self.rejected), "rss": rss, "peak_rss": self.peak_rss,
+                "peak_private": self.peak_private,
                 "pid": os.getpid(), "cpu_s": cpu.user + cpu.system}
 
     def tick(self, interval_s: float | None = None) -> None:
