@@ -77,6 +77,7 @@ def soak(n_scans: int, shape: tuple[int, int], nodes: int, work: Path, seed: int
     config.counting.background_threshold, config.counting.xray_threshold = 28.0, 1000.0
     config.network.transport = "ipc"  # no TCP ports to collide with anything else on the machine
     config.network.ipc_dir = str(work / "sockets")
+    config.network.shared_memory = True  # as the embedded run (stemstream run) on one host
     config.flow.heartbeat_s = 0.2
     for d in (config.pipeline.output_dir, config.network.ipc_dir):
         Path(d).mkdir(parents=True, exist_ok=True)

@@ -219,6 +219,9 @@ class Control:
         spec["failovers"].append({"generation": spec["generation"], "dead": dead, "reason": reason,
                                   "at": time.time(), "committed_blocks": sum(b - a for a, b in state.committed)})
         state.done_nodes = set()
+        waiting = spec["thresholds"] is None and state.contributors
+        if waiting and spec["alive"] and set(spec["alive"]) <= state.contributors:
+            self._fit(state)  # the dead node group's histogram will not come
         if spec["alive"]:
             log.warning("scan %d: %s; routing generation %d streams everything uncommitted to node group(s) %s",
                         spec["scan"], reason, spec["generation"], spec["alive"])
