@@ -18,13 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stemstream.deploy.config import PipelineConfig
+from stemstream.deploy.scan import PipelineError, required_roles, start_and_wait
 from stemstream.pipeline.control_client import ControlClient, ControlUnavailable
 
 log = logging.getLogger(__name__)
-
-
-class PipelineError(RuntimeError):
-    """The local pipeline could not start or a scan could not finish."""
 
 
 @dataclass
@@ -75,10 +72,7 @@ class LocalPipeline:
         log_file.close()
 
     def expected_roles(self) -> set[str]:
-        roles = {"writer-0"} | {f"node-{i}" for i in range(self.config.pipeline.nodes)}
-        roles |= {f"producer-{m}" for m in range(4)}
-        if self.config.pipeline.gateway:
-            roles.add("gateway-0")
+        roles = required_roles(self.config)
         if self._dashboard_alive():
             roles.add("dashboard-0")
         return roles
@@ -150,26 +144,8 @@ class LocalPipeline:
 
         scan_shape is (rows, cols).
         """
-        request = {"scan_number": scan_number, "scan_shape": list(scan_shape),
-                   "frames_per_position": frames_per_position, "resume": resume}
-        if file_name:
-            request["file_name"] = file_name
-        reply = self.control.request("start_scan", **request)
-        if not reply.get("ok"):
-            raise PipelineError(f"control refused scan {scan_number}: {reply.get('error')}")
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self._check_alive()
-            status = self.status()
-            state = status["scans"].get(str(scan_number), {})
-            if progress:
-                progress(status)
-            if state.get("state") in ("closed", "failed"):
-                summary = state.get("summary") or {}
-                summary["state"] = state["state"]
-                return summary
-            time.sleep(0.1)
-        raise PipelineError(f"scan {scan_number} did not finish within {timeout_s:g} s")
+        return start_and_wait(self.control, scan_number, scan_shape, frames_per_position, progress, timeout_s,
+                              resume, file_name, check=self._check_alive)
 
     def kill(self, key: str, sig: int = signal.SIGKILL) -> None:
         """Signal one role's process (fault injection)."""
