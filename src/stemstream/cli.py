@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from stemstream import cli_pipeline, cli_web
+from stemstream import cli_pipeline, cli_scan, cli_web
 from stemstream import cli_security
 from stemstream.cli_support import (
     UserError,
@@ -125,6 +125,7 @@ def count(
 
 
 cli_pipeline.register(app)
+cli_scan.register(app)
 cli_web.register(app)
 cli_security.register(app)
 

@@ -76,11 +76,11 @@ def simulation_summary(summary, config) -> Panel:
     return Panel(facts, title="stemstream simulate", expand=False)
 
 
-def stream_summary(summary: dict, status: dict) -> Panel:
+def stream_summary(summary: dict, status: dict, title: str = "stemstream run") -> Panel:
     """The summary screen of one streamed scan (the writer's summary and control's status)."""
     if "ledger" not in summary:
         return Panel(f"[red]scan {summary.get('scan')} failed: {summary.get('error', 'unknown error')}[/]",
-                     title="stemstream run", expand=False)
+                     title=title, expand=False)
     ledger = ScanLedger.from_dict(summary["ledger"])
     extra = summary["ledger"]
     facts = Table.grid(padding=(0, 2))
@@ -118,4 +118,4 @@ def stream_summary(summary: dict, status: dict) -> Panel:
     accounted = (ledger.frames_complete == ledger.frames_expected and ledger.frames_incomplete == 0
                  and sum(ledger.sectors_rejected) == 0)
     facts.add_row("status", "[green]every frame accounted for[/]" if accounted else "[yellow]scan incomplete: see the ledger[/]")
-    return Panel(Group(facts, ledger_table(ledger), roles), title="stemstream run", expand=False)
+    return Panel(Group(facts, ledger_table(ledger), roles), title=title, expand=False)

@@ -7,25 +7,24 @@ has checked in with control, runs scans through control and shuts everything dow
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from stemstream.deploy.config import PipelineConfig
+from stemstream.deploy.scan import PipelineError, required_roles, start_and_wait, wait_for_roles
 from stemstream.pipeline.control_client import ControlClient, ControlUnavailable
-from stemstream.pipeline.shared_memory import segment_prefix
 
 log = logging.getLogger(__name__)
-
-
-class PipelineError(RuntimeError):
-    """The local pipeline could not start or a scan could not finish."""
 
 
 @dataclass
@@ -62,6 +61,13 @@ class LocalPipeline:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir = self.work_dir / "logs"
         self.log_dir.mkdir(exist_ok=True)
+        self.shm_dir: Path | None = None
+        if self.config.network.shared_memory:
+            # A directory of this pipeline's own for the producers' segments: another pipeline
+            # on this host never sees them, and stop() removes what a killed producer left.
+            self.config = copy.deepcopy(self.config)
+            self.shm_dir = Path(tempfile.mkdtemp(prefix="stemstream-", dir=self.config.network.shm_dir))
+            self.config.network.shm_dir = str(self.shm_dir)
         self.config_path = self.config.write(self.work_dir / "pipeline.toml")
         self.control = ControlClient.for_config(self.config, timeout_s=5.0)
 
@@ -76,10 +82,7 @@ class LocalPipeline:
         log_file.close()
 
     def expected_roles(self) -> set[str]:
-        roles = {"writer-0"} | {f"node-{i}" for i in range(self.config.pipeline.nodes)}
-        roles |= {f"producer-{m}" for m in range(4)}
-        if self.config.pipeline.gateway:
-            roles.add("gateway-0")
+        roles = required_roles(self.config)
         if self._dashboard_alive():
             roles.add("dashboard-0")
         return roles
@@ -132,20 +135,11 @@ class LocalPipeline:
 
     def wait_for_roles(self, roles: set[str], timeout_s: float = 60.0) -> None:
         """Wait until every role in ``roles`` (e.g. "node-2") has checked in with control."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            self._check_alive()
-            try:
-                status = self.control.request("status", timeout_s=1.0)
-                missing = roles - set(status.get("roles", {}))
-                if not missing:
-                    return
-            except ControlUnavailable:
-                missing = {"control"}
-            if time.monotonic() > deadline:
-                raise PipelineError(f"roles did not start within {timeout_s:g} s: {', '.join(sorted(missing))} "
-                                    f"(see the logs in {self.log_dir})")
-            time.sleep(0.1)
+        try:
+            wait_for_roles(self.control, roles, self.config, timeout_s, check=self._check_alive,
+                           where=f" (see the logs in {self.log_dir})")
+        except ControlUnavailable as exc:
+            raise PipelineError(f"control did not start within {timeout_s:g} s: {exc} (see {self.log_dir})") from None
 
     def _check_alive(self) -> None:
         for key, proc in self.processes.items():
@@ -163,26 +157,8 @@ class LocalPipeline:
 
         scan_shape is (rows, cols).
         """
-        request = {"scan_number": scan_number, "scan_shape": list(scan_shape),
-                   "frames_per_position": frames_per_position, "resume": resume}
-        if file_name:
-            request["file_name"] = file_name
-        reply = self.control.request("start_scan", **request)
-        if not reply.get("ok"):
-            raise PipelineError(f"control refused scan {scan_number}: {reply.get('error')}")
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self._check_alive()
-            status = self.status()
-            state = status["scans"].get(str(scan_number), {})
-            if progress:
-                progress(status)
-            if state.get("state") in ("closed", "failed"):
-                summary = state.get("summary") or {}
-                summary["state"] = state["state"]
-                return summary
-            time.sleep(0.1)
-        raise PipelineError(f"scan {scan_number} did not finish within {timeout_s:g} s")
+        return start_and_wait(self.control, scan_number, scan_shape, frames_per_position, progress, timeout_s,
+                              resume, file_name, check=self._check_alive)
 
     def kill(self, key: str, sig: int = signal.SIGKILL) -> None:
         """Signal one role's process (fault injection)."""
@@ -206,14 +182,8 @@ class LocalPipeline:
                 proc.kill()
                 proc.wait(5)
         self.control.close()
-        self._remove_segments()
-
-    def _remove_segments(self) -> None:
-        """Shared-memory files of producers that were killed (a clean stop removes its own)."""
-        net = self.config.network
-        if net.shared_memory:
-            for path in Path(net.shm_dir).glob(f"{segment_prefix(net.control_port)}*"):
-                path.unlink(missing_ok=True)
+        if self.shm_dir is not None:
+            shutil.rmtree(self.shm_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalPipeline:
         return self
