@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
             elif output is None:
                 sys.stdout.write(text)
             else:
-                console.print(f"wrote {output}; submit it with: sbatch {output}", highlight=False)
+                console.print(f"wrote {output}; submit it with: sbatch {output}", highlight=False, soft_wrap=True)
             # After the work, so that an error stays the only line on stderr.
             host = cfg.network.control_host or cfg.network.host
             if host in ("127.0.0.1", "localhost", "::1"):
