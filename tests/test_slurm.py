@@ -30,6 +30,48 @@ from stemstream.pipeline.control_client import ControlClient, ControlUnavailable
 from system_packages import install_debian_packages
 from test_cli import assert_one_line_error, stemstream
 
+# -- helpers: processes and bounded waits ------------------------------------------------------------
+
+
+def _wait_for(predicate, timeout_s: float, what: str, logs: list[Path] = ()) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-2000:]}" for p in logs if p.exists())
+            raise AssertionError(f"{what} within {timeout_s:g} s\n{tails}")
+        time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _env(**variables) -> dict:
+    """This process's environment without any launcher's rank, plus ``variables``."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")}
+    return {**clean, **variables}
+
+
+def _start_role(procs: dict, logs: Path, key: str, config: Path, *args: str, env: dict | None = None) -> None:
+    out = open(logs / f"{key}.log", "ab")
+    procs[key] = subprocess.Popen([sys.executable, "-m", "stemstream", *args, "--config", str(config)],
+                                  stdout=out, stderr=subprocess.STDOUT,
+                                  env={**_env(), "PYTHONUNBUFFERED": "1", **(env or {})})
+    out.close()
+
+
+def _alive_check(procs: dict, logs: Path) -> None:
+    for key, proc in procs.items():
+        if proc.poll() is not None:
+            raise AssertionError(f"{key} exited with code {proc.returncode}: {(logs / f'{key}.log').read_text()[-1500:]}")
+
+
 # -- the launcher's rank ------------------------------------------------------------------------------
 
 
@@ -51,11 +93,6 @@ def test_a_rank_that_is_not_a_number_is_one_sentence(value):
         launcher_rank({"SLURM_PROCID": value})
 
 
-def _env(**variables) -> dict:
-    clean = {k: v for k, v in os.environ.items() if k not in ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")}
-    return {**clean, **variables}
-
-
 def _node_command(config: Path, *args, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "stemstream", "node", "--config", str(config), *args],
                           capture_output=True, text=True, env=env, timeout=120)
@@ -69,6 +106,34 @@ def test_node_command_refuses_a_bad_or_too_large_launcher_rank(tmp_path):
     # --index wins over the launcher
     assert_one_line_error(_node_command(config, "--index", "5", env=_env(SLURM_PROCID="0")), "--index 5 is outside")
     assert_one_line_error(_node_command(config, "--workers", "0", env=_env(PMI_RANK="1")), "--workers must be at least 1")
+
+
+def test_a_node_group_started_as_mpi_rank_1_checks_in_as_node_1(tmp_path):
+    """What ``mpirun -np 2 python -m stemstream node --config F`` gives each process: its rank in
+    OMPI_COMM_WORLD_RANK, and no --index. Real control and node group processes."""
+    config = test_config(tmp_path)
+    path = config.write(tmp_path / "pipeline.toml")
+    procs: dict[str, subprocess.Popen] = {}
+    control = ControlClient.for_config(config, timeout_s=5.0)
+    try:
+        _start_role(procs, tmp_path, "control", path, "control")
+        _start_role(procs, tmp_path, "node", path, "node", "--workers", "1", env={"OMPI_COMM_WORLD_RANK": "1"})
+
+        def nodes() -> set[str]:
+            _alive_check(procs, tmp_path)
+            try:
+                return {k for k in control.request("status", timeout_s=1.0)["roles"] if k.startswith("node")}
+            except ControlUnavailable:
+                return set()
+
+        _wait_for(lambda: nodes() == {"node-1"}, 60, "the node group did not check in as node-1",
+                  [tmp_path / "node.log", tmp_path / "control.log"])
+        control.request("shutdown", timeout_s=2.0)
+        assert procs["node"].wait(30) == 0
+    finally:
+        control.close()
+        for proc in procs.values():
+            _stop(proc, 5.0)
 
 
 # -- the batch script ------------------------------------------------------------------------------------
@@ -170,25 +235,6 @@ def test_slurm_job_checks_without_the_command_line(tmp_path):
 # -- a real Slurm cluster of one node ------------------------------------------------------------------------
 
 SLURM_BINARIES = ["/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/bin/sbatch", "/usr/bin/scancel"]
-
-
-def _wait_for(predicate, timeout_s: float, what: str, logs: list[Path] = ()) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            tails = "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-2000:]}" for p in logs if p.exists())
-            raise AssertionError(f"{what} within {timeout_s:g} s\n{tails}")
-        time.sleep(0.2)
-
-
-def _stop(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 class SlurmCluster:
@@ -298,19 +344,6 @@ def slurm_cluster():
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
-
-
-def _start_role(procs: dict, logs: Path, key: str, config: Path, *args: str) -> None:
-    out = open(logs / f"{key}.log", "ab")
-    procs[key] = subprocess.Popen([sys.executable, "-m", "stemstream", *args, "--config", str(config)],
-                                  stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    out.close()
-
-
-def _alive_check(procs: dict, logs: Path) -> None:
-    for key, proc in procs.items():
-        if proc.poll() is not None:
-            raise AssertionError(f"{key} exited with code {proc.returncode}: {(logs / f'{key}.log').read_text()[-1500:]}")
 
 
 def test_slurm_job_runs_the_node_groups_of_a_streamed_scan(slurm_cluster, tmp_path):
