@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from pipeline_support import _free_port_block, assert_same_events, test_config
 from stemstream.cli import app
-from stemstream.deploy.launcher import LauncherError, launcher_rank, node_index_from_launcher
+from stemstream.deploy.launcher import RANK_VARIABLES, LauncherError, launcher_rank, node_index_from_launcher
 from stemstream.deploy.slurm import SlurmError, SlurmJob
 from stemstream.formats.sparse_h5 import read_counted
 from stemstream.pipeline.control_client import ControlClient, ControlUnavailable
@@ -54,7 +54,7 @@ def _stop(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
 
 def _env(**variables) -> dict:
     """This process's environment without any launcher's rank, plus ``variables``."""
-    clean = {k: v for k, v in os.environ.items() if k not in ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")}
+    clean = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
     return {**clean, **variables}
 
 
@@ -130,6 +130,39 @@ def test_a_node_group_started_as_mpi_rank_1_checks_in_as_node_1(tmp_path):
                   [tmp_path / "node.log", tmp_path / "control.log"])
         control.request("shutdown", timeout_s=2.0)
         assert procs["node"].wait(30) == 0
+    finally:
+        control.close()
+        for proc in procs.values():
+            _stop(proc, 5.0)
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="no mpirun here (Debian's openmpi-bin provides it)")
+def test_mpirun_starts_two_node_groups_that_check_in_as_node_0_and_node_1(tmp_path):
+    """The MPI launch of docs/hpc.md: one command line, the index of each from OMPI_COMM_WORLD_RANK."""
+    config = test_config(tmp_path)
+    path = config.write(tmp_path / "pipeline.toml")
+    procs: dict[str, subprocess.Popen] = {}
+    control = ControlClient.for_config(config, timeout_s=5.0)
+    try:
+        _start_role(procs, tmp_path, "control", path, "control")
+        out = open(tmp_path / "mpirun.log", "ab")
+        procs["mpirun"] = subprocess.Popen(
+            ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
+             sys.executable, "-m", "stemstream", "node", "--config", str(path), "--workers", "1"],
+            stdout=out, stderr=subprocess.STDOUT, env=_env())
+        out.close()
+
+        def nodes() -> set[str]:
+            _alive_check(procs, tmp_path)
+            try:
+                return {k for k in control.request("status", timeout_s=1.0)["roles"] if k.startswith("node")}
+            except ControlUnavailable:
+                return set()
+
+        _wait_for(lambda: nodes() == {"node-0", "node-1"}, 60, "mpirun's ranks did not check in as node-0 and node-1",
+                  [tmp_path / "mpirun.log"])
+        control.request("shutdown", timeout_s=2.0)
+        assert procs["mpirun"].wait(30) == 0  # both ranks ended cleanly on control's shutdown
     finally:
         control.close()
         for proc in procs.values():
