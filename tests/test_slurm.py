@@ -95,16 +95,17 @@ def test_a_rank_that_is_not_a_number_is_one_sentence(value):
 
 def _node_command(config: Path, *args, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "stemstream", "node", "--config", str(config), *args],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, env=env, timeout=60)
 
 
 def test_node_command_refuses_a_bad_or_too_large_launcher_rank(tmp_path):
     config = test_config(tmp_path).write(tmp_path / "pipeline.toml")
     assert_one_line_error(_node_command(config, env=_env(SLURM_PROCID="abc")), "SLURM_PROCID='abc' is not a task rank")
-    assert_one_line_error(_node_command(config, env=_env(OMPI_COMM_WORLD_RANK="2")),
-                          "OMPI_COMM_WORLD_RANK=2 is outside the 2 node groups")
+    # node group i listens on node_base_port + 4 i + module: a rank past 65535 has no ports
+    assert_one_line_error(_node_command(config, env=_env(OMPI_COMM_WORLD_RANK="99999")),
+                          "the launcher's rank OMPI_COMM_WORLD_RANK=99999 must be 0 to")
     # --index wins over the launcher
-    assert_one_line_error(_node_command(config, "--index", "5", env=_env(SLURM_PROCID="0")), "--index 5 is outside")
+    assert_one_line_error(_node_command(config, "--index", "99998", env=_env(SLURM_PROCID="0")), "--index 99998 must be 0 to")
     assert_one_line_error(_node_command(config, "--workers", "0", env=_env(PMI_RANK="1")), "--workers must be at least 1")
 
 
@@ -198,10 +199,11 @@ def test_script_for_one_node_with_two_node_groups_of_one_cpu(tmp_path, monkeypat
                                      "--account=m1234", f"--chdir={tmp_path}", "--output=stemstream-nodes-%j.out"]
     assert 'CPUS="$SLURM_CPUS_PER_TASK"' in script
     assert f"CONFIG={tmp_path / 'pipeline.toml'}" in script  # absolute, though given relative
-    srun = script[script.index("\nsrun "):].replace("\\\n", " ").split()
-    assert srun[:4] == ["srun", "--ntasks=2", "--ntasks-per-node=2", '--cpus-per-task="$CPUS"']
-    assert srun[4:] == [str(Path(sys.executable).absolute()), "-m", "stemstream", "node", "--config", '"$CONFIG"',
-                        "--workers", '"$CPUS"']
+    python = str(Path(sys.executable).absolute())
+    assert script.endswith(
+        'srun --ntasks=2 --ntasks-per-node=2 --cpus-per-task="$CPUS" \\\n'
+        """    bash -c 'exec "$@" --advertise-host "$(hostname)"' node-group \\\n"""
+        f'    {python} -m stemstream node --config "$CONFIG" --workers "$CPUS"\n')
     assert "--index" not in script  # the index comes from SLURM_PROCID
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # bash can parse it
 
@@ -220,6 +222,17 @@ def test_script_without_cpus_per_task_holds_the_nodes_and_shares_their_cpus(tmp_
     assert not [line for line in sbatch if line.split("=")[0] in ("--cpus-per-task", "--partition", "--time", "--account")]
     assert 'CPUS="$(( SLURM_CPUS_ON_NODE / 2 ))"' in script
     assert "srun --ntasks=6 --ntasks-per-node=2" in script
+    assert "--advertise-host" in script
+
+
+def test_script_for_a_config_that_names_every_node_groups_host_advertises_those(tmp_path):
+    config = test_config(tmp_path, nodes=2)
+    config.network.control_host = "10.1.2.3"
+    config.network.node_hosts = ["10.1.2.10", "10.1.2.11"]
+    path = config.write(tmp_path / "pipeline.toml")
+    script = SlurmJob(config=path, nodes=2).script()
+    assert "--advertise-host" not in script and "bash -c" not in script
+    assert script.rstrip().endswith('-m stemstream node --config "$CONFIG" --workers "$CPUS"')
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -230,7 +243,6 @@ def test_script_without_cpus_per_task_holds_the_nodes_and_shares_their_cpus(tmp_
     (["--nodes", "1", "--tasks-per-node", "2", "--time", "1:75:00"], "--time must look like HH:MM:SS"),
     (["--nodes", "1", "--tasks-per-node", "2", "--partition", "a b"], "--partition must be a Slurm name"),
     (["--nodes", "1", "--tasks-per-node", "2", "--account", "x\nsrun rm"], "--account must be a Slurm name"),
-    (["--nodes", "1"], "starts 1 node groups, but the config has [pipeline] nodes = 2"),
     (["--nodes", "2"], "which node groups on other hosts cannot reach; set [network] control_host"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, args, fragment):
@@ -258,11 +270,15 @@ def test_submit_without_sbatch_is_a_one_line_error(tmp_path):
     assert_one_line_error(result, "sbatch was not found on PATH")
 
 
-def test_slurm_job_checks_without_the_command_line(tmp_path):
-    config = _config(tmp_path, 2)
-    with pytest.raises(SlurmError, match="--nodes 1 x --tasks-per-node 1 starts 1 node groups"):
-        SlurmJob(config=config, nodes=1).check()
-    assert SlurmJob(config=config, nodes=1, tasks_per_node=2).check().pipeline.nodes == 2
+def test_more_node_groups_than_the_config_has_ports_for_is_a_one_line_error(tmp_path):
+    # node group i listens on node_base_port + 4 i + module, module 0..3: 65520 leaves room for 4
+    config = tmp_path / "pipeline.toml"
+    config.write_text("[network]\nnode_base_port = 65520\n[pipeline]\nnodes = 2\n")
+    assert SlurmJob(config=config, nodes=1, tasks_per_node=4).check().network.node_base_port == 65520
+    with pytest.raises(SlurmError, match="starts 5 node groups, but .* leaves ports for 4"):
+        SlurmJob(config=config, nodes=1, tasks_per_node=5).check()
+    assert_one_line_error(stemstream("slurm-script", "--nodes", "1", "--tasks-per-node", "5", "--config", config),
+                          "leaves ports for 4")
 
 
 # -- a real Slurm cluster of one node ------------------------------------------------------------------------
@@ -384,6 +400,8 @@ def test_slurm_job_runs_the_node_groups_of_a_streamed_scan(slurm_cluster, tmp_pa
     job; the counted file equals offline counting of the same simulated scan, event for event."""
     seed, dose, scan, shape = 4, 0.002, 1, (16, 16)
     config = test_config(tmp_path, nodes=2, gateway=True)  # fixed thresholds 28 / 1000
+    # The node groups advertise the name of their host; listen on whatever address that is.
+    config.network.bind_host = "*"
     Path(config.pipeline.output_dir).mkdir()
     config_path = config.write(tmp_path / "pipeline.toml")
     logs = tmp_path / "logs"
@@ -426,6 +444,8 @@ def test_slurm_job_runs_the_node_groups_of_a_streamed_scan(slurm_cluster, tmp_pa
         print(f"every role checked in at {time.monotonic() - t0:.1f} s")
         status = control.request("status")
         node_pids = [status["roles"][f"node-{i}"]["stats"]["pid"] for i in range(2)]
+        # each srun task registered with the name of the host it runs on (the batch script asks)
+        assert [status["roles"][f"node-{i}"]["host"] for i in range(2)] == [socket.gethostname()] * 2
         assert slurm_cluster.job_state(job_id) == "RUNNING"
 
         reply = control.request("start_scan", scan_number=scan, scan_shape=list(shape), frames_per_position=1)

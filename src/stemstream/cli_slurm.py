@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
                 cfg = spec.check()
             except slurm.SlurmError as exc:
                 raise UserError(str(exc)) from None
-            text = spec.script()
+            text = spec.script(cfg)
             if output is not None:
                 try:
                     output.write_text(text)

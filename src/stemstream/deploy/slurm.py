@@ -71,9 +71,11 @@ class SlurmJob:
             config = load_config(self.config)
         except ConfigError as exc:
             raise SlurmError(str(exc)) from None
-        if config.pipeline.nodes != self.tasks:
+        last = (65535 - 3 - config.network.node_base_port) // 4  # node group i listens on node_base_port + 4 i + m
+        if self.tasks - 1 > last:
             raise SlurmError(f"--nodes {self.nodes} x --tasks-per-node {self.tasks_per_node} starts {self.tasks} node "
-                             f"groups, but the config has [pipeline] nodes = {config.pipeline.nodes}")
+                             f"groups, but [network] node_base_port {config.network.node_base_port} leaves ports "
+                             f"for {last + 1}")
         if config.network.transport != "tcp":
             raise SlurmError(f"[network] transport {config.network.transport!r} reaches only roles on one host; "
                              f"a batch job's node groups need \"tcp\"")
@@ -83,9 +85,29 @@ class SlurmJob:
                              f"set [network] control_host to the control host's address")
         return config
 
-    def script(self) -> str:
-        """The batch script's text (after :meth:`check`)."""
-        config = self.config.absolute()
+    def _srun_lines(self, config: PipelineConfig) -> list[str]:
+        srun = f"srun --ntasks={self.tasks} --ntasks-per-node={self.tasks_per_node} --cpus-per-task=\"$CPUS\" \\"
+        command = f"{shlex.join([self.python, '-m', 'stemstream', 'node'])} --config \"$CONFIG\" --workers \"$CPUS\""
+        intro = [
+            "# One task per node group, each running the Python that has stemstream installed. A task",
+            "# takes its node group index from SLURM_PROCID (0, 1, ...) and counts with one thread per",
+            "# CPU it has (--workers). Slurm 22.05 to 23.02 do not pass the job's --cpus-per-task on to",
+            "# srun by themselves, so it is given here again.",
+        ]
+        if len(config.network.node_hosts) >= self.tasks:
+            # The config names every node group's host: each registers with control under that.
+            return [*intro, "# Each node group tells control it is at its host in [network] node_hosts.",
+                    srun, f"    {command}"]
+        # Which host a task lands on is known only when it runs, so a shell on that host asks.
+        return [*intro,
+                "# Each node group tells control the name of the host it runs on (--advertise-host): the",
+                "# gateway sends the node group its share of every scan there.",
+                srun, "    bash -c 'exec \"$@\" --advertise-host \"$(hostname)\"' node-group \\", f"    {command}"]
+
+    def script(self, config: PipelineConfig | None = None) -> str:
+        """The batch script's text (after :meth:`check`, whose config it takes)."""
+        config = config if config is not None else load_config(self.config)
+        path = self.config.absolute()
         sbatch = [f"--job-name={self.job_name}", f"--nodes={self.nodes}", f"--ntasks-per-node={self.tasks_per_node}"]
         if self.cpus_per_task is not None:
             sbatch.append(f"--cpus-per-task={self.cpus_per_task}")
@@ -122,15 +144,10 @@ class SlurmJob:
             cpus,
             "",
             "# The config file every role reads (the microscope side's too).",
-            f"CONFIG={shlex.quote(str(config))}",
+            f"CONFIG={shlex.quote(str(path))}",
             f"echo \"stemstream: job $SLURM_JOB_ID starts {self.tasks} node group(s) on $SLURM_JOB_NODELIST, $CPUS CPU(s) each\"",
             "",
-            "# One task per node group, each running the Python that has stemstream installed. A task",
-            "# takes its node group index from SLURM_PROCID (0, 1, ...) and counts with one thread per",
-            "# CPU it has (--workers). Slurm 22.05 to 23.02 do not pass the job's --cpus-per-task on to",
-            "# srun by themselves, so it is given here again.",
-            f"srun --ntasks={self.tasks} --ntasks-per-node={self.tasks_per_node} --cpus-per-task=\"$CPUS\" \\",
-            f"    {shlex.join([self.python, '-m', 'stemstream', 'node'])} --config \"$CONFIG\" --workers \"$CPUS\"",
+            *self._srun_lines(config),
             "",
         ]
         return "\n".join(lines)
