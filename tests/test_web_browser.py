@@ -8,9 +8,6 @@ the session fixture installs Debian's ``chromium`` package (no browser download 
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
 from urllib.parse import urljoin
 
@@ -21,6 +18,7 @@ from stemstream.formats.sparse_h5 import read_counted
 from stemstream.web.server import free_port
 
 from pipeline_support import test_config
+from system_packages import install_debian_packages
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
@@ -28,32 +26,12 @@ CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-backg
 TOKEN = "browser-test-token"
 
 
-def _install_chromium() -> str | None:
-    """Install Debian's chromium; None on success, else why not."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return "not root, so Debian's chromium package cannot be installed here"
-    if shutil.which("apt-get") is None:
-        return "no apt-get to install Debian's chromium package with"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
-    try:
-        if subprocess.run(install, env=env, capture_output=True, timeout=900).returncode != 0:
-            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=300, check=True)
-            result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
-            if result.returncode != 0:
-                return f"apt-get install chromium failed: {result.stderr.strip().splitlines()[-1:]}"
-    except (subprocess.SubprocessError, OSError) as exc:
-        return f"apt-get install chromium failed: {exc}"
-    return None if Path(CHROMIUM).exists() else "apt-get installed chromium but /usr/bin/chromium is missing"
-
-
 @pytest.fixture(scope="session")
 def chromium():
     pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras: pip install '.[test]'")
-    if not Path(CHROMIUM).exists():
-        reason = _install_chromium()
-        if reason:
-            pytest.skip(reason)
+    reason = install_debian_packages(["chromium"], [CHROMIUM])
+    if reason:
+        pytest.skip(reason)
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:

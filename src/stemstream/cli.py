@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 from stemstream import cli_pipeline, cli_scan, cli_web
-from stemstream import cli_security
+from stemstream import cli_security, cli_slurm
 from stemstream.cli_support import (
     UserError,
     parse_shape,
@@ -128,6 +128,7 @@ cli_pipeline.register(app)
 cli_scan.register(app)
 cli_web.register(app)
 cli_security.register(app)
+cli_slurm.register(app)
 
 
 def main() -> None:

@@ -57,20 +57,33 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def node(config: ConfigOption = None,
-             index: Annotated[int, typer.Option("--index", help="Node group number, 0-based.")] = 0,
+             index: Annotated[Optional[int], typer.Option("--index", help="Node group number, 0-based (default: the rank srun/mpirun gave this task, else 0).")] = None,
              advertise_host: Annotated[str, typer.Option(
                  "--advertise-host", help="Address the producers and gateway reach this node group at, told to "
-                                          "control (default: [network] node_hosts[index], else host).")] = "") -> None:
+                                          "control (default: [network] node_hosts[index], else host).")] = "",
+             workers: Annotated[Optional[int], typer.Option("--workers", help="Counting threads (default: [counting] workers).")] = None) -> None:
         """Run one node group (reassemble, count, send events). It registers with control and
         is used by the scans that start after that."""
+        from stemstream.deploy.launcher import LauncherError, launcher_rank
         from stemstream.pipeline.node import NodeGroup
 
         def job() -> None:
             cfg = _load(config)
+            i, source = index, f"--index {index}"
+            if i is None:
+                try:
+                    found = launcher_rank()
+                except LauncherError as exc:
+                    raise UserError(str(exc)) from None
+                i, source = (found[0], f"the launcher's rank {found[1]}={found[0]}") if found else (0, "--index 0")
             last = (65535 - 3 - cfg.network.node_base_port) // 4
-            if not 0 <= index <= last:
-                raise UserError(f"--index {index} must be 0 to {last} (node group i listens on node_base_port + 4 i + module)")
-            NodeGroup(cfg, index, advertise_host=advertise_host).run()
+            if not 0 <= i <= last:
+                raise UserError(f"{source} must be 0 to {last} (node group i listens on node_base_port + 4 i + module)")
+            if workers is not None:
+                if workers < 1:
+                    raise UserError(f"--workers must be at least 1, got {workers}")
+                cfg.counting.workers = workers
+            NodeGroup(cfg, i, advertise_host=advertise_host).run()
 
         _role_guard(job)
 
