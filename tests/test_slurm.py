@@ -137,9 +137,11 @@ def test_a_node_group_started_as_mpi_rank_1_checks_in_as_node_1(tmp_path):
             _stop(proc, 5.0)
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="no mpirun here (Debian's openmpi-bin provides it)")
 def test_mpirun_starts_two_node_groups_that_check_in_as_node_0_and_node_1(tmp_path):
     """The MPI launch of docs/hpc.md: one command line, the index of each from OMPI_COMM_WORLD_RANK."""
+    reason = install_debian_packages(["openmpi-bin"], ["/usr/bin/mpirun"])
+    if reason:
+        pytest.skip(reason)
     config = test_config(tmp_path)
     path = config.write(tmp_path / "pipeline.toml")
     procs: dict[str, subprocess.Popen] = {}
