@@ -173,17 +173,21 @@ class Producer(Role):
     def _wait_for_room(self, out: OutgoingScan, patience_s: float) -> bool:
         """Wait (at most ``patience_s``) until the resend buffer has room; a failover met on the
         way is carried out. False if no room came in time."""
-        deadline = time.monotonic() + patience_s
+        t0 = time.monotonic()
+        deadline = t0 + patience_s
         while True:
             self._release(out)
             if self._generation_changed(out):
                 self._follow(out)
             if len(out.retained) < self.config.flow.retain_blocks:
+                if time.monotonic() > t0 + 0.001:
+                    # time the source stood still for commits (retain_blocks too small for the rate?)
+                    self.counters["waited_for_commits_ms"] += int(1e3 * (time.monotonic() - t0))
                 return True
             if time.monotonic() > deadline:
                 return False
-            time.sleep(0.01)
-            self.tick(interval_s=0.1)
+            time.sleep(0.005)
+            self.tick(interval_s=0.05)
 
     def _follow(self, out: OutgoingScan) -> None:
         """Move to the spec's newer routing generation: once the writer has fenced it (dropped
