@@ -220,6 +220,8 @@ class WriterScan:
 
     def add_events(self, msg: wire.EventsMessage) -> None:
         self.last_activity = time.monotonic()
+        if len(msg.frame_numbers) == 0:  # a block finished without frames to write (spilled, or all lost)
+            return
         check_free_space(self.path.parent, len(self.rank))  # one statvfs call, ~2 us
         if self.first_event_at is None:
             self.first_event_at = time.time()
