@@ -128,6 +128,13 @@ class SyntheticSpecimen:
         self._offsets = np.array([g.reflections() for g in self.grains]).reshape(len(self.grains), MAX_REFLECTIONS, 2)
         self._intensities = np.array([g.intensities for g in self.grains]).reshape(len(self.grains), MAX_REFLECTIONS)
         self._phases = np.array([g.phases for g in self.grains]).reshape(len(self.grains), MAX_REFLECTIONS)
+        # Per-grain constants of patterns(), computed once: patterns() runs for every block of scan
+        # positions a producer streams, and its numpy calls on small arrays add up.
+        self._centres = np.array([g.centre for g in self.grains]).reshape(len(self.grains), 2)
+        self._radii = np.array([g.radius for g in self.grains])
+        self._thickness = np.array([g.thickness for g in self.grains])
+        self._directions = self._offsets / np.maximum(np.linalg.norm(self._offsets, axis=2, keepdims=True), 1e-12)
+        self._norms = self._intensities.sum(axis=1, keepdims=True)
 
     def _random_grain(self, rng: np.random.Generator) -> Grain:
         ext_r, ext_c = self._extent
@@ -178,12 +185,10 @@ class SyntheticSpecimen:
         """(n, G) thickness of each grain at field points (n, 2); soft edges."""
         if not self.grains:
             return np.zeros((len(field), 0))
-        centres = np.array([g.centre for g in self.grains])  # (G, 2)
-        radii = np.array([g.radius for g in self.grains])
-        thickness = np.array([g.thickness for g in self.grains])
-        dist = np.sqrt(((field[:, None, :] - centres[None]) ** 2).sum(-1))  # (n, G)
+        delta = field[:, None, :] - self._centres[None]  # (n, G, 2)
+        dist = np.sqrt(delta[..., 0] ** 2 + delta[..., 1] ** 2)  # (n, G)
         edge = 0.015  # field units: edge softness
-        return thickness / (1.0 + np.exp(np.clip((dist - radii) / edge, -50, 50)))
+        return self._thickness / (1.0 + np.exp(np.clip((dist - self._radii) / edge, -50, 50)))
 
     def grain_map(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Thickness (n,) float64 in 0..1 and index (n,) int64 of the dominant grain (-1: film only)."""
@@ -232,13 +237,12 @@ class SyntheticSpecimen:
             offsets = self._offsets[g]  # (m, R, 2)
             centres[in_grain, 1:-1] += offsets
             # Bend contours: each reflection is excited in stripes across the grain.
-            directions = offsets / np.maximum(np.linalg.norm(offsets, axis=2, keepdims=True), 1e-12)
-            grain_centres = np.array([gr.centre for gr in self.grains])[g]  # (m, 2)
-            grain_radii = np.array([gr.radius for gr in self.grains])[g]
-            along = ((field[in_grain] - grain_centres)[:, None, :] * directions).sum(-1)  # (m, R)
-            excitation = 0.5 + 0.5 * np.cos(2 * np.pi * along / grain_radii[:, None] + self._phases[g])
+            directions = self._directions[g]  # (m, R, 2)
+            rel = field[in_grain] - self._centres[g]  # (m, 2)
+            along = rel[:, None, 0] * directions[..., 0] + rel[:, None, 1] * directions[..., 1]  # (m, R)
+            excitation = 0.5 + 0.5 * np.cos(2 * np.pi * along / self._radii[g][:, None] + self._phases[g])
             weights = self._intensities[g] * excitation
-            norm = self._intensities[g].sum(axis=1, keepdims=True)
+            norm = self._norms[g]
             bragg[in_grain] = 0.75 * self.grain_scatter * thick[in_grain, None] * weights / norm
         scattered = self.film_scatter + self.grain_scatter * thick
         probs[:, 0] = 1.0 - scattered
