@@ -3,8 +3,9 @@
 Each frame (576 x 576 ``uint16``, (rows, cols), ADU) is built from
 
 - a pedestal-subtracted background near ``pedestal`` ADU with Gaussian read noise of ``read_noise``
-  ADU. A small pool of noise frames is drawn once; a frame takes one of them at a random
-  (row, col) offset, so noise costs a memory copy, not a random draw per pixel;
+  ADU. A pool of 2**20 noise values is drawn once; a frame takes its rows from it at a random start
+  and a random row stride (no value twice in a frame), so noise costs a memory copy from the cache,
+  not a random draw per pixel;
 - electrons arriving as a Poisson process, ``dose`` electrons/pixel/frame on average over the frame,
   distributed as the specimen's diffraction pattern (sources.specimen) at the frame's scan position.
   An electron deposits a gamma-distributed charge (``electron_adu_mean`` ADU on average) spread by a
@@ -13,14 +14,14 @@ Each frame (576 x 576 ``uint16``, (rows, cols), ADU) is built from
 - occasional X-rays (``xray_rate`` per frame), each putting thousands of ADU on one pixel;
 - a few hot pixels (the same high value in every frame) and dead pixels (always 0).
 
-Randomness comes from a counter-based stream keyed by (seed, frame index): a frame is the same
-whatever the batch it is generated in. The true electron landing pixels are kept with each frame.
+Randomness comes from counter-based streams keyed by (seed, frame index, sub-stream): a frame is the
+same whatever the batch it is generated in. The true electron landing pixels are kept with each frame.
 
 One module's sector of frames (``DetectorSimulator.sector_batch``, ``records``: what one of the four
-receivers gets) is rendered on its own for about a quarter of the work of whole frames: every
-electron and X-ray of the frame is still drawn (so the sector is bit for bit the same rows of the
-whole frame, charge shared across the sector boundary included), but only the sector's rows get
-noise and charge.
+receivers gets) is rendered on its own: the electrons are drawn per band of rows, each band from its
+own sub-stream, and a sector draws only its own rows' electrons and those of the rows next to its
+edges (their charge reaches it). So the sector is bit for bit the same rows of the whole frame,
+charge shared across the sector boundary included, for the work of its own electrons only.
 
 Scan order: positions row-major (x fastest), flat position ``p = y * cols + x``; with K frames per
 position the K frames of a position are consecutive; frame number = ``first_frame_number`` + index.
@@ -969,9 +970,9 @@ class DetectorSimulator:
 
     def sector_batch(self, start: int, count: int, module: int, *, out: np.ndarray | None = None) -> SectorBatch:
         """Sector ``module`` of frames ``start .. start+count-1``: exactly
-        ``batch(start, count).frames[:, 144*module : 144*(module+1)]``, for about a quarter of the work
-        (only the sector's rows are rendered; the electrons and X-rays of the whole frame are still
-        drawn, but only those whose charge reaches the sector are deposited). ``out``, if given, is a
+        ``batch(start, count).frames[:, 144*module : 144*(module+1)]``, for the work of the sector's
+        rows and electrons (only the electrons whose charge can reach the sector are drawn; the
+        whole frame's electron counts are drawn too, for ``electron_counts``). ``out``, if given, is a
         C-contiguous (count, 144, 576) uint16 array to fill. Raises ValueError for a range outside
         the scan, a module outside 0..3 or a wrong ``out``."""
         self._check_range(start, count)
