@@ -68,6 +68,7 @@ _N_STAMPS = _N_CHARGE_LEVELS * _KERNELS_PER_LEVEL  # 3x3 integer deposits of one
 # The pool stays in the L2/L3 caches, so noise costs about what writing the pixels does.
 _NOISE_POOL_VALUES = 1 << 20
 _NOISE_STRIDE_SPREAD = 256
+assert (FRAME_ROWS - 1) * (FRAME_COLS + _NOISE_STRIDE_SPREAD - 1) + FRAME_COLS <= _NOISE_POOL_VALUES
 _MIN_CENTRE_RATIO = 1.3  # landing pixel keeps >= 1.3x the charge of any neighbour
 _PATTERN_BLOCK = 1024  # scan positions whose diffraction patterns are computed at once
 _PATTERN_BLOCKS_KEPT = 4
@@ -447,12 +448,15 @@ def _render_rows(
         state[0] = _substream(frame_keys[f], _SUB_NOISE)
         start = _below(state, noise_values)
         stride = cols + _below(state, stride_spread)
+        at = (start + row0 * stride) % noise_values
         for r in range(n_rows):
-            at = (start + (row0 + r) * stride) % noise_values
             src = noise_pool[at : at + cols]
             dst = frame[r]
             for c in range(cols):
                 dst[c] = src[c] + noise_base
+            at += stride  # (a subtraction, not a division per row)
+            if at >= noise_values:
+                at -= noise_values
 
         n_hits = 0
         for b in range(first, last + 1):
