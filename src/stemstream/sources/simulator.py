@@ -68,6 +68,7 @@ _N_STAMPS = _N_CHARGE_LEVELS * _KERNELS_PER_LEVEL  # 3x3 integer deposits of one
 # The pool stays in the L2/L3 caches, so noise costs about what writing the pixels does.
 _NOISE_POOL_VALUES = 1 << 20
 _NOISE_STRIDE_SPREAD = 256
+assert _NOISE_POOL_VALUES & (_NOISE_POOL_VALUES - 1) == 0 and _NOISE_STRIDE_SPREAD & (_NOISE_STRIDE_SPREAD - 1) == 0
 assert (FRAME_ROWS - 1) * (FRAME_COLS + _NOISE_STRIDE_SPREAD - 1) + FRAME_COLS <= _NOISE_POOL_VALUES
 _MIN_CENTRE_RATIO = 1.3  # landing pixel keeps >= 1.3x the charge of any neighbour
 _PATTERN_BLOCK = 1024  # scan positions whose diffraction patterns are computed at once
@@ -380,6 +381,21 @@ def _render_rows(
     n_bands = band_edges.shape[0] - 1
     n_slots = n_comp * n_bands
     row_end = row0 + n_rows
+    # The hot and dead pixels in the rendered rows, as offsets into them (once, not per frame).
+    hot_at = np.empty(hot_pixels.shape[0], np.int64)
+    hot_here = np.empty(hot_pixels.shape[0], np.uint16)
+    n_hot = 0
+    for h in range(hot_pixels.shape[0]):
+        if row0 * cols <= hot_pixels[h] < row_end * cols:
+            hot_at[n_hot] = hot_pixels[h] - row0 * cols
+            hot_here[n_hot] = hot_values[h]
+            n_hot += 1
+    dead_at = np.empty(dead_pixels.shape[0], np.int64)
+    n_dead = 0
+    for d in range(dead_pixels.shape[0]):
+        if row0 * cols <= dead_pixels[d] < row_end * cols:
+            dead_at[n_dead] = dead_pixels[d] - row0 * cols
+            n_dead += 1
     fcols = float(cols)
     state = np.empty(1, np.uint64)
 
@@ -451,9 +467,10 @@ def _render_rows(
         # noise_values, so no value appears twice in a frame; the random start and stride make each
         # frame's selection its own.
         state[0] = _substream(frame_keys[f], _SUB_NOISE)
-        start = _below(state, noise_values)
-        stride = cols + _below(state, stride_spread)
-        at = (start + row0 * stride) % noise_values
+        word = _next(state)  # noise_values and stride_spread are powers of two: masks, not divisions
+        start = np.int64(word & np.uint64(noise_values - 1))
+        stride = cols + np.int64((word >> np.uint64(32)) & np.uint64(stride_spread - 1))
+        at = (start + row0 * stride) & (noise_values - 1)
         for r in range(n_rows):
             src = noise_pool[at : at + cols]
             dst = frame[r]
@@ -549,14 +566,10 @@ def _render_rows(
                 c = pix % cols
                 frame[r - row0, c] = min(np.int64(frame[r - row0, c]) + adu_x, _UINT16_MAX)
 
-        for h in range(hot_pixels.shape[0]):
-            r = hot_pixels[h] // cols
-            if row0 <= r < row_end:
-                frame[r - row0, hot_pixels[h] % cols] = hot_values[h]
-        for d in range(dead_pixels.shape[0]):
-            r = dead_pixels[d] // cols
-            if row0 <= r < row_end:
-                frame[r - row0, dead_pixels[d] % cols] = 0
+        for h in range(n_hot):
+            out[np.uintp(base + hot_at[h])] = hot_here[h]
+        for d in range(n_dead):
+            out[np.uintp(base + dead_at[d])] = 0
 
         if not track_truth:
             continue
