@@ -18,6 +18,11 @@ field disk is centred on the boundary between them, so each gets half its electr
 Every run renders the patterns of the specimen afresh (the simulator keeps those of the last
 few blocks of 1024 scan positions), as a live stream does.
 
+Last, CPU time per sector of ``records(..., out=)`` (``time.process_time``, median of the runs, per
+module and the mean over the 4 modules: what one producer spends per frame), next to the CPU time
+of a plain numpy sector in the same runs (``rng.normal`` for 144 x 576 pixels, ``+ pedestal``,
+``astype(uint16)``): on a loaded machine the absolute figures move, the ratio much less.
+
     PYTHONPATH=src python benchmarks/bench_simulator.py [--frames 2048] [--batch-size 64] [--dose 0.002]
 """
 
@@ -41,6 +46,12 @@ def median_seconds(run: Callable[[], None], repeats: int) -> float:
         run()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def cpu_seconds(run: Callable[[], None]) -> float:
+    t0 = time.process_time()
+    run()
+    return time.process_time() - t0
 
 
 def main() -> None:
@@ -114,6 +125,21 @@ def main() -> None:
         sim.sector_batch(0, 1, m)
     results = {name: n_frames / median_seconds(run, args.repeats) for name, run in runs}
 
+    # CPU per sector, interleaved with the numpy baseline so that both see the same load.
+    rng = np.random.default_rng(0)
+    numpy_sectors = max(1, n_frames // 8)  # ~1 ms each: fewer of them
+
+    def numpy_sector_runs() -> None:
+        for _ in range(numpy_sectors):
+            (rng.normal(0.0, config.read_noise, (SECTOR_ROWS, source.shape[2])) + config.pedestal).astype(np.uint16)
+
+    cpu: dict[str, list[float]] = {}
+    for _ in range(args.repeats):
+        for m in range(N_MODULES):
+            cpu.setdefault(f"records {m}", []).append(cpu_seconds(records(m, record_buffer)) / n_frames)
+        cpu.setdefault("numpy", []).append(cpu_seconds(numpy_sector_runs) / numpy_sectors)
+    cpu_median = {name: statistics.median(values) for name, values in cpu.items()}
+
     electrons = args.dose * 576 * 576
     print(
         f"detector simulator: {n_frames} frames of 576x576 uint16 per run, batches of {batch_size}, "
@@ -135,6 +161,13 @@ def main() -> None:
     print(f"  ratio sector out= (modules 0-3) / frame out= {results['sector all, out='] / whole:.2f}")
     print(f"  ratio records (modules 0-3) / frame out=     {results['records all'] / whole:.2f}")
     print(f"  ratio records out= (modules 0-3) / frame out= {results['records all, out='] / whole:.2f}")
+    print("CPU per sector (process time, median of the runs):")
+    for m in range(N_MODULES):
+        print(f"  records {m}, out=           {cpu_median[f'records {m}'] * 1e6:8.2f} us")
+    per_sector = statistics.mean(cpu_median[f"records {m}"] for m in range(N_MODULES))
+    print(f"  records, mean of modules  {per_sector * 1e6:8.2f} us  ({1 / per_sector:,.0f} sectors/s of CPU)")
+    print(f"  numpy normal + astype     {cpu_median['numpy'] * 1e6:8.2f} us  (one sector of Gaussian noise)")
+    print(f"  ratio numpy sector / records sector          {cpu_median['numpy'] / per_sector:.1f}")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 Each frame (576 x 576 ``uint16``, (rows, cols), ADU) is built from
 
 - a pedestal-subtracted background near ``pedestal`` ADU with Gaussian read noise of ``read_noise``
-  ADU. A small pool of noise frames is drawn once; a frame takes one of them at a random
-  (row, col) offset, so noise costs a memory copy, not a random draw per pixel;
+  ADU. A pool of 2**20 noise values is drawn once; a frame takes its rows from it at a random start
+  and a random row stride (no value twice in a frame), so noise costs a memory copy from the cache,
+  not a random draw per pixel;
 - electrons arriving as a Poisson process, ``dose`` electrons/pixel/frame on average over the frame,
   distributed as the specimen's diffraction pattern (sources.specimen) at the frame's scan position.
   An electron deposits a gamma-distributed charge (``electron_adu_mean`` ADU on average) spread by a
@@ -13,14 +14,14 @@ Each frame (576 x 576 ``uint16``, (rows, cols), ADU) is built from
 - occasional X-rays (``xray_rate`` per frame), each putting thousands of ADU on one pixel;
 - a few hot pixels (the same high value in every frame) and dead pixels (always 0).
 
-Randomness comes from a counter-based stream keyed by (seed, frame index): a frame is the same
-whatever the batch it is generated in. The true electron landing pixels are kept with each frame.
+Randomness comes from counter-based streams keyed by (seed, frame index, sub-stream): a frame is the
+same whatever the batch it is generated in. The true electron landing pixels are kept with each frame.
 
 One module's sector of frames (``DetectorSimulator.sector_batch``, ``records``: what one of the four
-receivers gets) is rendered on its own for about a quarter of the work of whole frames: every
-electron and X-ray of the frame is still drawn (so the sector is bit for bit the same rows of the
-whole frame, charge shared across the sector boundary included), but only the sector's rows get
-noise and charge.
+receivers gets) is rendered on its own: the electrons are drawn per band of rows, each band from its
+own sub-stream, and a sector draws only its own rows' electrons and those of the rows next to its
+edges (their charge reaches it). So the sector is bit for bit the same rows of the whole frame,
+charge shared across the sector boundary included, for the work of its own electrons only.
 
 Scan order: positions row-major (x fastest), flat position ``p = y * cols + x``; with K frames per
 position the K frames of a position are consecutive; frame number = ``first_frame_number`` + index.
@@ -39,7 +40,6 @@ from pathlib import Path
 
 import numpy as np
 from numba import njit
-from numba.cpython.unsafe.numbers import trailing_zeros
 from scipy.special import gammaincinv, ndtr
 
 from stemstream.formats.raw import (
@@ -61,12 +61,32 @@ _UINT16_MAX = 65535
 
 # Pre-generated tables: sizes are powers of two so that a random index is a bit mask.
 _N_CHARGE_LEVELS = 4096  # quantiles of the per-electron charge distribution
-_N_SHARING_KERNELS = 1024  # 3x3 charge-sharing patterns
-_NOISE_POOL_FRAMES = 8  # 8 x 640 x 640 uint16 = 6.6 MB: stays in the L3 cache
-_NOISE_POOL_MARGIN = 64  # rows/cols of slack for the random offset of each frame
+_KERNELS_PER_LEVEL = 4  # charge-sharing patterns drawn for each charge level
+_N_STAMPS = _N_CHARGE_LEVELS * _KERNELS_PER_LEVEL  # 3x3 integer deposits of one electron: 288 kB
+# Read noise comes from a pool of 2**20 values (1 MB as uint8, see DetectorSimulator.__init__): a
+# frame takes its rows at a random start and row stride (576 .. 831), 0.48 M values in all, none twice.
+# The pool stays in the L2/L3 caches, so noise costs about what writing the pixels does.
+_NOISE_POOL_VALUES = 1 << 20
+_NOISE_STRIDE_SPREAD = 256
+assert _NOISE_POOL_VALUES & (_NOISE_POOL_VALUES - 1) == 0 and _NOISE_STRIDE_SPREAD & (_NOISE_STRIDE_SPREAD - 1) == 0
+assert (FRAME_ROWS - 1) * (FRAME_COLS + _NOISE_STRIDE_SPREAD - 1) + FRAME_COLS <= _NOISE_POOL_VALUES
 _MIN_CENTRE_RATIO = 1.3  # landing pixel keeps >= 1.3x the charge of any neighbour
 _PATTERN_BLOCK = 1024  # scan positions whose diffraction patterns are computed at once
 _PATTERN_BLOCKS_KEPT = 4
+
+
+def _band_edges() -> np.ndarray:
+    """(B+1,) int64 row edges of the bands electrons are drawn in: 0, 143, 145, 287, 289, ..., 576.
+    The two rows either side of each sector boundary are a band of their own: a sector needs the
+    electrons landing on its rows and on the row next to each of its edges (their charge reaches
+    it), so it draws its own band(s) and the boundary bands only."""
+    edges = [0]
+    for m in range(1, N_MODULES):
+        edges += [m * SECTOR_ROWS - 1, m * SECTOR_ROWS + 1]
+    return np.array(edges + [FRAME_ROWS], np.int64)
+
+
+_BAND_EDGES = _band_edges()
 
 # Stream domains: independent random streams from one seed.
 _DOMAIN_FRAMES = 0x6672616D65730001
@@ -78,9 +98,6 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _INV_2_53 = 1.0 / 9007199254740992.0
-_INV_2_32 = 1.0 / 4294967296.0
-_INV_2_31 = 1.0 / 2147483648.0
-_LOW32 = np.uint64(0xFFFFFFFF)
 _DEBRUIJN = np.uint64(0x03F79D71B4CB0A89)
 
 
@@ -182,26 +199,133 @@ def _sector_uniforms(key, frame_indices, n_modules):
     return out
 
 
-_DRAW_BLOCK = 1024  # draws of a frame's stream generated at a time (a multiple of 64)
-_DRAW_WORDS = _DRAW_BLOCK // 64
-_DRAW_BLOCK_STRIDE = np.uint64((_DRAW_BLOCK * int(_GOLDEN)) & _MASK64)
-_ALL_BITS = np.uint64(_MASK64)
+# Sub-streams of a frame's stream: the noise placement, the X-rays, and one per (component, band)
+# of electrons. Each is keyed by (frame, sub-stream) alone, so a sector draws only the electrons
+# that can reach its rows, and still gets exactly the draws the whole frame gets.
+_SUB_NOISE = 0
+_SUB_XRAYS = 1
+_SUB_ELECTRONS = 2  # + component * n_bands + band
+_SUB_MULT = np.uint64(0xD1B54A32D192ED03)
+
+# An electron's landing point and its charge come from one 64-bit draw: 21 bits for the row, 21
+# for the column (a 576 px range in 2**21 steps: 3e-4 px at most, far below a pixel), 14 bits for
+# its stamp (charge level and sharing pattern, see _charge_stamps) and 2 for the stamp's mirroring.
+_POS_BITS = 21
+_LOW21 = np.uint64((1 << _POS_BITS) - 1)
+_INV_2_21 = 1.0 / (1 << _POS_BITS)
+_STAMP_SHIFT = np.uint64(2 * _POS_BITS)
+_STAMP_MASK = np.uint64((1 << 14) - 1)
+_CANDIDATES = 64  # rejection-sampling candidates computed at a time
+assert _N_STAMPS == 1 << 14
 
 
 @njit(inline="always")
-def _fill_draws(zbuf, accept, s):
-    """zbuf[i] = the draw after s + i steps of the stream (what _next gives from state s, i + 1
-    times); bit i % 64 of accept[i // 64] set where that draw, as (dy, dx), lies in the unit disk."""
-    for i in range(zbuf.shape[0]):
-        zbuf[i] = _mix64(s + np.uint64(i + 1) * _GOLDEN)
-    for w in range(accept.shape[0]):
-        word = np.uint64(0)
-        for j in range(64):
-            z = zbuf[w * 64 + j]
-            dy = float(np.int64(z & _LOW32)) * _INV_2_31 - 1.0
-            dx = float(np.int64(z >> np.uint64(32))) * _INV_2_31 - 1.0
-            word |= np.uint64(dy * dy + dx * dx <= 1.0) << np.uint64(j)
-        accept[w] = word
+def _substream(frame_key, index):
+    """Starting state of sub-stream ``index`` of the frame whose stream key is frame_key."""
+    return _mix64(frame_key ^ _mix64(np.uint64(index + 1) * _SUB_MULT))
+
+
+@njit(inline="always")
+def _segment(radius, y):
+    """Integral of the half-chord sqrt(radius**2 - t**2) for t from 0 to y (y clamped to +-radius)."""
+    y = min(max(y, -radius), radius)
+    return 0.5 * (y * math.sqrt(max(radius * radius - y * y, 0.0)) + radius * radius * math.asin(y / radius))
+
+
+@njit(inline="always")
+def _quadrant(radius, x, y):
+    """Area of the disk of ``radius`` centred at the origin where t_col <= x and t_row <= y."""
+    if x <= -radius or y <= -radius:
+        return 0.0
+    x = min(x, radius)
+    y = min(y, radius)
+    t = math.sqrt(max(radius * radius - x * x, 0.0))  # |row| beyond t: the whole chord is on x's side
+    c = min(max(y, -t), t)
+    middle = x * (c + t) + _segment(radius, c) - _segment(radius, -t)  # rows -t .. c: chord from -s to x
+    if x < 0.0:
+        return middle  # rows beyond +-t: no chord left of x
+    below = 2.0 * (_segment(radius, min(y, -t)) + _segment(radius, radius))  # rows -radius .. -t, whole chords
+    above = 2.0 * (_segment(radius, max(y, t)) - _segment(radius, t))  # rows t .. y, whole chords
+    return below + middle + above
+
+
+@njit(nogil=True, cache=True)
+def _disk_rect_area(cy, cx, radius, y1, y2, x1, x2):
+    """Area (px^2) of the disk centred (cy, cx) (row, col) of ``radius`` within rows [y1, y2) and
+    cols [x1, x2), in closed form (exact to rounding, so the bands' parts of a disk add up to it)."""
+    if radius <= 0.0 or y2 <= y1 or x2 <= x1 or y2 <= cy - radius or y1 >= cy + radius:
+        return 0.0
+    if cx - radius >= x1 and cx + radius <= x2:  # whole chords: a strip of the disk
+        return 2.0 * (_segment(radius, y2 - cy) - _segment(radius, y1 - cy))
+    return (
+        _quadrant(radius, x2 - cx, y2 - cy)
+        - _quadrant(radius, x1 - cx, y2 - cy)
+        - _quadrant(radius, x2 - cx, y1 - cy)
+        + _quadrant(radius, x1 - cx, y1 - cy)
+    )
+
+
+@njit(nogil=True, cache=True)
+def _component_densities(comp_row, comp_col, comp_radius, probabilities, rows, cols, electrons):
+    """(n, C) expected electrons per px^2 in each component of the patterns (n, C) (disks: centres,
+    radii, probabilities; a negative radius: uniform over the frame), ``electrons`` on the frame in
+    all. The parts of disks off the frame are cut off and the rest renormalised (the electrons that
+    reach the detector keep the dose): a component's density is electrons * p / (Z * its area),
+    Z = sum of p * (fraction of the component on the frame)."""
+    n, n_comp = probabilities.shape
+    out = np.zeros((n, n_comp))
+    frame_area = float(rows) * float(cols)
+    for i in range(n):
+        z = 0.0
+        for k in range(n_comp):
+            p = probabilities[i, k]
+            radius = comp_radius[i, k]
+            if p <= 0.0 or radius == 0.0:
+                continue
+            if radius < 0.0:
+                z += p
+            else:
+                on_frame = _disk_rect_area(comp_row[i, k], comp_col[i, k], radius, 0.0, float(rows), 0.0, float(cols))
+                z += p * on_frame / (math.pi * radius * radius)
+        if z <= 0.0:
+            continue
+        for k in range(n_comp):
+            p = probabilities[i, k]
+            radius = comp_radius[i, k]
+            if p <= 0.0 or radius == 0.0:
+                continue
+            area = frame_area if radius < 0.0 else math.pi * radius * radius
+            out[i, k] = electrons * p / (z * area)
+    return out
+
+
+@njit(inline="always")
+def _add(pixels, p, value):
+    pixels[p] = min(np.int64(pixels[p]) + np.int64(value), _UINT16_MAX)
+
+
+@njit(nogil=True, cache=True)
+def _deposit_carefully(pixels, base, lr, c, n_rows, cols, corners, wide, full, stamp, dy, dx):
+    """Add an electron's charge around row lr (relative to the rendered rows, may lie just outside
+    them) and col c of the rows that start at ``pixels[base]``, in the cases _render_rows leaves
+    out: a stamp with charge on both sides of the landing pixel (its whole 3x3 from ``full``,
+    mirrored by dy, dx = +-1), or an electron at the edge of the rendered rows or of the frame
+    (edge checks). Rare, so a call of its own (arrays passed to an inlined function cost
+    reference counting per call, unless numba can prune it: not with these loops)."""
+    if wide[stamp]:
+        for i in range(3):
+            rr = lr + dy * (i - 1)
+            if 0 <= rr < n_rows:
+                for j in range(3):
+                    cc = c + dx * (j - 1)
+                    if 0 <= cc < cols:
+                        _add(pixels, base + rr * cols + cc, full[stamp, 3 * i + j])
+        return
+    for e in range(4):
+        rr = lr + dy * (e >> 1)
+        cc = c + dx * (e & 1)
+        if 0 <= rr < n_rows and 0 <= cc < cols:
+            _add(pixels, base + rr * cols + cc, corners[stamp, e])
 
 
 @njit(nogil=True, cache=True)
@@ -213,16 +337,21 @@ def _render_rows(
     cols,
     row0,
     n_rows,
+    whole_counts,
     track_truth,
     frame_keys,
-    mean_electrons,
     noise_pool,
+    noise_values,
+    noise_base,
+    stride_spread,
+    band_edges,
     comp_row,
     comp_col,
     comp_radius,
-    comp_cum,
-    charge_adu,
-    sharing,
+    comp_density,
+    corners,
+    wide,
+    full,
     xray_rate,
     xray_lo,
     xray_hi,
@@ -235,28 +364,76 @@ def _render_rows(
     out: 1-D C-contiguous uint16; frame f's rows go to ``out[f*frame_stride + data_offset:]``,
     n_rows * cols pixels in (rows, cols) order (a whole frame: row0 = 0, n_rows = rows; a sector of
     a raw record: frame_stride = the record's size in uint16 and data_offset = its header's).
-    Every electron and X-ray of the frame is drawn, whatever rows are rendered, so the random
-    stream, and therefore every pixel, is the same as in the whole frame; only the charge that
-    falls in the rendered rows is deposited. Returns the electrons drawn per frame (n,), and, with
-    track_truth, the landing pixels (flat, sorted and unique per frame), their offsets (n+1,) and
-    counts (n,) (empty without track_truth)."""
+
+    Electrons are a Poisson process over the frame (comp_density: (n, C) electrons per px^2 of each
+    disk component, see _component_densities), drawn per horizontal band of rows (band_edges:
+    (B+1,) int64, 0 .. rows) and component, each from its own sub-stream: independent Poisson counts
+    per (component, band) with uniform landing points in the disk's part in the band are the same
+    process as the frame's Poisson count spread over the whole pattern. Only the bands whose
+    electrons can put charge on the rendered rows are drawn, and every electron of those is
+    deposited, so rendered rows are bit for bit those of the whole frame.
+
+    Returns the electrons per frame (n,) (of the whole frame with whole_counts or track_truth,
+    else of the bands drawn), and, with track_truth (whole frames only), the landing pixels (flat,
+    sorted and unique per frame), their offsets (n+1,) and counts (n,) (empty without track_truth)."""
     n = frame_keys.shape[0]
-    n_pool = noise_pool.shape[0]
-    slack_r = noise_pool.shape[1] - rows + 1
-    slack_c = noise_pool.shape[2] - cols + 1
-    n_comp = comp_cum.shape[1]
-    charge_mask = np.uint64(charge_adu.shape[0] - 1)
-    share_mask = np.uint64(sharing.shape[0] - 1)
+    n_comp = comp_density.shape[1]
+    n_bands = band_edges.shape[0] - 1
+    n_slots = n_comp * n_bands
     row_end = row0 + n_rows
+    # The hot and dead pixels in the rendered rows, as offsets into them (once, not per frame).
+    hot_at = np.empty(hot_pixels.shape[0], np.int64)
+    hot_here = np.empty(hot_pixels.shape[0], np.uint16)
+    n_hot = 0
+    for h in range(hot_pixels.shape[0]):
+        if row0 * cols <= hot_pixels[h] < row_end * cols:
+            hot_at[n_hot] = hot_pixels[h] - row0 * cols
+            hot_here[n_hot] = hot_values[h]
+            n_hot += 1
+    dead_at = np.empty(dead_pixels.shape[0], np.int64)
+    n_dead = 0
+    for d in range(dead_pixels.shape[0]):
+        if row0 * cols <= dead_pixels[d] < row_end * cols:
+            dead_at[n_dead] = dead_pixels[d] - row0 * cols
+            n_dead += 1
+    fcols = float(cols)
     state = np.empty(1, np.uint64)
 
-    # Electron counts first, so one buffer holds every frame's truth.
-    counts = np.empty(n, np.int64)
-    states = np.empty(n, np.uint64)
+    # The bands whose landing rows (an electron's charge reaches the rows next to it) meet the
+    # rendered rows; the electrons of every band are counted for whole-frame counts.
+    first = n_bands
+    last = -1
+    for b in range(n_bands):
+        if band_edges[b] <= row_end and band_edges[b + 1] >= row0:
+            first = min(first, b)
+            last = max(last, b)
+    count_first, count_last = (0, n_bands - 1) if whole_counts or track_truth else (first, last)
+
+    # Counts first (so one buffer holds every frame's truth), with each sub-stream's state after them.
+    n_drawn = np.zeros((n, n_slots), np.int64)
+    after = np.empty((n, n_slots), np.uint64)
+    counts = np.zeros(n, np.int64)
     for f in range(n):
-        state[0] = frame_keys[f]
-        counts[f] = _poisson(state, mean_electrons)
-        states[f] = state[0]
+        for b in range(count_first, count_last + 1):
+            y1 = float(band_edges[b])
+            y2 = float(band_edges[b + 1])
+            for k in range(n_comp):
+                density = comp_density[f, k]
+                if density <= 0.0:
+                    continue
+                radius = comp_radius[f, k]
+                if radius < 0.0:
+                    area = (y2 - y1) * fcols
+                else:
+                    area = _disk_rect_area(comp_row[f, k], comp_col[f, k], radius, y1, y2, 0.0, fcols)
+                if area < 1e-9:  # no part of the disk in the band (rounding aside): nothing to draw
+                    continue
+                slot = k * n_bands + b
+                state[0] = _substream(frame_keys[f], _SUB_ELECTRONS + slot)
+                n_drawn[f, slot] = _poisson(state, density * area)
+                after[f, slot] = state[0]
+                counts[f] += n_drawn[f, slot]
+
     offsets = np.zeros(n + 1, np.int64)
     n_events = np.zeros(n, np.int64)
     if track_truth:
@@ -265,148 +442,122 @@ def _render_rows(
     events = np.empty(offsets[n], np.uint32)
     # One bit per pixel: sorts and de-duplicates landing pixels in O(pixels / 64).
     landed = np.zeros((rows * cols + 63) // 64 if track_truth else 0, np.uint64)
-    inside = np.zeros(n_comp, np.bool_)
-    missing = np.zeros(n_comp, np.bool_)
-    zbuf = np.empty(_DRAW_BLOCK, np.uint64)
-    max_count = counts.max() if n > 0 else 0
-    hit_row = np.empty(max_count, np.int64)  # per electron whose charge reaches the rendered rows
-    hit_col = np.empty(max_count, np.int64)
-    hit_bits = np.empty(max_count, np.uint64)
-    accept = np.empty(_DRAW_WORDS, np.uint64)
+    # A frame's electrons in the bands drawn: landing row (relative to row0), col, stamp.
+    most = 0
+    for f in range(n):
+        drawn = 0
+        for b in range(first, last + 1):
+            for k in range(n_comp):
+                drawn += n_drawn[f, k * n_bands + b]
+        most = max(most, drawn)
+    hit_row = np.empty(most, np.int64)
+    hit_col = np.empty(most, np.int64)
+    hit_stamp = np.empty(most, np.uint64)
+    cand_z = np.empty(_CANDIDATES, np.uint64)
+    cand_y = np.empty(_CANDIDATES)
+    cand_x = np.empty(_CANDIDATES)
+    cand_in = np.empty(_CANDIDATES, np.int64)
 
     for f in range(n):
-        state[0] = states[f]
         base = f * frame_stride + data_offset
         frame = out[base : base + n_rows * cols].reshape((n_rows, cols))  # frame rows row0 .. row_end-1
-        pool = noise_pool[_below(state, n_pool)]
-        r0 = _below(state, slack_r)
-        c0 = _below(state, slack_c)
+
+        # Noise: frame row r is noise_pool[start + r * stride :][:cols] (modulo noise_values; the pool
+        # repeats its first cols values past the end). stride >= cols and rows * stride + cols <=
+        # noise_values, so no value appears twice in a frame; the random start and stride make each
+        # frame's selection its own.
+        state[0] = _substream(frame_keys[f], _SUB_NOISE)
+        word = _next(state)  # noise_values and stride_spread are powers of two: masks, not divisions
+        start = np.int64(word & np.uint64(noise_values - 1))
+        stride = cols + np.int64((word >> np.uint64(32)) & np.uint64(stride_spread - 1))
+        at = (start + row0 * stride) & (noise_values - 1)
         for r in range(n_rows):
-            src = pool[r0 + row0 + r]
+            src = noise_pool[at : at + cols]
             dst = frame[r]
             for c in range(cols):
-                dst[c] = src[c0 + c]
+                dst[c] = src[c] + noise_base
+            at += stride  # (a subtraction, not a division per row)
+            if at >= noise_values:
+                at -= noise_values
 
-        # Components whose disk lies on the frame whatever the draw: their electrons need no frame
-        # check, and those too far from the rendered rows for their charge to reach them only have
-        # to be drawn, to advance the stream.
-        for k in range(n_comp):
-            radius = comp_radius[f, k]
-            top = comp_row[f, k] - radius  # y = centre + radius * dy, |dy| <= 1, lies in [top, bottom]
-            bottom = comp_row[f, k] + radius
-            on_frame = radius >= 0.0 and top >= 1.0 and bottom <= rows - 1.0
-            on_frame = on_frame and comp_col[f, k] - radius >= 1.0 and comp_col[f, k] + radius <= cols - 1.0
-            inside[k] = on_frame
-            missing[k] = on_frame and (bottom < row0 - 2.0 or top > row_end + 2.0)
-
-        # Hot loop. The frame's stream is drawn ahead, _DRAW_BLOCK draws at a time (zbuf[i] is the
-        # draw after s + i steps; one 64-bit draw gives two 32-bit uniforms), with a bit per draw
-        # that says whether it falls in the unit disk: the rejection sampling of a disk that lies on
-        # the frame is then a bit scan, not a branch per draw.
-        s = state[0]
-        p = 0  # draws of zbuf used
         n_hits = 0
-        if counts[f] > 0:
-            _fill_draws(zbuf, accept, s)
-        for _ in range(counts[f]):
-            # Draw until the electron lands on the frame: conditioning on the frame keeps the dose exact.
-            while True:
-                if p == _DRAW_BLOCK:
-                    s += _DRAW_BLOCK_STRIDE
-                    _fill_draws(zbuf, accept, s)
-                    p = 0
-                z = zbuf[p]
-                p += 1
-                u = float(np.int64(z & _LOW32)) * _INV_2_32
-                bits = z >> np.uint64(32)  # charge level and sharing kernel of this electron
-                k = 0
-                while k < n_comp - 1 and u >= comp_cum[f, k]:
-                    k += 1
+        for b in range(first, last + 1):
+            y1 = float(band_edges[b])
+            y2 = float(band_edges[b + 1])
+            last_row = band_edges[b + 1] - 1
+            for k in range(n_comp):
+                slot = k * n_bands + b
+                m = n_drawn[f, slot]
+                if m == 0:
+                    continue
+                s = after[f, slot]
+                cy = comp_row[f, k]
+                cx = comp_col[f, k]
                 radius = comp_radius[f, k]
-                if inside[k]:  # the next draw in the unit disk, then no frame check
-                    while True:
-                        if p == _DRAW_BLOCK:
-                            s += _DRAW_BLOCK_STRIDE
-                            _fill_draws(zbuf, accept, s)
-                            p = 0
-                        w = p >> 6
-                        word = accept[w] & (_ALL_BITS << np.uint64(p & 63))
-                        while word == 0 and w < _DRAW_WORDS - 1:
-                            w += 1
-                            word = accept[w]
-                        if word != 0:
-                            p = w * 64 + np.int64(trailing_zeros(word)) + 1
-                            break
-                        p = _DRAW_BLOCK
-                    if missing[k]:
-                        break
-                    z = zbuf[p - 1]
-                    dy = float(np.int64(z & _LOW32)) * _INV_2_31 - 1.0
-                    dx = float(np.int64(z >> np.uint64(32))) * _INV_2_31 - 1.0
-                    y = comp_row[f, k] + radius * dy
-                    x = comp_col[f, k] + radius * dx
-                    break
-                while True:  # uniform in the unit disk (or square, for the background) by rejection
-                    if p == _DRAW_BLOCK:
-                        s += _DRAW_BLOCK_STRIDE
-                        _fill_draws(zbuf, accept, s)
-                        p = 0
-                    z = zbuf[p]
-                    p += 1
-                    dy = float(np.int64(z & _LOW32)) * _INV_2_31 - 1.0
-                    dx = float(np.int64(z >> np.uint64(32))) * _INV_2_31 - 1.0
-                    if radius < 0.0 or dy * dy + dx * dx <= 1.0:
-                        break
-                if radius < 0.0:
-                    y = (dy + 1.0) * (0.5 * rows)
-                    x = (dx + 1.0) * (0.5 * cols)
+                if radius >= 0.0:
+                    # Rejection from the bounding box of the disk's part in the band (on the frame).
+                    ylo = max(y1, cy - radius)
+                    yhi = min(y2, cy + radius)
+                    if ylo <= cy <= yhi:
+                        half = radius
+                    else:
+                        d = min(abs(ylo - cy), abs(yhi - cy))
+                        half = math.sqrt(max(radius * radius - d * d, 0.0))
+                    xlo = max(cx - half, 0.0)
+                    xhi = min(cx + half, fcols)
                 else:
-                    y = comp_row[f, k] + radius * dy
-                    x = comp_col[f, k] + radius * dx
-                if 0.0 <= y < rows and 0.0 <= x < cols:
-                    break
-            if missing[k]:
-                continue
-            r = int(y)
-            c = int(x)
-            if track_truth:
-                pix = r * cols + c
-                landed[pix >> 6] |= np.uint64(1) << np.uint64(pix & 63)
-            # Keep the electrons whose charge reaches the rendered rows (lr - 1 .. lr + 1 overlaps
-            # 0 .. n_rows - 1), without a branch: whether one does is a coin toss for rows that cut
-            # through a disk, and a mispredicted branch costs more than the store.
-            lr = r - row0
-            hit_row[n_hits] = lr
-            hit_col[n_hits] = c
-            hit_bits[n_hits] = bits
-            n_hits += np.int64(-1 <= lr) & np.int64(lr <= n_rows)
-        state[0] = s + np.uint64(p) * _GOLDEN
+                    ylo, yhi, xlo, xhi = y1, y2, 0.0, fcols
+                height = yhi - ylo
+                width = xhi - xlo
+                r2 = radius * radius if radius >= 0.0 else math.inf  # the background: all accepted
+                # Rejection sampling in two loops per block of candidates (the stream's next draws,
+                # in order): one computes every candidate and whether it lies in the disk (no
+                # branch, vectorised), one keeps them in order until m are kept (no accept/reject
+                # branch either: one mispredicts on about one candidate in five). Candidates past
+                # the m-th kept one are never used, so the electrons do not depend on block sizes.
+                goal = n_hits + m
+                while n_hits < goal:
+                    n_cand = min(_CANDIDATES, (goal - n_hits) * 5 // 4 + 4)
+                    for i in range(n_cand):
+                        z = _mix64(s + np.uint64(i + 1) * _GOLDEN)
+                        y = ylo + height * float(np.int64(z & _LOW21)) * _INV_2_21
+                        x = xlo + width * float(np.int64((z >> np.uint64(_POS_BITS)) & _LOW21)) * _INV_2_21
+                        dy = y - cy
+                        dx = x - cx
+                        cand_z[i] = z
+                        cand_y[i] = y
+                        cand_x[i] = x
+                        cand_in[i] = np.int64(dy * dy + dx * dx <= r2)
+                    s += np.uint64(n_cand) * _GOLDEN
+                    for i in range(n_cand):
+                        hit_row[n_hits] = min(int(cand_y[i]), last_row) - row0
+                        hit_col[n_hits] = min(int(cand_x[i]), cols - 1)
+                        hit_stamp[n_hits] = cand_z[i] >> _STAMP_SHIFT  # stamp (14 bits), its flips (2)
+                        n_hits += cand_in[i]
+                        if n_hits == goal:
+                            break
 
-        # Deposit, in the order drawn (the sums saturate at 65535: the order does not matter anyway).
         for e in range(n_hits):
             lr = hit_row[e]
             c = hit_col[e]
-            bits = hit_bits[e]
-            adu = charge_adu[bits & charge_mask]
-            kernel = sharing[(bits >> np.uint64(16)) & share_mask]
-            if 0 < lr < n_rows - 1 and 0 < c < cols - 1:  # interior: no edge checks (unsigned indices)
-                for i in range(3):
-                    row = frame[np.uintp(lr + i - 1)]
-                    share = kernel[i]
-                    for j in range(3):
-                        cc = np.uintp(c + j - 1)
-                        v = np.int64(row[cc]) + np.int64(adu * share[j] + np.float32(0.5))
-                        row[cc] = min(v, _UINT16_MAX)
-            else:
-                for i in range(3):
-                    rr = lr + i - 1
-                    if 0 <= rr < n_rows:
-                        for j in range(3):
-                            cc = c + j - 1
-                            if 0 <= cc < cols:
-                                v = np.int64(frame[rr, cc]) + np.int64(adu * kernel[i, j] + np.float32(0.5))
-                                frame[rr, cc] = min(v, _UINT16_MAX)
+            if track_truth:
+                pix = (lr + row0) * cols + c
+                landed[pix >> 6] |= np.uint64(1) << np.uint64(pix & 63)
+            # The electron's charge: its stamp (see _corner_stamps) mirrored by two bits of its own.
+            # Written out here: arrays passed to an inlined function cost reference counting.
+            bits = hit_stamp[e]
+            stamp = np.uintp(bits & _STAMP_MASK)
+            dy = 1 - 2 * np.int64((bits >> np.uint64(14)) & np.uint64(1))
+            dx = 1 - 2 * np.int64((bits >> np.uint64(15)) & np.uint64(1))
+            if wide[stamp] or not (0 < lr < n_rows - 1 and 0 < c < cols - 1):
+                _deposit_carefully(out, base, lr, c, n_rows, cols, corners, wide, full, stamp, dy, dx)
+                continue
+            at = base + lr * cols + c  # interior: no edge checks (unsigned indices)
+            for q in range(4):  # landing pixel, col neighbour, row neighbour, diagonal neighbour
+                p = np.uintp(at + (q & 1) * dx + (q >> 1) * dy * cols)
+                out[p] = min(np.int64(out[p]) + np.int64(corners[stamp, np.uintp(q)]), _UINT16_MAX)
 
+        state[0] = _substream(frame_keys[f], _SUB_XRAYS)
         for _ in range(_poisson(state, xray_rate)):
             pix = _below(state, rows * cols)
             adu_x = np.int64(xray_lo + (xray_hi - xray_lo) * _uniform(state))
@@ -415,14 +566,10 @@ def _render_rows(
                 c = pix % cols
                 frame[r - row0, c] = min(np.int64(frame[r - row0, c]) + adu_x, _UINT16_MAX)
 
-        for h in range(hot_pixels.shape[0]):
-            r = hot_pixels[h] // cols
-            if row0 <= r < row_end:
-                frame[r - row0, hot_pixels[h] % cols] = hot_values[h]
-        for d in range(dead_pixels.shape[0]):
-            r = dead_pixels[d] // cols
-            if row0 <= r < row_end:
-                frame[r - row0, dead_pixels[d] % cols] = 0
+        for h in range(n_hot):
+            out[np.uintp(base + hot_at[h])] = hot_here[h]
+        for d in range(n_dead):
+            out[np.uintp(base + dead_at[d])] = 0
 
         if not track_truth:
             continue
@@ -441,6 +588,25 @@ def _render_rows(
                 word ^= low
         n_events[f] = k - offsets[f]
     return counts, events, offsets, n_events
+
+
+@njit(nogil=True, cache=True)
+def _write_headers(words, stride, indices, scan_number, first_frame_number, scan_rows, scan_cols, frames_per_position):
+    """Write the header of record i (formats.raw.HEADER_DTYPE, little-endian) for frame indices[i]
+    (n,) int64 at ``words[i * stride:]`` (uint16): one call instead of six numpy field assignments,
+    which took as long as rendering a third of a sector."""
+    for i in range(indices.shape[0]):
+        at = i * stride
+        number = indices[i] + first_frame_number
+        position = indices[i] // frames_per_position
+        words[at] = scan_number & 0xFFFF
+        words[at + 1] = scan_number >> 16
+        words[at + 2] = number & 0xFFFF
+        words[at + 3] = number >> 16
+        words[at + 4] = scan_cols
+        words[at + 5] = scan_rows
+        words[at + 6] = position % scan_cols
+        words[at + 7] = position // scan_cols
 
 
 @dataclass(frozen=True)
@@ -588,15 +754,15 @@ def _charge_quantiles(mean: float, shape: float) -> np.ndarray:
     return (gammaincinv(shape, q) * mean / shape).astype(np.float32)
 
 
-def _sharing_kernels(rng: np.random.Generator, sigma: float) -> np.ndarray:
-    """(_N_SHARING_KERNELS, 3, 3) float32 fractions (each sums to 1) of an electron's charge on its
+def _sharing_kernels(rng: np.random.Generator, sigma: float, n: int) -> np.ndarray:
+    """(n, 3, 3) float32 fractions (each sums to 1) of an electron's charge on its
     3x3 neighbourhood: a Gaussian cloud of width ~sigma px centred at a random point of the landing
     pixel. Landing points so near an edge that a neighbour would get nearly as much are redrawn."""
     edges = np.array([-1.5, -0.5, 0.5, 1.5])
     kept: list[np.ndarray] = []
     n_kept = 0
-    while n_kept < _N_SHARING_KERNELS:
-        m = 4 * _N_SHARING_KERNELS
+    while n_kept < n:
+        m = 4 * n
         offset = rng.uniform(-0.5, 0.5, (m, 2))
         width = sigma * rng.uniform(0.8, 1.2, (m, 1))
         along_rows = np.diff(ndtr((edges - offset[:, :1]) / width), axis=1)  # (m, 3)
@@ -607,7 +773,43 @@ def _sharing_kernels(rng: np.random.Generator, sigma: float) -> np.ndarray:
         good = kernels[kernels[:, 1, 1] >= _MIN_CENTRE_RATIO * neighbours]
         kept.append(good)
         n_kept += len(good)
-    return np.concatenate(kept)[:_N_SHARING_KERNELS].astype(np.float32)
+    return np.concatenate(kept)[:n].astype(np.float32)
+
+
+def _charge_stamps(rng: np.random.Generator, config: SimulationConfig) -> np.ndarray:
+    """(_N_STAMPS, 9) uint16: what one electron adds to its 3x3 neighbourhood (row-major, landing
+    pixel in the middle), ADU. Stamp i has charge level i // _KERNELS_PER_LEVEL (every quantile of
+    the charge distribution as often) and a sharing pattern of its own, drawn independently: an
+    electron taking a uniformly random stamp gets exactly the charge distribution of the quantile
+    table, and a sharing pattern from 16,384 draws of the charge cloud, independent of its charge.
+    Precomputed so that depositing an electron is 9 integer additions, not 9 products and
+    float-to-integer conversions (a third of the time an electron took)."""
+    adu = _charge_quantiles(config.electron_adu_mean, config.electron_adu_shape)
+    adu = np.repeat(adu, _KERNELS_PER_LEVEL)[:, None]
+    shares = _sharing_kernels(rng, config.charge_cloud_sigma, _N_STAMPS).reshape(_N_STAMPS, 9)
+    return np.minimum(np.floor(adu * shares + np.float32(0.5)), _UINT16_MAX).astype(np.uint16)
+
+
+def _corner_stamps(stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stamps (N, 9) as corner stamps: (N, 4) uint16 (landing pixel, col neighbour, row neighbour,
+    diagonal neighbour), each stamp mirrored so that its charge lies towards the bottom right, and
+    (N,) bool, True for the stamps with charge on both sides of the landing pixel (all zeros in the
+    corner stamps; the kernel adds their whole 3x3). At the default cloud width the charge reaches
+    at most the neighbours towards the nearest corner but for a few stamps in 10,000 (1 ADU spilt
+    on both sides), so an electron costs 4 additions instead of 9 (the deposit was half its cost).
+
+    The kernel mirrors every stamp by two random bits of the electron's own. The sharing patterns
+    come from landing points uniform over the pixel and are symmetric under those mirrorings, so
+    a mirrored stamp is as likely as the stamp itself: the charge is shared as before."""
+    grid = stamps.reshape(-1, 3, 3)
+    up, down = grid[:, 0, :].any(axis=1), grid[:, 2, :].any(axis=1)
+    left, right = grid[:, :, 0].any(axis=1), grid[:, :, 2].any(axis=1)
+    wide = (up & down) | (left & right)
+    grid = np.where(up[:, None, None], grid[:, ::-1, :], grid)
+    grid = np.where(left[:, None, None], grid[:, :, ::-1], grid)
+    corners = np.ascontiguousarray(grid[:, 1:, 1:].reshape(-1, 4))
+    corners[wide] = 0
+    return corners, wide
 
 
 class DetectorSimulator:
@@ -627,14 +829,25 @@ class DetectorSimulator:
         self._frame_key = np.uint64(_mix64_int(config.seed ^ _DOMAIN_FRAMES))
         self._drop_key = np.uint64(_mix64_int(config.seed ^ _DOMAIN_DROPS))
 
-        shape = (_NOISE_POOL_FRAMES, FRAME_ROWS + _NOISE_POOL_MARGIN, FRAME_COLS + _NOISE_POOL_MARGIN)
-        noise = rng.standard_normal(shape, dtype=np.float32) * np.float32(config.read_noise)
+        noise = rng.standard_normal(_NOISE_POOL_VALUES, dtype=np.float32) * np.float32(config.read_noise)
         noise += np.float32(config.pedestal)
-        self._noise_pool = np.clip(np.rint(noise), 0, _UINT16_MAX).astype(np.uint16)
+        values = np.clip(np.rint(noise), 0, _UINT16_MAX).astype(np.int64)
         del noise
+        # uint8 above a base value when the values span at most 256 ADU (read noise up to ~20 ADU):
+        # half the bytes to read per pixel. The pool repeats its first FRAME_COLS values at its end,
+        # so that every row is one contiguous slice.
+        low = int(values.min())
+        if int(values.max()) - low <= 255:
+            self._noise_base = np.uint16(low)
+            pool = (values - low).astype(np.uint8)
+        else:
+            self._noise_base = np.uint16(0)
+            pool = values.astype(np.uint16)
+        self._noise_pool = np.concatenate([pool, pool[:FRAME_COLS]])
+        del values, pool
 
-        self._charge_adu = _charge_quantiles(config.electron_adu_mean, config.electron_adu_shape)
-        self._sharing = _sharing_kernels(rng, config.charge_cloud_sigma)
+        self._stamps = _charge_stamps(rng, config)
+        self._corners, self._wide = _corner_stamps(self._stamps)
 
         bad = rng.choice(FRAME_PIXELS, config.n_hot_pixels + config.n_dead_pixels, replace=False).astype(np.int64)
         self.hot_pixels: np.ndarray = np.sort(bad[: config.n_hot_pixels])  # flat row*576+col
@@ -654,11 +867,19 @@ class DetectorSimulator:
             raise ValueError(f"frames {start}..{start + count - 1} outside the scan's 0..{self.n_frames - 1}")
 
     def _render(
-        self, out: np.ndarray, frame_stride: int, data_offset: int, row0: int, n_rows: int, track_truth: bool, indices: np.ndarray
+        self,
+        out: np.ndarray,
+        frame_stride: int,
+        data_offset: int,
+        row0: int,
+        n_rows: int,
+        whole_counts: bool,
+        track_truth: bool,
+        indices: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Run the kernel (_render_rows) for frame indices (n,) int64 into the flat uint16 ``out``."""
         cfg = self.config
-        comp_row, comp_col, comp_radius, comp_cum = self._pattern_tables(indices // cfg.frames_per_position)
+        comp_row, comp_col, comp_radius, comp_density = self._pattern_tables(indices // cfg.frames_per_position)
         return _render_rows(
             out,
             frame_stride,
@@ -667,16 +888,21 @@ class DetectorSimulator:
             FRAME_COLS,
             row0,
             n_rows,
+            whole_counts,
             track_truth,
             _stream_keys(self._frame_key, indices),
-            cfg.dose * FRAME_PIXELS,
             self._noise_pool,
+            _NOISE_POOL_VALUES,
+            self._noise_base,
+            _NOISE_STRIDE_SPREAD,
+            _BAND_EDGES,
             comp_row,
             comp_col,
             comp_radius,
-            comp_cum,
-            self._charge_adu,
-            self._sharing,
+            comp_density,
+            self._corners,
+            self._wide,
+            self._stamps,
             float(cfg.xray_rate),
             cfg.xray_adu[0],
             cfg.xray_adu[1],
@@ -687,19 +913,24 @@ class DetectorSimulator:
 
     def _pattern_tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The kernel's view of the specimen at positions (n,) int64: disk centre rows, centre cols,
-        radii and cumulative probabilities, each (n, C) float64, C-contiguous. Computed for blocks of
+        radii and electron densities (electrons per px^2, see _component_densities), each (n, C)
+        float64, C-contiguous. Computed for blocks of
         _PATTERN_BLOCK positions and kept for the last few blocks: SyntheticSpecimen.patterns costs
         ~0.1 ms a call whatever the number of positions, as much as rendering several sectors, and a
         position's pattern then does not depend on the batch it is asked for in."""
         if len(positions) == 0:
             return tuple(table[:0] for table in self._pattern_block(0))
-        first = int(positions.min()) // _PATTERN_BLOCK
-        last = int(positions.max()) // _PATTERN_BLOCK
+        low, high = int(positions[0]), int(positions[-1])  # positions come in ascending order
+        first = low // _PATTERN_BLOCK
+        last = high // _PATTERN_BLOCK
         blocks = [self._pattern_block(b) for b in range(first, last + 1)]
         if len(blocks) == 1:
             tables = blocks[0]
         else:
             tables = tuple(np.concatenate(parts) for parts in zip(*blocks))
+        if high - low + 1 == len(positions):  # consecutive positions (one frame each): views, no copies
+            offset = low - first * _PATTERN_BLOCK
+            return tuple(table[offset : offset + len(positions)] for table in tables)
         relative = positions - first * _PATTERN_BLOCK
         return tuple(table[relative] for table in tables)
 
@@ -709,12 +940,19 @@ class DetectorSimulator:
             if tables is None:
                 start = block * _PATTERN_BLOCK
                 patterns = self.specimen.patterns(np.arange(start, min(start + _PATTERN_BLOCK, self.config.n_positions)))
-                tables = (
-                    np.ascontiguousarray(patterns.centres[..., 0]),
-                    np.ascontiguousarray(patterns.centres[..., 1]),
-                    np.ascontiguousarray(patterns.radii),
-                    patterns.cumulative(),
+                comp_row = np.ascontiguousarray(patterns.centres[..., 0])
+                comp_col = np.ascontiguousarray(patterns.centres[..., 1])
+                comp_radius = np.ascontiguousarray(patterns.radii)
+                density = _component_densities(
+                    comp_row,
+                    comp_col,
+                    comp_radius,
+                    np.ascontiguousarray(patterns.probabilities),
+                    FRAME_ROWS,
+                    FRAME_COLS,
+                    self.config.dose * FRAME_PIXELS,
                 )
+                tables = (comp_row, comp_col, comp_radius, density)
                 self._pattern_cache[block] = tables
                 while len(self._pattern_cache) > _PATTERN_BLOCKS_KEPT:
                     del self._pattern_cache[next(iter(self._pattern_cache))]
@@ -744,7 +982,9 @@ class DetectorSimulator:
             raise ValueError(f"out must be a C-contiguous ({count}, {FRAME_ROWS}, {FRAME_COLS}) uint16 array")
         indices = np.arange(start, start + count, dtype=np.int64)
         positions = indices // cfg.frames_per_position
-        counts, events, offsets, n_events = self._render(out.reshape(-1), FRAME_PIXELS, 0, 0, FRAME_ROWS, True, indices)
+        counts, events, offsets, n_events = self._render(
+            out.reshape(-1), FRAME_PIXELS, 0, 0, FRAME_ROWS, True, True, indices
+        )
         true_events = [events[offsets[i] : offsets[i] + n_events[i]] for i in range(count)]
         return FrameBatch(
             frame_numbers=(indices + cfg.first_frame_number).astype(np.uint32),
@@ -763,9 +1003,9 @@ class DetectorSimulator:
 
     def sector_batch(self, start: int, count: int, module: int, *, out: np.ndarray | None = None) -> SectorBatch:
         """Sector ``module`` of frames ``start .. start+count-1``: exactly
-        ``batch(start, count).frames[:, 144*module : 144*(module+1)]``, for about a quarter of the work
-        (only the sector's rows are rendered; the electrons and X-rays of the whole frame are still
-        drawn, but only those whose charge reaches the sector are deposited). ``out``, if given, is a
+        ``batch(start, count).frames[:, 144*module : 144*(module+1)]``, for the work of the sector's
+        rows and electrons (only the electrons whose charge can reach the sector are drawn; the
+        whole frame's electron counts are drawn too, for ``electron_counts``). ``out``, if given, is a
         C-contiguous (count, 144, 576) uint16 array to fill. Raises ValueError for a range outside
         the scan, a module outside 0..3 or a wrong ``out``."""
         self._check_range(start, count)
@@ -776,7 +1016,7 @@ class DetectorSimulator:
             raise ValueError(f"out must be a C-contiguous ({count}, {SECTOR_ROWS}, {FRAME_COLS}) uint16 array")
         indices = np.arange(start, start + count, dtype=np.int64)
         counts, _, _, _ = self._render(
-            out.reshape(-1), SECTOR_ROWS * FRAME_COLS, 0, module * SECTOR_ROWS, SECTOR_ROWS, False, indices
+            out.reshape(-1), SECTOR_ROWS * FRAME_COLS, 0, module * SECTOR_ROWS, SECTOR_ROWS, True, False, indices
         )
         return SectorBatch(
             module=module,
@@ -806,22 +1046,17 @@ class DetectorSimulator:
         if cfg.drop_sector_probability > 0.0:
             indices = indices[~self._dropped(indices)[:, module]]
         records = np.empty(len(indices), RECORD_DTYPE) if out is None else out[: len(indices)]
-        positions = indices // cfg.frames_per_position
         rows, cols = cfg.scan_shape
-        header = records["header"]
-        header["scan_number"] = cfg.scan_number
-        header["frame_number"] = indices + cfg.first_frame_number
-        header["scan_width"] = cols
-        header["scan_height"] = rows
-        header["x"] = positions % cols
-        header["y"] = positions // cols
         # The records as uint16: record i's pixels start HEADER_BYTES into it (both sizes are even).
+        words = records.view(np.uint16)
+        _write_headers(words, RECORD_BYTES // 2, indices, cfg.scan_number, cfg.first_frame_number, rows, cols, cfg.frames_per_position)
         self._render(
-            records.view(np.uint16),
+            words,
             RECORD_BYTES // 2,
             HEADER_BYTES // 2,
             module * SECTOR_ROWS,
             SECTOR_ROWS,
+            False,
             False,
             indices,
         )

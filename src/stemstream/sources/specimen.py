@@ -21,7 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
+from numba import njit
 
 DETECTOR_CENTRE = (288.0, 288.0)  # (row, col) px: where the undeflected BF disk sits
 MAX_REFLECTIONS = 8  # square lattice: 4 first-order + 4 diagonal reflections; hexagonal uses 6
@@ -85,6 +88,66 @@ class DiffractionPatterns:
         return cum
 
 
+@njit(nogil=True, cache=True)
+def _patterns_kernel(
+    positions, scan_cols, longer, ext_r, ext_c, descan, max_shift, grain_centres, grain_radii, grain_thickness,
+    offsets, directions, intensities, norms, phases, bf_radius, film_scatter, grain_scatter, centres, radii, probs,
+):
+    """SyntheticSpecimen.patterns at flat positions (n,) into centres (n, C, 2), radii (n, C) and
+    probs (n, C): the same arithmetic as field_coordinates, grain_map and beam_shift, a loop per
+    position instead of numpy calls on (n, G) arrays (those cost ~1 us per position in all)."""
+    n_grains = grain_centres.shape[0]
+    n_refl = offsets.shape[1]
+    n_comp = radii.shape[1]
+    top = max(ext_r, ext_c)
+    edge = 0.015  # field units: grain edge softness, as in _grain_thickness
+    for i in range(positions.shape[0]):
+        fr = (positions[i] // scan_cols + 0.5) / longer
+        fc = (positions[i] % scan_cols + 0.5) / longer
+        shift_r = descan * (fr - ext_r / 2) / top
+        shift_c = descan * (fc - ext_c / 2) / top
+        grain = -1
+        thick = 0.0
+        for g in range(n_grains):
+            dr = fr - grain_centres[g, 0]
+            dc = fc - grain_centres[g, 1]
+            d2 = dr * dr + dc * dc
+            t = grain_thickness[g] / (1.0 + math.exp(min(max((math.sqrt(d2) - grain_radii[g]) / edge, -50.0), 50.0)))
+            if grain < 0 or t > thick:  # argmax: the first of equal thicknesses
+                grain = g
+                thick = t
+            width = 0.7 * grain_radii[g]
+            pull = max_shift * grain_thickness[g] * math.exp(0.5 - d2 / (2 * width * width)) / width
+            shift_r -= pull * dr
+            shift_c -= pull * dc
+        if thick <= 1e-3:
+            grain = -1
+            thick = 0.0
+        row = 288.0 + shift_r
+        col = 288.0 + shift_c
+        for k in range(n_comp):
+            centres[i, k, 0] = row
+            centres[i, k, 1] = col
+            radii[i, k] = bf_radius
+            probs[i, k] = 0.0
+        radii[i, n_comp - 1] = -1.0
+        scattered = film_scatter + grain_scatter * thick
+        bragg_sum = 0.0
+        if grain >= 0:
+            rel_r = fr - grain_centres[grain, 0]
+            rel_c = fc - grain_centres[grain, 1]
+            for r in range(n_refl):
+                centres[i, 1 + r, 0] += offsets[grain, r, 0]
+                centres[i, 1 + r, 1] += offsets[grain, r, 1]
+                along = rel_r * directions[grain, r, 0] + rel_c * directions[grain, r, 1]
+                excitation = 0.5 + 0.5 * math.cos(2 * math.pi * along / grain_radii[grain] + phases[grain, r])
+                bragg = 0.75 * grain_scatter * thick * (intensities[grain, r] * excitation) / norms[grain, 0]
+                probs[i, 1 + r] = bragg
+                bragg_sum += bragg
+        probs[i, 0] = 1.0 - scattered
+        probs[i, n_comp - 1] = scattered - bragg_sum
+
+
 class SyntheticSpecimen:
     """A film with a few crystalline grains over a scan of ``scan_shape`` = (rows, cols) positions.
 
@@ -128,6 +191,13 @@ class SyntheticSpecimen:
         self._offsets = np.array([g.reflections() for g in self.grains]).reshape(len(self.grains), MAX_REFLECTIONS, 2)
         self._intensities = np.array([g.intensities for g in self.grains]).reshape(len(self.grains), MAX_REFLECTIONS)
         self._phases = np.array([g.phases for g in self.grains]).reshape(len(self.grains), MAX_REFLECTIONS)
+        # Per-grain constants of patterns(), computed once: patterns() runs for every block of scan
+        # positions a producer streams, and its numpy calls on small arrays add up.
+        self._centres = np.array([g.centre for g in self.grains]).reshape(len(self.grains), 2)
+        self._radii = np.array([g.radius for g in self.grains])
+        self._thickness = np.array([g.thickness for g in self.grains])
+        self._directions = self._offsets / np.maximum(np.linalg.norm(self._offsets, axis=2, keepdims=True), 1e-12)
+        self._norms = self._intensities.sum(axis=1, keepdims=True)
 
     def _random_grain(self, rng: np.random.Generator) -> Grain:
         ext_r, ext_c = self._extent
@@ -178,12 +248,10 @@ class SyntheticSpecimen:
         """(n, G) thickness of each grain at field points (n, 2); soft edges."""
         if not self.grains:
             return np.zeros((len(field), 0))
-        centres = np.array([g.centre for g in self.grains])  # (G, 2)
-        radii = np.array([g.radius for g in self.grains])
-        thickness = np.array([g.thickness for g in self.grains])
-        dist = np.sqrt(((field[:, None, :] - centres[None]) ** 2).sum(-1))  # (n, G)
+        delta = field[:, None, :] - self._centres[None]  # (n, G, 2)
+        dist = np.sqrt(delta[..., 0] ** 2 + delta[..., 1] ** 2)  # (n, G)
         edge = 0.015  # field units: edge softness
-        return thickness / (1.0 + np.exp(np.clip((dist - radii) / edge, -50, 50)))
+        return self._thickness / (1.0 + np.exp(np.clip((dist - self._radii) / edge, -50, 50)))
 
     def grain_map(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Thickness (n,) float64 in 0..1 and index (n,) int64 of the dominant grain (-1: film only)."""
@@ -213,35 +281,21 @@ class SyntheticSpecimen:
         return shift
 
     def patterns(self, positions: np.ndarray) -> DiffractionPatterns:
-        """The disk-mixture model at flat scan positions (n,); see DiffractionPatterns."""
-        positions = np.asarray(positions, np.int64)
+        """The disk-mixture model at flat positions (n,); see DiffractionPatterns. The BF disk sits
+        at DETECTOR_CENTRE + beam_shift; over a grain (grain_map) the Bragg disks sit at the grain's
+        reflections from it, each with 0.75 * grain_scatter * thickness of the electrons shared by
+        the reflections' intensities, modulated by bend contours; the film and the grain scatter
+        film_scatter + grain_scatter * thickness out of the BF disk, the rest of it to the background."""
+        positions = np.ascontiguousarray(positions, np.int64)
         n = len(positions)
-        field = self.field_coordinates(positions)
-        thick, grain = self.grain_map(positions)
-        bf_centre = np.array(DETECTOR_CENTRE) + self.beam_shift(positions)  # (n, 2)
-
-        centres = np.repeat(bf_centre[:, None, :], N_COMPONENTS, axis=1)
-        radii = np.full((n, N_COMPONENTS), self.bf_radius)
-        radii[:, -1] = BACKGROUND_RADIUS
-        probs = np.zeros((n, N_COMPONENTS))
-
-        in_grain = grain >= 0
-        bragg = np.zeros((n, MAX_REFLECTIONS))
-        if in_grain.any():
-            g = grain[in_grain]
-            offsets = self._offsets[g]  # (m, R, 2)
-            centres[in_grain, 1:-1] += offsets
-            # Bend contours: each reflection is excited in stripes across the grain.
-            directions = offsets / np.maximum(np.linalg.norm(offsets, axis=2, keepdims=True), 1e-12)
-            grain_centres = np.array([gr.centre for gr in self.grains])[g]  # (m, 2)
-            grain_radii = np.array([gr.radius for gr in self.grains])[g]
-            along = ((field[in_grain] - grain_centres)[:, None, :] * directions).sum(-1)  # (m, R)
-            excitation = 0.5 + 0.5 * np.cos(2 * np.pi * along / grain_radii[:, None] + self._phases[g])
-            weights = self._intensities[g] * excitation
-            norm = self._intensities[g].sum(axis=1, keepdims=True)
-            bragg[in_grain] = 0.75 * self.grain_scatter * thick[in_grain, None] * weights / norm
-        scattered = self.film_scatter + self.grain_scatter * thick
-        probs[:, 0] = 1.0 - scattered
-        probs[:, 1:-1] = bragg
-        probs[:, -1] = scattered - bragg.sum(axis=1)
+        centres = np.empty((n, N_COMPONENTS, 2))
+        radii = np.empty((n, N_COMPONENTS))
+        probs = np.empty((n, N_COMPONENTS))
+        rows, cols = self.scan_shape
+        assert DETECTOR_CENTRE == (288.0, 288.0)  # as written in _patterns_kernel
+        _patterns_kernel(
+            positions, cols, max(rows, cols), self._extent[0], self._extent[1], self.descan, self.max_shift,
+            self._centres, self._radii, self._thickness, self._offsets, self._directions, self._intensities,
+            self._norms, self._phases, self.bf_radius, self.film_scatter, self.grain_scatter, centres, radii, probs,
+        )
         return DiffractionPatterns(centres=centres, radii=radii, probabilities=probs)
