@@ -251,6 +251,11 @@ def gateway_alone(sinks: int, block_frames: int, frames: int, work: Path) -> dic
     control = ControlClient.for_config(config, context, timeout_s=5.0)
     try:
         wait_for_roles(control, {"gateway-0"}, config, timeout_s=120)
+        # the gateway routes only messages of a scan control has open, to that scan's node groups
+        reply = control.request("start_scan", scan_number=1, scan_shape=[n_blocks, block_frames],
+                                nodes=list(range(sinks)))
+        if not reply.get("ok"):
+            raise SystemExit(f"control refused the benchmark's scan: {reply.get('error')}")
         through = warm_and_time(context, [net.gateway(m) for m in range(N_MODULES)], sink_endpoints, messages,
                                 config.flow.send_hwm, procs[1].pid)
         control.request("shutdown", timeout_s=2.0)
