@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -246,6 +247,24 @@ def replay_locally(cfg, spill_dir: Path) -> bool:
     return ok
 
 
+def shared_memory_fits(cfg) -> bool:
+    """Whether shm_dir can hold the 4 producers' segments (with room to spare); if not, the blocks
+    go through the sockets (a container's /dev/shm is often 64 MB)."""
+    from stemstream.formats.raw import N_MODULES
+    from stemstream.pipeline.producer import ring_slots
+    from stemstream.pipeline.shared_memory import segment_bytes
+
+    directory = Path(cfg.network.shm_dir)
+    if not directory.is_dir():
+        return False
+    need = N_MODULES * segment_bytes(cfg.pipeline.block_frames, ring_slots(cfg))
+    if shutil.disk_usage(directory).free < 2 * need:
+        log.warning("%s has too little room for shared memory (%.0f MiB needed); blocks go through the sockets",
+                    directory, 2 * need / 2**20)
+        return False
+    return True
+
+
 def _validate(cfg) -> None:
     from stemstream.deploy.config import ConfigError
 
@@ -284,7 +303,7 @@ def run_locally(cfg, simulate: str | None, replay: Path | None, n_scans: int, fr
         cfg.network.transport = "ipc"
         cfg.network.ipc_dir = str(work / "sockets")
         Path(cfg.network.ipc_dir).mkdir()
-        cfg.network.shared_memory = Path(cfg.network.shm_dir).is_dir()
+        cfg.network.shared_memory = shared_memory_fits(cfg)
     if cfg.pipeline.spill_dir == "spill":  # the default: beside the counted files
         cfg.pipeline.spill_dir = str(Path(cfg.pipeline.output_dir) / "spill")
     all_ok = True

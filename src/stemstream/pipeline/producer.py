@@ -38,6 +38,12 @@ log = logging.getLogger(__name__)
 _GRACE_AFTER_SPILL_S = 0.05
 
 
+def ring_slots(config) -> int:
+    """Shared-memory slots of a producer: one per block it may hold for resending, one being
+    filled, one spare."""
+    return config.flow.retain_blocks + 2
+
+
 class OutgoingScan:
     """What a producer keeps of one scan while the writer has not closed it."""
 
@@ -74,9 +80,8 @@ class Producer(Role):
         self._current: OutgoingScan | None = None
         net = config.network
         if net.shared_memory:
-            # one slot per block it may hold for resending, one being filled, one spare
             self.ring = SlotRing(net.shm_dir, f"{segment_prefix(net.control_port)}p{module}-{os.getpid()}",
-                                 config.pipeline.block_frames, config.flow.retain_blocks + 2)
+                                 config.pipeline.block_frames, ring_slots(config))
 
     def stats(self) -> dict:
         s = super().stats()

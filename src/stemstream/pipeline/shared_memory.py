@@ -18,6 +18,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,11 @@ def segment_prefix(control_port: int) -> str:
     return f"stemstream-{control_port}-"
 
 
+def segment_bytes(slot_records: int, n_slots: int) -> int:
+    """Size of a producer's segment of ``n_slots`` slots of ``slot_records`` records."""
+    return slot_records * RECORD_BYTES * n_slots
+
+
 class SlotRing:
     """A producer's segment: ``n_slots`` slots of ``slot_records`` sector records each."""
 
@@ -43,6 +49,12 @@ class SlotRing:
         self.path = Path(directory) / name
         self.slot_bytes = slot_records * RECORD_BYTES
         self.slot_records = slot_records
+        need = segment_bytes(slot_records, n_slots)
+        free = shutil.disk_usage(directory).free
+        if free < need:  # a full tmpfs kills the process (SIGBUS) at the first page it cannot back
+            raise OSError(f"shared memory: {directory} has {free / 2**20:.0f} MiB free, a producer's segment needs "
+                          f"{need / 2**20:.0f} MiB ([flow] retain_blocks + 2 blocks); make room or set "
+                          f"[network] shared_memory = false")
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.ftruncate(fd, self.slot_bytes * n_slots)
