@@ -4,7 +4,6 @@ folder on the import path)."""
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 
 from stemstream.cli_support import UserError
 from stemstream.cli_support import parse_shape as _parse_shape
+from stemstream.deploy.ports import free_port_block  # noqa: F401  (re-exported for the benchmarks)
 from stemstream.sources.simulator import DetectorSimulator, SimulationConfig
 
 
@@ -38,27 +38,3 @@ def simulated_frames(config: SimulationConfig, n_frames: int) -> np.ndarray:
         count = min(32, n_frames - start)
         sim.batch(start, count, out=frames[start : start + count])
     return frames
-
-
-def free_port_block(size: int) -> int:
-    """A base port with ``size`` consecutive ports after it free on 127.0.0.1 (checked by binding
-    each), for a pipeline config that must not collide with other runs on the machine."""
-    for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + size >= 65000:
-            continue
-        taken = []
-        try:
-            for port in range(base, base + size):
-                s = socket.socket()
-                taken.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in taken:
-                s.close()
-    raise RuntimeError(f"no block of {size} free ports on 127.0.0.1")

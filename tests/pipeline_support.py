@@ -2,37 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
 import numpy as np
 
 from stemstream.deploy.config import PipelineConfig
+from stemstream.deploy.ports import free_port_block
 from stemstream.formats.sparse_h5 import read_counted
-
-
-def _free_port_block(size: int) -> int:
-    """A base port with ``size`` consecutive free ports after it (checked by binding)."""
-    for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + size >= 65000:
-            continue
-        sockets = []
-        try:
-            for port in range(base, base + size):
-                s = socket.socket()
-                s.bind(("127.0.0.1", port))
-                sockets.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no block of free ports")
 
 
 def test_config(tmp_path: Path, nodes: int = 2, gateway: bool = True, fixed: bool = True,
@@ -40,7 +17,7 @@ def test_config(tmp_path: Path, nodes: int = 2, gateway: bool = True, fixed: boo
     """Every role on 127.0.0.1, fresh ports, short timeouts, output and spill under tmp_path;
     blocks through the sockets, or through shared memory."""
     config = PipelineConfig()
-    base = _free_port_block(8 + 4 * nodes)
+    base = free_port_block(8 + 4 * nodes)
     net = config.network
     net.bind_host = "127.0.0.1"
     net.control_port, net.writer_port, net.gateway_port, net.node_base_port = base, base + 1, base + 2, base + 8

@@ -8,6 +8,7 @@ state under a temporary directory, and stops them by process id at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -21,7 +22,8 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
-from pipeline_support import _free_port_block, assert_same_events, test_config
+from pipeline_support import assert_same_events, test_config
+from stemstream.deploy.ports import free_port_block
 from stemstream.cli import app
 from stemstream.deploy.launcher import RANK_VARIABLES, LauncherError, launcher_rank, node_index_from_launcher
 from stemstream.deploy.slurm import SlurmError, SlurmJob
@@ -109,32 +111,42 @@ def test_node_command_refuses_a_bad_or_too_large_launcher_rank(tmp_path):
     assert_one_line_error(_node_command(config, "--workers", "0", env=_env(PMI_RANK="1")), "--workers must be at least 1")
 
 
-def test_a_node_group_started_as_mpi_rank_1_checks_in_as_node_1(tmp_path):
-    """What ``mpirun -np 2 python -m stemstream node --config F`` gives each process: its rank in
-    OMPI_COMM_WORLD_RANK, and no --index. Real control and node group processes."""
+def _node_groups_checked_in(control: ControlClient, procs: dict, tmp_path) -> set[str]:
+    """The node groups control has heard from (none while it is not up yet); raises if one of
+    ``procs`` died."""
+    _alive_check(procs, tmp_path)
+    try:
+        return {k for k in control.request("status", timeout_s=1.0)["roles"] if k.startswith("node")}
+    except ControlUnavailable:
+        return set()
+
+
+@contextlib.contextmanager
+def _control_alone(tmp_path):
+    """A real control process on a fresh config: (config path, processes to add to, client); on
+    exit control is told to shut down and every process is stopped."""
     config = test_config(tmp_path)
     path = config.write(tmp_path / "pipeline.toml")
     procs: dict[str, subprocess.Popen] = {}
     control = ControlClient.for_config(config, timeout_s=5.0)
     try:
         _start_role(procs, tmp_path, "control", path, "control")
-        _start_role(procs, tmp_path, "node", path, "node", "--workers", "1", env={"OMPI_COMM_WORLD_RANK": "1"})
-
-        def nodes() -> set[str]:
-            _alive_check(procs, tmp_path)
-            try:
-                return {k for k in control.request("status", timeout_s=1.0)["roles"] if k.startswith("node")}
-            except ControlUnavailable:
-                return set()
-
-        _wait_for(lambda: nodes() == {"node-1"}, 60, "the node group did not check in as node-1",
-                  [tmp_path / "node.log", tmp_path / "control.log"])
-        control.request("shutdown", timeout_s=2.0)
-        assert procs["node"].wait(30) == 0
+        yield path, procs, control
     finally:
         control.close()
         for proc in procs.values():
             _stop(proc, 5.0)
+
+
+def test_a_node_group_started_as_mpi_rank_1_checks_in_as_node_1(tmp_path):
+    """What ``mpirun -np 2 python -m stemstream node --config F`` gives each process: its rank in
+    OMPI_COMM_WORLD_RANK, and no --index. Real control and node group processes."""
+    with _control_alone(tmp_path) as (path, procs, control):
+        _start_role(procs, tmp_path, "node", path, "node", "--workers", "1", env={"OMPI_COMM_WORLD_RANK": "1"})
+        _wait_for(lambda: _node_groups_checked_in(control, procs, tmp_path) == {"node-1"}, 60,
+                  "the node group did not check in as node-1", [tmp_path / "node.log", tmp_path / "control.log"])
+        control.request("shutdown", timeout_s=2.0)
+        assert procs["node"].wait(30) == 0
 
 
 def test_mpirun_starts_two_node_groups_that_check_in_as_node_0_and_node_1(tmp_path):
@@ -142,34 +154,16 @@ def test_mpirun_starts_two_node_groups_that_check_in_as_node_0_and_node_1(tmp_pa
     reason = install_debian_packages(["openmpi-bin"], ["/usr/bin/mpirun"])
     if reason:
         pytest.skip(reason)
-    config = test_config(tmp_path)
-    path = config.write(tmp_path / "pipeline.toml")
-    procs: dict[str, subprocess.Popen] = {}
-    control = ControlClient.for_config(config, timeout_s=5.0)
-    try:
-        _start_role(procs, tmp_path, "control", path, "control")
-        out = open(tmp_path / "mpirun.log", "ab")
-        procs["mpirun"] = subprocess.Popen(
-            ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
-             sys.executable, "-m", "stemstream", "node", "--config", str(path), "--workers", "1"],
-            stdout=out, stderr=subprocess.STDOUT, env=_env())
-        out.close()
-
-        def nodes() -> set[str]:
-            _alive_check(procs, tmp_path)
-            try:
-                return {k for k in control.request("status", timeout_s=1.0)["roles"] if k.startswith("node")}
-            except ControlUnavailable:
-                return set()
-
-        _wait_for(lambda: nodes() == {"node-0", "node-1"}, 60, "mpirun's ranks did not check in as node-0 and node-1",
-                  [tmp_path / "mpirun.log"])
+    with _control_alone(tmp_path) as (path, procs, control):
+        with open(tmp_path / "mpirun.log", "ab") as out:
+            procs["mpirun"] = subprocess.Popen(
+                ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
+                 sys.executable, "-m", "stemstream", "node", "--config", str(path), "--workers", "1"],
+                stdout=out, stderr=subprocess.STDOUT, env=_env())
+        _wait_for(lambda: _node_groups_checked_in(control, procs, tmp_path) == {"node-0", "node-1"}, 60,
+                  "mpirun's ranks did not check in as node-0 and node-1", [tmp_path / "mpirun.log"])
         control.request("shutdown", timeout_s=2.0)
         assert procs["mpirun"].wait(30) == 0  # both ranks ended cleanly on control's shutdown
-    finally:
-        control.close()
-        for proc in procs.values():
-            _stop(proc, 5.0)
 
 
 # -- the batch script ------------------------------------------------------------------------------------
@@ -314,7 +308,7 @@ class SlurmCluster:
         self._spawn(["munged", "--foreground", f"--key-file={key}", f"--socket={sock}", f"--log-file={keys / 'munged.log'}",
                      f"--pid-file={root / 'run' / 'munged.pid'}", f"--seed-file={keys / 'munged.seed'}"])
         _wait_for(sock.exists, 20, "munged did not create its socket", self.logs)
-        ctl_port = _free_port_block(2)
+        ctl_port = free_port_block(2)
         self.conf.write_text(f"""\
 # A one-node cluster on localhost for tests: root runs everything, no cgroups, no accounting.
 ClusterName=stemstream-test
