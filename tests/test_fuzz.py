@@ -163,7 +163,7 @@ def malformed(draw, nodes: int = 1, in_process: bool = True, scan: int = SCAN) -
         good = {"name": "stemstream-0-p0-1", "offset": 0, "nbytes": n * RECORD_BYTES}
         variant = draw(st.sampled_from(["shape", "size", "unknown", "name", "payload"]))
         if variant == "shape":  # not a map, or without a usable name or offset
-            envelope["shm"] = draw(st.one_of(st.integers(), st.text(max_size=8), st.just({"offset": 0}),
+            envelope["shm"] = draw(st.one_of(st.integers(-(2**63), 2**63 - 1), st.text(max_size=8), st.just({"offset": 0}),
                                              st.just({**good, "name": 7}), st.just({**good, "offset": -1})))
             return Bad(category, module, [wire.SECTORS, pack(envelope), b""], {"bad_descriptor", "bad_envelope"},
                        {"bad_descriptor", "bad_envelope"})

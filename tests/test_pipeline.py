@@ -10,7 +10,9 @@ import pytest
 import zmq
 
 from pipeline_support import assert_same_events, frames_by_slot, test_config, wait_until_counted
+from stemstream.counting.kernel import ElectronCounter
 from stemstream.counting.offline import CountOptions, count_raw_scan
+from stemstream.counting.sectors import count_from_sectors
 from stemstream.deploy.local import LocalPipeline, ProducerSource
 from stemstream.formats import wire
 from stemstream.formats.raw import RECORD_DTYPE
@@ -166,3 +168,33 @@ def test_several_scans_in_one_session_each_get_their_own_file(tmp_path):
     assert len(set(paths)) == 3
     assert [read_counted(p).scan_shape for p in paths] == [(4, 6)] * 3
     assert not np.array_equal(frames_by_slot(paths[0])[0], frames_by_slot(paths[1])[0])  # other seeds
+
+
+def test_a_node_group_compiles_everything_a_scan_needs_before_it_registers(tmp_path):
+    """On a fresh machine every kernel compiles on first use (seconds each): one compiled mid-scan
+    stalls the node group until control declares it dead and the producers spill (this happened:
+    received buffers are read-only, another compiled variant than the warm-up's). After the
+    node group's start-up, counting what arrives must compile nothing new."""
+    import numba
+
+    from stemstream.analysis import ScanAnalyses
+    from stemstream.counting import sectors, thresholds
+    from stemstream.pipeline.node import NodeGroup
+
+    node = NodeGroup(test_config(tmp_path), 0)
+    try:
+        dispatchers = [getattr(m, name) for m in (sectors, thresholds) for name in dir(m)
+                       if isinstance(getattr(m, name), numba.core.registry.CPUDispatcher)]
+        before = {d: len(d.signatures) for d in dispatchers}
+        sim = DetectorSimulator(SimulationConfig(scan_shape=(4, 4), seed=2))
+        received = [np.frombuffer(sim.records(0, 16, m).tobytes(), RECORD_DTYPE) for m in range(4)]  # read-only
+        assert not received[0].flags.writeable
+        counter = ElectronCounter(28.0, 1000.0, (576, 576))
+        counted = count_from_sectors(counter, received, np.tile(np.arange(16), (4, 1)).T.copy())
+        thresholds.PixelHistogram().add(sim.batch(0, 1).frames[0], weight=2)
+        ScanAnalyses(node.analyses, (4, 4)).accumulate(np.arange(16), counted.events, counted.offsets)
+        assert {d: len(d.signatures) for d in dispatchers} == before
+    finally:
+        for sock in node.inputs:
+            sock.close(0)
+        node.events_out.close(0)

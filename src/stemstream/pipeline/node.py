@@ -44,7 +44,7 @@ from stemstream.counting.kernel import ElectronCounter
 from stemstream.counting.sectors import count_from_sectors
 from stemstream.counting.thresholds import PixelHistogram, Thresholds, draw_sample_weights
 from stemstream.formats import wire
-from stemstream.formats.raw import FRAME_SHAPE, N_MODULES, RECORD_BYTES, RawModuleWriter, sector_rows
+from stemstream.formats.raw import FRAME_SHAPE, N_MODULES, RECORD_BYTES, RECORD_DTYPE, RawModuleWriter, sector_rows
 from stemstream.pipeline.role import Role
 from stemstream.pipeline.routing import generation, scan_nodes
 from stemstream.pipeline.shared_memory import Attachments
@@ -354,6 +354,7 @@ class NodeScan:
                     self._finish(failed=True)
                 return
         for number in self._ready(final):
+            self.node.tick()  # a long backlog must not look like a dead node group to control
             block = self.pending.pop(number)
             if any((number, m) in self.spilled_parts for m in range(N_MODULES) if m not in block.parts):
                 self._spill_block(number, block)
@@ -414,8 +415,16 @@ class NodeGroup(Role):
         self.shared = Attachments(config.network.shm_dir)  # producers' segments, on one host
         numba.set_num_threads(min(config.counting.workers, numba.config.NUMBA_NUM_THREADS))
         self.analyses = default_analyses(FRAME_SHAPE, config.analysis)
-        # Load the compiled kernels now, not when the first scan's frames are waiting.
-        ElectronCounter(28.0, 1000.0, FRAME_SHAPE).count(np.zeros((1, *FRAME_SHAPE), np.uint16))
+        # Load (on a fresh machine: compile, seconds each) every kernel a scan uses now, not when
+        # the first scan's frames wait: a node group busy compiling mid-scan stalls past the
+        # producers' patience, and they spill.
+        counter = ElectronCounter(28.0, 1000.0, FRAME_SHAPE)
+        counter.count(np.zeros((1, *FRAME_SHAPE), np.uint16))
+        for writable in (True, False):  # received buffers are read-only (another compiled variant)
+            blank = np.zeros(1, RECORD_DTYPE)
+            blank.flags.writeable = writable
+            count_from_sectors(counter, [blank] * N_MODULES, np.zeros((1, N_MODULES), np.int64))
+        PixelHistogram().add(np.zeros(FRAME_SHAPE, np.uint16), weight=1)
         warm_up(self.analyses)
 
     def send_events(self, parts: list) -> None:
