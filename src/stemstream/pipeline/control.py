@@ -68,6 +68,7 @@ class ScanState:
     images_updated: float = 0.0
     committed: list = field(default_factory=list)  # the writer's committed block ranges
     done_nodes: set[int] = field(default_factory=set)  # node groups done in the current generation
+    all_silent_logged: bool = False
 
 
 class Control:
@@ -222,12 +223,8 @@ class Control:
         waiting = spec["thresholds"] is None and state.contributors
         if waiting and spec["alive"] and set(spec["alive"]) <= state.contributors:
             self._fit(state)  # the dead node group's histogram will not come
-        if spec["alive"]:
-            log.warning("scan %d: %s; routing generation %d streams everything uncommitted to node group(s) %s",
-                        spec["scan"], reason, spec["generation"], spec["alive"])
-        else:
-            log.error("scan %d: %s and no node group is left; the scan will end at its timeout with what was "
-                      "committed", spec["scan"], reason)
+        log.warning("scan %d: %s; routing generation %d streams everything uncommitted to node group(s) %s",
+                    spec["scan"], reason, spec["generation"], spec["alive"])
 
     def _op_get_scan(self, req: dict) -> dict:
         state = self.scans.get(int(req["scan"]))
@@ -311,7 +308,13 @@ class Control:
                 # one control never heard of (named in start_scan) is unknown, not dead
                 if n not in state.done_nodes and seen is not None and now - seen > self.config.flow.dead_after_s:
                     dead.append(n)
-            if dead:
+            if dead and len(dead) == len(alive_nodes(state.spec)):
+                # Nobody to take the work over: a new generation would only throw away what is in
+                # flight. If they come back the scan goes on; if not, it ends at its timeouts.
+                if not state.all_silent_logged:
+                    log.error("scan %d: no node group of it is answering (%s)", state.spec["scan"], dead)
+                    state.all_silent_logged = True
+            elif dead:
                 self._new_generation(state, dead, f"node group(s) {dead} stopped answering")
 
     def _tick(self) -> None:
