@@ -71,3 +71,16 @@ def wait_until_closed(pipeline, scan: int, timeout_s: float = 90) -> dict:
         assert time.monotonic() - t0 < timeout_s, f"scan {scan} did not end within {timeout_s} s"
         time.sleep(0.1)
     return state["summary"]
+
+
+class InProcessControl:
+    """Stands in for a role's ControlClient: requests answered by an in-process Control."""
+
+    def __init__(self, control):
+        self.control = control
+
+    def request(self, op: str, timeout_s: float | None = None, **fields) -> dict:
+        return self.control.handle({"op": op, **fields})
+
+    def close(self) -> None:
+        pass

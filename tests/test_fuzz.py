@@ -26,7 +26,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline_support import assert_same_events, test_config
+from pipeline_support import InProcessControl, assert_same_events, test_config
 from stemstream.counting.kernel import ElectronCounter
 from stemstream.counting.offline import CountOptions, count_raw_scan
 from stemstream.deploy.local import LocalPipeline, ProducerSource
@@ -243,19 +243,6 @@ def bad_records(draw) -> BadRecords:
 
 
 # -- the in-process harness ------------------------------------------------------------------------
-
-
-class InProcessControl:
-    """Stands in for a role's ControlClient: requests answered by an in-process Control."""
-
-    def __init__(self, control: Control):
-        self.control = control
-
-    def request(self, op: str, timeout_s: float | None = None, **fields) -> dict:
-        return self.control.handle({"op": op, **fields})
-
-    def close(self) -> None:
-        pass
 
 
 class Harness:

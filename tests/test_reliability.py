@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline_support import test_config
+from pipeline_support import InProcessControl, test_config
 from stemstream.analysis import ScanAnalyses
 from stemstream.deploy.config import ConfigError, config_from_dict, load_config
 from stemstream.formats import wire
@@ -123,17 +123,6 @@ def test_a_config_file_of_garbage_is_one_sentence(tmp_path):
 
 
 # -- unwritable or full output directory -------------------------------------------------------------
-
-
-class InProcessControl:
-    def __init__(self, control: Control):
-        self.control = control
-
-    def request(self, op: str, timeout_s: float | None = None, **fields) -> dict:
-        return self.control.handle({"op": op, **fields})
-
-    def close(self) -> None:
-        pass
 
 
 @contextlib.contextmanager
