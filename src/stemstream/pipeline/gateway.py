@@ -40,6 +40,7 @@ class Gateway(Role):
         # node -> [module] -> queued (scan, stream, parts)
         self.queues: dict[int, list[deque]] = {}
         self.queue_limit = flow.send_hwm
+        self._generations: dict[int, int] = {}  # scan -> routing generation last purged for
 
     def _connect(self, node: int, spec: dict) -> None:
         host = spec.get("node_hosts", {}).get(str(node), "")
@@ -84,15 +85,23 @@ class Gateway(Role):
                     queue.popleft()
                     self.counters["forwarded"] += 1
 
+    def _superseded(self, scan: int, stream: int) -> bool:
+        spec = self.scan_specs.get(scan)
+        return spec is not None and stream < generation(spec)
+
     def _drop_superseded(self) -> None:
         """Forget queued messages of routing generations a failover replaced (a dead node
-        group's queue would otherwise block its module's input for good)."""
+        group's queue would otherwise block its module's input for good). Runs only when a scan's
+        generation changed: the queues are on the hot path."""
+        generations = {number: generation(spec) for number, spec in self.scan_specs.items()}
+        if generations == self._generations:
+            return
+        self._generations = generations
         for row in self.queues.values():
             for module, queue in enumerate(row):
                 if not queue:
                     continue
-                keep = deque((scan, stream, parts) for scan, stream, parts in queue
-                             if scan not in self.scan_specs or stream >= generation(self.scan_specs[scan]))
+                keep = deque(item for item in queue if not self._superseded(item[0], item[1]))
                 if len(keep) < len(queue):
                     self.counters["messages_superseded"] += len(queue) - len(keep)
                     row[module] = keep
@@ -129,6 +138,9 @@ class Gateway(Role):
                         node, scan, stream = self.route(parts, module)
                     except wire.MessageError as exc:
                         self.reject(exc.reason, str(exc))
+                        continue
+                    if self._superseded(scan, stream):  # late: its blocks are being resent
+                        self.counters["messages_superseded"] += 1
                         continue
                     self.queues[node][module].append((scan, stream, parts))
                     if self._module_full(module):
