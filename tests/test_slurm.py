@@ -111,6 +111,16 @@ def test_node_command_refuses_a_bad_or_too_large_launcher_rank(tmp_path):
     assert_one_line_error(_node_command(config, "--workers", "0", env=_env(PMI_RANK="1")), "--workers must be at least 1")
 
 
+def test_node_command_whose_port_is_taken_says_so_in_one_line(tmp_path):
+    config = test_config(tmp_path)
+    path = config.write(tmp_path / "pipeline.toml")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", config.network.node_port(1, 2)))
+        holder.listen()
+        assert_one_line_error(_node_command(path, "--index", "1", env=_env()), "cannot listen",
+                              f"127.0.0.1:{config.network.node_port(1, 2)}", "another program holds that port")
+
+
 def _node_groups_checked_in(control: ControlClient, procs: dict, tmp_path) -> set[str]:
     """The node groups control has heard from (none while it is not up yet); raises if one of
     ``procs`` died."""

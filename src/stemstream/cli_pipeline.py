@@ -30,6 +30,10 @@ def _load(config: Path | None):
 
 
 def _role_guard(job) -> None:
+    import errno
+
+    import zmq
+
     from stemstream.deploy.config import ConfigError
 
     def guarded() -> None:
@@ -37,6 +41,15 @@ def _role_guard(job) -> None:
             job()
         except ConfigError as exc:
             raise UserError(str(exc)) from None
+        except zmq.ZMQError as exc:
+            # A port another program holds, or an address this host does not have: the config's
+            # fault, not a bug, so one sentence naming the address rather than a traceback.
+            if exc.errno == errno.EADDRINUSE:
+                raise UserError(f"cannot listen: {exc} (another program holds that port; "
+                                "choose other ports in [network])") from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise UserError(f"cannot listen: {exc} (this host has no such address; check [network] hosts)") from None
+            raise
 
     run_guarded(guarded, Console(stderr=True))
 
