@@ -25,6 +25,7 @@ def test_config(tmp_path: Path, nodes: int = 2, gateway: bool = True, fixed: boo
     config.pipeline.gateway = gateway
     config.pipeline.output_dir = str(tmp_path / "out")
     config.pipeline.spill_dir = str(tmp_path / "spill")
+    config.pipeline.state_file = str(tmp_path / "control.state")  # never another test's scans
     if fixed:
         config.counting.background_threshold = 28.0
         config.counting.xray_threshold = 1000.0

@@ -102,6 +102,42 @@ def test_node_group_killed_mid_scan_fails_over_and_a_joining_one_is_used_next(tm
     assert_same_events(joined["path"], clean["path"])
 
 
+def test_control_killed_and_restarted_mid_scan_takes_its_scan_back_and_the_file_is_whole(tmp_path):
+    """Control dies (SIGKILL) a third of the way into a scan and is started again 1 s later: the
+    other roles carry on meanwhile, the new control reads its scans back from its state file, the
+    writer reports its commits again, and the scan ends as a clean run does."""
+    config = failover_config(tmp_path)
+    with LocalPipeline(config, tmp_path / "work", ProducerSource(seed=3, rate=400)) as pipeline:
+        pipeline.start()
+        clean = pipeline.run_scan(1, SHAPE, timeout_s=120)
+        complete(clean)
+        before = pipeline.control.request("get_scan", scan=1)["scan"]
+
+        reply = pipeline.control.request("start_scan", scan_number=1, scan_shape=list(SHAPE))
+        assert reply["ok"]
+        spec = reply["scan"]
+        wait_until_counted(pipeline, N_FRAMES + N_FRAMES // 3)
+        pipeline.kill("control")
+        time.sleep(1.0)
+        pipeline.start_control()
+        summary = wait_until_closed(pipeline, 1)
+        status = pipeline.status()
+        writer_log = " ".join((pipeline.log_dir / "writer.log").read_text().split())  # unwrapped
+        next_scan = pipeline.control.request("start_scan", scan_number=2, scan_shape=[4, 4])
+        assert next_scan["ok"]
+        pipeline.control.request("get_scan", scan=2)
+
+    complete(summary)
+    assert "failovers" not in summary["ledger"], summary["ledger"]["failovers"]  # nobody was failed over
+    assert summary["path"] == str(tmp_path / "out" / spec["file_name"])
+    assert_same_events(summary["path"], clean["path"])
+    assert_same_analyses(summary["path"], clean["path"])
+    assert "control was restarted" in writer_log
+    # the restarted control has the earlier scan's record, and numbers files on from the last one
+    assert spec["epoch"] == before["epoch"] + 1 and next_scan["scan"]["epoch"] == spec["epoch"] + 1
+    assert {"writer-0", "node-0", "node-1", "producer-0"} <= set(status["roles"])
+
+
 def test_writer_killed_and_restarted_mid_scan_completes_the_scan_from_its_journal(tmp_path):
     config = failover_config(tmp_path)
     out = tmp_path / "out"

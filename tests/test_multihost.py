@@ -166,6 +166,7 @@ def multihost_config(lab: Lab, tmp_path: Path) -> PipelineConfig:
     config.pipeline.gateway = True
     config.pipeline.output_dir = str(tmp_path / "multihost")
     config.pipeline.spill_dir = str(tmp_path / "spill")
+    config.pipeline.state_file = str(tmp_path / "control.state")
     config.counting.background_threshold, config.counting.xray_threshold = 28.0, 1000.0
     config.flow.heartbeat_s = 0.2
     config.flow.end_timeout_s = 2.0

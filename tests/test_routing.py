@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -49,6 +51,23 @@ def test_journal_gives_back_what_was_committed_and_ignores_a_torn_tail(tmp_path)
     assert [m.block for m in read_journal(path, 1, 4)] == [0, 2]
     # another scan's or epoch's journal is not ours
     assert read_journal(path, 1, 5) is None and read_journal(path, 2, 4) is None
+
+
+def test_journal_sync_puts_every_added_record_on_disk_with_fsync(tmp_path, monkeypatch):
+    """The writer syncs before each commit report: what control hears of must be readable by a
+    writer started after this one died, and on stable storage (fsync), not in a buffer."""
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    path = tmp_path / "scan.h5.journal"
+    journal = Journal(path, scan=1, epoch=0)
+    for block in range(3):
+        journal.add(_events(block, 2))
+    journal.sync()
+    assert synced == [journal._file.fileno()]
+    assert [m.block for m in read_journal(path, 1, 0)] == [0, 1, 2]  # the open journal, read by another
+    journal.close(delete=True)
+    assert not path.exists()
 
 
 def test_a_slot_written_by_the_producer_is_read_in_place_by_the_node_group(tmp_path):

@@ -21,6 +21,7 @@ gateway = true
 block_frames = 32           # frames per routing block (the unit sent to one node group)
 output_dir = "."
 spill_dir = "spill"
+state_file = "stemstream-control.state"  # control's scans, kept across a restart of control ("": not kept)
 
 [counting]                  # fixed thresholds if both given, else calibrated as stempy
 # background_threshold = 28.0
@@ -128,6 +129,9 @@ class PipelineSettings:
     block_frames: int = 32
     output_dir: str = "."
     spill_dir: str = "spill"
+    # Control's scans, rewritten on every change, read back when control restarts
+    # (pipeline.control_state); "" keeps them in memory only.
+    state_file: str = "stemstream-control.state"
 
 
 @dataclass

@@ -62,10 +62,13 @@ class LocalPipeline:
         self.log_dir = self.work_dir / "logs"
         self.log_dir.mkdir(exist_ok=True)
         self.shm_dir: Path | None = None
+        self.config = copy.deepcopy(self.config)
+        state = self.config.pipeline.state_file
+        if state and not Path(state).is_absolute():  # this pipeline's own, not the current directory's
+            self.config.pipeline.state_file = str(self.work_dir / state)
         if self.config.network.shared_memory:
             # A directory of this pipeline's own for the producers' segments: another pipeline
             # on this host never sees them, and stop() removes what a killed producer left.
-            self.config = copy.deepcopy(self.config)
             self.shm_dir = Path(tempfile.mkdtemp(prefix="stemstream-", dir=self.config.network.shm_dir))
             self.config.network.shm_dir = str(self.shm_dir)
         self.config_path = self.config.write(self.work_dir / "pipeline.toml")
@@ -113,7 +116,7 @@ class LocalPipeline:
 
     def start(self, timeout_s: float = 60.0) -> None:
         """Start every role and wait until all have checked in with control."""
-        self._start("control", ["control"])
+        self.start_control()
         self.start_writer()
         for i in range(self.config.pipeline.nodes):
             self.start_node(i)
@@ -124,6 +127,10 @@ class LocalPipeline:
         if self.dashboard:
             self._start_dashboard()
         self.wait_for_roles(self.expected_roles(), timeout_s)
+
+    def start_control(self) -> None:
+        """Start control (again, after it died: it takes its scans back from [pipeline] state_file)."""
+        self._start("control", ["control"])
 
     def start_writer(self) -> None:
         """Start the writer (again, after it died: it takes over the open scans from its journal)."""

@@ -4,9 +4,10 @@ One ROUTER socket answers small msgpack requests (``op`` names the request); eve
 reply. Roles learn about scans from the replies to their heartbeats, so no broadcast can be missed
 by a late joiner. Requests:
 
-- ``heartbeat {role, id, stats, host}`` -> ``{scans: [spec...], shutdown, ages, acks}``: the open
-  scans, how long ago each role last checked in (node groups tell a dead producer from a slow
-  one), and the blocks the writer committed per open scan (producers free their resend buffers).
+- ``heartbeat {role, id, stats, host}`` -> ``{scans: [spec...], shutdown, ages, acks, instance}``:
+  the open scans, how long ago each role last checked in (node groups tell a dead producer from
+  a slow one), the blocks the writer committed per open scan (producers free their resend
+  buffers), and this control process's id (a new one tells the roles control was restarted).
   A node group's heartbeat registers it, with the host it listens on; ``leave {role, id}``
   unregisters it. A scan uses the node groups registered (and alive) when it starts.
 - ``start_scan {scan_number, scan_shape, frames_per_position, [nodes], ...}`` -> ``{scan: spec}``.
@@ -17,6 +18,7 @@ by a late joiner. Requests:
 - ``get_scan {scan}`` -> ``{scan: spec}`` (thresholds appear once calibrated).
 - ``calibration {scan, node, values, counts, n_frames}``: a node group's pixel histogram.
 - ``scan_done {scan, summary}`` from the writer; ``status {}``; ``shutdown {}``.
+- Control restarted keeps its scans: see pipeline.control_state ([pipeline] state_file).
 - ``live_images {scan, images, progress}`` from the writer (PNG bytes by name, a few times a
   second); ``live {scan}`` -> ``{images, progress, updated}``: the latest, for the dashboard.
 """
@@ -25,7 +27,9 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import zmq
@@ -39,6 +43,15 @@ from stemstream.counting.thresholds import (
 from stemstream.deploy.config import PipelineConfig
 from stemstream.deploy.keys import curve_for
 from stemstream.formats.wire import MessageError, pack_control, unpack_control
+from stemstream.pipeline.control_state import (
+    FINISHED_KEPT,
+    StateFileError,
+    histogram_from_sparse,
+    histogram_to_sparse,
+    load_state,
+    save_state,
+    set_aside,
+)
 from stemstream.pipeline.routing import alive_nodes, generation
 
 log = logging.getLogger(__name__)
@@ -87,6 +100,70 @@ class Control:
         self.shutting_down = False
         self.rejected = 0
         self.last_live_request = 0.0
+        self.instance = uuid.uuid4().hex  # new in every control process: roles see a restart
+        self.state_path = Path(config.pipeline.state_file) if config.pipeline.state_file else None
+        self.changed = False  # a scan changed since the state file was written
+        if self.state_path is not None:
+            self._restore()
+
+    # -- state across restarts (pipeline.control_state) ------------------------------------------
+
+    def _restore(self) -> None:
+        try:
+            saved = load_state(self.state_path)
+        except StateFileError as exc:
+            aside = set_aside(self.state_path)
+            log.error("%s; moved to %s, starting with no scans", exc, aside.name)
+            return
+        if saved is None:
+            return
+        now = time.time()
+        fresh = now - float(saved.get("saved_at", 0)) <= self.config.flow.scan_timeout_s
+        self.sequence = int(saved.get("sequence", 0))
+        try:
+            for number, kept in saved["scans"].items():
+                state = ScanState(spec=kept["spec"], started=float(kept["started"]), state=kept["state"],
+                                  summary=kept.get("summary"), contributors=set(kept.get("contributors", [])),
+                                  done_nodes=set(kept.get("done_nodes", [])))
+                histogram = PixelHistogram()
+                histogram.counts = histogram_from_sparse(kept.get("histogram", {}), histogram.counts.size)
+                histogram.n_frames = int(kept.get("histogram", {}).get("n_frames", 0))
+                state.histogram = histogram
+                if state.state == "running" and not fresh:
+                    state.state = "failed"
+                    state.summary = {"error": "control was down longer than [flow] scan_timeout_s while the scan ran"}
+                self.scans[int(number)] = state
+        except (KeyError, TypeError, ValueError) as exc:
+            aside = set_aside(self.state_path)
+            self.scans.clear()
+            log.error("%s holds a scan control cannot read (%s); moved to %s, starting with no scans",
+                      self.state_path, exc, aside.name)
+            return
+        running = [n for n, s in self.scans.items() if s.state == "running"]
+        for number in running:
+            # Node groups of a running scan must check in again: one that died while control
+            # was away is failed over once dead_after_s passes without a word from it.
+            for n in alive_nodes(self.scans[number].spec):
+                self.roles.setdefault(f"node-{n}", {"role": "node", "id": n, "seen": now, "stats": {}, "restored": True})
+        log.warning("control restarted: %d scan(s) from %s, running: %s", len(self.scans), self.state_path, running or "none")
+
+    def _save(self) -> None:
+        finished = sorted((n for n, s in self.scans.items() if s.state != "running"),
+                          key=lambda n: self.scans[n].started)[-FINISHED_KEPT:]
+        keep = [n for n, s in self.scans.items() if s.state == "running"] + finished
+        scans = {}
+        for n in keep:
+            s = self.scans[n]
+            histogram = histogram_to_sparse(s.histogram.counts) if s.histogram is not None else {}
+            histogram["n_frames"] = s.histogram.n_frames if s.histogram is not None else 0
+            scans[n] = {"spec": s.spec, "started": s.started, "state": s.state, "summary": s.summary,
+                        "contributors": sorted(s.contributors), "done_nodes": sorted(s.done_nodes),
+                        "histogram": histogram if s.state == "running" else {}}
+        try:
+            save_state(self.state_path, {"sequence": self.sequence, "scans": scans})
+        except OSError as exc:  # control goes on; only a restart would lose the scans
+            log.error("cannot write control's state file %s: %s", self.state_path, exc.strerror or exc)
+        self.changed = False
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -113,7 +190,7 @@ class Control:
         live_wanted = now - self.last_live_request < _LIVE_WANTED_S
         acks = {str(n): s.committed for n, s in self.scans.items() if s.state == "running"}
         return {"ok": True, "scans": self._open_specs(), "shutdown": self.shutting_down, "ages": ages,
-                "live_wanted": live_wanted, "acks": acks}
+                "live_wanted": live_wanted, "acks": acks, "instance": self.instance}
 
     def _op_leave(self, req: dict) -> dict:
         """A role stopping on purpose: not used by later scans, and failed over at once in a
@@ -186,6 +263,7 @@ class Control:
         if fixed is not None:
             spec["thresholds"] = fixed_thresholds(float(fixed["background"]), float(fixed["xray"])).as_dict()
         self.scans[number] = ScanState(spec=spec, started=now, histogram=PixelHistogram())
+        self.changed = True
         log.info("scan %d started: %dx%d, %d frame(s) per position, node group(s) %s", number, rows, cols, fpp, nodes)
         return {"ok": True, "scan": spec}
 
@@ -201,8 +279,11 @@ class Control:
         fenced = int(req["fenced"])
         if fenced == generation(state.spec):  # done_nodes of an older generation mean nothing now
             state.committed = ranges
+            done = {int(n) for n in req.get("done", [])}
+            # the ranges themselves are not kept (the writer reports them again to a new control)
+            self.changed |= fenced != state.spec["fenced"] or done != state.done_nodes
             state.spec["fenced"] = fenced
-            state.done_nodes = {int(n) for n in req.get("done", [])}
+            state.done_nodes = done
         return {"ok": True}
 
     def _op_writer_restarted(self, req: dict) -> dict:
@@ -220,6 +301,7 @@ class Control:
         spec["failovers"].append({"generation": spec["generation"], "dead": dead, "reason": reason,
                                   "at": time.time(), "committed_blocks": sum(b - a for a, b in state.committed)})
         state.done_nodes = set()
+        self.changed = True
         waiting = spec["thresholds"] is None and state.contributors
         if waiting and spec["alive"] and set(spec["alive"]) <= state.contributors:
             self._fit(state)  # the dead node group's histogram will not come
@@ -246,6 +328,7 @@ class Control:
         np.add.at(state.histogram.counts, values + 65536, counts)
         state.histogram.n_frames += int(req.get("n_frames", 0))
         state.contributors.add(node)
+        self.changed = True
         if len(state.contributors) >= len(alive_nodes(state.spec)):
             self._fit(state)
         return {"ok": True}
@@ -258,8 +341,10 @@ class Control:
             log.error("scan %d: %s; the scan cannot be counted", state.spec["scan"], exc)
             state.state = "failed"
             state.summary = {"error": str(exc)}
+            self.changed = True
             return
         state.spec["thresholds"] = thresholds.as_dict()
+        self.changed = True
         log.info("scan %d calibrated: background %.2f ADU, X-ray %.1f ADU from %d frames",
                  state.spec["scan"], thresholds.background, thresholds.xray, state.histogram.n_frames)
 
@@ -268,6 +353,7 @@ class Control:
         if state is not None:
             state.state = "closed" if req.get("ok", True) else "failed"
             state.summary = req.get("summary")
+            self.changed = True
         return {"ok": True}
 
     def _op_live_images(self, req: dict) -> dict:
@@ -350,6 +436,12 @@ class Control:
                     self.rejected += 1
                     log.warning("rejected control message: %s", exc)
                     reply = {"ok": False, "error": str(exc)}
+                self._tick()
+                if self.changed and self.state_path is not None:
+                    self._save()  # before the reply: what a role was told survives a restart
                 self.socket.send_multipart([identity, pack_control(reply)])
-            self._tick()
+            else:
+                self._tick()
+            if self.changed and self.state_path is not None:
+                self._save()
         self.socket.close(0)

@@ -2,9 +2,10 @@
 
 A writer killed mid-scan loses its open HDF5 file (HDF5 is not safe against a process dying in
 a write), and the producers have already freed the blocks it reported committed. The journal
-keeps exactly those: one record per committed EVENTS message, written (to the operating system,
-which keeps it when the process dies; not fsync'ed, so not proof against the machine failing)
-before the commit goes to control. A restarted writer reads it back, rewrites the file from it,
+keeps exactly those: one record per committed EVENTS message, made durable (flushed and
+fsync'ed, so it outlives the process and the machine) before the commit goes to control. A
+record appended but not yet synced belongs to a commit nobody has heard of: its block is still
+in the producers' buffers and will be resent, so losing it loses nothing. A restarted writer reads it back, rewrites the file from it,
 and asks control for a new routing generation, so that everything else is streamed again.
 
 Layout: records of an 8-byte little-endian length and a msgpack map. The first record names the
@@ -14,6 +15,7 @@ scan and its epoch (a resumed scan is another epoch); a torn last record is igno
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,7 +55,12 @@ class Journal:
         for name, dtype in _FIELDS:
             record[name] = np.ascontiguousarray(getattr(msg, name), dtype).tobytes()
         self._append(record)
-        self._file.flush()  # in the kernel's hands before the commit is reported
+
+    def sync(self) -> None:
+        """Everything added so far on stable storage (called before each commit report, at most
+        every 0.1 s, so the cost is one fsync per report, not one per block)."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
 
     def close(self, delete: bool = True) -> None:
         self._file.close()

@@ -44,6 +44,7 @@ class Role:
         self.acks: dict[int, list] = {}  # scan -> block ranges the writer has committed
         self._next_heartbeat = 0.0
         self._control_missing_since: float | None = None
+        self.control_instance: str | None = None  # control's process id; a new one: it restarted
         self._process = psutil.Process(os.getpid())
         self.peak_rss = 0
         self.peak_private = 0
@@ -79,6 +80,11 @@ class Role:
                 log.warning("%s %d: %s; carrying on", self.name, self.index, exc)
             return
         self._control_missing_since = None
+        instance = reply.get("instance")
+        if self.control_instance is not None and instance != self.control_instance:
+            log.warning("%s %d: control was restarted", self.name, self.index)
+            self.control_restarted()
+        self.control_instance = instance
         for spec in reply.get("scans", []):
             self.scan_specs[int(spec["scan"])] = spec
         self.open_scans = {int(spec["scan"]) for spec in reply.get("scans", [])}
@@ -88,6 +94,10 @@ class Role:
         self.role_ages = reply.get("ages", {})
         self.live_wanted = bool(reply.get("live_wanted", False))
         self.role_ages_at = now
+
+    def control_restarted(self) -> None:
+        """Control came back with what it had saved (pipeline.control_state); a role that told
+        it more since (the writer's commits) tells it again."""
 
     def registration(self) -> dict:
         """What this role tells control about itself in every heartbeat (node groups: the host

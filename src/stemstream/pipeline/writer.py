@@ -212,6 +212,7 @@ class WriterScan:
                     self.number, self.generation, self.alive, dropped)
 
     def commit_report(self) -> dict:
+        self.journal.sync()  # what control hears of is on disk first
         self.commits_changed = False
         return {"scan": self.number, "ranges": to_ranges(self.committed), "fenced": self.generation,
                 "done": sorted(self.done_nodes)}
@@ -400,6 +401,7 @@ class Writer(Role):
         self.events_in = self.data_socket(zmq.PULL, hwm=64)
         self.events_in.bind(config.network.bind(config.network.writer_port))
         self.scans: dict[int, WriterScan] = {}
+        self.unreported: dict[int, dict] = {}  # scan -> its scan_done report, control not reached yet
         self.analyses = default_analyses(FRAME_SHAPE, config.analysis)
         self._next_live = 0.0
         self._next_commit_report = 0.0
@@ -462,10 +464,7 @@ class Writer(Role):
         self.counters["scans_failed"] += 1
         summary = {"scan": number, "error": error,
                    "frames_written": scan.out.slots_written if scan is not None else 0}
-        try:
-            self.control.request("scan_done", timeout_s=5.0, scan=number, ok=False, summary=summary)
-        except Exception as report_exc:
-            log.warning("could not report scan %d to control: %s", number, report_exc)
+        self._report_done(number, ok=False, summary=summary)
 
     def handle(self, parts: list) -> None:
         number = None
@@ -506,10 +505,33 @@ class Writer(Role):
         del self.scans[scan.number]
         self.mark_finished(scan.spec)
         self.counters["scans_closed"] += 1
-        try:
-            self.control.request("scan_done", timeout_s=5.0, scan=scan.number, ok=True, summary=summary)
-        except Exception as exc:  # control away: the file and its metadata still say it all
-            log.warning("could not report scan %d to control: %s", scan.number, exc)
+        self._report_done(scan.number, ok=True, summary=summary)
+
+    def _report_done(self, number: int, ok: bool, summary: dict) -> None:
+        """Tell control a scan ended; while control is away, keep telling it (every heartbeat):
+        the scan's client waits for this, and a restarted control has the scan still running."""
+        self.unreported[number] = {"scan": number, "ok": ok, "summary": summary}
+        self._report_unreported(first=True)
+
+    def _report_unreported(self, first: bool = False) -> None:
+        for number, report in list(self.unreported.items()):
+            try:
+                self.control.request("scan_done", timeout_s=2.0, **report)
+            except Exception as exc:  # control away: the file and its metadata still say it all
+                (log.warning if first else log.debug)("could not report the end of scan %d to control yet: %s",
+                                                      number, exc)
+                return
+            del self.unreported[number]
+
+    def control_restarted(self) -> None:
+        for scan in self.scans.values():
+            scan.commits_changed = True  # the new control knows none of the ranges
+
+    def tick(self, interval_s: float | None = None) -> None:
+        due = time.monotonic() >= self._next_heartbeat
+        super().tick(interval_s)
+        if due and self.unreported:
+            self._report_unreported()
 
     def report_commits(self) -> None:
         """Follow each open scan's routing generation, and tell control what was committed

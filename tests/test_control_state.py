@@ -1,0 +1,117 @@
+"""Control's state file, in process: what a restarted control takes back, and what it refuses.
+
+The restart of a real control process mid-scan is in tests/test_failover.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import msgpack
+import numpy as np
+import zmq
+
+from pipeline_support import test_config
+from stemstream.pipeline.control import Control
+from stemstream.pipeline.control_state import load_state
+
+
+def _control(config) -> Control:
+    """An in-process control (its socket bound, not served); requests go to handle()."""
+    return Control(config, context=zmq.Context())
+
+
+def _close(control: Control) -> None:
+    control.socket.close(0)
+
+
+def _start(control: Control, number: int, **extra) -> dict:
+    reply = control.handle({"op": "start_scan", "scan_number": number, "scan_shape": [4, 6], "nodes": [0, 1], **extra})
+    assert reply["ok"], reply
+    control._save()  # what serve() does after each request that changed a scan
+    return reply["scan"]
+
+
+def test_a_restarted_control_has_the_running_scan_its_calibration_and_generation(tmp_path):
+    config = test_config(tmp_path, fixed=False)
+    first = _control(config)
+    done = _start(first, 1)
+    first.handle({"op": "scan_done", "scan": 1, "ok": True, "summary": {"frames": 24}})
+    spec = _start(first, 2)
+    first_generation = spec["generation"]
+    values = np.arange(-3, 40)
+    first.handle({"op": "calibration", "scan": 2, "node": 0, "values": values.tolist(),
+                  "counts": (values + 10).tolist(), "n_frames": 7})
+    first.handle({"op": "writer_restarted", "scan": 2})
+    first._save()
+    histogram = first.scans[2].histogram.counts.copy()
+    _close(first)
+
+    second = _control(config)
+    try:
+        assert second.instance != first.instance
+        state = second.scans[2]
+        assert state.state == "running" and state.spec == first.scans[2].spec
+        assert state.spec["generation"] == first_generation + 1 and state.contributors == {0}
+        assert np.array_equal(state.histogram.counts, histogram) and state.histogram.n_frames == 7
+        assert second.scans[1].state == "closed" and second.scans[1].summary == {"frames": 24}
+        # the scan's node groups are expected back: the ones that do not come are failed over
+        assert {"node-0", "node-1"} <= set(second.roles)
+        beat = second.handle({"op": "heartbeat", "role": "producer", "id": 0})
+        assert [s["scan"] for s in beat["scans"]] == [2] and beat["instance"] == second.instance
+        # the sequence goes on: file names keep counting up
+        assert _start(second, 3)["epoch"] == max(done["epoch"], spec["epoch"]) + 1
+    finally:
+        _close(second)
+
+
+def test_a_scan_running_in_a_state_file_older_than_the_scan_timeout_is_not_revived(tmp_path):
+    config = test_config(tmp_path)
+    first = _control(config)
+    _start(first, 5)
+    _close(first)
+    path = tmp_path / "control.state"
+    saved = load_state(path)
+    saved["saved_at"] = time.time() - config.flow.scan_timeout_s - 1
+    path.write_bytes(msgpack.packb(saved, use_bin_type=True))
+
+    second = _control(config)
+    try:
+        assert second.scans[5].state == "failed" and "scan_timeout_s" in second.scans[5].summary["error"]
+        assert second.handle({"op": "heartbeat", "role": "producer", "id": 0})["scans"] == []
+    finally:
+        _close(second)
+
+
+def test_an_unreadable_state_file_is_set_aside_with_one_log_line(tmp_path, caplog):
+    config = test_config(tmp_path)
+    path = tmp_path / "control.state"
+    for content in (b"\x00garbage, not msgpack\xc1", msgpack.packb({"version": 99, "scans": {}}),
+                    msgpack.packb({"version": 1, "saved_at": time.time(), "scans": {"1": {"spec": "?"}}})):
+        path.write_bytes(content)
+        with caplog.at_level(logging.ERROR, logger="stemstream.pipeline.control"):
+            caplog.clear()
+            control = _control(config)
+        try:
+            assert control.scans == {}
+            assert len(caplog.records) == 1 and "starting with no scans" in caplog.records[0].getMessage()
+            assert not path.exists()  # moved aside, kept for a look
+            assert _start(control, 1)["scan"] == 1 and path.exists()
+        finally:
+            _close(control)
+        for aside in tmp_path.glob("control.state.unreadable-*"):
+            os.unlink(aside)
+
+
+def test_no_state_file_when_state_file_is_empty(tmp_path):
+    config = test_config(tmp_path)
+    config.pipeline.state_file = ""
+    control = _control(config)
+    try:
+        reply = control.handle({"op": "start_scan", "scan_number": 1, "scan_shape": [2, 2], "nodes": [0]})
+        assert reply["ok"] and control.changed and control.state_path is None
+        assert not list(tmp_path.glob("*.state*"))
+    finally:
+        _close(control)
