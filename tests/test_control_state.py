@@ -11,16 +11,17 @@ import time
 
 import msgpack
 import numpy as np
-import zmq
 
 from pipeline_support import test_config
 from stemstream.pipeline.control import Control
 from stemstream.pipeline.control_state import load_state
 
 
-def _control(config) -> Control:
-    """An in-process control (its socket bound, not served); requests go to handle()."""
-    return Control(config, context=zmq.Context())
+def _control(tmp_path, fixed: bool = True) -> Control:
+    """An in-process control (its socket bound, not served; requests go to handle()) with the
+    state file tmp_path/control.state. Fresh ports each time: a closed ZeroMQ socket lets go of
+    its port a moment later, in ZeroMQ's own thread."""
+    return Control(test_config(tmp_path, fixed=fixed))
 
 
 def _close(control: Control) -> None:
@@ -35,8 +36,7 @@ def _start(control: Control, number: int, **extra) -> dict:
 
 
 def test_a_restarted_control_has_the_running_scan_its_calibration_and_generation(tmp_path):
-    config = test_config(tmp_path, fixed=False)
-    first = _control(config)
+    first = _control(tmp_path, fixed=False)
     done = _start(first, 1)
     first.handle({"op": "scan_done", "scan": 1, "ok": True, "summary": {"frames": 24}})
     spec = _start(first, 2)
@@ -49,7 +49,7 @@ def test_a_restarted_control_has_the_running_scan_its_calibration_and_generation
     histogram = first.scans[2].histogram.counts.copy()
     _close(first)
 
-    second = _control(config)
+    second = _control(tmp_path, fixed=False)
     try:
         assert second.instance != first.instance
         state = second.scans[2]
@@ -68,16 +68,15 @@ def test_a_restarted_control_has_the_running_scan_its_calibration_and_generation
 
 
 def test_a_scan_running_in_a_state_file_older_than_the_scan_timeout_is_not_revived(tmp_path):
-    config = test_config(tmp_path)
-    first = _control(config)
+    first = _control(tmp_path)
     _start(first, 5)
     _close(first)
     path = tmp_path / "control.state"
     saved = load_state(path)
-    saved["saved_at"] = time.time() - config.flow.scan_timeout_s - 1
+    saved["saved_at"] = time.time() - first.config.flow.scan_timeout_s - 1
     path.write_bytes(msgpack.packb(saved, use_bin_type=True))
 
-    second = _control(config)
+    second = _control(tmp_path)
     try:
         assert second.scans[5].state == "failed" and "scan_timeout_s" in second.scans[5].summary["error"]
         assert second.handle({"op": "heartbeat", "role": "producer", "id": 0})["scans"] == []
@@ -86,14 +85,13 @@ def test_a_scan_running_in_a_state_file_older_than_the_scan_timeout_is_not_reviv
 
 
 def test_an_unreadable_state_file_is_set_aside_with_one_log_line(tmp_path, caplog):
-    config = test_config(tmp_path)
     path = tmp_path / "control.state"
     for content in (b"\x00garbage, not msgpack\xc1", msgpack.packb({"version": 99, "scans": {}}),
                     msgpack.packb({"version": 1, "saved_at": time.time(), "scans": {"1": {"spec": "?"}}})):
         path.write_bytes(content)
         with caplog.at_level(logging.ERROR, logger="stemstream.pipeline.control"):
             caplog.clear()
-            control = _control(config)
+            control = _control(tmp_path)
         try:
             assert control.scans == {}
             assert len(caplog.records) == 1 and "starting with no scans" in caplog.records[0].getMessage()
@@ -108,7 +106,7 @@ def test_an_unreadable_state_file_is_set_aside_with_one_log_line(tmp_path, caplo
 def test_no_state_file_when_state_file_is_empty(tmp_path):
     config = test_config(tmp_path)
     config.pipeline.state_file = ""
-    control = _control(config)
+    control = Control(config)
     try:
         reply = control.handle({"op": "start_scan", "scan_number": 1, "scan_shape": [2, 2], "nodes": [0]})
         assert reply["ok"] and control.changed and control.state_path is None
