@@ -35,9 +35,13 @@ def failover_config(tmp_path, shared_memory: bool = False):
 
 
 def complete(summary: dict) -> None:
+    """Every frame complete, and every sector counted once (received), none missing or duplicate,
+    whichever node group counted it and however often it was resent."""
     ledger = summary["ledger"]
     assert ledger["frames_complete"] == N_FRAMES, ledger
     assert ledger["frames_incomplete"] == ledger["frames_missing"] == 0, ledger
+    assert ledger["sectors_received"] == [N_FRAMES] * 4, ledger
+    assert ledger["sectors_missing"] == ledger["sectors_duplicate"] == ledger["sectors_rejected"] == [0] * 4, ledger
 
 
 def assert_same_analyses(a: str, b: str) -> None:

@@ -32,6 +32,7 @@ from stemstream.counting.offline import CountOptions, count_raw_scan
 from stemstream.deploy.local import LocalPipeline, ProducerSource
 from stemstream.formats import wire
 from stemstream.formats.raw import FRAME_SHAPE, N_MODULES, RECORD_BYTES, RECORD_DTYPE
+from stemstream.ledger import ScanLedger
 from stemstream.pipeline.control import Control
 from stemstream.pipeline.gateway import Gateway
 from stemstream.pipeline.node import NodeGroup
@@ -377,8 +378,9 @@ class Harness:
         self.record_messages_thrown += 1
         self.via_gateway += via_gateway
 
-    def finish(self) -> tuple[dict, dict[int, wire.EventsMessage]]:
-        """Feed the rest of the scan and the end markers; the node group's DONE and events."""
+    def finish(self) -> tuple[wire.DoneMessage, dict[int, tuple], dict]:
+        """Feed the rest of the scan and the end markers; the node group's DONE, its events, and
+        the sector counts the writer would make of them (every block's, plus the DONE's)."""
         while self.fed < self.n_blocks:
             self.advance()
         for module in range(N_MODULES):
@@ -391,10 +393,13 @@ class Harness:
                 break
         assert scan.finished
         events, dones = {}, []
+        sectors = ScanLedger(SCAN, SHAPE)
         for parts in self.out:
             kind = wire.kind_of(parts)
             if kind == wire.EVENTS:
                 msg = wire.decode_events(parts, FRAME_SHAPE[0] * FRAME_SHAPE[1])
+                assert msg.ledger is not None, f"block {msg.block} sent without its sector counts"
+                sectors.add_sector_tally(msg.ledger)
                 for i, number in enumerate(msg.frame_numbers.tolist()):
                     assert number not in events, f"frame {number} sent twice"
                     events[number] = (int(msg.positions[i]), int(msg.present[i]),
@@ -402,7 +407,8 @@ class Harness:
             elif kind == wire.DONE:
                 dones.append(wire.decode_done(parts))
         assert len(dones) == 1
-        return dones[0], events
+        sectors.add_sector_tally(dones[0].ledger)
+        return dones[0], events, sectors.as_dict()
 
 
 @pytest.fixture
@@ -439,7 +445,7 @@ def test_ten_thousand_malformed_messages_each_rejected_once_and_the_good_frames_
 
     harness.feed_next_block()
     throw()
-    done, events = harness.finish()
+    done, events, ledger = harness.finish()
 
     # every malformed message rejected once, at the gateway or at the node group
     node_rejected, gateway_rejected = harness.rejections()
@@ -448,7 +454,6 @@ def test_ten_thousand_malformed_messages_each_rejected_once_and_the_good_frames_
     assert harness.messages_thrown + harness.record_messages_thrown >= MALFORMED_MESSAGES
     assert 0.3 < harness.via_gateway / (harness.messages_thrown + harness.record_messages_thrown) < 0.7
     # every bad record counted in the ledger, per module and reason; duplicates apart
-    ledger = done.ledger
     assert ledger["sectors_rejected"] == [sum(c.values()) for c in harness.expected_reasons]
     assert ledger["rejected_reasons"] == dict(sum(harness.expected_reasons, Counter()))
     assert ledger["sectors_duplicate"] == harness.expected_duplicates
@@ -456,7 +461,7 @@ def test_ten_thousand_malformed_messages_each_rejected_once_and_the_good_frames_
     n = SHAPE[0] * SHAPE[1]
     assert ledger["sectors_received"] == [n] * N_MODULES
     assert ledger["sectors_missing"] == [0] * N_MODULES
-    assert done.lost == [0] * N_MODULES and not ledger["failed"]
+    assert done.lost == [0] * N_MODULES and not done.ledger["failed"]
     # the good frames: all of them, complete, where they belong, events as offline counting
     assert sorted(events) == list(range(n))
     counted = ElectronCounter(BACKGROUND, XRAY, FRAME_SHAPE).count(harness.frames)

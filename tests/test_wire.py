@@ -8,6 +8,7 @@ import pytest
 
 from stemstream.formats import wire
 from stemstream.formats.raw import RECORD_DTYPE
+from stemstream.ledger import sector_tally
 
 
 def records(n: int) -> np.ndarray:
@@ -64,3 +65,38 @@ def test_events_with_inconsistent_offsets_are_refused():
     parts = wire.encode_events(3, 1, [10, 11], [0, 1], [15, 15], [0, 3, 2], np.array([1, 2], np.uint32))
     with pytest.raises(wire.MessageError):
         wire.decode_events(as_bytes(parts), 576 * 576)
+
+
+def _events_with_ledger(ledger) -> list:
+    return as_bytes(wire.encode_events(3, 1, [10], [0], [15], [0, 1], np.array([5], np.uint32), block=4, ledger=ledger))
+
+
+def test_events_carry_their_blocks_sector_counts():
+    tally = sector_tally()
+    tally["sectors_received"] = [32, 32, 31, 32]
+    tally["rejected_reasons"] = {"wrong_block": 1}
+    tally["sectors_rejected"][2] = 1
+    msg = wire.decode_events(_events_with_ledger(tally), 576 * 576)
+    assert msg.ledger == tally and msg.block == 4
+    assert wire.decode_events(_events_with_ledger(None), 576 * 576).ledger is None  # optional
+
+
+@pytest.mark.parametrize("ledger", [
+    [1, 2], {"sectors_received": [1, 2, 3]}, {"sectors_received": [1, 2, 3, -4]}, {"sectors_missing": "4"},
+    {"sectors_duplicate": [1, 2, 3, True]}, {"rejected_reasons": {"x": -1}}, {"rejected_reasons": {1: 2}},
+    {"frames_spilled": 1.5}, {"modules_ended": [0]}, {7: [0, 0, 0, 0]}, {f"k{i}": 0 for i in range(20)},
+])
+def test_events_with_malformed_sector_counts_are_refused(ledger):
+    with pytest.raises(wire.MessageError) as info:
+        wire.decode_events(_events_with_ledger(ledger), 576 * 576)
+    assert info.value.reason == "bad_envelope"
+
+
+@pytest.mark.parametrize("lost", [[1, "2"], [1, 2, 3, 4, 5], [-1], [None]])
+def test_done_with_malformed_lost_counts_is_refused(lost):
+    parts = [wire.DONE, msgpack.packb({"scan": 1, "node": 0, "ledger": {"failed": False}, "lost": lost})]
+    with pytest.raises(wire.MessageError) as info:
+        wire.decode_done(parts)
+    assert info.value.reason == "bad_envelope"
+    ok = wire.decode_done(wire.encode_done(1, 0, {**sector_tally(), "failed": False, "modules_ended": [0]}, [0, 1, 0, 0]))
+    assert ok.lost == [0, 1, 0, 0]

@@ -14,8 +14,19 @@ from dataclasses import dataclass, field
 from stemstream.formats.raw import N_MODULES
 
 
+SECTOR_COUNTS = ("sectors_received", "sectors_missing", "sectors_duplicate", "sectors_rejected")
+
+
 def _per_module() -> list[int]:
     return [0] * N_MODULES
+
+
+def sector_tally() -> dict:
+    """A node group's sector counts of one routing block (sent with the block's events, so the
+    writer adds them when it commits the block: exact however often the block was resent) or of
+    what no block carried (sent at the end of the scan): SECTOR_COUNTS per module, rejection
+    reasons, frames spilled."""
+    return {**{name: _per_module() for name in SECTOR_COUNTS}, "rejected_reasons": {}, "frames_spilled": 0}
 
 
 @dataclass
@@ -65,12 +76,20 @@ class ScanLedger:
         if module is not None and 0 <= module < N_MODULES:
             self.sectors_rejected[module] += count
 
+    def add_sector_tally(self, tally: dict) -> None:
+        """Add a node group's sector counts (see sector_tally; missing keys count as zero)."""
+        for name in SECTOR_COUNTS:
+            mine, theirs = getattr(self, name), tally.get(name) or _per_module()
+            for m in range(N_MODULES):
+                mine[m] += int(theirs[m])
+        self.rejected_reasons.update({str(k): int(v) for k, v in tally.get("rejected_reasons", {}).items()})
+
     def merge(self, other: ScanLedger) -> None:
         """Add another partial ledger of the same scan (e.g. from another node group)."""
         self.frames_complete += other.frames_complete
         self.frames_incomplete += other.frames_incomplete
         self.frames_over_capacity += other.frames_over_capacity
-        for name in ("sectors_received", "sectors_missing", "sectors_duplicate", "sectors_rejected"):
+        for name in SECTOR_COUNTS:
             mine, theirs = getattr(self, name), getattr(other, name)
             for m in range(N_MODULES):
                 mine[m] += theirs[m]
@@ -107,7 +126,7 @@ class ScanLedger:
             frames_incomplete=int(d["frames_incomplete"]),
             frames_over_capacity=int(d.get("frames_over_capacity", 0)),
         )
-        for name in ("sectors_received", "sectors_missing", "sectors_duplicate", "sectors_rejected"):
+        for name in SECTOR_COUNTS:
             setattr(ledger, name, [int(v) for v in d[name]])
         ledger.rejected_reasons = Counter({str(k): int(v) for k, v in dict(d.get("rejected_reasons", {})).items()})
         return ledger

@@ -15,12 +15,13 @@ as raw frames, never inside msgpack, so they travel zero-copy.
   spilled_blocks (this node group's blocks spilled since the module's last message to it).
 - ``EVENTS``   node group -> writer: ``[b"V", envelope, frame_numbers u32, positions i64,
   present u8, offsets i64, events u32]``; present is a bit mask of the modules that arrived.
-  envelope: scan, node, n (frames).
+  envelope: scan, node, n (frames), block, stream, and ledger: the block's sector counts
+  (stemstream.ledger.sector_tally), which the writer adds when it commits the block.
 - ``ANALYSIS`` node group -> writer: ``[b"A", envelope, *partials]``: live analyses' partial
   results since the last such message (stemstream.analysis.encode_partials); envelope: scan, node.
 - ``DONE``     node group -> writer: ``[b"D", envelope]``: the node group finished the scan;
-  envelope: scan, node, ledger (a partial ScanLedger.as_dict()), lost (sectors a producer
-  reported sent to this node group that never arrived).
+  envelope: scan, node, ledger (the sector counts no EVENTS message carried, e.g. late
+  sectors), lost (sectors a producer reported sent to this node group that never arrived).
 
 Decoding validates everything a peer could get wrong and raises MessageError with a short reason
 (used as the rejection counter's key); it never trusts sizes or counts from the envelope.
@@ -35,6 +36,7 @@ import msgpack
 import numpy as np
 
 from stemstream.formats.raw import N_MODULES, RECORD_BYTES, RECORD_DTYPE
+from stemstream.ledger import SECTOR_COUNTS
 
 SECTORS = b"S"
 END = b"E"
@@ -225,12 +227,15 @@ def decode_end(parts: list) -> EndMessage:
 
 
 def encode_events(scan: int, node: int, frame_numbers, positions, present, offsets, events,
-                  block: int = NO_BLOCK, stream: int = 0) -> list:
+                  block: int = NO_BLOCK, stream: int = 0, ledger: dict | None = None) -> list:
     """An EVENTS message: the counted frames of routing ``block`` (NO_BLOCK: not tied to one),
-    counted by ``node`` in routing generation ``stream``."""
+    counted by ``node`` in routing generation ``stream``, with the block's sector counts."""
+    envelope = {"scan": scan, "node": node, "n": len(frame_numbers), "block": block, "stream": stream}
+    if ledger is not None:
+        envelope["ledger"] = ledger
     return [
         EVENTS,
-        _pack({"scan": scan, "node": node, "n": len(frame_numbers), "block": block, "stream": stream}),
+        _pack(envelope),
         np.ascontiguousarray(frame_numbers, np.uint32),
         np.ascontiguousarray(positions, np.int64),
         np.ascontiguousarray(present, np.uint8),
@@ -250,6 +255,36 @@ class EventsMessage:
     events: np.ndarray
     block: int = -1
     stream: int = 0
+    ledger: dict | None = None  # the block's sector counts (stemstream.ledger.sector_tally)
+
+
+def _tally_field(envelope: dict, others: tuple[str, ...] = ()) -> dict | None:
+    """A message's sector counts (EVENTS: optional; DONE: with ``others`` fields besides),
+    checked: per-module lists of counts, reasons mapped to counts, frames spilled."""
+    tally = envelope.get("ledger")
+    if tally is None:
+        return None
+    if not isinstance(tally, dict) or len(tally) > 8 + len(others):
+        raise MessageError("bad_envelope", "ledger must be a small map")
+
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32
+
+    for name, value in tally.items():
+        if name in SECTOR_COUNTS:
+            ok = isinstance(value, list) and len(value) == N_MODULES and all(count(v) for v in value)
+        elif name == "rejected_reasons":
+            ok = isinstance(value, dict) and len(value) <= 64 and all(
+                isinstance(k, str) and len(k) <= 64 and count(v) for k, v in value.items())
+        elif name == "frames_spilled":
+            ok = count(value)
+        elif name in others:
+            continue
+        else:
+            ok = False
+        if not ok:
+            raise MessageError("bad_envelope", f"ledger field {name!r} is not a count of the right shape")
+    return tally
 
 
 def _array(part, dtype, what: str) -> np.ndarray:
@@ -268,6 +303,7 @@ def decode_events(parts: list, n_pixels: int) -> EventsMessage:
     envelope.setdefault("block", NO_BLOCK)
     block = _int_field(envelope, "block", NO_BLOCK, 2**32 - 1)
     stream = _stream_field(envelope)
+    tally = _tally_field(envelope)
     frame_numbers = _array(parts[2], np.uint32, "frame numbers")
     positions = _array(parts[3], np.int64, "positions")
     present = _array(parts[4], np.uint8, "present")
@@ -279,7 +315,7 @@ def decode_events(parts: list, n_pixels: int) -> EventsMessage:
         raise MessageError("bad_offsets")
     if len(events) and int(events.max()) >= n_pixels:
         raise MessageError("pixel_outside_frame")
-    return EventsMessage(scan, node, frame_numbers, positions, present, offsets, events, block, stream)
+    return EventsMessage(scan, node, frame_numbers, positions, present, offsets, events, block, stream, tally)
 
 
 # -- a node group's end of scan ---------------------------------------------------------------------
@@ -301,10 +337,11 @@ class DoneMessage:
 
 def decode_done(parts: list) -> DoneMessage:
     envelope = _envelope_of(parts, 2, "DONE")
-    ledger = envelope.get("ledger")
+    ledger = _tally_field(envelope, others=("modules_ended", "sectors_spilled_by_producers", "failed"))
     lost = envelope.get("lost")
-    if not isinstance(ledger, dict) or not isinstance(lost, list):
-        raise MessageError("bad_envelope", "ledger must be a map and lost a list")
+    if not isinstance(ledger, dict) or not isinstance(lost, list) or len(lost) > N_MODULES or not all(
+            isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32 for x in lost):
+        raise MessageError("bad_envelope", "ledger must be a map and lost a list of counts per module")
     return DoneMessage(_int_field(envelope, "scan"), _int_field(envelope, "node", 0, 65535), ledger,
                        [int(x) for x in lost], _stream_field(envelope))
 

@@ -51,7 +51,7 @@ class Journal:
         self._file.write(_LENGTH.pack(len(data)) + data)
 
     def add(self, msg: wire.EventsMessage) -> None:
-        record = {"block": msg.block, "node": msg.node}
+        record = {"block": msg.block, "node": msg.node, "ledger": msg.ledger}
         for name, dtype in _FIELDS:
             record[name] = np.ascontiguousarray(getattr(msg, name), dtype).tobytes()
         self._append(record)
@@ -95,5 +95,6 @@ def read_journal(path: Path, scan: int, epoch: int) -> list[wire.EventsMessage] 
     messages = []
     for r in records:
         arrays = {name: np.frombuffer(r[name], dtype) for name, dtype in _FIELDS}
-        messages.append(wire.EventsMessage(scan, int(r["node"]), block=int(r["block"]), stream=0, **arrays))
+        messages.append(wire.EventsMessage(scan, int(r["node"]), block=int(r["block"]), stream=0,
+                                           ledger=r.get("ledger"), **arrays))
     return messages

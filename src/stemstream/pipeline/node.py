@@ -45,6 +45,7 @@ from stemstream.counting.sectors import count_from_sectors
 from stemstream.counting.thresholds import PixelHistogram, Thresholds, draw_sample_weights
 from stemstream.formats import wire
 from stemstream.formats.raw import FRAME_SHAPE, N_MODULES, RECORD_BYTES, RECORD_DTYPE, RawModuleWriter, sector_rows
+from stemstream.ledger import sector_tally
 from stemstream.pipeline.role import Role
 from stemstream.pipeline.routing import generation, scan_nodes
 from stemstream.pipeline.shared_memory import Attachments
@@ -76,6 +77,7 @@ class IndexedBlock:
     present: np.ndarray  # (n,) uint8 bit mask of modules
     buffers: list  # module -> RECORD_DTYPE array of the records kept (or None)
     records: np.ndarray  # (n, 4) int64 index into buffers[module], -1 where the sector is missing
+    tally: dict | None = None  # the block's sector counts (stemstream.ledger.sector_tally), if counted
 
     def frames(self, out: np.ndarray) -> np.ndarray:
         """The frames assembled into ``out`` (at least n x 576 x 576 uint16); missing sectors zero."""
@@ -106,7 +108,9 @@ class NodeScan:
         self.first_end_at: float | None = None
         self.last_activity = time.monotonic()
         self.finished = False
-        # partial ledger (sector level; the writer counts frames)
+        # Sector counts over the whole scan (this node group's view); the writer's ledger gets
+        # them per block instead (see stemstream.ledger.sector_tally), plus what no block carried.
+        self.unblocked = sector_tally()
         self.sectors_received = [0] * N_MODULES
         self.sectors_missing = [0] * N_MODULES
         self.sectors_duplicate = [0] * N_MODULES
@@ -194,17 +198,24 @@ class NodeScan:
         if self.first_end_at is None:
             self.first_end_at = time.monotonic()
 
-    def _reject(self, reason: str, module: int | None, count: int = 1) -> None:
+    def _reject(self, reason: str, module: int | None, count: int = 1, tally: dict | None = None) -> None:
+        """Count rejected records: in the scan's totals, and in ``tally`` (the block's counts that
+        go with its events), else in the counts the DONE message carries."""
         self.rejected_reasons[reason] += count
+        tally = self.unblocked if tally is None else tally
+        tally["rejected_reasons"][reason] = tally["rejected_reasons"].get(reason, 0) + count
         if module is not None:
             self.sectors_rejected[module] += count
+            tally["sectors_rejected"][module] += count
         self.node.reject(reason, f"scan {self.number}, {count} record(s)")
 
     # -- assembly and counting ---------------------------------------------------------------------
 
     def _index(self, number: int, block: Block, count_ledger: bool = True) -> IndexedBlock:
-        """Check a block's records (bad ones rejected, duplicates dropped) and index its frames."""
+        """Check a block's records (bad ones rejected, duplicates dropped) and index its frames;
+        with ``count_ledger``, count its sectors (totals and the block's own tally)."""
         first = number * self.block_frames
+        tally = sector_tally() if count_ledger else None
         buffers: list = [None] * N_MODULES
         for module, arrays in block.parts.items():
             records = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
@@ -219,16 +230,18 @@ class NodeScan:
             for reason, mask in checks:
                 mask = mask & ~bad
                 if count_ledger and mask.any():
-                    self._reject(reason, module, int(mask.sum()))
+                    self._reject(reason, module, int(mask.sum()), tally)
                 bad |= mask
             good = np.flatnonzero(~bad)
             # duplicates: keep the first copy of each frame number
             _, first_idx = np.unique(h["frame_number"][good], return_index=True)
             if count_ledger and len(first_idx) < len(good):
                 self.sectors_duplicate[module] += len(good) - len(first_idx)
+                tally["sectors_duplicate"][module] += len(good) - len(first_idx)
             good = good[np.sort(first_idx)]
             if count_ledger:
                 self.sectors_received[module] += len(good)
+                tally["sectors_received"][module] += len(good)
             # a copy only when records were dropped; otherwise the received buffer itself
             buffers[module] = records if len(good) == len(records) else records[good]
         numbers = [b["header"]["frame_number"] for b in buffers if b is not None]
@@ -249,29 +262,32 @@ class NodeScan:
             positions[idx[unset]] = pos[unset]
         if count_ledger:
             for module in range(N_MODULES):
-                self.sectors_missing[module] += int((index[:, module] < 0).sum())
-        return IndexedBlock(all_numbers.astype(np.uint32), positions, present, buffers, index)
+                missing = int((index[:, module] < 0).sum())
+                self.sectors_missing[module] += missing
+                tally["sectors_missing"][module] += missing
+        return IndexedBlock(all_numbers.astype(np.uint32), positions, present, buffers, index, tally)
 
-    def _send_events(self, number: int, frame_numbers, positions, present, offsets, events) -> None:
+    def _send_events(self, number: int, frame_numbers, positions, present, offsets, events, tally: dict) -> None:
         self.node.send_events(wire.encode_events(self.number, self.node.index, frame_numbers, positions, present,
-                                                 offsets, events, block=number, stream=self.stream))
+                                                 offsets, events, block=number, stream=self.stream, ledger=tally))
         self._uncommitted = True
 
-    def _send_empty(self, number: int) -> None:
+    def _send_empty(self, number: int, tally: dict) -> None:
         """Tell the writer a block is finished without frames to write (spilled, or none came)."""
         empty = np.empty(0, np.uint32)
-        self._send_events(number, empty, np.empty(0, np.int64), np.empty(0, np.uint8), np.zeros(1, np.int64), empty)
+        self._send_events(number, empty, np.empty(0, np.int64), np.empty(0, np.uint8), np.zeros(1, np.int64), empty,
+                          tally)
 
     def _count_block(self, number: int, block: Block) -> None:
         assembled = self._index(number, block)
         self.done_blocks.add(number)
         if len(assembled.frame_numbers) == 0:
-            self._send_empty(number)
+            self._send_empty(number, assembled.tally)
             return
         # counted where the sectors were received: no frame is assembled
         counted = count_from_sectors(self.counter, assembled.buffers, assembled.records)
         self._send_events(number, assembled.frame_numbers, assembled.positions, assembled.present,
-                          counted.offsets, counted.events)
+                          counted.offsets, counted.events, assembled.tally)
         self.live.accumulate(assembled.positions, counted.events, counted.offsets)
         self.node.counters["frames_counted"] += len(assembled.frame_numbers)
         self.node.counters["events"] += len(counted.events)
@@ -291,7 +307,9 @@ class NodeScan:
                 frames.update(records["header"]["frame_number"].tolist())
         self.frames_spilled += len(frames)
         self.done_blocks.add(number)
-        self._send_empty(number)
+        tally = sector_tally()
+        tally["frames_spilled"] = len(frames)
+        self._send_empty(number, tally)
 
     # -- progress ----------------------------------------------------------------------------------
 
@@ -378,12 +396,7 @@ class NodeScan:
             lost[module] = max(end.sent - self.sectors_received[module] - self.sectors_rejected[module]
                                - self.sectors_duplicate[module], 0)
         ledger = {
-            "sectors_received": self.sectors_received,
-            "sectors_missing": self.sectors_missing,
-            "sectors_duplicate": self.sectors_duplicate,
-            "sectors_rejected": self.sectors_rejected,
-            "rejected_reasons": dict(self.rejected_reasons),
-            "frames_spilled": self.frames_spilled,
+            **self.unblocked,  # the blocks' own counts went with their events
             "modules_ended": sorted(self.ends),
             "sectors_spilled_by_producers": [self.ends[m].spilled if m in self.ends else 0 for m in range(N_MODULES)],
             "failed": failed,

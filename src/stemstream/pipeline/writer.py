@@ -221,6 +221,9 @@ class WriterScan:
 
     def add_events(self, msg: wire.EventsMessage) -> None:
         self.last_activity = time.monotonic()
+        if msg.ledger is not None:  # the block's sector counts: added once, when it is committed
+            self.ledger.add_sector_tally(msg.ledger)
+            self.frames_spilled += int(msg.ledger.get("frames_spilled", 0))
         if len(msg.frame_numbers) == 0:  # a block finished without frames to write (spilled, or all lost)
             return
         check_free_space(self.path.parent, len(self.rank))  # one statvfs call, ~2 us
@@ -306,13 +309,8 @@ class WriterScan:
         self.commits_changed = True
         if self.first_done_at is None:
             self.first_done_at = time.monotonic()
-        d = msg.ledger
-        for name in ("sectors_received", "sectors_missing", "sectors_duplicate", "sectors_rejected"):
-            values = d.get(name, [0] * N_MODULES)
-            mine = getattr(self.ledger, name)
-            for m in range(N_MODULES):
-                mine[m] += int(values[m])
-        self.ledger.rejected_reasons.update({str(k): int(v) for k, v in d.get("rejected_reasons", {}).items()})
+        d = msg.ledger  # what no block's EVENTS message carried (late sectors ...)
+        self.ledger.add_sector_tally(d)
         self.frames_spilled += int(d.get("frames_spilled", 0))
         for m in range(N_MODULES):
             self.sectors_lost[m] += int(msg.lost[m]) if m < len(msg.lost) else 0
