@@ -63,13 +63,17 @@ def test_count_writes_a_file_stempy_reads_and_prints_the_summary(simulated, tmp_
         (["simulate", "OUT", "--dose", "-1"], ["dose"]),
         (["run", "--simulate", "8x8", "--config", "BADCONFIG"], ["unknown setting", "nodez"]),
         (["run"], ["--simulate", "--replay"]),
+        (["gateway", "--index", "1"], ["--index 1 must be 0 to 0", "gateway_hosts names 1 gateway"]),
+        (["gateway", "--index", "2", "--config", "TWOGATEWAYS"], ["--index 2 must be 0 to 1"]),
     ],
 )
 def test_bad_input_gets_one_clear_line_and_exit_code_2(simulated, tmp_path, args, fragments):
     bad_config = tmp_path / "bad.toml"
     bad_config.write_text("[pipeline]\nnodez = 3\n")
-    args = [str(simulated) if a == "RAW" else str(tmp_path / "o") if a == "OUT" else str(bad_config) if a == "BADCONFIG" else a
-            for a in args]
+    two_gateways = tmp_path / "two.toml"
+    two_gateways.write_text('[network]\ngateway_hosts = ["127.0.0.1", "127.0.0.1"]\n')
+    named = {"RAW": simulated, "OUT": tmp_path / "o", "BADCONFIG": bad_config, "TWOGATEWAYS": two_gateways}
+    args = [str(named.get(a, a)) for a in args]
     assert_one_line_error(stemstream(*args, cwd=tmp_path), *fragments)
 
 

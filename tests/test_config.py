@@ -29,6 +29,17 @@ def test_ipc_transport_names_sockets_in_its_directory():
     assert config.network.gateway(3) == f"ipc:///run/ss/{5552 + 3}"
 
 
+def test_several_gateways_share_the_modules_each_on_its_host():
+    one = config_from_dict({"network": {"gateway_host": "gw"}}).network
+    assert one.gateways == 1 and one.gateway_modules(0) == [0, 1, 2, 3] and one.gateway(3) == "tcp://gw:5555"
+    two = config_from_dict({"network": {"gateway_hosts": ["recv0", "recv1"]}}).network
+    assert two.gateways == 2 and two.gateway_modules(0) == [0, 2] and two.gateway_modules(1) == [1, 3]
+    assert [two.gateway(m) for m in range(4)] == ["tcp://recv0:5552", "tcp://recv1:5553", "tcp://recv0:5554",
+                                                  "tcp://recv1:5555"]
+    four = config_from_dict({"network": {"gateway_hosts": ["r0", "r1", "r2", "r3"]}}).network
+    assert [four.gateway_modules(g) for g in range(4)] == [[0], [1], [2], [3]]
+
+
 @pytest.mark.parametrize(
     "data, fragment",
     [
@@ -42,6 +53,9 @@ def test_ipc_transport_names_sockets_in_its_directory():
         ({"flow": {"end_timeout_s": -1}}, "[flow] end_timeout_s must be a positive"),
         ({"network": {"control_port": 70000}}, "[network] control_port must be a port"),
         ({"network": {"transport": "udp"}}, "transport must be"),
+        ({"network": {"gateway_hosts": ["a", "b", "c", "d", "e"]}}, "gateway_hosts names at most 4 gateways"),
+        ({"network": {"gateway_hosts": ["a", ""]}}, "no empty name"),
+        ({"network": {"gateway_hosts": "recv0"}}, "[network] gateway_hosts must be a list of strings"),
     ],
 )
 def test_each_mistake_gets_one_sentence_naming_the_setting(data, fragment):

@@ -35,6 +35,7 @@ SUBNET = "10.77.0"
 SCAN_SHAPE = (32, 32)  # (rows, cols)
 SEED, DOSE = 11, 0.002
 NODES = 2
+GATEWAYS = 2
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -154,7 +155,8 @@ def multihost_config(lab: Lab, tmp_path: Path) -> PipelineConfig:
     net = config.network
     net.control_host = lab.add_host("control", 1)
     net.writer_host = lab.add_host("writer", 2)
-    net.gateway_host = lab.add_host("gateway", 3)
+    # two gateways, as at a facility with one per pair of receivers: modules 0, 2 and 1, 3
+    net.gateway_hosts = [lab.add_host(f"gateway{g}", 3 + g) for g in range(GATEWAYS)]
     net.node_hosts = [lab.add_host(f"node{i}", 21 + i) for i in range(NODES)]
     for m in range(N_MODULES):
         lab.add_host(f"producer{m}", 11 + m)
@@ -181,20 +183,23 @@ def test_roles_on_separate_hosts_give_the_same_file_as_the_embedded_run(lab, tmp
     lab.start("writer", "writer", ["writer", "--config", path])
     for i in range(NODES):
         lab.start(f"node{i}", f"node-{i}", ["node", "--config", path, "--index", str(i)])
-    lab.start("gateway", "gateway", ["gateway", "--config", path])
+    for g in range(GATEWAYS):
+        lab.start(f"gateway{g}", f"gateway-{g}", ["gateway", "--config", path, "--index", str(g)])
     for m in range(N_MODULES):
         lab.start(f"producer{m}", f"producer-{m}", ["producer", "--config", path, "--module", str(m),
                                                     "--seed", str(SEED), "--dose", str(DOSE)])
     rows, cols = SCAN_SHAPE
-    gateway_rx_before = lab.rx_bytes("gateway")
+    gateway_rx_before = [lab.rx_bytes(f"gateway{g}") for g in range(GATEWAYS)]
     # Roles start slowly on a loaded machine (imports, compiled kernels): --wait-roles covers that.
     scan = lab.run("operator", ["scan", "--config", path, "--shape", f"{rows}x{cols}", "--scan-number", "1",
                                 "--wait-roles", "180", "--timeout", "300"], timeout=600)
     assert scan.returncode == 0, f"{scan.stdout}\n{scan.stderr}\n{lab.log_tails()}"
     assert "every frame accounted for" in scan.stdout
-    # The sectors really crossed the network: the gateway host received at least every raw byte.
+    # The sectors really crossed the network: each gateway host received at least every raw byte
+    # of its two modules.
     n_frames = rows * cols
-    assert lab.rx_bytes("gateway") - gateway_rx_before >= n_frames * N_MODULES * RECORD_BYTES
+    for g in range(GATEWAYS):
+        assert lab.rx_bytes(f"gateway{g}") - gateway_rx_before[g] >= n_frames * 2 * RECORD_BYTES
 
     files = list(Path(config.pipeline.output_dir).glob("*.h5"))
     assert len(files) == 1, files

@@ -26,16 +26,24 @@ def ledger_of(path):
     return read_counted(path).metadata["stemstream"]["ledger"]
 
 
-@pytest.mark.parametrize("shared_memory", [False, True], ids=["sockets", "shared-memory"])
-def test_streamed_file_equals_offline_count_of_the_same_raw_files(tmp_path, shared_memory):
+@pytest.mark.parametrize("shared_memory, gateways", [(False, 1), (True, 1), (False, 2)],
+                         ids=["sockets", "shared-memory", "two-gateways"])
+def test_streamed_file_equals_offline_count_of_the_same_raw_files(tmp_path, shared_memory, gateways):
     raw = tmp_path / "raw"
     simulate_to_directory(raw, SimulationConfig(scan_shape=(10, 12), frames_per_position=2, seed=3,
                                                 drop_sector_probability=0.01))
     offline = count_raw_scan([raw], tmp_path / "offline.h5", CountOptions(background=28.0, xray=1000.0))
     config = test_config(tmp_path, shared_memory=shared_memory)
+    if gateways > 1:  # gateway 0 forwards modules 0 and 2, gateway 1 modules 1 and 3
+        config.network.gateway_hosts = ["127.0.0.1"] * gateways
     with LocalPipeline(config, tmp_path / "work", ProducerSource(replay=[raw])) as pipeline:
         pipeline.start()
         summary = pipeline.run_scan(1, (10, 12), 2, timeout_s=120)
+        roles = pipeline.status()["roles"]
+    forwarded = [roles[f"gateway-{g}"]["stats"]["counters"].get("forwarded", 0) for g in range(gateways)]
+    # every block of every module through its own gateway: one SECTORS message per (block, module)
+    # plus an END per (node group, module), shared evenly by module
+    assert len(set(forwarded)) == 1 and forwarded[0] > 0, forwarded
     assert summary["state"] == "closed"
     assert_same_events(summary["path"], offline.output)
     streamed = summary["ledger"]

@@ -102,11 +102,20 @@ def register(app: typer.Typer) -> None:
         _role_guard(job)
 
     @app.command()
-    def gateway(config: ConfigOption = None) -> None:
-        """Run the gateway role (routes producers' data to node groups)."""
+    def gateway(config: ConfigOption = None,
+                index: Annotated[int, typer.Option("--index", help="Which gateway, 0-based, when [network] gateway_hosts "
+                                                                   "names several (gateway g forwards modules m % n = g).")] = 0) -> None:
+        """Run a gateway (routes producers' data to node groups)."""
         from stemstream.pipeline.gateway import Gateway
 
-        _role_guard(lambda: Gateway(_load(config)).run())
+        def job() -> None:
+            cfg = _load(config)
+            if not 0 <= index < cfg.network.gateways:
+                raise UserError(f"--index {index} must be 0 to {cfg.network.gateways - 1} "
+                                f"([network] gateway_hosts names {cfg.network.gateways} gateway(s))")
+            Gateway(cfg, index).run()
+
+        _role_guard(job)
 
     @app.command()
     def producer(

@@ -12,6 +12,7 @@ gateway_port = 5552         # the gateway listens on 4 ports: one per module, ga
 node_base_port = 5560       # node group i listens on node_base_port + 4 i + m, m the module
 dashboard_port = 8000       # the web dashboard (stemstream serve)
 # control_host / gateway_host / writer_host / node_hosts = ["10.0.0.5", ...]: per-role hosts
+# gateway_hosts = ["recv0", "recv1"]: several gateways, module m through gateway m % len (at most 4)
 transport = "tcp"           # or "ipc" (every role on one host; needs ipc_dir)
 shared_memory = false       # every role on one host: blocks through shm_dir ("/dev/shm")
 
@@ -61,6 +62,8 @@ from typing import Any
 
 import tomli_w
 
+from stemstream.formats.raw import N_MODULES
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message is one sentence."""
@@ -76,6 +79,9 @@ class NetworkConfig:
     dashboard_port: int = 8000  # the web dashboard (HTTP), on the host that runs `stemstream serve`
     control_host: str = ""
     gateway_host: str = ""
+    # Several gateways (e.g. one per receiver): gateway g runs on gateway_hosts[g] and forwards
+    # the modules m with m % len(gateway_hosts) == g. Empty: one gateway, on gateway_host.
+    gateway_hosts: list[str] = field(default_factory=list)
     writer_host: str = ""
     node_hosts: list[str] = field(default_factory=list)
     bind_host: str = "*"  # what listening sockets bind to
@@ -99,8 +105,23 @@ class NetworkConfig:
     def control(self) -> str:
         return self._endpoint(self._host(self.control_host), self.control_port)
 
+    @property
+    def gateways(self) -> int:
+        """How many gateways the config names (1 unless gateway_hosts lists several)."""
+        return max(1, len(self.gateway_hosts))
+
+    def gateway_of(self, module: int) -> int:
+        """The gateway that forwards ``module``'s blocks."""
+        return module % self.gateways
+
+    def gateway_modules(self, index: int) -> list[int]:
+        """The modules gateway ``index`` forwards."""
+        return [m for m in range(N_MODULES) if self.gateway_of(m) == index]
+
     def gateway(self, module: int) -> str:
-        return self._endpoint(self._host(self.gateway_host), self.gateway_port + module)
+        """``module``'s input on the gateway that forwards it (each module has its own port)."""
+        host = self.gateway_hosts[self.gateway_of(module)] if self.gateway_hosts else self._host(self.gateway_host)
+        return self._endpoint(host, self.gateway_port + module)
 
     def writer(self) -> str:
         return self._endpoint(self._host(self.writer_host), self.writer_port)
@@ -208,6 +229,8 @@ class PipelineConfig:
             checks.append((1 <= value <= 65535, f"[network] {name} must be a port number 1 to 65535, got {value}"))
         checks.append((n.node_base_port + 4 * p.nodes - 1 <= 65535, "[network] node_base_port + 4 x nodes exceeds 65535"))
         checks.append((n.gateway_port + 3 <= 65535, "[network] gateway_port + 3 exceeds 65535"))
+        checks.append((len(n.gateway_hosts) <= 4 and all(n.gateway_hosts),
+                       f"[network] gateway_hosts names at most 4 gateways (one per module), no empty name; got {n.gateway_hosts}"))
         checks.append((n.transport in ("tcp", "ipc"), f"[network] transport must be \"tcp\" or \"ipc\", got {n.transport!r}"))
         checks.append((n.transport != "ipc" or bool(n.ipc_dir), "[network] transport \"ipc\" needs ipc_dir, a directory for the sockets"))
         s = self.security

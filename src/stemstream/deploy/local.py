@@ -121,7 +121,8 @@ class LocalPipeline:
         for i in range(self.config.pipeline.nodes):
             self.start_node(i)
         if self.config.pipeline.gateway:
-            self._start("gateway", ["gateway"])
+            for g in range(self.config.network.gateways):
+                self._start(f"gateway-{g}", ["gateway", "--index", str(g)])
         for m in range(4):
             self._start(f"producer-{m}", ["producer", "--module", str(m), *self.source.arguments()])
         if self.dashboard:

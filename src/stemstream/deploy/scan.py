@@ -26,7 +26,7 @@ def required_roles(config) -> set[str]:
     roles = {"writer-0"} | {f"node-{i}" for i in range(config.pipeline.nodes)}
     roles |= {f"producer-{m}" for m in range(4)}
     if config.pipeline.gateway:
-        roles.add("gateway-0")
+        roles |= {f"gateway-{g}" for g in range(config.network.gateways)}
     return roles
 
 

@@ -8,6 +8,9 @@ failover superseded are dropped from its queues: the producers resend what they 
 Each module has its own input and each (node group, module) its own bounded queue and output, so
 flow control stays per module end to end: when a queue is full the gateway stops reading that
 module's input only, which slows that producer (who may then spill) without blocking the others.
+
+Several gateways may share the work ([network] gateway_hosts, e.g. one per receiver): gateway g
+takes the modules m with m % (number of gateways) == g, so no byte crosses two of them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from collections import deque
 import zmq
 
 from stemstream.formats import wire
-from stemstream.formats.raw import N_MODULES
 from stemstream.pipeline.role import Role
 from stemstream.pipeline.routing import generation, scan_nodes
 
@@ -31,26 +33,27 @@ class Gateway(Role):
     def __init__(self, config, index: int = 0, context: zmq.Context | None = None):
         super().__init__(config, index, context)
         net, flow = config.network, config.flow
-        self.inputs: list[zmq.Socket] = []
-        for module in range(N_MODULES):
+        self.modules = net.gateway_modules(index)
+        self.inputs: dict[int, zmq.Socket] = {}  # module -> its input
+        for module in self.modules:
             sock = self.data_socket(zmq.PULL)
             sock.bind(net.bind(net.gateway_port + module))
-            self.inputs.append(sock)
-        self.outputs: dict[int, list[zmq.Socket]] = {}  # node -> [module]
-        # node -> [module] -> queued (scan, stream, parts)
-        self.queues: dict[int, list[deque]] = {}
+            self.inputs[module] = sock
+        self.outputs: dict[int, dict[int, zmq.Socket]] = {}  # node -> module -> output
+        # node -> module -> queued (scan, stream, parts)
+        self.queues: dict[int, dict[int, deque]] = {}
         self.queue_limit = flow.send_hwm
         self._generations: dict[int, int] = {}  # scan -> routing generation last purged for
 
     def _connect(self, node: int, spec: dict) -> None:
         host = spec.get("node_hosts", {}).get(str(node), "")
-        row = []
-        for module in range(N_MODULES):
+        row = {}
+        for module in self.modules:
             sock = self.data_socket(zmq.PUSH, linger_ms=10000)
             sock.connect(self.config.network.node_at(host, node, module))
-            row.append(sock)
+            row[module] = sock
         self.outputs[node] = row
-        self.queues[node] = [deque() for _ in range(N_MODULES)]
+        self.queues[node] = {module: deque() for module in self.modules}
 
     def route(self, parts: list, module: int) -> tuple[int, int, int]:
         """(node group, scan, stream) of a message that came in on ``module``'s input; raises
@@ -76,7 +79,7 @@ class Gateway(Role):
 
     def _flush(self) -> None:
         for node, row in self.queues.items():
-            for module, queue in enumerate(row):
+            for module, queue in row.items():
                 while queue:
                     try:
                         self.outputs[node][module].send_multipart(queue[0][2], flags=zmq.NOBLOCK, copy=False)
@@ -98,7 +101,7 @@ class Gateway(Role):
             return
         self._generations = generations
         for row in self.queues.values():
-            for module, queue in enumerate(row):
+            for module, queue in row.items():
                 if not queue:
                     continue
                 keep = deque(item for item in queue if not self._superseded(item[0], item[1]))
@@ -108,7 +111,7 @@ class Gateway(Role):
 
     def stats(self) -> dict:
         s = super().stats()
-        s["queued"] = {str(node): [len(q) for q in row] for node, row in self.queues.items()}
+        s["queued"] = {str(node): {str(m): len(q) for m, q in row.items()} for node, row in self.queues.items()}
         return s
 
     def _module_full(self, module: int) -> bool:
@@ -118,15 +121,15 @@ class Gateway(Role):
         while not self.shutdown:
             self._flush()
             poller = zmq.Poller()
-            for module, sock in enumerate(self.inputs):
+            for module, sock in self.inputs.items():
                 if not self._module_full(module):
                     poller.register(sock, zmq.POLLIN)
             for node, row in self.queues.items():
-                for module, queue in enumerate(row):
+                for module, queue in row.items():
                     if queue:
                         poller.register(self.outputs[node][module], zmq.POLLOUT)
             events = dict(poller.poll(20))
-            for module, sock in enumerate(self.inputs):
+            for module, sock in self.inputs.items():
                 if sock not in events:
                     continue
                 for _ in range(16):
@@ -147,8 +150,8 @@ class Gateway(Role):
                         break
             self.tick()
             self._drop_superseded()
-        for sock in self.inputs:
+        for sock in self.inputs.values():
             sock.close(0)
         for row in self.outputs.values():
-            for sock in row:
+            for sock in row.values():
                 sock.close()
