@@ -106,6 +106,32 @@ def test_node_group_killed_mid_scan_fails_over_and_a_joining_one_is_used_next(tm
     assert_same_events(joined["path"], clean["path"])
 
 
+def test_gateway_killed_and_restarted_mid_scan_resends_what_its_queues_held(tmp_path):
+    """The gateway dies (SIGKILL) with blocks in its queues and is started again: it finds the
+    scan running, control starts a new routing generation, and the producers resend every block
+    not committed; nothing is counted incomplete."""
+    config = failover_config(tmp_path)
+    with LocalPipeline(config, tmp_path / "work", ProducerSource(seed=3, rate=400)) as pipeline:
+        pipeline.start()
+        clean = pipeline.run_scan(1, SHAPE, timeout_s=120)
+        complete(clean)
+
+        assert pipeline.control.request("start_scan", scan_number=1, scan_shape=list(SHAPE))["ok"]
+        wait_until_counted(pipeline, N_FRAMES + N_FRAMES // 3)
+        pipeline.kill("gateway-0")
+        time.sleep(0.5)
+        pipeline.start_gateway(0)
+        summary = wait_until_closed(pipeline, 1)
+        resent = producer_counter(pipeline, "blocks_resent")
+
+    complete(summary)
+    failovers = summary["ledger"]["failovers"]
+    assert [f["reason"] for f in failovers.values()] == ["gateway 0 restarted"], failovers
+    assert resent > 0
+    assert_same_events(summary["path"], clean["path"])
+    assert_same_analyses(summary["path"], clean["path"])
+
+
 def test_control_killed_and_restarted_mid_scan_takes_its_scan_back_and_the_file_is_whole(tmp_path):
     """Control dies (SIGKILL) a third of the way into a scan and is started again 1 s later: the
     other roles carry on meanwhile, the new control reads its scans back from its state file, the

@@ -122,7 +122,7 @@ class LocalPipeline:
             self.start_node(i)
         if self.config.pipeline.gateway:
             for g in range(self.config.network.gateways):
-                self._start(f"gateway-{g}", ["gateway", "--index", str(g)])
+                self.start_gateway(g)
         for m in range(4):
             self._start(f"producer-{m}", ["producer", "--module", str(m), *self.source.arguments()])
         if self.dashboard:
@@ -136,6 +136,10 @@ class LocalPipeline:
     def start_writer(self) -> None:
         """Start the writer (again, after it died: it takes over the open scans from its journal)."""
         self._start("writer", ["writer"])
+
+    def start_gateway(self, index: int) -> None:
+        """Start gateway ``index`` (again, after it died: the running scans are resent through it)."""
+        self._start(f"gateway-{index}", ["gateway", "--index", str(index)])
 
     def start_node(self, index: int) -> None:
         """Start node group ``index`` (one more joins the scans that start after it registered)."""

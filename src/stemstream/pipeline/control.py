@@ -14,7 +14,9 @@ by a late joiner. Requests:
 - ``committed {scan, ranges, fenced, done}`` from the writer: blocks committed, the routing
   generation it has fenced, node groups done in it. ``writer_restarted {scan}``: a new generation.
   A node group of a running scan silent for ``[flow] dead_after_s`` is failed over: a new
-  routing generation without it (see pipeline.routing).
+  routing generation without it (see pipeline.routing). ``gateway_restarted {id}``: a gateway
+  that finds scans running at its start gets a new generation for each (its queues died with
+  the gateway before it).
 - ``get_scan {scan}`` -> ``{scan: spec}`` (thresholds appear once calibrated).
 - ``calibration {scan, node, values, counts, n_frames}``: a node group's pixel histogram.
 - ``scan_done {scan, summary}`` from the writer; ``status {}``; ``shutdown {}``.
@@ -293,6 +295,16 @@ class Control:
             return {"ok": False, "error": f"scan {req['scan']} is not running"}
         self._new_generation(state, dead=[], reason="writer restarted")
         return {"ok": True, "scan": state.spec}
+
+    def _op_gateway_restarted(self, req: dict) -> dict:
+        """A gateway started while scans run: the one before it died with messages in its queues
+        (or it joins late and nothing reached the node groups through it), so everything
+        uncommitted is streamed again."""
+        gateway = int(req.get("id", 0))
+        running = [state for state in self.scans.values() if state.state == "running"]
+        for state in running:
+            self._new_generation(state, dead=[], reason=f"gateway {gateway} restarted")
+        return {"ok": True, "scans": [state.spec for state in running]}
 
     def _new_generation(self, state: ScanState, dead: list[int], reason: str) -> None:
         spec = state.spec

@@ -44,6 +44,7 @@ class Gateway(Role):
         self.queues: dict[int, dict[int, deque]] = {}
         self.queue_limit = flow.send_hwm
         self._generations: dict[int, int] = {}  # scan -> routing generation last purged for
+        self._checked_in = False  # told control whether scans were running at this start
 
     def _connect(self, node: int, spec: dict) -> None:
         host = spec.get("node_hosts", {}).get(str(node), "")
@@ -114,6 +115,25 @@ class Gateway(Role):
         s["queued"] = {str(node): {str(m): len(q) for m, q in row.items()} for node, row in self.queues.items()}
         return s
 
+    def _announce_start(self) -> None:
+        """At the first word from control: scans running now lost whatever the gateway before
+        this one held (it died, or this one starts late), so control resends them on a new
+        routing generation."""
+        if self._checked_in or self.control_instance is None:
+            return
+        self._checked_in = True
+        if not self.open_scans:
+            return
+        try:
+            reply = self.control.request("gateway_restarted", timeout_s=5.0, id=self.index)
+        except Exception as exc:
+            log.error("gateway %d: could not ask control to resend the running scans: %s", self.index, exc)
+            return
+        for spec in reply.get("scans", []):
+            self.scan_specs[int(spec["scan"])] = spec
+        log.warning("gateway %d started while scan(s) %s ran: they are resent on a new routing generation",
+                    self.index, sorted(self.open_scans))
+
     def _module_full(self, module: int) -> bool:
         return any(len(row[module]) >= self.queue_limit for row in self.queues.values())
 
@@ -149,6 +169,7 @@ class Gateway(Role):
                     if self._module_full(module):
                         break
             self.tick()
+            self._announce_start()
             self._drop_superseded()
         for sock in self.inputs.values():
             sock.close(0)
