@@ -114,8 +114,7 @@ class Control:
         try:
             saved = load_state(self.state_path)
         except StateFileError as exc:
-            aside = set_aside(self.state_path)
-            log.error("%s; moved to %s, starting with no scans", exc, aside.name)
+            self._set_aside(str(exc))
             return
         if saved is None:
             return
@@ -136,10 +135,8 @@ class Control:
                     state.summary = {"error": "control was down longer than [flow] scan_timeout_s while the scan ran"}
                 self.scans[int(number)] = state
         except (KeyError, TypeError, ValueError) as exc:
-            aside = set_aside(self.state_path)
             self.scans.clear()
-            log.error("%s holds a scan control cannot read (%s); moved to %s, starting with no scans",
-                      self.state_path, exc, aside.name)
+            self._set_aside(f"{self.state_path} holds a scan control cannot read ({exc})")
             return
         running = [n for n, s in self.scans.items() if s.state == "running"]
         for number in running:
@@ -148,6 +145,14 @@ class Control:
             for n in alive_nodes(self.scans[number].spec):
                 self.roles.setdefault(f"node-{n}", {"role": "node", "id": n, "seen": now, "stats": {}, "restored": True})
         log.warning("control restarted: %d scan(s) from %s, running: %s", len(self.scans), self.state_path, running or "none")
+
+    def _set_aside(self, problem: str) -> None:
+        """Start with no scans; keep the unreadable state file for a look, out of the way."""
+        try:
+            where = f"moved to {set_aside(self.state_path).name}"
+        except OSError as exc:
+            where = f"could not move it aside ({exc.strerror or exc}), it will be overwritten"
+        log.error("%s; %s, starting with no scans", problem, where)
 
     def _save(self) -> None:
         finished = sorted((n for n, s in self.scans.items() if s.state != "running"),

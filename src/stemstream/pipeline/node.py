@@ -116,7 +116,6 @@ class NodeScan:
         self.sectors_duplicate = [0] * N_MODULES
         self.sectors_rejected = [0] * N_MODULES
         self.rejected_reasons: Counter = Counter()
-        self.frames_spilled = 0
         self.highest_block = [-1] * N_MODULES  # highest block received per module
         self.spilled_parts: set[tuple[int, int]] = set()  # (block, module) a producer spilled
         self._spill_writers: dict[int, RawModuleWriter] = {}
@@ -305,7 +304,6 @@ class NodeScan:
             for records in arrays:
                 writer.write(records)
                 frames.update(records["header"]["frame_number"].tolist())
-        self.frames_spilled += len(frames)
         self.done_blocks.add(number)
         tally = sector_tally()
         tally["frames_spilled"] = len(frames)
