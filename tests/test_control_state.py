@@ -13,6 +13,7 @@ import msgpack
 import numpy as np
 
 from pipeline_support import test_config
+from stemstream.pipeline import control as control_module
 from stemstream.pipeline.control import Control
 from stemstream.pipeline.control_state import load_state
 
@@ -111,5 +112,23 @@ def test_no_state_file_when_state_file_is_empty(tmp_path):
         reply = control.handle({"op": "start_scan", "scan_number": 1, "scan_shape": [2, 2], "nodes": [0]})
         assert reply["ok"] and control.changed and control.state_path is None
         assert not list(tmp_path.glob("*.state*"))
+    finally:
+        _close(control)
+
+
+def test_control_forgets_the_oldest_finished_scans_and_their_histograms(tmp_path, monkeypatch):
+    """A session of hundreds of scans: control keeps the latest FINISHED_IN_MEMORY finished ones,
+    without their calibration histograms (1 MB each)."""
+    monkeypatch.setattr(control_module, "FINISHED_IN_MEMORY", 3)
+    control = _control(tmp_path)
+    try:
+        for number in range(1, 7):
+            _start(control, number)
+            assert control.scans[number].histogram is not None
+            control.handle({"op": "scan_done", "scan": number, "ok": True, "summary": {}})
+        _start(control, 7)  # running: kept whatever its age
+        assert sorted(control.scans) == [4, 5, 6, 7]
+        assert all(control.scans[n].histogram is None for n in (4, 5, 6))
+        assert control.handle({"op": "get_scan", "scan": 2})["ok"] is False
     finally:
         _close(control)

@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 
 # The writer renders live images only while someone asked for them this recently (seconds).
 _LIVE_WANTED_S = 5.0
+# Finished scans control remembers (their summaries and last live images; oldest forgotten first).
+FINISHED_IN_MEMORY = 200
 # How long calibration waits for the node groups' histograms before fitting what it has.
 CALIBRATION_TIMEOUT_S = 10.0
 
@@ -126,10 +128,11 @@ class Control:
                 state = ScanState(spec=kept["spec"], started=float(kept["started"]), state=kept["state"],
                                   summary=kept.get("summary"), contributors=set(kept.get("contributors", [])),
                                   done_nodes=set(kept.get("done_nodes", [])))
-                histogram = PixelHistogram()
-                histogram.counts = histogram_from_sparse(kept.get("histogram", {}), histogram.counts.size)
-                histogram.n_frames = int(kept.get("histogram", {}).get("n_frames", 0))
-                state.histogram = histogram
+                if state.state == "running":
+                    histogram = PixelHistogram()
+                    histogram.counts = histogram_from_sparse(kept.get("histogram", {}), histogram.counts.size)
+                    histogram.n_frames = int(kept.get("histogram", {}).get("n_frames", 0))
+                    state.histogram = histogram
                 if state.state == "running" and not fresh:
                     state.state = "failed"
                     state.summary = {"error": "control was down longer than [flow] scan_timeout_s while the scan ran"}
@@ -333,7 +336,7 @@ class Control:
 
     def _op_calibration(self, req: dict) -> dict:
         state = self.scans.get(int(req["scan"]))
-        if state is None or state.spec["thresholds"] is not None:
+        if state is None or state.state != "running" or state.spec["thresholds"] is not None:
             return {"ok": True}  # late or unneeded contribution
         node = int(req["node"])
         if node in state.contributors:
@@ -370,8 +373,17 @@ class Control:
         if state is not None:
             state.state = "closed" if req.get("ok", True) else "failed"
             state.summary = req.get("summary")
+            state.histogram = None  # 1 MB a scan; a session runs hundreds
             self.changed = True
+            self._forget_old_scans()
         return {"ok": True}
+
+    def _forget_old_scans(self) -> None:
+        """Keep the most recent FINISHED_IN_MEMORY finished scans (status, the dashboard): a
+        session of 60 scans an hour must not grow control without bound."""
+        finished = sorted((n for n, s in self.scans.items() if s.state != "running"), key=lambda n: self.scans[n].started)
+        for number in finished[:-FINISHED_IN_MEMORY]:
+            del self.scans[number]
 
     def _op_live_images(self, req: dict) -> dict:
         state = self.scans.get(int(req["scan"]))
