@@ -276,8 +276,8 @@ class Harness:
         self.slowest_s = 0.0
 
     def close(self) -> None:
-        for sock in [*self.node.inputs, self.node.events_out, *self.gateway.inputs,
-                     *(s for row in self.gateway.outputs.values() for s in row), self.control.socket]:
+        for sock in [*self.node.inputs, self.node.events_out, *self.gateway.inputs.values(),
+                     *(s for row in self.gateway.outputs.values() for s in row.values()), self.control.socket]:
             sock.close(0)
 
     @property

@@ -15,7 +15,7 @@ from stemstream.counting.offline import CountOptions, count_raw_scan
 from stemstream.counting.sectors import count_from_sectors
 from stemstream.deploy.local import LocalPipeline, ProducerSource
 from stemstream.formats import wire
-from stemstream.formats.raw import RECORD_DTYPE
+from stemstream.formats.raw import N_MODULES, RECORD_DTYPE
 from stemstream.formats.sparse_h5 import read_counted
 from stemstream.sources.simulator import DetectorSimulator, SimulationConfig, simulate_to_directory
 
@@ -39,11 +39,15 @@ def test_streamed_file_equals_offline_count_of_the_same_raw_files(tmp_path, shar
     with LocalPipeline(config, tmp_path / "work", ProducerSource(replay=[raw])) as pipeline:
         pipeline.start()
         summary = pipeline.run_scan(1, (10, 12), 2, timeout_s=120)
-        roles = pipeline.status()["roles"]
-    forwarded = [roles[f"gateway-{g}"]["stats"]["counters"].get("forwarded", 0) for g in range(gateways)]
-    # every block of every module through its own gateway: one SECTORS message per (block, module)
-    # plus an END per (node group, module), shared evenly by module
-    assert len(set(forwarded)) == 1 and forwarded[0] > 0, forwarded
+        # Each module through its own gateway: one SECTORS message per (block, module) and one END
+        # per (node group, module). Counters come with heartbeats, so wait for the last one.
+        blocks = -(-10 * 12 * 2 // config.pipeline.block_frames)
+        expected = [(blocks + config.pipeline.nodes) * (N_MODULES // gateways)] * gateways
+        deadline = time.monotonic() + 10
+        while (forwarded := [pipeline.status()["roles"][f"gateway-{g}"]["stats"]["counters"].get("forwarded", 0)
+                             for g in range(gateways)]) != expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert forwarded == expected
     assert summary["state"] == "closed"
     assert_same_events(summary["path"], offline.output)
     streamed = summary["ledger"]
