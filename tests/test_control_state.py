@@ -132,3 +132,32 @@ def test_control_forgets_the_oldest_finished_scans_and_their_histograms(tmp_path
         assert control.handle({"op": "get_scan", "scan": 2})["ok"] is False
     finally:
         _close(control)
+
+
+def test_a_scan_running_at_a_shutdown_is_not_taken_up_by_the_next_control(tmp_path):
+    first = _control(tmp_path)
+    _start(first, 9)
+    first.handle({"op": "shutdown"})
+    first._save()
+    # the writer closes what it has on its way out: its report still counts
+    first.handle({"op": "scan_done", "scan": 9, "ok": True, "summary": {"frames": 3}})
+    first._save()
+    _close(first)
+    second = _control(tmp_path)
+    try:
+        assert second.scans[9].state == "closed" and second.scans[9].summary == {"frames": 3}
+        assert second.handle({"op": "heartbeat", "role": "producer", "id": 0})["scans"] == []
+    finally:
+        _close(second)
+    third = _control(tmp_path)  # and without the writer's report: failed, with the reason
+    try:
+        _start(third, 10)
+        third.handle({"op": "shutdown"})
+        third._save()
+    finally:
+        _close(third)
+    fourth = _control(tmp_path)
+    try:
+        assert fourth.scans[10].state == "failed" and "shut down" in fourth.scans[10].summary["error"]
+    finally:
+        _close(fourth)

@@ -405,7 +405,15 @@ class Control:
                 "state": state.state}
 
     def _op_shutdown(self, req: dict) -> dict:
+        """Every role stops. A scan still running is ended on purpose, not by a crash: it is
+        listed failed (the writer's report, if it closes the scan on its way out, replaces
+        that), so a control started later does not take it up again from the state file."""
         self.shutting_down = True
+        for state in self.scans.values():
+            if state.state == "running":
+                state.state = "failed"
+                state.summary = {"error": "the pipeline was shut down while the scan ran"}
+                self.changed = True
         return {"ok": True}
 
     # -- loop -------------------------------------------------------------------------------------
