@@ -161,3 +161,19 @@ def test_a_scan_running_at_a_shutdown_is_not_taken_up_by_the_next_control(tmp_pa
         assert fourth.scans[10].state == "failed" and "shut down" in fourth.scans[10].summary["error"]
     finally:
         _close(fourth)
+
+
+def test_an_unwritable_state_file_is_said_once_and_control_goes_on(tmp_path, caplog):
+    config = test_config(tmp_path)
+    config.pipeline.state_file = str(tmp_path / "no-such-dir" / "control.state")
+    control = Control(config)
+    try:
+        with caplog.at_level(logging.ERROR, logger="stemstream.pipeline.control"):
+            for number in (1, 2, 3):
+                _start(control, number)
+        assert [r.getMessage() for r in caplog.records if "state file" in r.getMessage()] == [
+            f"cannot write control's state file {config.pipeline.state_file}: No such file or directory; "
+            "a restarted control will not have the scans"]
+        assert sorted(control.scans) == [1, 2, 3]
+    finally:
+        _close(control)

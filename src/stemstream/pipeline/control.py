@@ -107,6 +107,7 @@ class Control:
         self.instance = uuid.uuid4().hex  # new in every control process: roles see a restart
         self.state_path = Path(config.pipeline.state_file) if config.pipeline.state_file else None
         self.changed = False  # a scan changed since the state file was written
+        self._save_failing = False
         if self.state_path is not None:
             self._restore()
 
@@ -172,7 +173,14 @@ class Control:
         try:
             save_state(self.state_path, {"sequence": self.sequence, "scans": scans})
         except OSError as exc:  # control goes on; only a restart would lose the scans
-            log.error("cannot write control's state file %s: %s", self.state_path, exc.strerror or exc)
+            if not self._save_failing:  # once, not at every change
+                log.error("cannot write control's state file %s: %s; a restarted control will not have "
+                          "the scans", self.state_path, exc.strerror or exc)
+            self._save_failing = True
+        else:
+            if self._save_failing:
+                log.info("control's state file %s written again", self.state_path)
+            self._save_failing = False
         self.changed = False
 
     # -- requests ---------------------------------------------------------------------------------
