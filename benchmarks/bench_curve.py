@@ -26,8 +26,8 @@ MESSAGE_BYTES = 32 * 165_904  # one routing block of one module: 5.3 MB
 
 
 def _keys(directory: Path):
-    from stemstream.deploy.config import PipelineConfig
-    from stemstream.deploy.keys import create_keys, curve_for
+    from stemstream.core.config import PipelineConfig
+    from stemstream.transport.curve import create_keys, curve_for
 
     if not (directory / "server.key").exists():
         create_keys(directory)
@@ -77,7 +77,7 @@ def pair_throughput(n: int, keys_dir: Path | None) -> float:
     proc.join()
     sock.close(0)
     if keys_dir is not None:
-        from stemstream.deploy.keys import stop_authenticator
+        from stemstream.transport.curve import stop_authenticator
 
         stop_authenticator(ctx)
     ctx.term()
@@ -87,7 +87,7 @@ def pair_throughput(n: int, keys_dir: Path | None) -> float:
 
 def scan_rate(shape: tuple[int, int], curve: bool, work: Path) -> float:
     """Frames/s of one simulated scan through the local pipeline (TCP on loopback)."""
-    from stemstream.deploy.config import PipelineConfig
+    from stemstream.core.config import PipelineConfig
     from stemstream.deploy.local import LocalPipeline, ProducerSource
 
     config = PipelineConfig()

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import psutil
 
-from stemstream.deploy.config import PipelineConfig
+from stemstream.core.config import PipelineConfig
 from stemstream.deploy.local import LocalPipeline, ProducerSource
 from stemstream.web.server import free_port
 from common import parse_shape

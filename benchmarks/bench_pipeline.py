@@ -26,7 +26,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from stemstream.deploy.config import PipelineConfig
+from stemstream.core.config import PipelineConfig
 from stemstream.deploy.local import LocalPipeline, ProducerSource
 from common import parse_shape
 

@@ -33,12 +33,12 @@ import psutil
 import zmq
 
 from common import free_port_block, parse_shape
-from stemstream.deploy.config import PipelineConfig
+from stemstream.core.config import PipelineConfig
 from stemstream.deploy.local import LocalPipeline, ProducerSource
 from stemstream.deploy.scan import wait_for_roles
 from stemstream.formats import wire
 from stemstream.formats.raw import N_MODULES, RECORD_BYTES
-from stemstream.pipeline.control_client import ControlClient
+from stemstream.transport.control_client import ControlClient
 from stemstream.sources.simulator import DetectorSimulator, SimulationConfig
 
 FRAME_BYTES = N_MODULES * RECORD_BYTES  # one frame on the wire: 4 sector records

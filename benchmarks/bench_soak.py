@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stemstream.deploy.config import PipelineConfig
+from stemstream.core.config import PipelineConfig
 from stemstream.deploy.local import LocalPipeline, ProducerSource
 from common import parse_shape
 

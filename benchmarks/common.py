@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stemstream.cli_support import UserError
-from stemstream.cli_support import parse_shape as _parse_shape
-from stemstream.deploy.ports import free_port_block  # noqa: F401  (re-exported for the benchmarks)
+from stemstream.cli.support import UserError
+from stemstream.cli.support import parse_shape as _parse_shape
+from stemstream.transport.ports import free_port_block  # noqa: F401  (re-exported for the benchmarks)
 from stemstream.sources.simulator import DetectorSimulator, SimulationConfig
 
 
@@ -26,7 +26,7 @@ def parse_shape(text: str) -> tuple[int, int]:
 def stemstream_command() -> list[str]:
     """The installed entry point next to this interpreter, as a user runs it."""
     script = Path(sys.executable).with_name("stemstream")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "stemstream.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "stemstream.cli.app"]
 
 
 def simulated_frames(config: SimulationConfig, n_frames: int) -> np.ndarray:

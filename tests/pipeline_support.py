@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stemstream.deploy.config import PipelineConfig
-from stemstream.deploy.ports import free_port_block
+from stemstream.core.config import PipelineConfig
+from stemstream.transport.ports import free_port_block
 from stemstream.formats.sparse_h5 import read_counted
 
 

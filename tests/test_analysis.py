@@ -30,7 +30,7 @@ from stemstream.analysis import (
 )
 from stemstream.analysis.run import analyze_counted_file, load_results, png_bytes, render_png, scale_image
 from stemstream.formats.sparse_h5 import CountedFileError, SparseCountsWriter
-from stemstream.formats.wire import MessageError
+from stemstream.transport.messages import MessageError
 
 stempy_image = pytest.importorskip("stempy.image")
 stempy_io = pytest.importorskip("stempy.io")

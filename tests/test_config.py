@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stemstream.deploy.config import ConfigError, PipelineConfig, config_from_dict, load_config
+from stemstream.core.config import ConfigError, PipelineConfig, config_from_dict, load_config
 
 
 def test_defaults_put_every_role_on_localhost():

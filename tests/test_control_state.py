@@ -13,9 +13,9 @@ import msgpack
 import numpy as np
 
 from pipeline_support import test_config
-from stemstream.pipeline import control as control_module
-from stemstream.pipeline.control import Control
-from stemstream.pipeline.control_state import load_state
+from stemstream.pipeline.control import service as control_module
+from stemstream.pipeline.control.service import Control
+from stemstream.pipeline.control.state import load_state
 
 
 def _control(tmp_path, fixed: bool = True) -> Control:
@@ -90,7 +90,7 @@ def test_an_unreadable_state_file_is_set_aside_with_one_log_line(tmp_path, caplo
     for content in (b"\x00garbage, not msgpack\xc1", msgpack.packb({"version": 99, "scans": {}}),
                     msgpack.packb({"version": 1, "saved_at": time.time(), "scans": {"1": {"spec": "?"}}})):
         path.write_bytes(content)
-        with caplog.at_level(logging.ERROR, logger="stemstream.pipeline.control"):
+        with caplog.at_level(logging.ERROR, logger="stemstream.pipeline.control.service"):
             caplog.clear()
             control = _control(tmp_path)
         try:
@@ -168,7 +168,7 @@ def test_an_unwritable_state_file_is_said_once_and_control_goes_on(tmp_path, cap
     config.pipeline.state_file = str(tmp_path / "no-such-dir" / "control.state")
     control = Control(config)
     try:
-        with caplog.at_level(logging.ERROR, logger="stemstream.pipeline.control"):
+        with caplog.at_level(logging.ERROR, logger="stemstream.pipeline.control.service"):
             for number in (1, 2, 3):
                 _start(control, number)
         assert [r.getMessage() for r in caplog.records if "state file" in r.getMessage()] == [

@@ -32,10 +32,10 @@ from stemstream.counting.offline import CountOptions, count_raw_scan
 from stemstream.deploy.local import LocalPipeline, ProducerSource
 from stemstream.formats import wire
 from stemstream.formats.raw import FRAME_SHAPE, N_MODULES, RECORD_BYTES, RECORD_DTYPE
-from stemstream.ledger import ScanLedger
-from stemstream.pipeline.control import Control
+from stemstream.formats.ledger import ScanLedger
+from stemstream.pipeline.control.service import Control
 from stemstream.pipeline.gateway import Gateway
-from stemstream.pipeline.node import NodeGroup
+from stemstream.pipeline.node.role import NodeGroup
 from stemstream.sources.simulator import DetectorSimulator, SimulationConfig, simulate_to_directory
 
 SCAN = 7

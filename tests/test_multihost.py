@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from pipeline_support import assert_same_events
-from stemstream.deploy.config import PipelineConfig
+from stemstream.core.config import PipelineConfig
 from stemstream.formats.raw import N_MODULES, RECORD_BYTES
 from stemstream.formats.sparse_h5 import read_counted
 

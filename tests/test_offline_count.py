@@ -11,7 +11,7 @@ from stemstream.counting.offline import CountOptions, calibrate_from_scan, count
 from stemstream.counting.thresholds import PixelHistogram, draw_sample_weights, thresholds_from_histogram
 from stemstream.formats.raw import FRAME_SHAPE
 from stemstream.formats.sparse_h5 import read_counted
-from stemstream.sources.raw_scan import RawScan
+from stemstream.formats.raw_scan import RawScan
 from stemstream.sources.simulator import SimulationConfig, simulate_to_directory
 
 

@@ -148,9 +148,9 @@ def test_bad_messages_are_rejected_counted_and_the_scan_still_completes(tmp_path
         garbage = [
             [b"S", b"\xc1not msgpack", b"x"],
             [b"Z", b"{}"],
-            [b"S", wire.pack_control({"scan": 1, "module": 1, "block": 0, "node": 0, "n": 1}), b"short"],
+            [b"S", wire.pack_map({"scan": 1, "module": 1, "block": 0, "node": 0, "n": 1}), b"short"],
             wire.encode_sectors(1, 2, 0, 0, good),  # module 2 on module 1's stream
-            [b"E", wire.pack_control({"scan": 1, "module": 1})],
+            [b"E", wire.pack_map({"scan": 1, "module": 1})],
         ]
         for parts in garbage:
             to_node.send_multipart(parts)
@@ -191,7 +191,7 @@ def test_a_node_group_compiles_everything_a_scan_needs_before_it_registers(tmp_p
 
     from stemstream.analysis import ScanAnalyses
     from stemstream.counting import sectors, thresholds
-    from stemstream.pipeline.node import NodeGroup
+    from stemstream.pipeline.node.role import NodeGroup
 
     node = NodeGroup(test_config(tmp_path), 0)
     try:

@@ -17,7 +17,7 @@ from stemstream.formats.raw import (
     raw_file_name,
     sector_rows,
 )
-from stemstream.sources.raw_scan import RawScan
+from stemstream.formats.raw_scan import RawScan
 
 SCAN = (3, 4)  # (rows, cols)
 

@@ -19,13 +19,14 @@ import pytest
 
 from pipeline_support import InProcessControl, test_config
 from stemstream.analysis import ScanAnalyses
-from stemstream.deploy.config import ConfigError, config_from_dict, load_config
+from stemstream.core.config import ConfigError, config_from_dict, load_config
+from stemstream.deploy.settings import check_analyses
 from stemstream.formats import wire
 from stemstream.formats.raw import N_MODULES
 from stemstream.formats.sparse_h5 import read_counted
-from stemstream.pipeline import writer as writer_module
-from stemstream.pipeline.control import Control
-from stemstream.pipeline.writer import OutputDirError, Writer
+from stemstream.pipeline.writer import role as writer_module
+from stemstream.pipeline.control.service import Control
+from stemstream.pipeline.writer.role import OutputDirError, Writer
 from stemstream.sources.simulator import SimulationConfig, simulate_to_directory
 
 
@@ -110,7 +111,7 @@ def test_raw_file_with_a_wrong_name_is_one_clear_sentence(raw_scan, tmp_path, na
 ])
 def test_a_config_with_a_wrong_type_in_any_section_is_one_sentence_naming_it(data, fragment):
     with pytest.raises(ConfigError) as info:
-        config_from_dict(data)
+        check_analyses(config_from_dict(data))
     assert fragment in str(info.value) and "\n" not in str(info.value)
 
 

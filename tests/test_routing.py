@@ -9,9 +9,9 @@ import pytest
 
 from stemstream.formats import wire
 from stemstream.formats.raw import RECORD_BYTES, RECORD_DTYPE
-from stemstream.pipeline.journal import Journal, read_journal
+from stemstream.pipeline.writer.journal import Journal, read_journal
 from stemstream.pipeline.routing import in_ranges, route, to_ranges
-from stemstream.pipeline.shared_memory import Attachments, SlotRing
+from stemstream.transport.shared_memory import Attachments, SlotRing
 
 
 def test_blocks_go_round_the_scans_node_groups_then_to_the_survivors():

@@ -15,12 +15,12 @@ import zmq.auth
 
 from pipeline_support import assert_same_events, test_config
 from stemstream.counting.offline import CountOptions, count_raw_scan
-from stemstream.deploy.config import ConfigError, config_from_dict, load_config
-from stemstream.deploy.keys import CurveKeyError, create_keys, curve_for
+from stemstream.core.config import ConfigError, config_from_dict, load_config
+from stemstream.transport.curve import CurveKeyError, create_keys, curve_for
 from stemstream.deploy.local import LocalPipeline, ProducerSource
 from stemstream.formats import wire
 from stemstream.formats.raw import RECORD_DTYPE
-from stemstream.pipeline.control_client import ControlClient, ControlUnavailable
+from stemstream.transport.control_client import ControlClient, ControlUnavailable
 from stemstream.sources.simulator import SimulationConfig, simulate_to_directory
 
 

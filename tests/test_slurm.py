@@ -23,12 +23,12 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline_support import assert_same_events, test_config
-from stemstream.deploy.ports import free_port_block
-from stemstream.cli import app
+from stemstream.transport.ports import free_port_block
+from stemstream.cli.app import app
 from stemstream.deploy.launcher import RANK_VARIABLES, LauncherError, launcher_rank, node_index_from_launcher
 from stemstream.deploy.slurm import SlurmError, SlurmJob
 from stemstream.formats.sparse_h5 import read_counted
-from stemstream.pipeline.control_client import ControlClient, ControlUnavailable
+from stemstream.transport.control_client import ControlClient, ControlUnavailable
 from system_packages import install_debian_packages
 from test_cli import assert_one_line_error, stemstream
 

@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 
 from stemstream.analysis.run import analyze_counted_file
 from stemstream.formats.sparse_h5 import SparseCountsWriter
-from stemstream.pipeline.control import Control
-from stemstream.pipeline.control_client import ControlClient
+from stemstream.pipeline.control.service import Control
+from stemstream.transport.control_client import ControlClient
 from stemstream.web.app import create_app
 from stemstream.web.catalog import Catalog, CatalogError, catalog_url
 

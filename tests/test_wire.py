@@ -8,7 +8,7 @@ import pytest
 
 from stemstream.formats import wire
 from stemstream.formats.raw import RECORD_DTYPE
-from stemstream.ledger import sector_tally
+from stemstream.formats.ledger import sector_tally
 
 
 def records(n: int) -> np.ndarray:

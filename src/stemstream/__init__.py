@@ -1,9 +1,6 @@
 """stemstream: stream 4D Camera detector data into compute-node memory, count electrons on the fly,
-and write files that stempy and py4DSTEM read."""
+and write stempy-compatible counted files."""
 
-from importlib.metadata import PackageNotFoundError, version
+from stemstream.core.version import SOFTWARE_VERSION as __version__
 
-try:
-    __version__ = version("stemstream")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+unknown"
+__all__ = ["__version__"]

@@ -1,5 +1,5 @@
 """``python -m stemstream``: the same as the ``stemstream`` command."""
 
-from stemstream.cli import main
+from stemstream.cli.app import main
 
 main()

@@ -39,9 +39,10 @@ import msgpack
 import numpy as np
 from numba import njit
 
-from stemstream.formats.wire import MessageError
+from stemstream.core.detector import FRAME_SHAPE
+from stemstream.transport.messages import MessageError
 
-DEFAULT_FRAME_SHAPE = (576, 576)  # (rows, cols)
+DEFAULT_FRAME_SHAPE = FRAME_SHAPE  # (rows, cols)
 
 #: Kinds of colour scaling :func:`stemstream.analysis.run.render_png` knows.
 VIEW_KINDS = ("sequential", "diverging", "log")

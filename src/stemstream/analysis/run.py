@@ -32,6 +32,7 @@ import numpy as np
 from stemstream.analysis import default_analyses
 from stemstream.analysis.base import VIEW_KINDS, Analysis, ScanAnalyses
 from stemstream.formats.sparse_h5 import CountedFileError, read_counted
+from stemstream.core.version import SOFTWARE_VERSION
 
 ANALYSIS_GROUP = "analysis"
 #: Frames read per batch by :func:`analyze_counted_file` (a few MB of events).
@@ -52,15 +53,6 @@ class AnalysisOutput:
     events: int = 0
     frames_skipped: int = 0
     seconds: float = 0.0
-
-
-def _software_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("stemstream")
-    except Exception:  # pragma: no cover - not installed
-        return "unknown"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,7 +201,7 @@ def store_results(
 
 def _store(root: h5py.Group, analyses, results, info) -> None:
     group = root.require_group(ANALYSIS_GROUP)
-    group.attrs["software_version"] = _software_version()
+    group.attrs["software_version"] = SOFTWARE_VERSION
     group.attrs["created_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
     for key, value in (info or {}).items():
         if value is not None:

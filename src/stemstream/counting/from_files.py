@@ -16,8 +16,8 @@ import numpy as np
 from stemstream.counting.kernel import CountedFrames, ElectronCounter, read_count
 from stemstream.counting.thresholds import PixelHistogram, read_accumulate
 from stemstream.formats.raw import FRAME_SHAPE
-from stemstream.sources.raw_pread import raise_read_error
-from stemstream.sources.raw_scan import RawScan
+from stemstream.formats.raw_pread import raise_read_error
+from stemstream.formats.raw_scan import RawScan
 
 
 class RawFrameWorker:

@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit, prange
 from numba.cpython.unsafe.numbers import trailing_zeros
 
-from stemstream.sources.raw_pread import fetch_add, read_frame
+from stemstream.formats.raw_pread import fetch_add, read_frame
 
 # Pixels per block in the fast scan: a block whose maximum is below the background threshold is
 # skipped after one vectorised pass, which is what most of a sparse frame is. Blocks of 96 and 192

@@ -20,7 +20,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from stemstream import __version__
+from stemstream.core.version import SOFTWARE_VERSION
 from stemstream.counting.from_files import RawFrameWorker
 from stemstream.counting.kernel import ElectronCounter
 from stemstream.counting.thresholds import (
@@ -33,8 +33,8 @@ from stemstream.counting.thresholds import (
 from stemstream.formats.raw import FRAME_SHAPE
 from stemstream.formats.reference_images import load_reference_image
 from stemstream.formats.sparse_h5 import SparseCountsWriter
-from stemstream.ledger import ScanLedger
-from stemstream.sources.raw_scan import RawScan
+from stemstream.formats.ledger import ScanLedger
+from stemstream.formats.raw_scan import RawScan
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def _count_all(scan, worker, counter, writer, thresholds, options, progress, t0)
     writer.set_metadata("electron_counting", thresholds.stempy_attributes())
     writer.set_metadata("stemstream", {
         "software": "stemstream",
-        "software_version": __version__,
+        "software_version": SOFTWARE_VERSION,
         "mode": "offline",
         "scan_number": scan.scan_number,
         "seconds": elapsed,

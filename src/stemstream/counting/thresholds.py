@@ -13,13 +13,14 @@ by addition (the streaming pipeline calibrates from frames gathered across node 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numba
 import numpy as np
 from numba import njit, prange
 
-from stemstream.sources.raw_pread import fetch_add, read_frame
+from stemstream.core.thresholds import Thresholds, fixed_thresholds  # noqa: F401  (part of this module's API)
+from stemstream.formats.raw_pread import fetch_add, read_frame
 
 # Pixel values after integer dark subtraction span -65535..65535; the histogram is offset so that
 # index = value + _OFFSET.
@@ -31,65 +32,6 @@ class CalibrationError(RuntimeError):
     """Thresholds could not be calibrated from the sample (too few pixels, fit failed)."""
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    """Background and X-ray thresholds in ADU, with the statistics behind them.
-
-    Field names map onto stempy's ``/metadata/electron_counting`` attributes (see
-    :meth:`stempy_attributes`).
-    """
-
-    background: float
-    xray: float
-    calculated: bool = False
-    number_of_samples: int = 0
-    min_sample: float = 0.0
-    max_sample: float = 0.0
-    mean: float = 0.0
-    variance: float = 0.0
-    std_dev: float = 0.0
-    number_of_bins: int = 0
-    xray_n_sigma: float = 0.0
-    background_n_sigma: float = 0.0
-    optimized_mean: float = 0.0
-    optimized_std_dev: float = 0.0
-
-    def __post_init__(self):
-        if not (math.isfinite(self.background) and math.isfinite(self.xray)):
-            raise ValueError(f"thresholds must be finite numbers, got background={self.background}, xray={self.xray}")
-        if self.xray <= self.background:
-            raise ValueError(
-                f"the X-ray threshold ({self.xray:g} ADU) must be above the background threshold ({self.background:g} ADU)"
-            )
-
-    def stempy_attributes(self) -> dict:
-        """The attributes stempy writes under ``/metadata/electron_counting``."""
-        return {
-            "background_threshold": self.background,
-            "x_ray_threshold": self.xray,
-            "number_of_samples": self.number_of_samples,
-            "min_sample": self.min_sample,
-            "max_sample": self.max_sample,
-            "mean": self.mean,
-            "variance": self.variance,
-            "std_dev": self.std_dev,
-            "number_of_bins": self.number_of_bins,
-            "x_ray_threshold_n_sigma": self.xray_n_sigma,
-            "background_threshold_n_sigma": self.background_n_sigma,
-            "optimized_mean": self.optimized_mean,
-            "optimized_std_dev": self.optimized_std_dev,
-            "threshold_calculated": self.calculated,
-        }
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def fixed_thresholds(background: float, xray: float) -> Thresholds:
-    """Thresholds given by the user (ADU)."""
-    return Thresholds(background=float(background), xray=float(xray), calculated=False)
-
-
 @njit(nogil=True, cache=True)
 def _accumulate(frame, dark_int, use_dark, weight, hist):
     flat = frame.reshape(-1)
@@ -98,7 +40,7 @@ def _accumulate(frame, dark_int, use_dark, weight, hist):
         v = np.int64(flat[i])
         if use_dark:
             v -= dark[i]
-        hist[v + 65536] += weight
+        hist[v + _OFFSET] += weight
 
 
 @njit(nogil=True, parallel=True, cache=True)
@@ -173,6 +115,36 @@ class PixelHistogram:
     def merge(self, other: PixelHistogram) -> None:
         self.counts += other.counts
         self.n_frames += other.n_frames
+
+    # The wire and state-file form: the non-empty bins as pixel values (not bin indices, so the
+    # offset never leaves this class) with their counts.
+
+    def to_wire(self) -> dict:
+        """``{values, counts, n_frames}``: the non-empty bins, as msgpack-able lists."""
+        where = np.flatnonzero(self.counts)
+        return {"values": (where - _OFFSET).tolist(), "counts": self.counts[where].tolist(), "n_frames": int(self.n_frames)}
+
+    @classmethod
+    def from_wire(cls, sparse) -> PixelHistogram:
+        """The histogram of a :meth:`to_wire` map; ValueError (one sentence) for anything else."""
+        if not isinstance(sparse, dict):
+            raise ValueError("a calibration histogram must be a map")
+        try:
+            values = np.asarray(sparse.get("values", []), np.int64)
+            counts = np.asarray(sparse.get("counts", []), np.int64)
+            n_frames = int(sparse.get("n_frames", 0))
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError("a calibration histogram holds something other than integers") from None
+        if values.ndim != 1 or values.shape != counts.shape:
+            raise ValueError("a calibration histogram's values and counts differ in length")
+        if values.size and (values.min() < -_OFFSET or values.max() >= _N_VALUES - _OFFSET):
+            raise ValueError("a calibration histogram bin lies outside the pixel-value range")
+        if (counts.size and counts.min() < 0) or n_frames < 0:
+            raise ValueError("a calibration histogram holds negative counts")
+        histogram = cls()
+        np.add.at(histogram.counts, values + _OFFSET, counts)
+        histogram.n_frames = n_frames
+        return histogram
 
     @property
     def n_pixels(self) -> int:

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stemstream.deploy.config import PipelineConfig
+from stemstream.core.config import PipelineConfig
 from stemstream.deploy.scan import PipelineError, required_roles, start_and_wait, wait_for_roles
-from stemstream.pipeline.control_client import ControlClient, ControlUnavailable
+from stemstream.transport.control_client import ControlClient, ControlUnavailable
 
 log = logging.getLogger(__name__)
 

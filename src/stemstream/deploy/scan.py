@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from stemstream.pipeline.control_client import ControlClient, ControlUnavailable
+from stemstream.transport.control_client import ControlClient, ControlUnavailable
 
 
 class PipelineError(RuntimeError):

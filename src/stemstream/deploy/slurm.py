@@ -17,7 +17,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stemstream.deploy.config import ConfigError, PipelineConfig, load_config
+from stemstream.core.config import ConfigError, PipelineConfig
+from stemstream.deploy.settings import load_settings
 
 # Slurm's --time also takes minutes alone and other forms; one unambiguous form is enough here.
 _TIME = re.compile(r"^(?:(\d+)-)?(\d{1,3}):([0-5]\d):([0-5]\d)$")
@@ -68,7 +69,7 @@ class SlurmJob:
         if not self.config.is_file():
             raise SlurmError(f"the config file {self.config} does not exist")
         try:
-            config = load_config(self.config)
+            config = load_settings(self.config)
         except ConfigError as exc:
             raise SlurmError(str(exc)) from None
         last = (65535 - 3 - config.network.node_base_port) // 4  # node group i listens on node_base_port + 4 i + m
@@ -106,7 +107,7 @@ class SlurmJob:
 
     def script(self, config: PipelineConfig | None = None) -> str:
         """The batch script's text (after :meth:`check`, whose config it takes)."""
-        config = config if config is not None else load_config(self.config)
+        config = config if config is not None else load_settings(self.config)
         path = self.config.absolute()
         sbatch = [f"--job-name={self.job_name}", f"--nodes={self.nodes}", f"--ntasks-per-node={self.tasks_per_node}"]
         if self.cpus_per_task is not None:

@@ -20,28 +20,21 @@ from pathlib import Path
 
 import numpy as np
 
-FRAME_ROWS = 576
-FRAME_COLS = 576
-FRAME_SHAPE = (FRAME_ROWS, FRAME_COLS)  # (rows, cols)
-N_MODULES = 4
-SECTOR_ROWS = FRAME_ROWS // N_MODULES  # 144
-SECTOR_SHAPE = (SECTOR_ROWS, FRAME_COLS)  # (rows, cols)
-SECTOR_PIXELS = SECTOR_ROWS * FRAME_COLS  # 82,944
-SECTOR_BYTES = SECTOR_PIXELS * 2  # 165,888
-
-HEADER_DTYPE = np.dtype(
-    [
-        ("scan_number", "<u4"),
-        ("frame_number", "<u4"),
-        ("scan_width", "<u2"),  # positions per row (scan columns)
-        ("scan_height", "<u2"),  # scan rows
-        ("x", "<u2"),  # column of the scan position
-        ("y", "<u2"),  # row of the scan position
-    ]
+from stemstream.core.detector import (  # noqa: F401  (the geometry, re-exported for readers of this format)
+    FRAME_COLS,
+    FRAME_ROWS,
+    FRAME_SHAPE,
+    HEADER_BYTES,
+    HEADER_DTYPE,
+    N_MODULES,
+    RECORD_BYTES,
+    RECORD_DTYPE,
+    SECTOR_BYTES,
+    SECTOR_PIXELS,
+    SECTOR_ROWS,
+    SECTOR_SHAPE,
+    sector_rows,
 )
-HEADER_BYTES = HEADER_DTYPE.itemsize  # 16
-RECORD_DTYPE = np.dtype([("header", HEADER_DTYPE), ("data", "<u2", SECTOR_SHAPE)])
-RECORD_BYTES = RECORD_DTYPE.itemsize  # 165,904
 
 _MODULE_IN_NAME = re.compile(r"module(\d+)")
 
@@ -68,11 +61,6 @@ def module_of_path(path: str | Path) -> int:
     if not 0 <= module < N_MODULES:
         raise RawFormatError(f"{path}: module {module} in the file name is outside 0..{N_MODULES - 1}")
     return module
-
-
-def sector_rows(module: int) -> slice:
-    """The frame rows that sector ``module`` fills (header version 5: horizontal stripes)."""
-    return slice(module * SECTOR_ROWS, (module + 1) * SECTOR_ROWS)
 
 
 def discover_raw_files(paths: list[str | Path]) -> list[Path]:

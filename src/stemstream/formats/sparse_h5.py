@@ -39,8 +39,11 @@ from typing import Any
 import h5py
 import numpy as np
 
+from stemstream.core.detector import FRAME_SHAPE
+from stemstream.core.version import SOFTWARE_VERSION
+
 FORMAT_VERSION = 3
-DEFAULT_FRAME_SHAPE = (576, 576)  # (rows, cols)
+DEFAULT_FRAME_SHAPE = FRAME_SHAPE  # (rows, cols)
 
 #: stempy's names for the electron-counting thresholds, stored in /metadata/electron_counting.
 ELECTRON_COUNTING_ATTRS = (
@@ -72,23 +75,6 @@ _READ_BLOCK = 65536
 
 class CountedFileError(ValueError):
     """A file that is not a readable counted file; the message names the path and the problem."""
-
-
-def _software_version() -> str:
-    try:
-        import stemstream
-
-        version = getattr(stemstream, "__version__", None)
-        if version:
-            return str(version)
-    except ImportError:  # pragma: no cover - we are inside the package
-        pass
-    try:
-        from importlib.metadata import PackageNotFoundError, version as _pkg_version
-
-        return _pkg_version("stemstream")
-    except (ImportError, PackageNotFoundError):
-        return "unknown"
 
 
 def _utc_now() -> str:
@@ -489,7 +475,7 @@ class SparseCountsWriter:
         self._flush()
         tree: dict[str, Any] = {
             "stemstream": {
-                "software_version": _software_version(),
+                "software_version": SOFTWARE_VERSION,
                 "writer": f"{__name__}.{type(self).__name__}",
                 "created_utc": self._created_utc,
                 "closed_utc": _utc_now(),

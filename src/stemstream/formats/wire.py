@@ -16,7 +16,7 @@ as raw frames, never inside msgpack, so they travel zero-copy.
 - ``EVENTS``   node group -> writer: ``[b"V", envelope, frame_numbers u32, positions i64,
   present u8, offsets i64, events u32]``; present is a bit mask of the modules that arrived.
   envelope: scan, node, n (frames), block, stream, and ledger: the block's sector counts
-  (stemstream.ledger.sector_tally), which the writer adds when it commits the block.
+  (stemstream.formats.ledger.sector_tally), which the writer adds when it commits the block.
 - ``ANALYSIS`` node group -> writer: ``[b"A", envelope, *partials]``: live analyses' partial
   results since the last such message (stemstream.analysis.encode_partials); envelope: scan, node.
 - ``DONE``     node group -> writer: ``[b"D", envelope]``: the node group finished the scan;
@@ -30,13 +30,12 @@ Decoding validates everything a peer could get wrong and raises MessageError wit
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-import msgpack
 import numpy as np
 
-from stemstream.formats.raw import N_MODULES, RECORD_BYTES, RECORD_DTYPE
-from stemstream.ledger import SECTOR_COUNTS
+from stemstream.core.detector import MAX_NODE_ID, N_MODULES, RECORD_BYTES, RECORD_DTYPE
+from stemstream.formats.ledger import SECTOR_COUNTS
+from stemstream.transport.messages import MAX_ENVELOPE_BYTES, MessageError, pack_map, unpack_map  # noqa: F401
 
 SECTORS = b"S"
 END = b"E"
@@ -45,35 +44,11 @@ DONE = b"D"
 ANALYSIS = b"A"
 _KINDS = (SECTORS, END, EVENTS, DONE, ANALYSIS)
 
-# Envelopes are tiny; anything bigger is garbage or an attack.
-MAX_ENVELOPE_BYTES = 64 * 1024
 MAX_RECORDS_PER_MESSAGE = 4096
 NO_BLOCK = -1  # an EVENTS message not tied to one routing block
 
-
-class MessageError(ValueError):
-    """A message that cannot be used. ``reason`` is a short snake_case key for counters."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
-def _pack(envelope: dict) -> bytes:
-    return msgpack.packb(envelope, use_bin_type=True)
-
-
-def _unpack_envelope(frame) -> dict:
-    data = bytes(frame.buffer if hasattr(frame, "buffer") else frame)
-    if len(data) > MAX_ENVELOPE_BYTES:
-        raise MessageError("envelope_too_big", f"{len(data)} bytes")
-    try:
-        envelope = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except Exception as exc:  # msgpack raises several types on garbage
-        raise MessageError("undecodable_envelope", type(exc).__name__) from None
-    if not isinstance(envelope, dict):
-        raise MessageError("undecodable_envelope", "not a map")
-    return envelope
+_pack = pack_map
+_unpack_envelope = unpack_map
 
 
 def _envelope_of(parts: list, n_parts: int, kind: str) -> dict:
@@ -137,7 +112,7 @@ def sectors_envelope(parts: list) -> dict:
     _int_field(envelope, "scan")
     _int_field(envelope, "module", 0, N_MODULES - 1)
     _int_field(envelope, "block")
-    _int_field(envelope, "node", 0, 65535)
+    _int_field(envelope, "node", 0, MAX_NODE_ID)
     _int_field(envelope, "n", 0, MAX_RECORDS_PER_MESSAGE)
     envelope["spilled"] = _block_list(envelope, "spilled")
     envelope["stream"] = _stream_field(envelope)
@@ -154,7 +129,7 @@ def sectors_envelope(parts: list) -> dict:
 def _stream_field(envelope: dict) -> int:
     """The routing generation a message belongs to (absent: 0, the scan's first)."""
     envelope.setdefault("stream", 0)
-    return _int_field(envelope, "stream", 0, 65535)
+    return _int_field(envelope, "stream", 0, MAX_NODE_ID)
 
 
 def _block_list(envelope: dict, name: str) -> list[int]:
@@ -210,7 +185,7 @@ def end_envelope(parts: list) -> dict:
     envelope = _envelope_of(parts, 2, "END")
     _int_field(envelope, "scan")
     _int_field(envelope, "module", 0, N_MODULES - 1)
-    _int_field(envelope, "node", 0, 65535)
+    _int_field(envelope, "node", 0, MAX_NODE_ID)
     _int_field(envelope, "sent", 0, 2**40)
     _int_field(envelope, "spilled", 0, 2**40)
     envelope["spilled_blocks"] = _block_list(envelope, "spilled_blocks")
@@ -255,7 +230,7 @@ class EventsMessage:
     events: np.ndarray
     block: int = -1
     stream: int = 0
-    ledger: dict | None = None  # the block's sector counts (stemstream.ledger.sector_tally)
+    ledger: dict | None = None  # the block's sector counts (stemstream.formats.ledger.sector_tally)
 
 
 def _tally_field(envelope: dict, others: tuple[str, ...] = ()) -> dict | None:
@@ -298,7 +273,7 @@ def decode_events(parts: list, n_pixels: int) -> EventsMessage:
     """Validate an EVENTS message: consistent lengths, monotonic offsets, pixels inside the frame."""
     envelope = _envelope_of(parts, 7, "EVENTS")
     scan = _int_field(envelope, "scan")
-    node = _int_field(envelope, "node", 0, 65535)
+    node = _int_field(envelope, "node", 0, MAX_NODE_ID)
     n = _int_field(envelope, "n", 0, 1 << 24)
     envelope.setdefault("block", NO_BLOCK)
     block = _int_field(envelope, "block", NO_BLOCK, 2**32 - 1)
@@ -342,7 +317,7 @@ def decode_done(parts: list) -> DoneMessage:
     if not isinstance(ledger, dict) or not isinstance(lost, list) or len(lost) > N_MODULES or not all(
             isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32 for x in lost):
         raise MessageError("bad_envelope", "ledger must be a map and lost a list of counts per module")
-    return DoneMessage(_int_field(envelope, "scan"), _int_field(envelope, "node", 0, 65535), ledger,
+    return DoneMessage(_int_field(envelope, "scan"), _int_field(envelope, "node", 0, MAX_NODE_ID), ledger,
                        [int(x) for x in lost], _stream_field(envelope))
 
 
@@ -359,16 +334,6 @@ def analysis_envelope(parts: list) -> dict:
         raise MessageError("wrong_part_count", f"{len(parts)} parts, ANALYSIS has at least 3")
     envelope = _unpack_envelope(parts[1])
     _int_field(envelope, "scan")
-    _int_field(envelope, "node", 0, 65535)
+    _int_field(envelope, "node", 0, MAX_NODE_ID)
     _stream_field(envelope)
     return envelope
-
-
-def pack_control(message: dict[str, Any]) -> bytes:
-    """A control-path message (requests and replies are small msgpack maps)."""
-    return _pack(message)
-
-
-def unpack_control(data: bytes) -> dict:
-    """Decode a control-path message; raises MessageError on garbage."""
-    return _unpack_envelope(data)

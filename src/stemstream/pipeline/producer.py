@@ -30,7 +30,7 @@ from stemstream.formats import wire
 from stemstream.formats.raw import RawModuleWriter
 from stemstream.pipeline.role import Role
 from stemstream.pipeline.routing import alive_nodes, generation, in_ranges, route
-from stemstream.pipeline.shared_memory import SlotRing, segment_prefix
+from stemstream.transport.shared_memory import SlotRing, segment_prefix
 from stemstream.pipeline.spill import spill_directory
 
 log = logging.getLogger(__name__)

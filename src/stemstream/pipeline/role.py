@@ -10,10 +10,10 @@ from collections import Counter
 import psutil
 import zmq
 
-from stemstream.deploy.config import PipelineConfig
-from stemstream.deploy.keys import curve_for
-from stemstream.formats.wire import MessageError
-from stemstream.pipeline.control_client import ControlClient, ControlUnavailable
+from stemstream.core.config import PipelineConfig
+from stemstream.transport.curve import curve_for
+from stemstream.transport.messages import MessageError
+from stemstream.transport.control_client import ControlClient, ControlUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -28,11 +28,11 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from stemstream.deploy.config import PipelineConfig
-from stemstream.pipeline.control_client import ControlUnavailable
+from stemstream.core.config import PipelineConfig
+from stemstream.transport.control_client import ControlUnavailable
 from stemstream.web.catalog import Catalog
 from stemstream.web.live import LiveMonitor
-from stemstream.web.scanfiles import image_label, image_order, stored_views, view_png
+from stemstream.analysis.stored import image_label, image_order, stored_views, view_png
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ def create_app(config: PipelineConfig, catalog: Catalog, token: str, *, open_rea
     @app.post("/api/scans", status_code=202)
     async def api_start(request: Request, body: StartScan):
         require_token(request)
-        from stemstream.cli_support import UserError, parse_shape
+        from stemstream.cli.support import UserError, parse_shape
 
         try:
             if isinstance(body.scan_shape, str):

@@ -137,7 +137,7 @@ class Catalog:
         ledger = summary.get("ledger")
         if not path or not isinstance(ledger, dict):
             return None
-        from stemstream.web.scanfiles import png_images_beside
+        from stemstream.analysis.stored import png_images_beside
 
         row = {
             "scan_number": int(summary.get("scan", ledger.get("scan_number", 0))),
@@ -166,7 +166,7 @@ class Catalog:
 
     def add_file(self, path: str | os.PathLike) -> int:
         """Record a counted file from its own metadata (CountedFileError if it is not one)."""
-        from stemstream.web.scanfiles import file_facts, png_images_beside
+        from stemstream.analysis.stored import file_facts, png_images_beside
 
         facts = file_facts(path)
         meta = facts["stemstream"]

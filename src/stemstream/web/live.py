@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from stemstream.deploy.config import PipelineConfig
-from stemstream.pipeline.control_client import ControlClient, ControlUnavailable
+from stemstream.core.config import PipelineConfig
+from stemstream.transport.control_client import ControlClient, ControlUnavailable
 from stemstream.web.catalog import Catalog
-from stemstream.web.scanfiles import image_label, image_order
+from stemstream.analysis.stored import image_label, image_order
 
 log = logging.getLogger(__name__)
 

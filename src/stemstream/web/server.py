@@ -8,7 +8,7 @@ import os
 import secrets
 import socket
 
-from stemstream.deploy.config import PipelineConfig
+from stemstream.core.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 

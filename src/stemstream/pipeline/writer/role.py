@@ -28,15 +28,15 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from stemstream import __version__
+from stemstream.core.version import SOFTWARE_VERSION
 from stemstream.analysis import ScanAnalyses, default_analyses
 from stemstream.analysis.run import png_bytes, scale_image, store_results, write_pngs
 from stemstream.counting.thresholds import Thresholds
 from stemstream.formats import wire
 from stemstream.formats.raw import FRAME_SHAPE, N_MODULES
 from stemstream.formats.sparse_h5 import SparseCountsWriter, read_counted
-from stemstream.ledger import ScanLedger
-from stemstream.pipeline.journal import Journal, journal_path, read_journal
+from stemstream.formats.ledger import ScanLedger
+from stemstream.pipeline.writer.journal import Journal, journal_path, read_journal
 from stemstream.pipeline.role import Role
 from stemstream.pipeline.routing import alive_nodes, generation, to_ranges
 
@@ -367,7 +367,7 @@ class WriterScan:
             "thresholds": thresholds,
         }
         self.out.set_metadata("stemstream", {
-            "software": "stemstream", "software_version": __version__, "mode": "stream",
+            "software": "stemstream", "software_version": SOFTWARE_VERSION, "mode": "stream",
             "scan_number": self.number, "node_groups": self.n_nodes, "seconds": elapsed,
             "events": self.n_events, "ledger": ledger,
         })

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from stemstream.cli_support import UserError, run_guarded
+from stemstream.cli.support import UserError, run_guarded
 
 console = Console()
 

@@ -32,7 +32,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from stemstream.deploy.config import ConfigError, PipelineConfig, SecuritySettings
+from stemstream.core.config import ConfigError, PipelineConfig, SecuritySettings
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from stemstream.cli_support import UserError, run_guarded
+from stemstream.cli.support import UserError, run_guarded
 
 console = Console()
 
@@ -24,8 +24,8 @@ def register(app: typer.Typer) -> None:
         """Create CURVE key pairs: the servers' (server.key) and the clients' (client.key), the
         clients' public key authorised in KEYS_DIR/authorized. Then set [security] curve = true and
         keys_dir in the pipeline config."""
-        from stemstream.deploy.config import ConfigError
-        from stemstream.deploy.keys import create_keys
+        from stemstream.core.config import ConfigError
+        from stemstream.transport.curve import create_keys
 
         def job() -> None:
             try:

@@ -42,10 +42,10 @@ from stemstream.counting.thresholds import (
     fixed_thresholds,
     thresholds_from_histogram,
 )
-from stemstream.deploy.config import PipelineConfig
-from stemstream.deploy.keys import curve_for
-from stemstream.formats.wire import MessageError, pack_control, unpack_control
-from stemstream.pipeline.control_state import (
+from stemstream.core.config import PipelineConfig
+from stemstream.transport.curve import curve_for
+from stemstream.transport.messages import MessageError, pack_control, unpack_control
+from stemstream.pipeline.control.state import (
     FINISHED_KEPT,
     StateFileError,
     histogram_from_sparse,

@@ -62,7 +62,7 @@ from typing import Any
 
 import tomli_w
 
-from stemstream.formats.raw import N_MODULES
+from stemstream.core.detector import N_MODULES
 
 
 class ConfigError(ValueError):
@@ -241,12 +241,8 @@ class PipelineConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        from stemstream.analysis import default_analyses
-
-        try:
-            default_analyses(config=self.analysis)
-        except ValueError as exc:
-            raise ConfigError(f"[analysis] {exc}") from None
+        # [analysis] names analyses (user modules among them): stemstream.deploy.settings checks
+        # it, so that validating a config here never imports user code.
         return self
 
     def to_dict(self) -> dict:
@@ -298,7 +294,7 @@ def config_from_dict(data: dict) -> PipelineConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"[{section}] must be a table of settings")
         if section == "analysis":
-            config.analysis = values  # checked by stemstream.analysis in validate()
+            config.analysis = values  # checked by stemstream.deploy.settings (it imports the analyses)
             continue
         target = getattr(config, section)
         known = {f.name: f.type for f in dataclasses.fields(target)}

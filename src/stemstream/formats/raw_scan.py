@@ -31,8 +31,8 @@ from stemstream.formats.raw import (
     inspect_raw_file,
     sector_rows,
 )
-from stemstream.sources.raw_pread import read_headers
-from stemstream.ledger import ScanLedger
+from stemstream.formats.raw_pread import read_headers
+from stemstream.formats.ledger import ScanLedger
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from stemstream.formats.raw import N_MODULES
+from stemstream.core.detector import N_MODULES
 
 
 SECTOR_COUNTS = ("sectors_received", "sectors_missing", "sectors_duplicate", "sectors_rejected")

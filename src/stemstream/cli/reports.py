@@ -6,8 +6,8 @@ from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
 
-from stemstream.formats.raw import N_MODULES
-from stemstream.ledger import ScanLedger
+from stemstream.core.detector import N_MODULES
+from stemstream.formats.ledger import ScanLedger
 
 
 def ledger_table(ledger: ScanLedger) -> Table:

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from stemstream.analysis.base import View
-from stemstream.web.scanfiles import image_label, image_order, stored_views
+from stemstream.analysis.stored import image_label, image_order, stored_views
 
 
 def _computed_views(path: Path) -> dict[str, View]:
     """What the default analyses show for the file, computed now (the file is not changed)."""
     from stemstream.analysis import default_analyses
     from stemstream.analysis.run import analyze_counted_file
-    from stemstream.web.scanfiles import file_facts
+    from stemstream.analysis.stored import file_facts
 
     analyses = default_analyses(file_facts(path)["frame_shape"])
     out = analyze_counted_file(path, analyses, write=False, png=False)
@@ -152,7 +152,7 @@ def render_scan(file: str | os.PathLike, out_dir: str | os.PathLike, facts: dict
     ``<stem>_ledger.png`` into ``out_dir``. Images come from the file's ``/analysis`` or, if it
     has none, are computed (the file is not changed). Returns (paths, computed)."""
     from stemstream.analysis.run import render_png
-    from stemstream.web.scanfiles import file_facts
+    from stemstream.analysis.stored import file_facts
 
     file, out_dir = Path(file), Path(out_dir)
     facts = facts or file_facts(file)

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from stemstream.cli_support import UserError, parse_shape, progress_bar, run_guarded
+from stemstream.cli.support import UserError, parse_shape, progress_bar, run_guarded
 
 log = logging.getLogger("stemstream")
 console = Console()
@@ -21,10 +21,11 @@ ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="Pipeline
 
 
 def _load(config: Path | None):
-    from stemstream.deploy.config import ConfigError, load_config
+    from stemstream.core.config import ConfigError
+    from stemstream.deploy.settings import load_settings
 
     try:
-        return load_config(config)
+        return load_settings(config)
     except ConfigError as exc:
         raise UserError(str(exc)) from None
 
@@ -34,7 +35,7 @@ def _role_guard(job) -> None:
 
     import zmq
 
-    from stemstream.deploy.config import ConfigError
+    from stemstream.core.config import ConfigError
 
     def guarded() -> None:
         try:
@@ -58,14 +59,14 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def control(config: ConfigOption = None) -> None:
         """Run the control role (scan lifecycle, calibration, status)."""
-        from stemstream.pipeline.control import Control
+        from stemstream.pipeline.control.service import Control
 
         _role_guard(lambda: Control(_load(config)).serve())
 
     @app.command()
     def writer(config: ConfigOption = None) -> None:
         """Run the writer role (one counted file per scan)."""
-        from stemstream.pipeline.writer import Writer
+        from stemstream.pipeline.writer.role import Writer
 
         _role_guard(lambda: Writer(_load(config)).run())
 
@@ -79,7 +80,7 @@ def register(app: typer.Typer) -> None:
         """Run one node group (reassemble, count, send events). It registers with control and
         is used by the scans that start after that."""
         from stemstream.deploy.launcher import LauncherError, launcher_rank
-        from stemstream.pipeline.node import NodeGroup
+        from stemstream.pipeline.node.role import NodeGroup
 
         def job() -> None:
             cfg = _load(config)
@@ -129,7 +130,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run one producer (stands in for one receiver server)."""
         from stemstream.pipeline.producer import Producer
-        from stemstream.pipeline.sources import ReplayModule, SimulatedModule
+        from stemstream.sources.modules import ReplayModule, SimulatedModule
 
         def job() -> None:
             cfg = _load(config)
@@ -253,7 +254,7 @@ def replay_locally(cfg, spill_dir: Path) -> bool:
     """Replay a spill directory into its scan's existing file (found in the output directory by
     scan number); the directory is renamed ``*.replayed`` afterwards so it is not replayed twice."""
     from stemstream.formats.sparse_h5 import read_counted
-    from stemstream.sources.raw_scan import RawScan
+    from stemstream.formats.raw_scan import RawScan
 
     with RawScan([spill_dir]) as raw:
         number, shape, fpp = raw.scan_number, raw.scan_shape, raw.frames_per_position
@@ -274,7 +275,7 @@ def shared_memory_fits(cfg) -> bool:
     go through the sockets (a container's /dev/shm is often 64 MB)."""
     from stemstream.formats.raw import N_MODULES
     from stemstream.pipeline.producer import ring_slots
-    from stemstream.pipeline.shared_memory import segment_bytes
+    from stemstream.transport.shared_memory import segment_bytes
 
     directory = Path(cfg.network.shm_dir)
     if not directory.is_dir():
@@ -288,7 +289,7 @@ def shared_memory_fits(cfg) -> bool:
 
 
 def _validate(cfg) -> None:
-    from stemstream.deploy.config import ConfigError
+    from stemstream.core.config import ConfigError
 
     try:
         cfg.validate()
@@ -302,13 +303,13 @@ def run_locally(cfg, simulate: str | None, replay: Path | None, n_scans: int, fr
     """Start the local pipeline, stream the scans, print summaries. True if every frame of every
     scan was accounted for."""
     from stemstream.deploy.local import LocalPipeline, PipelineError, ProducerSource
-    from stemstream.pipeline.writer import check_output_dir
-    from stemstream.reports import stream_summary
+    from stemstream.pipeline.writer.role import check_output_dir
+    from stemstream.cli.reports import stream_summary
 
     check_output_dir(Path(cfg.pipeline.output_dir))  # fail now, not after the roles started
 
     if replay is not None:
-        from stemstream.sources.raw_scan import RawScan
+        from stemstream.formats.raw_scan import RawScan
 
         if plan is None:
             with RawScan([replay]) as raw:

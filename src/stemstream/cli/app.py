@@ -11,16 +11,16 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from stemstream import cli_pipeline, cli_scan, cli_web
-from stemstream import cli_security, cli_slurm
-from stemstream.cli_support import (
+from stemstream.cli import pipeline as cli_pipeline, scan as cli_scan, web as cli_web
+from stemstream.cli import security as cli_security, slurm as cli_slurm
+from stemstream.cli.support import (
     UserError,
     parse_shape,
     progress_bar,
     run_guarded,
     setup_logging,
 )
-from stemstream.reports import count_summary, simulation_summary
+from stemstream.cli.reports import count_summary, simulation_summary
 
 app = typer.Typer(
     add_completion=False,

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stemstream.formats.raw import RECORD_BYTES, RECORD_DTYPE
-from stemstream.formats.wire import MessageError
+from stemstream.core.detector import RECORD_BYTES, RECORD_DTYPE
+from stemstream.transport.messages import MessageError
 
 _NAME = re.compile(r"^stemstream-[A-Za-z0-9_.-]{1,100}$")
 

@@ -45,10 +45,10 @@ from stemstream.counting.sectors import count_from_sectors
 from stemstream.counting.thresholds import PixelHistogram, Thresholds, draw_sample_weights
 from stemstream.formats import wire
 from stemstream.formats.raw import FRAME_SHAPE, N_MODULES, RECORD_BYTES, RECORD_DTYPE, RawModuleWriter, sector_rows
-from stemstream.ledger import sector_tally
+from stemstream.formats.ledger import sector_tally
 from stemstream.pipeline.role import Role
 from stemstream.pipeline.routing import generation, scan_nodes
-from stemstream.pipeline.shared_memory import Attachments
+from stemstream.transport.shared_memory import Attachments
 from stemstream.pipeline.spill import spill_directory
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class IndexedBlock:
     present: np.ndarray  # (n,) uint8 bit mask of modules
     buffers: list  # module -> RECORD_DTYPE array of the records kept (or None)
     records: np.ndarray  # (n, 4) int64 index into buffers[module], -1 where the sector is missing
-    tally: dict | None = None  # the block's sector counts (stemstream.ledger.sector_tally), if counted
+    tally: dict | None = None  # the block's sector counts (stemstream.formats.ledger.sector_tally), if counted
 
     def frames(self, out: np.ndarray) -> np.ndarray:
         """The frames assembled into ``out`` (at least n x 576 x 576 uint16); missing sectors zero."""
@@ -109,7 +109,7 @@ class NodeScan:
         self.last_activity = time.monotonic()
         self.finished = False
         # Sector counts over the whole scan (this node group's view); the writer's ledger gets
-        # them per block instead (see stemstream.ledger.sector_tally), plus what no block carried.
+        # them per block instead (see stemstream.formats.ledger.sector_tally), plus what no block carried.
         self.unblocked = sector_tally()
         self.sectors_received = [0] * N_MODULES
         self.sectors_missing = [0] * N_MODULES

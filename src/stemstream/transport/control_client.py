@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import zmq
 
-from stemstream.formats.wire import MessageError, pack_control, unpack_control
+from stemstream.transport.messages import MessageError, pack_control, unpack_control
 
 
 class ControlUnavailable(RuntimeError):
@@ -16,7 +16,7 @@ class ControlClient:
     arrives late is never mistaken for the answer to the next request."""
 
     def __init__(self, endpoint: str, context: zmq.Context | None = None, timeout_s: float = 5.0, curve=None):
-        """curve: a stemstream.deploy.keys.Curve when [security] curve is on (see for_config)."""
+        """curve: a stemstream.transport.curve.Curve when [security] curve is on (see for_config)."""
         self.endpoint = endpoint
         self.curve = curve
         self.context = context or zmq.Context.instance()
@@ -36,7 +36,7 @@ class ControlClient:
     @classmethod
     def for_config(cls, config, context: zmq.Context | None = None, timeout_s: float = 5.0) -> "ControlClient":
         """A client of the config's control, with CURVE when ``[security] curve`` is on."""
-        from stemstream.deploy.keys import curve_for
+        from stemstream.transport.curve import curve_for
 
         return cls(config.network.control(), context, timeout_s, curve=curve_for(config))
 

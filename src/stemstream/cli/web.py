@@ -10,23 +10,24 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from stemstream.cli_support import UserError, run_guarded
+from stemstream.cli.support import UserError, run_guarded
 
 log = logging.getLogger("stemstream")
 console = Console()
 
 
 def _load(config: Path | None):
-    from stemstream.deploy.config import ConfigError, load_config
+    from stemstream.core.config import ConfigError
+    from stemstream.deploy.settings import load_settings
 
     try:
-        return load_config(config)
+        return load_settings(config)
     except ConfigError as exc:
         raise UserError(str(exc)) from None
 
 
 def _counted_file(path: Path) -> dict:
-    from stemstream.web.scanfiles import file_facts
+    from stemstream.analysis.stored import file_facts
 
     return file_facts(path)  # CountedFileError (one sentence) for anything else
 
@@ -116,7 +117,7 @@ def register(app: typer.Typer) -> None:
         """Render a scan's images (and its ledger) to PNG files, and say where they are."""
 
         def job() -> None:
-            from stemstream.web.plots import render_scan
+            from stemstream.analysis.figures import render_scan
 
             facts = _counted_file(file)
             out_dir = _out_dir(output, file)

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from stemstream.cli_support import UserError, parse_shape, progress_bar, run_guarded
+from stemstream.cli.support import UserError, parse_shape, progress_bar, run_guarded
 
 console = Console()
 
@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         """Start one scan on a running pipeline (roles on any hosts) and wait for its counted file."""
 
         def job() -> None:
-            from stemstream.cli_pipeline import _load
+            from stemstream.cli.pipeline import _load
 
             cfg = _load(config)
             rows_cols = parse_shape(shape, "--shape")
@@ -57,11 +57,11 @@ def run_scan_on(cfg, scan_number: int, scan_shape: tuple[int, int], frames_per_p
     True if every frame was accounted for."""
     import zmq
 
-    from stemstream.cli_pipeline import _accounted, _frames_counted
-    from stemstream.deploy.config import ConfigError
+    from stemstream.cli.pipeline import _accounted, _frames_counted
+    from stemstream.core.config import ConfigError
     from stemstream.deploy.scan import PipelineError, required_roles, start_and_wait, wait_for_roles
-    from stemstream.pipeline.control_client import ControlClient, ControlUnavailable
-    from stemstream.reports import stream_summary
+    from stemstream.transport.control_client import ControlClient, ControlUnavailable
+    from stemstream.cli.reports import stream_summary
 
     try:
         control = ControlClient.for_config(cfg, timeout_s=5.0)
