@@ -65,6 +65,7 @@ def pipeline_config(work: Path, nodes: int, transport: str) -> PipelineConfig:
         net = config.network
         net.bind_host = "127.0.0.1"
         net.control_port, net.writer_port, net.gateway_port, net.node_base_port = base, base + 1, base + 2, base + 8
+        net.live_port = base + 6
     # fixed thresholds: calibration is not what scales here (bench_count_vs_stempy.py times it)
     config.counting.background_threshold, config.counting.xray_threshold = 28.0, 1000.0
     config.flow.heartbeat_s = 0.2  # fresher CPU counters; a heartbeat costs well under 1 ms
@@ -239,6 +240,7 @@ def gateway_alone(sinks: int, block_frames: int, frames: int, work: Path) -> dic
     net = config.network
     net.bind_host = "127.0.0.1"
     net.control_port, net.writer_port, net.gateway_port, net.node_base_port = base, base + 1, base + 2, base + 8
+    net.live_port = base + 6
     config.validate()
     path = config.write(work / "gateway.toml")
     n_blocks = max(frames // block_frames, 1)

@@ -21,6 +21,7 @@ def test_config(tmp_path: Path, nodes: int = 2, gateway: bool = True, fixed: boo
     net = config.network
     net.bind_host = "127.0.0.1"
     net.control_port, net.writer_port, net.gateway_port, net.node_base_port = base, base + 1, base + 2, base + 8
+    net.live_port = base + 6
     config.pipeline.nodes = nodes
     config.pipeline.gateway = gateway
     config.pipeline.output_dir = str(tmp_path / "out")

@@ -28,7 +28,10 @@ from stemstream.analysis import (
     register,
     stempy_com,
 )
-from stemstream.analysis.run import analyze_counted_file, load_results, png_bytes, render_png, scale_image
+from stemstream.analysis.offline import analyze_counted_file
+from stemstream.analysis.results_store import load_results
+from stemstream.analysis.views import render_png
+from stemstream.formats.png import png_bytes, scale_image
 from stemstream.formats.sparse_h5 import CountedFileError, SparseCountsWriter
 from stemstream.transport.messages import MessageError
 
@@ -626,7 +629,7 @@ def test_a_new_analysis_is_one_small_module(counted):
 def test_pixel_row_col_is_exact_for_every_pixel():
     from numba import njit
 
-    from stemstream.analysis.base import pixel_row_col
+    from stemstream.analysis.batch import pixel_row_col
 
     @njit
     def mismatches(n_pixels, cols):

@@ -13,7 +13,7 @@ import msgpack
 import numpy as np
 
 from pipeline_support import test_config
-from stemstream.pipeline.control import service as control_module
+from stemstream.pipeline.control import scans as scans_module
 from stemstream.pipeline.control.service import Control
 from stemstream.pipeline.control.state import load_state
 
@@ -32,7 +32,7 @@ def _close(control: Control) -> None:
 def _start(control: Control, number: int, **extra) -> dict:
     reply = control.handle({"op": "start_scan", "scan_number": number, "scan_shape": [4, 6], "nodes": [0, 1], **extra})
     assert reply["ok"], reply
-    control._save()  # what serve() does after each request that changed a scan
+    control.save()  # what serve() does after each request that changed a scan
     return reply["scan"]
 
 
@@ -46,7 +46,7 @@ def test_a_restarted_control_has_the_running_scan_its_calibration_and_generation
     first.handle({"op": "calibration", "scan": 2, "node": 0, "values": values.tolist(),
                   "counts": (values + 10).tolist(), "n_frames": 7})
     first.handle({"op": "writer_restarted", "scan": 2})
-    first._save()
+    first.save()
     histogram = first.scans[2].histogram.counts.copy()
     _close(first)
 
@@ -55,7 +55,7 @@ def test_a_restarted_control_has_the_running_scan_its_calibration_and_generation
         assert second.instance != first.instance
         state = second.scans[2]
         assert state.state == "running" and state.spec == first.scans[2].spec
-        assert state.spec["generation"] == first_generation + 1 and state.contributors == {0}
+        assert state.spec.generation == first_generation + 1 and state.contributors == {0}
         assert np.array_equal(state.histogram.counts, histogram) and state.histogram.n_frames == 7
         assert second.scans[1].state == "closed" and second.scans[1].summary == {"frames": 24}
         # the scan's node groups are expected back: the ones that do not come are failed over
@@ -90,7 +90,7 @@ def test_an_unreadable_state_file_is_set_aside_with_one_log_line(tmp_path, caplo
     for content in (b"\x00garbage, not msgpack\xc1", msgpack.packb({"version": 99, "scans": {}}),
                     msgpack.packb({"version": 1, "saved_at": time.time(), "scans": {"1": {"spec": "?"}}})):
         path.write_bytes(content)
-        with caplog.at_level(logging.ERROR, logger="stemstream.pipeline.control.service"):
+        with caplog.at_level(logging.ERROR, logger="stemstream.pipeline.control"):
             caplog.clear()
             control = _control(tmp_path)
         try:
@@ -110,7 +110,7 @@ def test_no_state_file_when_state_file_is_empty(tmp_path):
     control = Control(config)
     try:
         reply = control.handle({"op": "start_scan", "scan_number": 1, "scan_shape": [2, 2], "nodes": [0]})
-        assert reply["ok"] and control.changed and control.state_path is None
+        assert reply["ok"] and control.changed and control.state_file is None
         assert not list(tmp_path.glob("*.state*"))
     finally:
         _close(control)
@@ -119,7 +119,7 @@ def test_no_state_file_when_state_file_is_empty(tmp_path):
 def test_control_forgets_the_oldest_finished_scans_and_their_histograms(tmp_path, monkeypatch):
     """A session of hundreds of scans: control keeps the latest FINISHED_IN_MEMORY finished ones,
     without their calibration histograms (1 MB each)."""
-    monkeypatch.setattr(control_module, "FINISHED_IN_MEMORY", 3)
+    monkeypatch.setattr(scans_module, "FINISHED_IN_MEMORY", 3)
     control = _control(tmp_path)
     try:
         for number in range(1, 7):
@@ -138,10 +138,10 @@ def test_a_scan_running_at_a_shutdown_is_not_taken_up_by_the_next_control(tmp_pa
     first = _control(tmp_path)
     _start(first, 9)
     first.handle({"op": "shutdown"})
-    first._save()
+    first.save()
     # the writer closes what it has on its way out: its report still counts
     first.handle({"op": "scan_done", "scan": 9, "ok": True, "summary": {"frames": 3}})
-    first._save()
+    first.save()
     _close(first)
     second = _control(tmp_path)
     try:
@@ -153,7 +153,7 @@ def test_a_scan_running_at_a_shutdown_is_not_taken_up_by_the_next_control(tmp_pa
     try:
         _start(third, 10)
         third.handle({"op": "shutdown"})
-        third._save()
+        third.save()
     finally:
         _close(third)
     fourth = _control(tmp_path)
@@ -168,7 +168,7 @@ def test_an_unwritable_state_file_is_said_once_and_control_goes_on(tmp_path, cap
     config.pipeline.state_file = str(tmp_path / "no-such-dir" / "control.state")
     control = Control(config)
     try:
-        with caplog.at_level(logging.ERROR, logger="stemstream.pipeline.control.service"):
+        with caplog.at_level(logging.ERROR, logger="stemstream.pipeline.control"):
             for number in (1, 2, 3):
                 _start(control, number)
         assert [r.getMessage() for r in caplog.records if "state file" in r.getMessage()] == [

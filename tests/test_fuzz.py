@@ -256,10 +256,9 @@ class Harness:
         config.flow.scan_timeout_s = 3600.0
         self.control = Control(config)
         assert self.control.handle({"op": "start_scan", "scan_number": SCAN, "scan_shape": list(SHAPE), "nodes": [0]})["ok"]
-        self.node = NodeGroup(config, 0)
-        self.node.control = InProcessControl(self.control)
         self.out: list[list] = []  # what the node group sends the writer
-        self.node.send_events = self.node.send_done = self.out.append
+        self.node = NodeGroup(config, 0, send=self.out.append)  # not started: no socket of its own
+        self.node.control = InProcessControl(self.control)
         self.gateway = Gateway(config)
         self.gateway.control = InProcessControl(self.control)
         n = SHAPE[0] * SHAPE[1]
@@ -276,7 +275,7 @@ class Harness:
         self.slowest_s = 0.0
 
     def close(self) -> None:
-        for sock in [*self.node.inputs, self.node.events_out, *self.gateway.inputs.values(),
+        for sock in [*self.gateway.inputs.values(),
                      *(s for row in self.gateway.outputs.values() for s in row.values()), self.control.socket]:
             sock.close(0)
 

@@ -193,7 +193,7 @@ def test_a_node_group_compiles_everything_a_scan_needs_before_it_registers(tmp_p
     from stemstream.counting import sectors, thresholds
     from stemstream.pipeline.node.role import NodeGroup
 
-    node = NodeGroup(test_config(tmp_path), 0)
+    node = NodeGroup(test_config(tmp_path), 0).start()
     try:
         dispatchers = [getattr(m, name) for m in (sectors, thresholds) for name in dir(m)
                        if isinstance(getattr(m, name), numba.core.registry.CPUDispatcher)]
@@ -207,6 +207,4 @@ def test_a_node_group_compiles_everything_a_scan_needs_before_it_registers(tmp_p
         ScanAnalyses(node.analyses, (4, 4)).accumulate(np.arange(16), counted.events, counted.offsets)
         assert {d: len(d.signatures) for d in dispatchers} == before
     finally:
-        for sock in node.inputs:
-            sock.close(0)
-        node.events_out.close(0)
+        node.close()

@@ -10,17 +10,22 @@ import pytest
 from stemstream.formats import wire
 from stemstream.formats.raw import RECORD_BYTES, RECORD_DTYPE
 from stemstream.pipeline.writer.journal import Journal, read_journal
-from stemstream.pipeline.routing import in_ranges, route, to_ranges
+from stemstream.pipeline.routing import in_ranges, to_ranges
+from scan_specs import make_spec
 from stemstream.transport.shared_memory import Attachments, SlotRing
 
 
 def test_blocks_go_round_the_scans_node_groups_then_to_the_survivors():
-    spec = {"nodes": [0, 3, 5], "generation": 0}
-    assert [route(spec, b) for b in range(4)] == [(0, 0), (3, 0), (5, 0), (0, 0)]
-    failed = {"nodes": [0, 3, 5], "generation": 2, "alive": [0, 5]}
+    spec = make_spec(nodes=[0, 3, 5])
+    assert [spec.route(b) for b in range(4)] == [(0, 0), (3, 0), (5, 0), (0, 0)]
+    spec.new_generation([9], "nobody", at=0.0, committed_blocks=0)
+    spec.new_generation([3], "node group 3 died", at=0.0, committed_blocks=0)
     # a survivor's own blocks stay with it; the dead one's are spread over the survivors
-    assert [route(failed, b) for b in range(6)] == [(0, 2), (5, 2), (5, 2), (0, 2), (0, 2), (5, 2)]
-    assert route({"nodes": [1], "generation": 1, "alive": []}, 7) is None
+    assert spec.alive == [0, 5] and spec.generation == 2
+    assert [spec.route(b) for b in range(6)] == [(0, 2), (5, 2), (5, 2), (0, 2), (0, 2), (5, 2)]
+    lone = make_spec(nodes=[1])
+    lone.new_generation([1], "died", at=0.0, committed_blocks=0)
+    assert lone.route(7) is None
 
 
 def test_commit_ranges_round_trip():

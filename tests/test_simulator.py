@@ -15,8 +15,8 @@ from stemstream.formats.raw import (
     SECTOR_ROWS,
     make_sector_records,
     module_of_path,
-    read_headers,
 )
+from stemstream.formats.raw_pread import read_headers
 from stemstream.sources.simulator import DetectorSimulator, SimulationConfig, simulate_to_directory
 
 FRAME_PIXELS = 576 * 576
@@ -405,7 +405,7 @@ def test_written_headers_and_pixels_match_the_simulated_frames(tmp_path):
     batch = DetectorSimulator(config).batch(0, 30)
     for path in summary.paths:
         module = module_of_path(path)
-        headers = read_headers(path, 30)
+        headers = read_headers([path], [30])[0]
         assert np.all(headers["scan_number"] == 9)
         assert np.all(headers["scan_width"] == 5) and np.all(headers["scan_height"] == 3)
         assert headers["frame_number"].tolist() == batch.frame_numbers.tolist()
@@ -425,7 +425,7 @@ def test_dropped_sectors_are_not_written(tmp_path):
     assert summary.n_sectors_written == 64 - dropped.sum()
     for path in summary.paths:
         module = module_of_path(path)
-        headers = read_headers(path, path.stat().st_size // RECORD_BYTES)
+        headers = read_headers([path], [path.stat().st_size // RECORD_BYTES])[0]
         assert headers["frame_number"].tolist() == batch.frame_numbers[~dropped[:, module]].tolist()
 
 
@@ -487,12 +487,12 @@ def test_bad_config_raises_value_error_naming_the_field(overrides, message):
 
 def test_disk_area_within_rows_and_cols_is_exact_so_band_draws_keep_the_dose():
     # Electrons are drawn per (disk, band of rows); the bands' Poisson means come from these areas.
-    from stemstream.sources.simulator import _BAND_EDGES, _disk_rect_area
+    from stemstream.sources.electrons import BAND_EDGES, disk_rect_area
 
     fine = (np.arange(4000) + 0.5) / 4000
     for cy, cx, radius in [(288.0, 288.0, 72.0), (150.2, 560.3, 72.0), (-30.0, 20.0, 72.0), (143.5, 600.0, 40.0)]:
-        total = _disk_rect_area(cy, cx, radius, 0.0, 576.0, 0.0, 576.0)
-        bands = sum(_disk_rect_area(cy, cx, radius, float(a), float(b), 0.0, 576.0) for a, b in zip(_BAND_EDGES[:-1], _BAND_EDGES[1:]))
+        total = disk_rect_area(cy, cx, radius, 0.0, 576.0, 0.0, 576.0)
+        bands = sum(disk_rect_area(cy, cx, radius, float(a), float(b), 0.0, 576.0) for a, b in zip(BAND_EDGES[:-1], BAND_EDGES[1:]))
         assert abs(bands - total) < 1e-9 * max(total, 1.0)
         # Midpoint rule over rows, exact chord clipping over cols.
         y = -radius + 2 * radius * fine

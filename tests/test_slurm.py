@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from pipeline_support import assert_same_events, test_config
 from stemstream.transport.ports import free_port_block
 from stemstream.cli.app import app
-from stemstream.deploy.launcher import RANK_VARIABLES, LauncherError, launcher_rank, node_index_from_launcher
+from stemstream.deploy.launcher import RANK_VARIABLES, LauncherError, launcher_rank, node_index
 from stemstream.deploy.slurm import SlurmError, SlurmJob
 from stemstream.formats.sparse_h5 import read_counted
 from stemstream.transport.control_client import ControlClient, ControlUnavailable
@@ -80,13 +80,25 @@ def _alive_check(procs: dict, logs: Path) -> None:
 @pytest.mark.parametrize("variable", ["SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"])
 def test_rank_comes_from_each_launchers_variable(variable):
     assert launcher_rank({variable: "3"}) == (3, variable)
-    assert node_index_from_launcher({variable: " 7 "}) == 7
+    assert launcher_rank({variable: " 7 "}) == (7, variable)
 
 
 def test_slurm_wins_over_mpi_and_no_launcher_gives_none():
     assert launcher_rank({"PMIX_RANK": "1", "SLURM_PROCID": "2", "OMPI_COMM_WORLD_RANK": "4"}) == (2, "SLURM_PROCID")
     assert launcher_rank({"OMPI_COMM_WORLD_RANK": "4", "PMI_RANK": "5"}) == (4, "OMPI_COMM_WORLD_RANK")
-    assert node_index_from_launcher({"PATH": "/bin", "SLURM_PROCID": ""}) is None
+    assert launcher_rank({"PATH": "/bin", "SLURM_PROCID": ""}) is None
+
+
+def test_node_index_is_the_option_else_the_rank_else_0_and_must_have_ports():
+    assert node_index(5, 5560, {"SLURM_PROCID": "2"}) == 5
+    assert node_index(None, 5560, {"SLURM_PROCID": "2"}) == 2
+    assert node_index(None, 5560, {}) == 0
+    last = (65535 - 3 - 5560) // 4  # node group i listens on 5560 + 4 i + module, module 0 to 3
+    assert node_index(last, 5560, {}) == last
+    with pytest.raises(LauncherError, match=f"--index {last + 1} must be 0 to {last}"):
+        node_index(last + 1, 5560, {})
+    with pytest.raises(LauncherError, match=f"the launcher's rank PMI_RANK={last + 1} must be 0 to {last}"):
+        node_index(None, 5560, {"PMI_RANK": str(last + 1)})
 
 
 @pytest.mark.parametrize("value", ["two", "1.5", "-1", "0x2"])

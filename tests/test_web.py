@@ -1,8 +1,10 @@
-"""The dashboard's catalog and HTTP API, against a real control role (in a thread) and real counted
-files; the browser test is in test_web_browser.py."""
+"""The dashboard's catalog and HTTP API, against a real control role (in a thread), a stand-in for
+the writer's live service (a ROUTER socket) and real counted files; the browser test is in
+test_web_browser.py."""
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 import threading
@@ -11,16 +13,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zmq
 from fastapi.testclient import TestClient
 
-from stemstream.analysis.run import analyze_counted_file
+from stemstream.analysis.offline import analyze_counted_file
 from stemstream.formats.sparse_h5 import SparseCountsWriter
 from stemstream.pipeline.control.service import Control
 from stemstream.transport.control_client import ControlClient
+from stemstream.transport.messages import pack_control, unpack_control
 from stemstream.web.app import create_app
 from stemstream.web.catalog import Catalog, CatalogError, catalog_url
+from stemstream.web.live import read_scans
 
 from pipeline_support import test_config
+from scan_specs import make_spec
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -273,6 +279,70 @@ def test_websocket_pushes_the_state_and_the_scans_control_reports_closed(dashboa
         else:
             pytest.fail("no catalog push after the scan closed")
     ctl.close()
+
+
+class FakeWriterLive:
+    """The writer's live service as the dashboard sees it: a ROUTER socket on ``[network]
+    live_port`` that answers ``live {scan}`` with a map naming the images, then one PNG frame each."""
+
+    def __init__(self, endpoint: str, images: dict[str, bytes], progress: dict):
+        self.images, self.progress = images, progress
+        self.asked: list[dict] = []
+        self.socket = zmq.Context.instance().socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(endpoint)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)  # the socket is the thread's from now on
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            if not self.socket.poll(50):
+                continue
+            identity, *_, body = self.socket.recv_multipart()
+            request = unpack_control(body)
+            self.asked.append(request)
+            names = list(self.images)
+            reply = {"ok": True, "scan": request["scan"], "names": names, "progress": self.progress,
+                     "updated": time.time(), "state": "running"}
+            self.socket.send_multipart([identity, pack_control(reply), *(self.images[n] for n in names)])
+        self.socket.close(0)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+
+def test_websocket_pushes_the_writers_live_images_and_progress(dashboard, control):
+    images = {"virtual_detectors/bright_field": b"\x89PNG bright field", "summed_pattern/pattern": b"\x89PNG pattern"}
+    progress = {"frames_written": 7, "frames_complete": 6, "frames_incomplete": 1, "events": 99, "seconds": 1.0}
+    writer = FakeWriterLive(control.network.live(), images, progress)
+    ctl = ControlClient(control.network.control())
+    assert ctl.request("start_scan", scan_number=13, scan_shape=[6, 5])["ok"]
+    try:
+        with dashboard.websocket_connect("/ws") as ws:
+            pushed, scan = {}, None
+            deadline = time.monotonic() + 10
+            while (not pushed or scan is None) and time.monotonic() < deadline:
+                msg = ws.receive_json()
+                if msg["type"] == "images" and msg["scan"] == 13 and msg["images"]:
+                    pushed = {im["key"]: im["src"] for im in msg["images"]}
+                if msg["type"] == "state" and msg["scan"] and msg["scan"]["frames_written"] == 7:
+                    scan = msg["scan"]
+        assert pushed == {k: "data:image/png;base64," + base64.b64encode(v).decode("ascii") for k, v in images.items()}
+        assert scan["number"] == 13 and scan["state"] == "running" and scan["scan_shape"] == [6, 5]
+        assert scan["frames_complete"] == 6 and scan["frames_incomplete"] == 1 and scan["events"] == 99
+        assert scan["frames_missing"] == 30 - 7 and scan["thresholds"]["background"] == 28.0
+        assert writer.asked and all(r == {"op": "live", "scan": 13} for r in writer.asked)
+    finally:
+        writer.close()
+        ctl.close()
+
+
+def test_a_scan_whose_spec_cannot_be_read_is_left_out():
+    good = {"spec": make_spec(3, (2, 5)).to_wire(), "state": "running", "started": 1.0, "summary": None}
+    scans = read_scans({"3": good, "4": {"spec": {"scan": 4}, "state": "running"}, "5": "not a map"})
+    assert list(scans) == [3] and scans[3].spec.shape == (2, 5) and scans[3].summary == {}
 
 
 # -- the command ------------------------------------------------------------------------------------

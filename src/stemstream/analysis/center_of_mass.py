@@ -34,7 +34,12 @@ from collections.abc import Mapping
 import numpy as np
 from numba import njit
 
-from stemstream.analysis.base import DEFAULT_FRAME_SHAPE, Analysis, View, check_point, pixel_row_col, register
+from stemstream.analysis.batch import pixel_row_col
+from stemstream.analysis.checks import check_point
+from stemstream.analysis.interface import Analysis
+from stemstream.analysis.registry import register
+from stemstream.analysis.views import View
+from stemstream.core.detector import FRAME_SHAPE
 
 
 @njit(nogil=True, cache=True)
@@ -142,7 +147,7 @@ class CenterOfMass(Analysis):
 
     def __init__(
         self,
-        frame_shape: tuple[int, int] = DEFAULT_FRAME_SHAPE,
+        frame_shape: tuple[int, int] = FRAME_SHAPE,
         crop_to: float | None = None,
         crop_center: tuple[float, float] | None = None,
         replace_nans: bool = True,

@@ -9,8 +9,11 @@ frames, a finish, what to show, and one ``register`` line. Enable it with
 import numpy as np
 from numba import njit
 
-from stemstream.analysis import Analysis, View, register
-from stemstream.analysis.base import check_point, check_radii, default_center
+from stemstream.analysis.checks import check_point, check_radii, default_center
+from stemstream.analysis.interface import Analysis
+from stemstream.analysis.registry import register
+from stemstream.analysis.views import View
+from stemstream.core.detector import FRAME_SHAPE
 
 
 @njit(nogil=True, cache=True)
@@ -33,7 +36,7 @@ class RadialProfile(Analysis):
     per_position = ("profile",)  # first axis = scan position: only touched rows travel live
     descriptions = {"profile": "electrons per scan position in each ring (last axis), inner to outer"}
 
-    def __init__(self, frame_shape=(576, 576), center=None, inner=0.0, outer=288.0, bins=4):
+    def __init__(self, frame_shape=FRAME_SHAPE, center=None, inner=0.0, outer=288.0, bins=4):
         super().__init__(frame_shape)
         center = default_center(self.frame_shape) if center is None else check_point("radial_profile center", center)
         inner, outer = check_radii("radial_profile", (inner, outer))

@@ -1,10 +1,12 @@
-"""What the dashboard and ``stemstream show`` read from a counted file without loading its events.
+"""What the dashboard and ``stemstream show`` read from a counted file without loading its events:
+its facts, the analysis results the writer or ``stemstream analyze`` stored in it, and the PNGs
+beside it.
 
 - :func:`file_facts`: shape, frames per position, the stemstream metadata (ledger, events, seconds)
   and the thresholds, from attributes only (milliseconds even for a 1024 x 1024 scan);
 - :func:`stored_views`: the images of the analyses stored under ``/analysis`` (the same
-  :class:`~stemstream.analysis.View` each analysis shows, so colour scaling matches the PNGs the
-  writer puts beside the file);
+  :class:`~stemstream.analysis.views.View` each analysis shows, so colour scaling matches the PNGs
+  the writer puts beside the file); :func:`view_png`: one of them as PNG bytes;
 - :func:`image_key` / :func:`png_images_beside`: the writer's PNG names
   (``<stem>_<analysis>_<result>.png``) mapped back to ``<analysis>/<result>`` keys, the names the
   live images carry.
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from stemstream.analysis.base import View
+from stemstream.analysis.registry import ANALYSES, build_analysis
+from stemstream.analysis.results_store import ANALYSIS_GROUP, load_results
+from stemstream.analysis.views import View
+from stemstream.formats.png import MIN_PNG_SIDE, image_png
 from stemstream.formats.sparse_h5 import CountedFileError
 
 #: How the dashboard names and orders the images people look for first; others follow by name.
@@ -122,9 +126,6 @@ def read_stored_views(path: str | os.PathLike) -> dict[str, View]:
     ({} if it has none). Each analysis's own ``show`` (built from its stored parameters) picks the
     images and their colour scale; an analysis this installation does not know shows its 2-D
     results in grey."""
-    from stemstream.analysis import build_analysis
-    from stemstream.analysis.run import ANALYSIS_GROUP, load_results
-
     results = load_results(path)
     if not results:
         return {}
@@ -149,23 +150,15 @@ def read_stored_views(path: str | os.PathLike) -> dict[str, View]:
     return views
 
 
-def view_png(view: View, min_side: int = 256) -> bytes:
+def view_png(view: View, min_side: int = MIN_PNG_SIDE) -> bytes:
     """A view as PNG bytes, colour-scaled as the writer's PNGs and enlarged (nearest neighbour)
     to at least ``min_side`` pixels on the longer side."""
-    from stemstream.analysis.run import png_bytes, scale_image
-
-    image = scale_image(view.image, view.kind)
-    factor = max(1, math.ceil(min_side / max(image.shape[:2])))
-    if factor > 1:
-        image = np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
-    return png_bytes(image)
+    return image_png(view.image, view.kind, min_side)
 
 
 def image_key(png: Path, stem: str) -> str | None:
     """``<stem>_<analysis>_<result>.png`` -> ``<analysis>/<result>`` (None if it is not one of the
     scan's images). Analysis names contain underscores, so the registered names decide the split."""
-    from stemstream.analysis import ANALYSES
-
     name = png.name
     if not (name.startswith(stem + "_") and name.endswith(".png")):
         return None

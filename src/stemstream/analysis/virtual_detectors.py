@@ -24,16 +24,11 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from stemstream.analysis.base import (
-    DEFAULT_FRAME_SHAPE,
-    Analysis,
-    View,
-    check_name,
-    check_point,
-    check_radii,
-    default_center,
-    register,
-)
+from stemstream.analysis.checks import check_name, check_point, check_radii, default_center
+from stemstream.analysis.interface import Analysis
+from stemstream.analysis.registry import register
+from stemstream.analysis.views import View
+from stemstream.core.detector import FRAME_SHAPE
 
 #: Default radii (px) for the 4D Camera with the simulator's bright-field disk (radius 72 px).
 DEFAULT_BRIGHT_FIELD = (0.0, 80.0)
@@ -124,7 +119,7 @@ class VirtualDetectors(Analysis):
 
     def __init__(
         self,
-        frame_shape: tuple[int, int] = DEFAULT_FRAME_SHAPE,
+        frame_shape: tuple[int, int] = FRAME_SHAPE,
         center: tuple[float, float] | None = None,
         bright_field: tuple[float, float] = DEFAULT_BRIGHT_FIELD,
         annular_dark_field: tuple[float, float] = DEFAULT_ANNULAR_DARK_FIELD,
@@ -201,7 +196,7 @@ class SummedPattern(Analysis):
     name = "summed_pattern"
     descriptions = {"pattern": "electrons per detector pixel, summed over all frames of the scan"}
 
-    def __init__(self, frame_shape: tuple[int, int] = DEFAULT_FRAME_SHAPE):
+    def __init__(self, frame_shape: tuple[int, int] = FRAME_SHAPE):
         super().__init__(frame_shape)
 
     def new_partial(self, scan_shape):

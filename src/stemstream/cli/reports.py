@@ -1,4 +1,5 @@
-"""One-screen summaries of a job, for the terminal (rich renderables)."""
+"""One-screen summaries of a job, for the terminal (rich renderables), and the two facts of a
+streamed scan that the commands read from control: its progress, and whether it is complete."""
 
 from __future__ import annotations
 
@@ -8,6 +9,20 @@ from rich.table import Table
 
 from stemstream.core.detector import N_MODULES
 from stemstream.formats.ledger import ScanLedger
+
+
+def frames_counted(status: dict) -> int:
+    """Frames the node groups have counted, all scans together, by control's ``status``."""
+    return sum(r["stats"].get("counters", {}).get("frames_counted", 0)
+               for k, r in status["roles"].items() if k.startswith("node"))
+
+
+def accounted(ledger: dict) -> bool:
+    """Whether a streamed scan's ledger (the writer's summary) has every frame complete and no
+    sector rejected."""
+    return (ledger.get("frames_complete", -1) == ledger.get("frames_expected")
+            and ledger.get("frames_incomplete", 1) == 0
+            and sum(ledger.get("sectors_rejected", [1])) == 0)
 
 
 def ledger_table(ledger: ScanLedger) -> Table:
@@ -115,7 +130,6 @@ def stream_summary(summary: dict, status: dict, title: str = "stemstream run") -
         private = stats.get("peak_private", stats.get("peak_rss", 0))
         roles.add_row(key, f"{stats.get('peak_rss', 0) / 2**20:,.0f} MiB", f"{private / 2**20:,.0f} MiB",
                       f"{stats.get('cpu_s', 0):.1f} s", f"{sum(stats.get('rejected', {}).values()):,}")
-    accounted = (ledger.frames_complete == ledger.frames_expected and ledger.frames_incomplete == 0
-                 and sum(ledger.sectors_rejected) == 0)
-    facts.add_row("status", "[green]every frame accounted for[/]" if accounted else "[yellow]scan incomplete: see the ledger[/]")
+    complete = accounted(summary["ledger"])
+    facts.add_row("status", "[green]every frame accounted for[/]" if complete else "[yellow]scan incomplete: see the ledger[/]")
     return Panel(Group(facts, ledger_table(ledger), roles), title=title, expand=False)

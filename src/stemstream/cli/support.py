@@ -1,17 +1,30 @@
-"""What every command shares: user errors as one sentence, shape parsing, progress, logging."""
+"""What every command shares: user errors as one sentence, the config, shape parsing, progress,
+logging."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+from stemstream.cli.reports import frames_counted
+
+if TYPE_CHECKING:
+    from stemstream.core.config import PipelineConfig
+
+# The commands' terminal (stdout); errors go to stderr.
+console = Console()
+
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="Pipeline config (TOML); default: everything on localhost.")]
 
 
 class UserError(Exception):
@@ -27,7 +40,7 @@ def _known_input_errors() -> tuple[type[BaseException], ...]:
     return (UserError, RawFormatError, ReferenceImageError, CountedFileError, CalibrationError)
 
 
-def run_guarded(job: Callable[[], None], console: Console) -> None:
+def run_guarded(job: Callable[[], None]) -> None:
     """Run a command's job; bad input and I/O failures end it with one line on stderr."""
     err = Console(stderr=True)
     try:
@@ -45,18 +58,46 @@ def run_guarded(job: Callable[[], None], console: Console) -> None:
         raise typer.Exit(130) from None
 
 
-_SHAPE = re.compile(r"^\s*(\d+)\s*[xX,]\s*(\d+)\s*$")
+def guarded(command: Callable[..., None]) -> Callable[..., None]:
+    """``command`` run by :func:`run_guarded` (typer reads the options from ``command``'s
+    signature, which the wrapper keeps)."""
+
+    @functools.wraps(command)
+    def run_command(*args, **kwargs) -> None:
+        run_guarded(functools.partial(command, *args, **kwargs))
+
+    return run_command
+
+
+def read_config(path: Path | None) -> PipelineConfig:
+    """The pipeline config in ``path`` (None: the defaults), checked; UserError if it is not usable."""
+    from stemstream.core.config import ConfigError
+    from stemstream.deploy.settings import load_settings
+
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+
+
+def validated(config: PipelineConfig) -> PipelineConfig:
+    """``config`` after options changed it, checked again; UserError if it is not usable now."""
+    from stemstream.core.config import ConfigError
+
+    try:
+        return config.validate()
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
 
 
 def parse_shape(text: str, option: str) -> tuple[int, int]:
     """Parse ``ROWSxCOLS`` (e.g. ``128x256``) into (rows, cols). Raises UserError."""
-    match = _SHAPE.match(text)
-    if not match:
-        raise UserError(f"{option} must look like ROWSxCOLS (e.g. 64x64), got {text!r}")
-    rows, cols = int(match.group(1)), int(match.group(2))
-    if rows < 1 or cols < 1 or rows > 65535 or cols > 65535:
-        raise UserError(f"{option} needs 1 to 65535 rows and columns, got {rows}x{cols}")
-    return rows, cols
+    from stemstream.core.scan_spec import SpecError, parse_scan_shape
+
+    try:
+        return parse_scan_shape(text, option)
+    except SpecError as exc:
+        raise UserError(str(exc)) from None
 
 
 @contextlib.contextmanager
@@ -72,6 +113,15 @@ def progress_bar(console: Console, label: str, total: int | None) -> Iterator[Ca
             progress.update(task, completed=done)
 
         yield advance
+
+
+@contextlib.contextmanager
+def scan_progress(number: int, frames: int, status: dict) -> Iterator[Callable[[dict], None]]:
+    """A progress bar of scan ``number`` (``frames`` frames); yields the ``progress(status)`` that
+    starting a scan takes: frames the node groups counted since control's ``status`` now."""
+    before = frames_counted(status)
+    with progress_bar(console, f"scan {number}", frames) as advance:
+        yield lambda status: advance(min(frames_counted(status) - before, frames))
 
 
 def setup_logging(verbose: bool = False) -> None:

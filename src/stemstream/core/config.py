@@ -43,7 +43,7 @@ heartbeat_s = 0.5
 dead_after_s = 5            # a node group silent this long mid-scan is failed over
 retain_blocks = 64          # sent blocks a producer keeps until committed (resend after failover)
 
-[security]                  # CURVE encryption + authentication on every link (see deploy.keys)
+[security]                  # CURVE encryption + authentication on every link (see transport.curve)
 curve = false
 keys_dir = "keys"           # made by `stemstream keys keys`
 server_key = "server"       # keys_dir/server.key(_secret): the listening sockets' key pair
@@ -74,7 +74,8 @@ class NetworkConfig:
     host: str = "127.0.0.1"
     control_port: int = 5550
     writer_port: int = 5551
-    gateway_port: int = 5552
+    gateway_port: int = 5552  # gateway_port + m is module m's input (4 ports)
+    live_port: int = 5556  # the writer's live results (images, progress) for the dashboard
     node_base_port: int = 5560
     dashboard_port: int = 8000  # the web dashboard (HTTP), on the host that runs `stemstream serve`
     control_host: str = ""
@@ -90,7 +91,7 @@ class NetworkConfig:
     transport: str = "tcp"
     ipc_dir: str = ""
     # Every role on one host: blocks of sectors go through shared memory files in shm_dir and
-    # only descriptors through the sockets (see pipeline.shared_memory).
+    # only descriptors through the sockets (see transport.shared_memory).
     shared_memory: bool = False
     shm_dir: str = "/dev/shm"
 
@@ -126,6 +127,10 @@ class NetworkConfig:
     def writer(self) -> str:
         return self._endpoint(self._host(self.writer_host), self.writer_port)
 
+    def live(self) -> str:
+        """The writer's live-results service (request/reply, see pipeline.writer.live)."""
+        return self._endpoint(self._host(self.writer_host), self.live_port)
+
     def node(self, index: int, module: int) -> str:
         host = self.node_hosts[index] if index < len(self.node_hosts) else self.host
         return self._endpoint(host, self.node_port(index, module))
@@ -137,7 +142,7 @@ class NetworkConfig:
 
     def node_port(self, index: int, module: int) -> int:
         # One stream per module keeps the modules' flow control apart (see pipeline.node).
-        return self.node_base_port + 4 * index + module
+        return self.node_base_port + N_MODULES * index + module
 
     def bind(self, port: int) -> str:
         return self._endpoint(self.bind_host, port)
@@ -151,7 +156,7 @@ class PipelineSettings:
     output_dir: str = "."
     spill_dir: str = "spill"
     # Control's scans, rewritten on every change, read back when control restarts
-    # (pipeline.control_state); "" keeps them in memory only.
+    # (pipeline.control.state); "" keeps them in memory only.
     state_file: str = "stemstream-control.state"
 
 
@@ -183,6 +188,12 @@ class FlowSettings:
     # Blocks a producer keeps after sending, until the writer commits them, to resend after a
     # failover (~5 MB each at 32 frames per block); when full, the producer waits, then spills.
     retain_blocks: int = 64
+
+    @property
+    def silent_after_s(self) -> float:
+        """A role not heard from for this long is called silent (several heartbeats, at least 5 s:
+        a loaded machine delays heartbeats, and calling a slow role dead costs frames)."""
+        return max(10 * self.heartbeat_s, 5.0)
 
 
 @dataclass
@@ -224,7 +235,7 @@ class PipelineConfig:
         for name in ("backpressure_timeout_s", "end_timeout_s", "scan_timeout_s", "heartbeat_s", "dead_after_s"):
             value = getattr(f, name)
             checks.append((0 < value <= 86400, f"[flow] {name} must be a positive number of seconds, got {value}"))
-        for name in ("control_port", "gateway_port", "writer_port", "node_base_port", "dashboard_port"):
+        for name in ("control_port", "gateway_port", "writer_port", "live_port", "node_base_port", "dashboard_port"):
             value = getattr(n, name)
             checks.append((1 <= value <= 65535, f"[network] {name} must be a port number 1 to 65535, got {value}"))
         checks.append((n.node_base_port + 4 * p.nodes - 1 <= 65535, "[network] node_base_port + 4 x nodes exceeds 65535"))

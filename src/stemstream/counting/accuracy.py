@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from stemstream.core.detector import FRAME_SHAPE
+
 
 @njit(nogil=True, cache=True)
 def _match(events, event_offsets, truth, truth_offsets, rows, cols):
@@ -111,7 +113,7 @@ class Accuracy:
 
 
 def compare_with_truth(events: np.ndarray, offsets: np.ndarray, true_events: list[np.ndarray],
-                       frame_shape: tuple[int, int] = (576, 576)) -> Accuracy:
+                       frame_shape: tuple[int, int] = FRAME_SHAPE) -> Accuracy:
     """Match counted events (frame ``i`` = ``events[offsets[i]:offsets[i+1]]``, flat pixel indices)
     with the true landing pixels of the same frames."""
     if len(true_events) != len(offsets) - 1:

@@ -24,6 +24,7 @@ import numpy as np
 from numba import njit, prange
 from numba.cpython.unsafe.numbers import trailing_zeros
 
+from stemstream.core.detector import FRAME_SHAPE
 from stemstream.formats.raw_pread import fetch_add, read_frame
 
 # Pixels per block in the fast scan: a block whose maximum is below the background threshold is
@@ -374,7 +375,7 @@ class ElectronCounter:
         self,
         background: float,
         xray: float,
-        frame_shape: tuple[int, int] = (576, 576),
+        frame_shape: tuple[int, int] = FRAME_SHAPE,
         dark: np.ndarray | None = None,
         gain: np.ndarray | None = None,
         row_dark: bool = False,

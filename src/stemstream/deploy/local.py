@@ -21,27 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stemstream.core.config import PipelineConfig
+from stemstream.core.detector import MODULES
 from stemstream.deploy.scan import PipelineError, required_roles, start_and_wait, wait_for_roles
+from stemstream.deploy.sources import ProducerSource
 from stemstream.transport.control_client import ControlClient, ControlUnavailable
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ProducerSource:
-    """What the producers stream: the simulator (dose, seed, rate, drops) or raw files."""
-
-    replay: list[Path] | None = None
-    dose: float = 0.002
-    seed: int = 0
-    rate: float = 0.0
-    drop_sectors: float = 0.0
-
-    def arguments(self) -> list[str]:
-        if self.replay:
-            return [a for p in self.replay for a in ("--replay", str(p))]
-        return ["--dose", str(self.dose), "--seed", str(self.seed), "--rate", str(self.rate),
-                "--drop-sectors", str(self.drop_sectors)]
 
 
 @dataclass
@@ -123,7 +108,7 @@ class LocalPipeline:
         if self.config.pipeline.gateway:
             for g in range(self.config.network.gateways):
                 self.start_gateway(g)
-        for m in range(4):
+        for m in MODULES:
             self._start(f"producer-{m}", ["producer", "--module", str(m), *self.source.arguments()])
         if self.dashboard:
             self._start_dashboard()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from stemstream.core.detector import MODULES
 from stemstream.transport.control_client import ControlClient, ControlUnavailable
 
 
@@ -24,7 +25,7 @@ CONTROL_PATIENCE_S = 10.0
 def required_roles(config) -> set[str]:
     """The roles (control's keys, e.g. "node-1") a scan needs checked in, from the config."""
     roles = {"writer-0"} | {f"node-{i}" for i in range(config.pipeline.nodes)}
-    roles |= {f"producer-{m}" for m in range(4)}
+    roles |= {f"producer-{m}" for m in MODULES}
     if config.pipeline.gateway:
         roles |= {f"gateway-{g}" for g in range(config.network.gateways)}
     return roles
@@ -32,7 +33,7 @@ def required_roles(config) -> set[str]:
 
 def live_roles(status: dict, config) -> set[str]:
     """Roles whose last heartbeat is recent (the same patience the roles use for each other)."""
-    limit = max(10 * config.flow.heartbeat_s, 5.0)
+    limit = config.flow.silent_after_s
     return {key for key, role in status.get("roles", {}).items() if role.get("age_s", 0.0) <= limit}
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stemstream.core.config import ConfigError, PipelineConfig
+from stemstream.deploy.launcher import last_node_index
 from stemstream.deploy.settings import load_settings
 
 # Slurm's --time also takes minutes alone and other forms; one unambiguous form is enough here.
@@ -29,6 +30,13 @@ _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 class SlurmError(ValueError):
     """Options or a submission that do not work; the message is one sentence."""
+
+
+def loopback_control(config: PipelineConfig) -> str | None:
+    """Control's host when it is a loopback address (which node groups on other hosts cannot
+    reach), else None."""
+    host = config.network.control_host or config.network.host
+    return host if host in _LOOPBACK else None
 
 
 @dataclass
@@ -72,7 +80,7 @@ class SlurmJob:
             config = load_settings(self.config)
         except ConfigError as exc:
             raise SlurmError(str(exc)) from None
-        last = (65535 - 3 - config.network.node_base_port) // 4  # node group i listens on node_base_port + 4 i + m
+        last = last_node_index(config.network.node_base_port)
         if self.tasks - 1 > last:
             raise SlurmError(f"--nodes {self.nodes} x --tasks-per-node {self.tasks_per_node} starts {self.tasks} node "
                              f"groups, but [network] node_base_port {config.network.node_base_port} leaves ports "
@@ -80,8 +88,8 @@ class SlurmJob:
         if config.network.transport != "tcp":
             raise SlurmError(f"[network] transport {config.network.transport!r} reaches only roles on one host; "
                              f"a batch job's node groups need \"tcp\"")
-        control_host = config.network.control_host or config.network.host
-        if self.nodes > 1 and control_host in _LOOPBACK:
+        control_host = loopback_control(config)
+        if self.nodes > 1 and control_host is not None:
             raise SlurmError(f"control's host is {control_host}, which node groups on other hosts cannot reach; "
                              f"set [network] control_host to the control host's address")
         return config

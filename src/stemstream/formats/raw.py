@@ -1,17 +1,18 @@
 """Raw 4D Camera sector records (header version 5), as the four receivers write them.
 
 A raw file is a plain concatenation of records, no file header, no padding. One record is one
-sector of one frame: a 16-byte header followed by 144 x 576 ``uint16`` pixels, little-endian.
-Sector ``k`` (the module number, 0..3) fills frame rows ``144*k .. 144*k + 143``.
+sector of one frame: a HEADER_DTYPE header followed by the sector's SECTOR_SHAPE ``uint16``
+pixels, little-endian. Sector ``k`` (the module number) fills frame rows ``sector_rows(k)``. The
+geometry is core.detector's, re-exported here for readers of this format.
 
 File names follow the receivers: ``data_scan{scan:010d}_module{m}_dst{d}_file{f}.data``; the
-module number is read from the name (``module(\\d+)``) and nowhere else.
+module number is read from the name (``module(\\d+)``) and nowhere else. Headers are read by
+raw_pread.read_headers.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import re
 import time
 import uuid
@@ -106,33 +107,6 @@ def inspect_raw_file(path: str | Path) -> RawFileLayout:
     return RawFileLayout(path, module, size // RECORD_BYTES, size % RECORD_BYTES)
 
 
-# Records per memory-map window when reading headers: 256 records are 4096 x 10369 bytes, so every
-# window starts on a page boundary as mmap requires.
-_HEADER_WINDOW_RECORDS = 256
-
-
-def read_headers(path: str | Path, n_records: int) -> np.ndarray:
-    """The headers of the first ``n_records`` records of a raw file, as a HEADER_DTYPE array.
-
-    Reads 16 bytes per record through a memory map, so the pixels are not copied. The map covers
-    256 records at a time and asks for no read-around: the kernel would otherwise
-    map neighbouring pages of pixels too, and the process's resident memory would grow to the
-    size of the file.
-    """
-    headers = np.empty(n_records, HEADER_DTYPE)
-    if n_records == 0:
-        return headers
-    with open(path, "rb") as f:
-        for start in range(0, n_records, _HEADER_WINDOW_RECORDS):
-            count = min(_HEADER_WINDOW_RECORDS, n_records - start)
-            with mmap.mmap(f.fileno(), count * RECORD_BYTES, access=mmap.ACCESS_READ, offset=start * RECORD_BYTES) as mm:
-                mm.madvise(mmap.MADV_RANDOM)
-                records = np.frombuffer(mm, RECORD_DTYPE, count)
-                headers[start : start + count] = records["header"]
-                del records  # release the buffer before the map closes
-    return headers
-
-
 class RawModuleWriter:
     """Appends sector records of one module to raw files, starting a new file every
     ``records_per_file`` records (the receivers split their streams the same way)."""
@@ -200,7 +174,7 @@ def make_sector_records(
     """Cut the sector ``module`` out of each frame and give it its header.
 
     scan_shape is (rows, cols) of the scan; positions are flat scan positions ``y * cols + x``;
-    frames is (n, 576, 576) ``uint16`` in (rows, cols) order. Returns a RECORD_DTYPE array.
+    frames is (n, *FRAME_SHAPE) ``uint16``, (rows, cols). Returns a RECORD_DTYPE array.
     """
     rows, cols = scan_shape
     n = len(frame_numbers)

@@ -22,7 +22,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from stemstream.formats.raw import HEADER_BYTES, N_MODULES, RECORD_BYTES, SECTOR_BYTES, SECTOR_ROWS
+from stemstream.core.detector import HEADER_BYTES, HEADER_DTYPE, N_MODULES, RECORD_BYTES, SECTOR_BYTES, SECTOR_ROWS
 
 
 @intrinsic
@@ -79,7 +79,7 @@ def pread_into(fd, array, byte_offset, nbytes, file_offset):
 @njit(nogil=True, cache=True)
 def read_frame(fds, source_file, source_record, f, out):
     """Read frame ``f`` of a FrameTable (``source_file`` / ``source_record`` rows, ``fds`` the
-    scan's open files by file index) into ``out``, a C-contiguous (576, 576) uint16 array; a
+    scan's open files by file index) into ``out``, a C-contiguous FRAME_SHAPE uint16 array; a
     missing sector (file index -1) is zero-filled. Returns -1, or the module whose read failed."""
     for m in range(N_MODULES):
         sector = out[m * SECTOR_ROWS : (m + 1) * SECTOR_ROWS]
@@ -106,11 +106,10 @@ def _read_headers(fds, first, n_records, out, failed):
 
 def read_headers(paths, n_records) -> list[np.ndarray]:
     """The headers of the first ``n_records[f]`` records of each raw file ``paths[f]``, as
-    formats.raw.HEADER_DTYPE arrays: one 16-byte ``pread`` per record from compiled code, files
-    spread over the threads (~1 us a record, where reading them through a memory map faults in a
-    page per record, ~5 us). Raises OSError naming the file that cannot be read."""
-    from stemstream.formats.raw import HEADER_DTYPE
-
+    HEADER_DTYPE arrays: one HEADER_BYTES ``pread`` per record from compiled code, files spread
+    over the threads (~1 us a record, where reading them through a memory map faults in a page per
+    record, ~5 us). For one file: ``read_headers([path], [n])[0]``. Raises OSError naming the file
+    that cannot be read, or that ends before its ``n_records[f]``-th record."""
     counts = np.asarray(n_records, np.int64)
     first = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
     out = np.empty((int(counts.sum()), HEADER_BYTES), np.uint8)

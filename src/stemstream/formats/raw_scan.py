@@ -1,10 +1,10 @@
 """A scan on disk: the receivers' module files, indexed by frame number and read back as frames.
 
-Opening a scan reads only the 16-byte headers of every record (one compiled ``pread`` each, see
-raw_pread) and builds a frame table: for each frame number, which file and record hold each of its
-4 sectors. :meth:`RawScan.read_frames` then reads frames straight from the files into a buffer with
-``preadv`` (one system call per run of consecutive records); offline counting reads them inside
-its compiled threads instead (counting.from_files). Memory stays at a few frames whatever the scan
+Opening a scan reads only the headers of every record (one compiled ``pread`` each, see raw_pread)
+and builds a frame table: for each frame number, which file and record hold each of its N_MODULES
+sectors. :meth:`RawScan.read_frames` then reads frames straight from the files into a buffer with
+``preadv`` (one system call per run of consecutive records); offline counting reads them inside its
+compiled threads instead (counting.from_files). Memory stays at a few frames whatever the scan
 size; the index costs ~60 bytes per frame, <3% of the counted events it yields.
 
 Bad records never stop the scan: they are rejected with a reason in the ledger and a log line
@@ -16,23 +16,15 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
-from stemstream.formats.raw import (
-    FRAME_SHAPE,
-    HEADER_BYTES,
-    N_MODULES,
-    RECORD_BYTES,
-    RawFormatError,
-    discover_raw_files,
-    inspect_raw_file,
-    sector_rows,
-)
-from stemstream.formats.raw_pread import read_headers
+from stemstream.core.detector import FRAME_SHAPE, HEADER_BYTES, N_MODULES, RECORD_BYTES, sector_rows
 from stemstream.formats.ledger import ScanLedger
+from stemstream.formats.raw import RawFileLayout, RawFormatError, discover_raw_files, inspect_raw_file
+from stemstream.formats.raw_pread import read_headers
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +38,15 @@ _MAX_RUN = 500
 class FrameTable:
     """The frames of a scan in frame-number order.
 
-    source_file / source_record are (n_frames, 4): the file index and record index holding each
+    source_file / source_record are (n_frames, N_MODULES): the file index and record index holding each
     module's sector, -1 where the sector is missing. slot is ``position * frames_per_position + j``,
     j counting the frames of one position in frame-number order.
     """
 
     frame_numbers: np.ndarray  # (n,) uint32
     positions: np.ndarray  # (n,) int64, y * cols + x
-    source_file: np.ndarray  # (n, 4) int32
-    source_record: np.ndarray  # (n, 4) int64
+    source_file: np.ndarray  # (n, N_MODULES) int32
+    source_record: np.ndarray  # (n, N_MODULES) int64
     slots: np.ndarray  # (n,) int64
 
     def __len__(self) -> int:
@@ -62,7 +54,7 @@ class FrameTable:
 
     @property
     def complete(self) -> np.ndarray:
-        """(n,) bool: all 4 sectors present."""
+        """(n,) bool: all N_MODULES sectors present."""
         return (self.source_file >= 0).all(axis=1)
 
 
@@ -71,16 +63,51 @@ class FrameBatchRead:
     """A batch of frames read from disk: rows index into the scan's FrameTable."""
 
     start: int  # index of the first frame in the FrameTable
-    frames: np.ndarray  # (n, 576, 576) uint16, (rows, cols); missing sectors zero-filled
+    frames: np.ndarray  # (n, *FRAME_SHAPE) uint16, (rows, cols); missing sectors zero-filled
     frame_numbers: np.ndarray
     positions: np.ndarray
     slots: np.ndarray
-    present: np.ndarray  # (n, 4) bool
+    present: np.ndarray  # (n, N_MODULES) bool
 
 
 def _majority(values: np.ndarray) -> int:
     uniq, counts = np.unique(values, return_counts=True)
     return int(uniq[np.argmax(counts)])
+
+
+def _rank_at_position(frame_numbers: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """For each frame, how many frames with smaller frame numbers share its position: its j in
+    the slot ``position * frames_per_position + j``."""
+    by_position = np.lexsort((frame_numbers, positions))
+    sorted_pos = positions[by_position]
+    new_run = np.r_[True, sorted_pos[1:] != sorted_pos[:-1]]
+    run_start = np.flatnonzero(new_run)
+    run_id = np.cumsum(new_run) - 1
+    j = np.empty(len(frame_numbers), np.int64)
+    j[by_position] = np.arange(len(frame_numbers)) - run_start[run_id]
+    return j
+
+
+@dataclass
+class _Sectors:
+    """Sector records accepted while indexing, as parallel arrays (one entry per record)."""
+
+    file_ids: np.ndarray  # int32, index into RawScan.paths
+    records: np.ndarray  # int64, record index within that file
+    frame_numbers: np.ndarray  # uint32
+    positions: np.ndarray  # int64, y * cols + x
+    modules: np.ndarray  # int8
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def take(self, index: np.ndarray) -> _Sectors:
+        """The entries at ``index`` (indices or a bool mask)."""
+        return _Sectors(*(getattr(self, f.name)[index] for f in fields(self)))
+
+    @staticmethod
+    def concatenate(parts: list[_Sectors]) -> _Sectors:
+        return _Sectors(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(_Sectors)))
 
 
 class RawScan:
@@ -106,15 +133,37 @@ class RawScan:
             log.warning("rejected %d more records (%s) in %s", len(offsets) - _LOG_EACH, reason, path)
 
     def _index(self) -> None:
+        """Read every header, accept the scan's records, and build the frame table and ledger."""
+        headers = self._read_headers()
+        self._identify_scan(headers)
+        accepted = _Sectors.concatenate(
+            [self._accept_records(i, layout, hdr) for i, (layout, hdr) in enumerate(zip(self.layouts, headers))]
+        )
+        if len(accepted) == 0:
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.ledger.rejected_reasons.items()))
+            raise RawFormatError(f"every sector record in the raw files given was rejected ({reasons}); "
+                                 "see the log lines above for files and byte offsets")
+        self.table = self._frame_table(self._drop_duplicates(accepted))
+        present = self.table.source_file >= 0
+        for m in range(N_MODULES):
+            self.ledger.sectors_received[m] += int(present[:, m].sum())
+            self.ledger.sectors_missing[m] += int((~present[:, m]).sum())
+
+    def _read_headers(self) -> list[np.ndarray]:
+        """Every whole record's header, one array per file; RawFormatError if there is none."""
         try:
-            headers = read_headers([layout.path for layout in self.layouts], [layout.n_records for layout in self.layouts])
+            headers = read_headers(self.paths, [layout.n_records for layout in self.layouts])
         except OSError as exc:
             raise RawFormatError(str(exc)) from exc
-        all_headers = np.concatenate(headers) if headers else np.empty(0)
-        if len(all_headers) == 0:
+        if sum(len(h) for h in headers) == 0:
             names = ", ".join(str(p) for p in self.paths[:3])
             raise RawFormatError(f"no complete sector record in the raw files given ({names})")
+        return headers
 
+    def _identify_scan(self, headers: list[np.ndarray]) -> None:
+        """The scan number and shape most records give (a stray record cannot change them), and
+        the ledger of that scan."""
+        all_headers = np.concatenate(headers)
         self.scan_number = _majority(all_headers["scan_number"])
         width = _majority(all_headers["scan_width"])
         height = _majority(all_headers["scan_height"])
@@ -123,95 +172,75 @@ class RawScan:
         self.scan_shape = (height, width)  # (rows, cols)
         self.ledger = ScanLedger(self.scan_number, self.scan_shape)
 
-        keep_file, keep_rec, keep_frame, keep_pos, keep_module = [], [], [], [], []
-        for file_id, (layout, hdr) in enumerate(zip(self.layouts, headers)):
-            m = layout.module
-            if layout.truncated_offset is not None:
-                self.ledger.reject("truncated_record", m)
-                self._log_rejects("truncated_record", layout.path, np.array([layout.truncated_offset]),
-                                  f"only {layout.trailing_bytes} of {RECORD_BYTES} bytes")
-            offsets = np.arange(len(hdr), dtype=np.int64) * RECORD_BYTES
-            checks = [
-                ("other_scan_number", hdr["scan_number"] != self.scan_number,
-                 f"scan number differs from the scan's {self.scan_number}"),
-                ("scan_shape_mismatch", (hdr["scan_width"] != width) | (hdr["scan_height"] != height),
-                 f"scan shape differs from the scan's {height} rows x {width} cols"),
-                ("position_out_of_bounds", (hdr["x"] >= width) | (hdr["y"] >= height),
-                 f"scan position outside the {height} x {width} scan"),
-            ]
-            bad = np.zeros(len(hdr), bool)
-            for reason, mask, detail in checks:
-                mask = mask & ~bad  # one reason per record
-                if mask.any():
-                    self.ledger.reject(reason, m, int(mask.sum()))
-                    self._log_rejects(reason, layout.path, offsets[mask], detail)
-                bad |= mask
-            good = np.flatnonzero(~bad)
-            keep_file.append(np.full(len(good), file_id, np.int32))
-            keep_rec.append(good.astype(np.int64))
-            keep_frame.append(hdr["frame_number"][good])
-            keep_pos.append(hdr["y"][good].astype(np.int64) * width + hdr["x"][good])
-            keep_module.append(np.full(len(good), m, np.int8))
-
-        if sum(len(k) for k in keep_rec) == 0:
-            reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.ledger.rejected_reasons.items()))
-            raise RawFormatError(f"every sector record in the raw files given was rejected ({reasons}); "
-                                 "see the log lines above for files and byte offsets")
-        file_ids = np.concatenate(keep_file)
-        recs = np.concatenate(keep_rec)
-        frame_numbers = np.concatenate(keep_frame)
-        positions = np.concatenate(keep_pos)
-        modules = np.concatenate(keep_module)
-
-        # Sort by (frame number, module); stable, so the first copy in file order wins.
-        order = np.lexsort((modules, frame_numbers))
-        file_ids, recs, frame_numbers, positions, modules = (
-            a[order] for a in (file_ids, recs, frame_numbers, positions, modules)
+    def _accept_records(self, file_id: int, layout: RawFileLayout, hdr: np.ndarray) -> _Sectors:
+        """The records of one file that belong to the scan; the others are rejected (ledger and
+        log), each for the first reason that applies."""
+        m = layout.module
+        height, width = self.scan_shape
+        if layout.truncated_offset is not None:
+            self.ledger.reject("truncated_record", m)
+            self._log_rejects("truncated_record", layout.path, np.array([layout.truncated_offset]),
+                              f"only {layout.trailing_bytes} of {RECORD_BYTES} bytes")
+        offsets = np.arange(len(hdr), dtype=np.int64) * RECORD_BYTES
+        checks = [
+            ("other_scan_number", hdr["scan_number"] != self.scan_number,
+             f"scan number differs from the scan's {self.scan_number}"),
+            ("scan_shape_mismatch", (hdr["scan_width"] != width) | (hdr["scan_height"] != height),
+             f"scan shape differs from the scan's {height} rows x {width} cols"),
+            ("position_out_of_bounds", (hdr["x"] >= width) | (hdr["y"] >= height),
+             f"scan position outside the {height} x {width} scan"),
+        ]
+        bad = np.zeros(len(hdr), bool)
+        for reason, mask, detail in checks:
+            mask = mask & ~bad  # one reason per record
+            if mask.any():
+                self.ledger.reject(reason, m, int(mask.sum()))
+                self._log_rejects(reason, layout.path, offsets[mask], detail)
+            bad |= mask
+        good = np.flatnonzero(~bad)
+        return _Sectors(
+            file_ids=np.full(len(good), file_id, np.int32),
+            records=good.astype(np.int64),
+            frame_numbers=hdr["frame_number"][good],
+            positions=hdr["y"][good].astype(np.int64) * width + hdr["x"][good],
+            modules=np.full(len(good), m, np.int8),
         )
-        dup = np.zeros(len(order), bool)
-        if len(order) > 1:
-            dup[1:] = (frame_numbers[1:] == frame_numbers[:-1]) & (modules[1:] == modules[:-1])
+
+    def _drop_duplicates(self, sectors: _Sectors) -> _Sectors:
+        """``sectors`` sorted by (frame number, module), one record of each: the first copy in
+        file order wins (the sort is stable), the others are counted as duplicates."""
+        sectors = sectors.take(np.lexsort((sectors.modules, sectors.frame_numbers)))
+        dup = np.zeros(len(sectors), bool)
+        frames, modules = sectors.frame_numbers, sectors.modules
+        dup[1:] = (frames[1:] == frames[:-1]) & (modules[1:] == modules[:-1])
         for m in range(N_MODULES):
-            n_dup = int((dup & (modules == m)).sum())
-            self.ledger.sectors_duplicate[m] += n_dup
+            self.ledger.sectors_duplicate[m] += int((dup & (modules == m)).sum())
         if dup.any():
             log.warning("%d duplicate sector records ignored (the first copy of each is used)", int(dup.sum()))
-        keep = ~dup
-        file_ids, recs, frame_numbers, positions, modules = (
-            a[keep] for a in (file_ids, recs, frame_numbers, positions, modules)
-        )
+        return sectors.take(~dup)
 
-        uniq_frames, frame_index = np.unique(frame_numbers, return_inverse=True)
+    def _frame_table(self, sectors: _Sectors) -> FrameTable:
+        """The frame table of unique sectors sorted by (frame number, module); sets
+        frames_per_position."""
+        uniq_frames, frame_index = np.unique(sectors.frame_numbers, return_inverse=True)
         n = len(uniq_frames)
         source_file = np.full((n, N_MODULES), -1, np.int32)
         source_record = np.full((n, N_MODULES), -1, np.int64)
-        source_file[frame_index, modules] = file_ids
-        source_record[frame_index, modules] = recs
+        source_file[frame_index, sectors.modules] = sectors.file_ids
+        source_record[frame_index, sectors.modules] = sectors.records
         # The position of a frame: from its first sector (sectors normally agree).
         first_sector = np.flatnonzero(np.r_[True, frame_index[1:] != frame_index[:-1]])
-        frame_positions = positions[first_sector]
-        disagree = positions != frame_positions[frame_index]
+        frame_positions = sectors.positions[first_sector]
+        disagree = sectors.positions != frame_positions[frame_index]
         if disagree.any():
             log.warning("%d sectors give another scan position than the first sector of their frame; "
                         "the first sector's position is used", int(disagree.sum()))
             self.ledger.rejected_reasons["position_disagrees_within_frame"] += int(disagree.sum())
-
-        # Slots: j-th frame (by frame number) at its position.
-        by_position = np.lexsort((uniq_frames, frame_positions))
-        sorted_pos = frame_positions[by_position]
-        run_start = np.flatnonzero(np.r_[True, sorted_pos[1:] != sorted_pos[:-1]])
-        run_id = np.cumsum(np.r_[True, sorted_pos[1:] != sorted_pos[:-1]]) - 1
-        j_sorted = np.arange(n) - run_start[run_id]
-        j = np.empty(n, np.int64)
-        j[by_position] = j_sorted
+        j = _rank_at_position(uniq_frames, frame_positions)
         self.frames_per_position = int(j.max()) + 1 if n else 1
         self.ledger.frames_per_position = self.frames_per_position
-        self.table = FrameTable(uniq_frames, frame_positions, source_file, source_record,
-                                frame_positions * self.frames_per_position + j)
-        present = source_file >= 0
-        for m in range(N_MODULES):
-            self.ledger.sectors_received[m] += int(present[:, m].sum())
-            self.ledger.sectors_missing[m] += int((~present[:, m]).sum())
+        return FrameTable(uniq_frames, frame_positions, source_file, source_record,
+                          frame_positions * self.frames_per_position + j)
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -241,7 +270,7 @@ class RawScan:
         self.close()
 
     def read_frames(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Read the frames at ``indices`` of the FrameTable into ``out`` (k, 576, 576) uint16,
+        """Read the frames at ``indices`` of the FrameTable into ``out`` (k, *FRAME_SHAPE) uint16,
         (rows, cols); missing sectors are zero-filled."""
         self._open()
         indices = np.asarray(indices, np.int64)

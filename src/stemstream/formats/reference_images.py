@@ -11,7 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from stemstream.formats.raw import FRAME_SHAPE
+from stemstream.core.detector import FRAME_SHAPE
 
 
 class ReferenceImageError(ValueError):

@@ -18,7 +18,8 @@ as raw frames, never inside msgpack, so they travel zero-copy.
   envelope: scan, node, n (frames), block, stream, and ledger: the block's sector counts
   (stemstream.formats.ledger.sector_tally), which the writer adds when it commits the block.
 - ``ANALYSIS`` node group -> writer: ``[b"A", envelope, *partials]``: live analyses' partial
-  results since the last such message (stemstream.analysis.encode_partials); envelope: scan, node.
+  results since the last such message; envelope: scan, node, stream. The partials' layout is
+  :mod:`stemstream.formats.partials`'s (a header and raw arrays).
 - ``DONE``     node group -> writer: ``[b"D", envelope]``: the node group finished the scan;
   envelope: scan, node, ledger (the sector counts no EVENTS message carried, e.g. late
   sectors), lost (sectors a producer reported sent to this node group that never arrived).
@@ -83,9 +84,9 @@ def kind_of(parts: list) -> bytes:
 def encode_sectors(scan: int, module: int, block: int, node: int, records: np.ndarray,
                    spilled: list[int] | None = None, stream: int = 0, shm: dict | None = None) -> list:
     """Parts of a SECTORS message; ``records`` (RECORD_DTYPE) is sent without a copy. ``stream``
-    is the scan's routing generation (see pipeline.routing): each (node group, stream, module)
+    is the scan's routing generation (see core.scan_spec): each (node group, stream, module)
     is a stream in block order. With ``shm`` (a shared-memory descriptor, see
-    pipeline.shared_memory) the records stay where they are and the payload is empty."""
+    transport.shared_memory) the records stay where they are and the payload is empty."""
     envelope = {"scan": scan, "module": module, "block": block, "node": node, "n": len(records),
                 "spilled": list(spilled or []), "stream": stream}
     if shm is not None:
@@ -321,15 +322,19 @@ def decode_done(parts: list) -> DoneMessage:
                        [int(x) for x in lost], _stream_field(envelope))
 
 
+# -- partial analyses -------------------------------------------------------------------------------
+
+
 def encode_analysis(scan: int, node: int, partial_parts: list, stream: int = 0) -> list:
     """Partial analyses of the frames ``node`` sent since its last ANALYSIS message of this
-    (scan, stream); the writer commits those frames when it arrives (see pipeline.writer)."""
+    (scan, stream), ``partial_parts`` from stemstream.formats.partials.encode_partials; the writer
+    commits those frames when it arrives (see pipeline.writer.scan)."""
     return [ANALYSIS, _pack({"scan": scan, "node": node, "stream": stream}), *partial_parts]
 
 
 def analysis_envelope(parts: list) -> dict:
-    """Validate the envelope of an ANALYSIS message; the partials (parts[2:]) are checked by
-    stemstream.analysis when merged."""
+    """Validate the envelope of an ANALYSIS message; the partials (parts[2:]) are decoded and
+    checked by stemstream.formats.partials.decode_partials when the writer merges them."""
     if len(parts) < 3:
         raise MessageError("wrong_part_count", f"{len(parts)} parts, ANALYSIS has at least 3")
     envelope = _unpack_envelope(parts[1])

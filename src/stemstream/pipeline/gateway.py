@@ -1,7 +1,7 @@
 """Gateway: the optional hop where a facility has one host facing the wide-area link.
 
 It reads each message's small envelope to find the node group it is routed to (the producer chose
-it, see pipeline.routing) and forwards the parts untouched; payloads are never decoded or copied.
+it, see core.scan_spec) and forwards the parts untouched; payloads are never decoded or copied.
 It connects to a node group when the first message for it comes, at the address the node group
 registered with control (the scan's spec says it). Messages of a routing generation that a
 failover superseded are dropped from its queues: the producers resend what they hold.
@@ -20,9 +20,9 @@ from collections import deque
 
 import zmq
 
+from stemstream.core.scan_spec import ScanSpec
 from stemstream.formats import wire
 from stemstream.pipeline.role import Role
-from stemstream.pipeline.routing import generation, scan_nodes
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ class Gateway(Role):
         self._generations: dict[int, int] = {}  # scan -> routing generation last purged for
         self._checked_in = False  # told control whether scans were running at this start
 
-    def _connect(self, node: int, spec: dict) -> None:
-        host = spec.get("node_hosts", {}).get(str(node), "")
+    def _connect(self, node: int, spec: ScanSpec) -> None:
+        host = spec.host_of(node)
         row = {}
         for module in self.modules:
             sock = self.data_socket(zmq.PUSH, linger_ms=10000)
@@ -69,14 +69,26 @@ class Gateway(Role):
         if envelope["module"] != module:
             raise wire.MessageError("wrong_module", f"module {envelope['module']} on module {module}'s input")
         node, scan = envelope["node"], envelope["scan"]
-        spec = self.scan_spec(scan, stream=envelope["stream"])
+        spec = self.scan_spec(scan, envelope["stream"])
         if spec is None:
             raise wire.MessageError("unknown_scan", f"scan {scan}")
-        if node not in scan_nodes(spec):
+        if node not in spec.nodes:
             raise wire.MessageError("unknown_node", f"node group {node} is not in scan {scan}")
         if node not in self.outputs:
             self._connect(node, spec)
         return node, scan, envelope["stream"]
+
+    def accept(self, parts: list, module: int) -> None:
+        """Queue a message that came in on ``module``'s input for its node group, or count why not."""
+        try:
+            node, scan, stream = self.route(parts, module)
+        except wire.MessageError as exc:
+            self.reject(exc.reason, str(exc))
+            return
+        if self._superseded(scan, stream):  # late: its blocks are being resent
+            self.counters["messages_superseded"] += 1
+            return
+        self.queues[node][module].append((scan, stream, parts))
 
     def _flush(self) -> None:
         for node, row in self.queues.items():
@@ -91,13 +103,13 @@ class Gateway(Role):
 
     def _superseded(self, scan: int, stream: int) -> bool:
         spec = self.scan_specs.get(scan)
-        return spec is not None and stream < generation(spec)
+        return spec is not None and stream < spec.generation
 
     def _drop_superseded(self) -> None:
         """Forget queued messages of routing generations a failover replaced (a dead node
         group's queue would otherwise block its module's input for good). Runs only when a scan's
         generation changed: the queues are on the hot path."""
-        generations = {number: generation(spec) for number, spec in self.scan_specs.items()}
+        generations = {number: spec.generation for number, spec in self.scan_specs.items()}
         if generations == self._generations:
             return
         self._generations = generations
@@ -125,12 +137,11 @@ class Gateway(Role):
         if not self.open_scans:
             return
         try:
-            reply = self.control.request("gateway_restarted", timeout_s=5.0, id=self.index)
+            self.control.request("gateway_restarted", timeout_s=5.0, id=self.index)
         except Exception as exc:
             log.error("gateway %d: could not ask control to resend the running scans: %s", self.index, exc)
             return
-        for spec in reply.get("scans", []):
-            self.scan_specs[int(spec["scan"])] = spec
+        self.tick(force=True)  # the reply to this heartbeat carries the new generations
         log.warning("gateway %d started while scan(s) %s ran: they are resent on a new routing generation",
                     self.index, sorted(self.open_scans))
 
@@ -157,15 +168,7 @@ class Gateway(Role):
                         parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    try:
-                        node, scan, stream = self.route(parts, module)
-                    except wire.MessageError as exc:
-                        self.reject(exc.reason, str(exc))
-                        continue
-                    if self._superseded(scan, stream):  # late: its blocks are being resent
-                        self.counters["messages_superseded"] += 1
-                        continue
-                    self.queues[node][module].append((scan, stream, parts))
+                    self.accept(parts, module)
                     if self._module_full(module):
                         break
             self.tick()

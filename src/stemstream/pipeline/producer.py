@@ -2,7 +2,7 @@
 
 For every scan control opens, the producer takes its module's records from a source (the live
 simulator, or raw files to replay), sends each routing block to the node group that counts it
-(see pipeline.routing), through the gateway or straight to the node groups, and ends with an END
+(see core.scan_spec), through the gateway or straight to the node groups, and ends with an END
 marker to every node group.
 
 Acknowledged delivery: a sent block stays in a bounded resend buffer (``[flow] retain_blocks``)
@@ -26,10 +26,11 @@ from collections import Counter, defaultdict
 import numpy as np
 import zmq
 
+from stemstream.core.scan_spec import ScanSpec
 from stemstream.formats import wire
 from stemstream.formats.raw import RawModuleWriter
 from stemstream.pipeline.role import Role
-from stemstream.pipeline.routing import alive_nodes, generation, in_ranges, route
+from stemstream.pipeline.routing import in_ranges
 from stemstream.transport.shared_memory import SlotRing, segment_prefix
 from stemstream.pipeline.spill import spill_directory
 
@@ -47,10 +48,10 @@ def ring_slots(config) -> int:
 class OutgoingScan:
     """What a producer keeps of one scan while the writer has not closed it."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: ScanSpec):
         self.spec = spec
-        self.number = int(spec["scan"])
-        self.generation = generation(spec)
+        self.number = spec.number
+        self.generation = spec.generation
         self.retained: dict[int, np.ndarray] = {}  # block -> records sent, not yet committed
         self.slots: dict[int, int] = {}  # block -> its shared-memory slot (shared_memory on)
         self.spilled: set[int] = set()  # blocks this module spilled to disk
@@ -66,7 +67,7 @@ class Producer(Role):
     name = "producer"
 
     def __init__(self, config, module: int, source_factory, context: zmq.Context | None = None):
-        """source_factory(spec) -> a source with ``blocks()`` (see pipeline.sources), or None when
+        """source_factory(spec: ScanSpec) -> a source (sources.protocol.ModuleSource), or None when
         this producer has nothing for that scan."""
         super().__init__(config, module, context)
         self.module = module
@@ -89,7 +90,7 @@ class Producer(Role):
         s["retained_blocks"] = sum(len(o.retained) for o in self.outgoing.values())
         return s
 
-    def _socket_for(self, spec: dict, node: int) -> zmq.Socket:
+    def _socket_for(self, spec: ScanSpec, node: int) -> zmq.Socket:
         """The gateway's input for this module, or node group ``node``'s, connected on first use
         (node groups register with control, so a scan's spec says where they listen)."""
         key = -1 if self.config.pipeline.gateway else node
@@ -99,7 +100,7 @@ class Producer(Role):
             if key == -1:
                 endpoint = net.gateway(self.module)
             else:
-                endpoint = net.node_at(spec.get("node_hosts", {}).get(str(node), ""), node, self.module)
+                endpoint = net.node_at(spec.host_of(node), node, self.module)
             sock = self.sockets[key] = self.data_socket(zmq.PUSH, linger_ms=10000)
             sock.connect(endpoint)
         return sock
@@ -124,18 +125,18 @@ class Producer(Role):
 
     # -- acknowledgements and failover -------------------------------------------------------------
 
-    def _latest(self, out: OutgoingScan) -> dict:
+    def _latest(self, out: OutgoingScan) -> ScanSpec:
         """The newest spec of ``out``'s scan, as long as it is the same run (epoch) of it."""
         spec = self.scan_specs.get(out.number, out.spec)
-        return spec if spec["epoch"] == out.spec["epoch"] else out.spec
+        return spec if spec.epoch == out.spec.epoch else out.spec
 
     def _over(self, number: int, out: OutgoingScan) -> bool:
         """True once control closed this run of the scan (or started the scan number again)."""
         spec = self.scan_specs.get(number, out.spec)
-        return number not in self.open_scans or spec["epoch"] != out.spec["epoch"]
+        return number not in self.open_scans or spec.epoch != out.spec.epoch
 
     def _generation_changed(self, out: OutgoingScan) -> bool:
-        return generation(self._latest(out)) > out.generation
+        return self._latest(out).generation > out.generation
 
     def _release(self, out: OutgoingScan) -> None:
         """Forget the blocks the writer has committed."""
@@ -199,18 +200,18 @@ class Producer(Role):
         what older generations left uncommitted), resend every block not committed."""
         deadline = time.monotonic() + self.patience_s
         spec = self._latest(out)
-        while int(spec.get("fenced", 0)) < generation(spec) and time.monotonic() < deadline:
+        while spec.fenced < spec.generation and time.monotonic() < deadline:
             time.sleep(0.02)
             self.tick(interval_s=0.05)
             spec = self._latest(out)
-        if int(spec.get("fenced", 0)) < generation(spec):
+        if spec.fenced < spec.generation:
             log.warning("producer %d: the writer did not fence generation %d of scan %d in %.0f s; resending anyway",
-                        self.module, generation(spec), out.number, self.patience_s)
-        out.spec, out.generation = spec, generation(spec)
+                        self.module, spec.generation, out.number, self.patience_s)
+        out.spec, out.generation = spec, spec.generation
         self._release(out)
         ranges = self.acks.get(out.number, [])
         for block in sorted(out.spilled):  # the new node groups must not wait for these parts
-            target = route(spec, block)
+            target = spec.route(block)
             if target is not None and not in_ranges(ranges, block):
                 out.notices[target].append(block)
         resend = sorted(out.retained)
@@ -238,7 +239,7 @@ class Producer(Role):
             # failover, so that wait may last dead_after_s longer than a slow consumer's.
             if not retained_ok and not self._wait_for_room(out, patience + self.config.flow.dead_after_s):
                 break
-            target = route(out.spec, block)
+            target = out.spec.route(block)
             if target is None:
                 break
             node, stream = target
@@ -270,12 +271,12 @@ class Producer(Role):
         if out.spill_writer is None:
             directory = spill_directory(self.config.pipeline.spill_dir, out.number)
             directory.mkdir(parents=True, exist_ok=True)
-            out.spill_writer = RawModuleWriter(directory, out.number, self.module, dst=int(out.spec["epoch"]))
+            out.spill_writer = RawModuleWriter(directory, out.number, self.module, dst=out.spec.epoch)
             log.warning("producer %d: node groups blocked for %.1f s; spilling scan %d to %s",
                         self.module, patience, out.number, directory)
         out.spill_writer.write(records)
         out.spilled.add(block)
-        target = route(out.spec, block)
+        target = out.spec.route(block)
         if target is not None:
             out.notices[target].append(block)
         out.spilled_records += len(records)
@@ -284,7 +285,7 @@ class Producer(Role):
 
     def _end(self, out: OutgoingScan) -> None:
         """END of this module's part of the scan to every node group of the current generation."""
-        for node in alive_nodes(out.spec):
+        for node in out.spec.alive:
             target = (node, out.generation)
             end = wire.encode_end(out.number, self.module, node, out.sent[target], out.spilled_records,
                                   out.notices.pop(target, []), stream=out.generation)
@@ -292,11 +293,11 @@ class Producer(Role):
                 log.error("producer %d: could not deliver the end of scan %d to node group %d",
                           self.module, out.number, node)
 
-    def produce(self, spec: dict) -> dict:
+    def produce(self, spec: ScanSpec) -> dict:
         """Stream one scan; returns what was sent and spilled."""
-        if int(spec["scan"]) in self.outgoing:  # an earlier run of this scan number
-            self._forget(int(spec["scan"]))
-        out = self._current = self.outgoing[int(spec["scan"])] = OutgoingScan(spec)
+        if spec.number in self.outgoing:  # an earlier run of this scan number
+            self._forget(spec.number)
+        out = self._current = self.outgoing[spec.number] = OutgoingScan(spec)
         source = self.source_factory(spec)
         patience = self.patience_s
         t0 = time.monotonic()
@@ -337,6 +338,11 @@ class Producer(Role):
         if out.spill_writer is not None:
             out.spill_writer.close()
 
+    def _next_scan(self) -> ScanSpec | None:
+        """The open scan to stream next: of those not streamed yet, the one control started first."""
+        todo = [s for s in self.scan_specs.values() if not self.is_finished(s)]
+        return min(todo, key=lambda s: (s.epoch, s.number), default=None)
+
     def run(self) -> None:
         warm_up = getattr(self.source_factory, "warm_up", None)
         if warm_up is not None:
@@ -345,11 +351,11 @@ class Producer(Role):
             # Idle, a producer asks often: a new scan's first frames should not wait a heartbeat.
             self.tick(interval_s=0.05)
             self._service()
-            todo = [s for s in self.scan_specs.values() if not self.is_finished(s)]
-            if not todo:
+            spec = self._next_scan()
+            if spec is None:
                 time.sleep(0.02)
                 continue
-            self.produce(min(todo, key=lambda s: (s["epoch"], s["scan"])))
+            self.produce(spec)
         for number in list(self.outgoing):
             self._forget(number)
         for sock in self.sockets.values():

@@ -11,15 +11,13 @@ import psutil
 import zmq
 
 from stemstream.core.config import PipelineConfig
+from stemstream.core.scan_spec import ScanSpec, SpecError
+from stemstream.transport.control_client import ControlClient, ControlUnavailable
 from stemstream.transport.curve import curve_for
 from stemstream.transport.messages import MessageError
-from stemstream.transport.control_client import ControlClient, ControlUnavailable
+from stemstream.transport.sockets import data_socket
 
 log = logging.getLogger(__name__)
-
-# Kernel socket buffers of the data path: a few MB cut the system calls per message of sectors.
-_KERNEL_BUFFER_BYTES = 4 * 1024 * 1024
-
 
 class Role:
     """Base of producer, gateway, node group and writer. Subclasses call :meth:`tick` often."""
@@ -32,14 +30,13 @@ class Role:
         self.context = context or zmq.Context.instance()
         self.curve = curve_for(config)  # None unless [security] curve = true
         self.control = ControlClient(config.network.control(), self.context, timeout_s=2.0, curve=self.curve)
-        self.scan_specs: dict[int, dict] = {}
+        self.scan_specs: dict[int, ScanSpec] = {}  # from control's heartbeat replies only
         self.finished: set[tuple[int, int]] = set()  # (scan, epoch) this role is done with
         self.counters: Counter = Counter()
         self.rejected: Counter = Counter()
         self.shutdown = False
         self.role_ages: dict[str, float] = {}  # seconds since each role's last heartbeat, per control
         self.role_ages_at = 0.0
-        self.live_wanted = False  # someone (the dashboard) is watching live images
         self.open_scans: set[int] = set()  # scans control had open at the last heartbeat
         self.acks: dict[int, list] = {}  # scan -> block ranges the writer has committed
         self._next_heartbeat = 0.0
@@ -55,7 +52,7 @@ class Role:
         rss = memory.rss
         self.peak_rss = max(self.peak_rss, rss)
         # RSS counts the pages of shared-memory segments this role has touched (the producers'
-        # blocks, see pipeline.shared_memory); what the role holds alone is rss - shared.
+        # blocks, see transport.shared_memory); what the role holds alone is rss - shared.
         self.peak_private = max(self.peak_private, rss - memory.shared)
         cpu = self._process.cpu_times()
         if self.curve is not None:
@@ -64,11 +61,11 @@ class Role:
                 "peak_private": self.peak_private,
                 "pid": os.getpid(), "cpu_s": cpu.user + cpu.system}
 
-    def tick(self, interval_s: float | None = None) -> None:
-        """Heartbeat when due (every ``interval_s``, default the config's heartbeat); learn open
-        scans and whether to shut down."""
+    def tick(self, interval_s: float | None = None, force: bool = False) -> None:
+        """Heartbeat when due (every ``interval_s``, default the config's heartbeat; now with
+        ``force``); learn the open scans' specs and whether to shut down."""
         now = time.monotonic()
-        if now < self._next_heartbeat:
+        if now < self._next_heartbeat and not force:
             return
         self._next_heartbeat = now + (self.config.flow.heartbeat_s if interval_s is None else interval_s)
         try:
@@ -85,18 +82,24 @@ class Role:
             log.warning("%s %d: control was restarted", self.name, self.index)
             self.control_restarted()
         self.control_instance = instance
-        for spec in reply.get("scans", []):
-            self.scan_specs[int(spec["scan"])] = spec
-        self.open_scans = {int(spec["scan"]) for spec in reply.get("scans", [])}
+        open_scans = set()
+        for wire_spec in reply.get("scans", []):
+            try:
+                spec = ScanSpec.from_wire(wire_spec)
+            except SpecError as exc:
+                self.reject("bad_spec", str(exc))
+                continue
+            self.scan_specs[spec.number] = spec
+            open_scans.add(spec.number)
+        self.open_scans = open_scans
         self.acks = {int(k): v for k, v in reply.get("acks", {}).items()}
         if reply.get("shutdown"):
             self.shutdown = True
         self.role_ages = reply.get("ages", {})
-        self.live_wanted = bool(reply.get("live_wanted", False))
         self.role_ages_at = now
 
     def control_restarted(self) -> None:
-        """Control came back with what it had saved (pipeline.control_state); a role that told
+        """Control came back with what it had saved (pipeline.control.state); a role that told
         it more since (the writer's commits) tells it again."""
 
     def registration(self) -> dict:
@@ -119,42 +122,32 @@ class Role:
         if age is None:
             return False
         age += time.monotonic() - self.role_ages_at
-        return age > max(10 * self.config.flow.heartbeat_s, 5.0)
+        return age > self.config.flow.silent_after_s
 
-    def is_finished(self, spec: dict) -> bool:
-        return (int(spec["scan"]), int(spec["epoch"])) in self.finished
+    def is_finished(self, spec: ScanSpec) -> bool:
+        return spec.key in self.finished
 
-    def mark_finished(self, spec: dict) -> None:
-        self.finished.add((int(spec["scan"]), int(spec["epoch"])))
+    def mark_finished(self, spec: ScanSpec) -> None:
+        self.finished.add(spec.key)
 
-    def scan_spec(self, scan: int, wait_s: float = 2.0, stream: int = 0) -> dict | None:
-        """The spec of ``scan``: known already, or asked of control (None if control has none).
-        A message of routing generation ``stream`` newer than the spec known here means that
-        spec is out of date (a failover, or the scan number used again): control is asked."""
+    def scan_spec(self, scan: int, generation: int = 0) -> ScanSpec | None:
+        """The open spec of ``scan`` as of routing generation ``generation`` or later; None when
+        control has no such open scan. A message of a generation newer than the spec known here
+        means that spec is out of date (a failover, or the scan number used again): the role
+        heartbeats at once, and control's reply carries the newer spec."""
         spec = self.scan_specs.get(scan)
-        if spec is not None and not self.is_finished(spec) and stream <= int(spec.get("generation", 0)):
-            return spec
-        try:
-            reply = self.control.request("get_scan", timeout_s=wait_s, scan=scan)
-        except ControlUnavailable:
+        if spec is None or self.is_finished(spec) or generation > spec.generation:
+            self.tick(force=True)  # costs control one heartbeat; get_scan did as much before
+            spec = self.scan_specs.get(scan)
+        if spec is None or self.is_finished(spec) or generation > spec.generation:
             return None
-        if reply.get("ok") and reply.get("state") == "running":
-            self.scan_specs[scan] = reply["scan"]
-            return reply["scan"]
-        return None
+        return spec
 
     def data_socket(self, kind: int, hwm: int | None = None, linger_ms: int = 0) -> zmq.Socket:
-        """A socket of the data path: bounded queue (high-water mark, in messages) and large
-        kernel buffers, since its messages are blocks of sectors of a few MB. With CURVE on, a
-        PULL socket (they all bind) is a CURVE server, a PUSH socket (they all connect) a client."""
-        sock = self.context.socket(kind)
-        if self.curve is not None:
-            self.curve.server(sock) if kind == zmq.PULL else self.curve.client(sock)
+        """A data-path socket of this role (transport.sockets.data_socket with its CURVE and
+        the config's high-water mark)."""
         hwm = self.config.flow.send_hwm if hwm is None else hwm
-        sock.setsockopt(zmq.SNDHWM if kind == zmq.PUSH else zmq.RCVHWM, hwm)
-        sock.setsockopt(zmq.SNDBUF if kind == zmq.PUSH else zmq.RCVBUF, _KERNEL_BUFFER_BYTES)
-        sock.setsockopt(zmq.LINGER, linger_ms)
-        return sock
+        return data_socket(self.context, kind, hwm, self.curve, linger_ms)
 
     def _scan(self, number: int):
         """This role's state of scan ``number``, opened on first use; None if control has no

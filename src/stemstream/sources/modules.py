@@ -2,8 +2,9 @@
 
 A source yields ``(block, records)``: all of this module's records of one routing block (frames
 ``block * block_frames`` to ``(block + 1) * block_frames - 1``), in frame order, exactly once per
-block that has any frame of the scan (possibly with no record, when every sector of the block was
-dropped: the node group then knows not to wait for it). ``blocks(buffer_for)`` asks
+block that has any frame of the scan. The simulator yields every block, with no record when every
+sector of the block was dropped (the node group then knows not to wait for it); a replay yields
+the blocks its files hold records of. ``blocks(buffer_for)`` asks
 ``buffer_for(n)`` for the array to put a block's ``n`` records in (the producer's shared-memory
 slot, so they are written once); when it returns None the source allocates its own.
 """
@@ -17,24 +18,25 @@ from pathlib import Path
 
 import numpy as np
 
-from stemstream.formats.raw import RECORD_BYTES, RECORD_DTYPE, discover_raw_files, inspect_raw_file, read_headers
+from stemstream.core.scan_spec import ScanSpec
+from stemstream.formats.raw import RECORD_BYTES, RECORD_DTYPE, discover_raw_files, inspect_raw_file
+from stemstream.formats.raw_pread import read_headers
 from stemstream.sources.simulator import DetectorSimulator, SimulationConfig
 
 
 class SimulatedModule:
     """One module of the detector simulator, live: ``rate`` frames/s (0: as fast as possible)."""
 
-    def __init__(self, spec: dict, module: int, dose: float = 0.002, seed: int = 0, rate: float = 0.0,
+    def __init__(self, spec: ScanSpec, module: int, dose: float = 0.002, seed: int = 0, rate: float = 0.0,
                  drop_sector_probability: float = 0.0):
-        rows, cols = spec["scan_shape"]
         self.config = SimulationConfig(
-            scan_shape=(rows, cols), frames_per_position=int(spec["frames_per_position"]), dose=dose,
-            seed=seed, scan_number=int(spec["scan"]), first_frame_number=0,
+            scan_shape=spec.shape, frames_per_position=spec.frames_per_position, dose=dose,
+            seed=seed, scan_number=spec.number, first_frame_number=0,
             drop_sector_probability=drop_sector_probability,
         )
         self.simulator = DetectorSimulator(self.config)
         self.module = module
-        self.block_frames = int(spec["block_frames"])
+        self.block_frames = spec.block_frames
         self.rate = rate
 
     def blocks(self, buffer_for: Callable[[int], np.ndarray | None] | None = None) -> Iterator[tuple[int, np.ndarray]]:
@@ -63,9 +65,8 @@ class ReplayModule:
         self.block_frames = block_frames
         self.paths = files
         file_ids, recs, numbers = [], [], []
-        for i, path in enumerate(files):
-            layout = inspect_raw_file(path)
-            headers = read_headers(path, layout.n_records)
+        all_headers = read_headers(files, [inspect_raw_file(path).n_records for path in files])
+        for i, headers in enumerate(all_headers):
             keep = np.ones(len(headers), bool) if scan_number is None else headers["scan_number"] == scan_number
             file_ids.append(np.full(int(keep.sum()), i, np.int32))
             recs.append(np.flatnonzero(keep))
@@ -77,6 +78,8 @@ class ReplayModule:
         self.file_ids, self.recs, self.frame_numbers = self.file_ids[order], self.recs[order], self.frame_numbers[order]
 
     def blocks(self, buffer_for: Callable[[int], np.ndarray | None] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        if not len(self.frame_numbers):  # no record of this scan in the files: nothing to stream
+            return
         fds = [os.open(p, os.O_RDONLY) for p in self.paths]
         try:
             block_ids = self.frame_numbers // self.block_frames

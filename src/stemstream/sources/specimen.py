@@ -3,7 +3,7 @@
 The specimen is a thin amorphous film carrying a few crystalline grains. At every scan position
 the pattern is a mixture of disks on the detector:
 
-- the bright-field (BF) disk, near the detector centre (288, 288), shifted by a few pixels by a
+- the bright-field (BF) disk, near the detector centre (DETECTOR_CENTRE), shifted by a few pixels by a
   smooth deflection field (the grains' projected potential plus a little descan), so that the
   centre of mass shows the grains;
 - inside a grain, Bragg disks on the grain's lattice (hexagonal or square, its own orientation and
@@ -26,7 +26,11 @@ import math
 import numpy as np
 from numba import njit
 
-DETECTOR_CENTRE = (288.0, 288.0)  # (row, col) px: where the undeflected BF disk sits
+from stemstream.core.detector import FRAME_COLS, FRAME_ROWS
+
+DETECTOR_CENTRE = (FRAME_ROWS / 2, FRAME_COLS / 2)  # (row, col) px: where the undeflected BF disk sits
+_CENTRE_ROW, _CENTRE_COL = DETECTOR_CENTRE  # as scalars: numba compiles them into _patterns_kernel
+_MAX_BF_RADIUS = min(FRAME_ROWS, FRAME_COLS) / 2
 MAX_REFLECTIONS = 8  # square lattice: 4 first-order + 4 diagonal reflections; hexagonal uses 6
 N_COMPONENTS = 1 + MAX_REFLECTIONS + 1  # BF disk, Bragg disks, diffuse background
 BACKGROUND_RADIUS = -1.0  # radius that marks the uniform background component
@@ -123,14 +127,14 @@ def _patterns_kernel(
         if thick <= 1e-3:
             grain = -1
             thick = 0.0
-        row = 288.0 + shift_r
-        col = 288.0 + shift_c
+        row = _CENTRE_ROW + shift_r
+        col = _CENTRE_COL + shift_c
         for k in range(n_comp):
             centres[i, k, 0] = row
             centres[i, k, 1] = col
             radii[i, k] = bf_radius
             probs[i, k] = 0.0
-        radii[i, n_comp - 1] = -1.0
+        radii[i, n_comp - 1] = BACKGROUND_RADIUS
         scattered = film_scatter + grain_scatter * thick
         bragg_sum = 0.0
         if grain >= 0:
@@ -171,8 +175,8 @@ class SyntheticSpecimen:
             raise ValueError(f"scan_shape must be two positive integers (rows, cols), got {scan_shape}")
         if n_grains < 0:
             raise ValueError(f"n_grains must be >= 0, got {n_grains}")
-        if not 0 < bf_radius < 288:
-            raise ValueError(f"bf_radius must be in (0, 288) px, got {bf_radius}")
+        if not 0 < bf_radius < _MAX_BF_RADIUS:
+            raise ValueError(f"bf_radius must be in (0, {_MAX_BF_RADIUS:g}) px, got {bf_radius}")
         if not (0 <= film_scatter and 0 <= grain_scatter and film_scatter + grain_scatter <= 1):
             raise ValueError(
                 f"film_scatter and grain_scatter must be >= 0 with a sum <= 1, got {film_scatter}, {grain_scatter}"
@@ -292,7 +296,6 @@ class SyntheticSpecimen:
         radii = np.empty((n, N_COMPONENTS))
         probs = np.empty((n, N_COMPONENTS))
         rows, cols = self.scan_shape
-        assert DETECTOR_CENTRE == (288.0, 288.0)  # as written in _patterns_kernel
         _patterns_kernel(
             positions, cols, max(rows, cols), self._extent[0], self._extent[1], self.descan, self.max_shift,
             self._centres, self._radii, self._thickness, self._offsets, self._directions, self._intensities,

@@ -1,4 +1,5 @@
-"""A role's or a user's line to control: one request, one reply, every wait bounded."""
+"""A role's or a user's line to a request/reply service (control, the writer's live results):
+one request, one reply, every wait bounded."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from stemstream.transport.messages import MessageError, pack_control, unpack_con
 
 
 class ControlUnavailable(RuntimeError):
-    """Control did not answer within the timeout."""
+    """The service (control, the writer's live results) did not answer within the timeout."""
 
 
 class ControlClient:
@@ -42,17 +43,25 @@ class ControlClient:
 
     def request(self, op: str, timeout_s: float | None = None, **fields) -> dict:
         """Send ``{op, **fields}``; return the reply. Raises ControlUnavailable on timeout."""
+        reply, _ = self.request_parts(op, timeout_s, **fields)
+        return reply
+
+    def request_parts(self, op: str, timeout_s: float | None = None, **fields) -> tuple[dict, list[bytes]]:
+        """Like :meth:`request`, for services whose replies carry big payloads (PNG images) as
+        frames of their own after the small map: (the map, the payload frames)."""
         sock = self._connect()
         sock.send_multipart([b"", pack_control({"op": op, **fields})])
         timeout = self.timeout_ms if timeout_s is None else int(timeout_s * 1000)
         if not sock.poll(timeout, zmq.POLLIN):
             self.close()
-            raise ControlUnavailable(f"control at {self.endpoint} did not answer '{op}' within {timeout / 1000:g} s")
+            raise ControlUnavailable(f"{self.endpoint} did not answer '{op}' within {timeout / 1000:g} s")
         parts = sock.recv_multipart()
+        if len(parts) > 1 and parts[0] == b"":  # a REQ-style empty delimiter, if the service sent one
+            parts = parts[1:]
         try:
-            return unpack_control(parts[-1])
+            return unpack_control(parts[0]), parts[1:]
         except MessageError as exc:
-            raise ControlUnavailable(f"control at {self.endpoint} sent an unreadable reply ({exc})") from None
+            raise ControlUnavailable(f"{self.endpoint} sent an unreadable reply ({exc})") from None
 
     def close(self) -> None:
         if self._socket is not None:

@@ -8,7 +8,7 @@ the gateway routes descriptors exactly as it routes blocks, and the node group m
 counts from the slot in place.
 
 A slot is the producer's resend buffer entry for that block: it is reused only after the writer
-committed the block (see pipeline.routing), so by then every node group that could read it has
+committed the block (see core.scan_spec), so by then every node group that could read it has
 finished with it; the one exception is a node group whose stream a failover superseded, whose
 results are dropped anyway.
 """

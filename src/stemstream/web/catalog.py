@@ -24,6 +24,9 @@ import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
 
+#: How many of the newest catalog entries the live page lists.
+RECENT = 12
+
 
 class CatalogError(RuntimeError):
     """The catalog's database cannot be used; the message is one sentence."""
@@ -267,16 +270,33 @@ class Catalog:
             row = conn.execute(query).first()
         return None if row is None else self._row(row)
 
-    def by_path(self, path: str) -> dict | None:
-        query = sa.select(*[scans_table.c[n] for n in _PUBLIC]).where(scans_table.c.path == str(path),
-                                                                        scans_table.c.hidden.is_(False))
-        with self.engine.connect() as conn:
-            row = conn.execute(query).first()
-        return None if row is None else self._row(row)
-
     def max_scan_number(self) -> int:
         with self.engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.max(scans_table.c.scan_number))).scalar() or 0)
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+# -- what the API and the pages show ----------------------------------------------------------------
+
+
+def image_links(entry: int, keys, version: str = "") -> list[dict]:
+    """Key, label and URL of each of a catalog entry's images; ``version`` (``?v=...``) makes a
+    browser fetch an image again when the file behind it changed."""
+    from stemstream.analysis.stored import image_label
+
+    return [{"key": k, "label": image_label(k), "url": f"/scans/{entry}/images/{k}{version}"} for k in keys]
+
+
+def catalog_row_json(row: dict) -> dict:
+    """A catalog row as the API and the pages show it (image URLs instead of server paths)."""
+    from stemstream.analysis.stored import image_order
+
+    entry = row["id"]
+    out = {k: v for k, v in row.items() if k != "images"}
+    out["url"] = f"/scans/{entry}"
+    out["file_url"] = f"/scans/{entry}/file"
+    out["images"] = image_links(entry, image_order(row.get("images") or {}))
+    out["thumbnail"] = out["images"][0]["url"] if out["images"] else None
+    return out

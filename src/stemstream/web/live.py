@@ -1,13 +1,15 @@
-"""The dashboard's one line to control: poll it, remember what the page needs, push it to browsers.
+"""The dashboard's lines to the pipeline: poll them, remember what the page needs, push it to browsers.
 
-One asyncio task (:meth:`LiveMonitor.run`) asks control a few times a second for ``status`` and,
-while a scan runs and someone watches, for its ``live`` images and progress. Each tick builds one
-JSON text that every WebSocket client gets (a client that falls behind gets only the latest:
-its queue holds two messages). Images travel as PNG data URLs, and only when the writer published
-new ones. Scans that control reports closed go into the catalog.
+One asyncio task (:meth:`LiveMonitor.run`) asks control a few times a second for ``status`` (the
+scans' lifecycle, the roles' heartbeats) and, while a scan runs and someone watches, asks the
+writer's live service (``[network] live_port``) for that scan's latest images and progress; the
+writer renders live images only while someone asks. Each tick builds one JSON text that every
+WebSocket client gets (a client that falls behind gets only the latest: its queue holds two
+messages). Images travel as PNG data URLs, and only when the writer published new ones. Scans
+that control reports closed go into the catalog.
 
-Control requests are blocking ZeroMQ calls: they run on one worker thread, so the event loop
-never waits on them and the socket is never shared between threads.
+Requests are blocking ZeroMQ calls: they run on one worker thread, so the event loop never waits
+on them and no socket is shared between threads.
 """
 
 from __future__ import annotations
@@ -24,18 +26,19 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from stemstream.core.config import PipelineConfig
-from stemstream.transport.control_client import ControlClient, ControlUnavailable
-from stemstream.web.catalog import Catalog
 from stemstream.analysis.stored import image_label, image_order
+from stemstream.core.config import FlowSettings, PipelineConfig
+from stemstream.core.detector import MODULES
+from stemstream.core.scan_spec import ScanSpec, SpecError
+from stemstream.transport.control_client import ControlClient, ControlUnavailable
+from stemstream.transport.curve import curve_for
+from stemstream.web.catalog import RECENT, Catalog, catalog_row_json, image_links
 
 log = logging.getLogger(__name__)
 
 #: Seconds between polls while a browser watches, and while nobody does (catalog upkeep only).
-POLL_WATCHED_S = 0.35  # a little faster than the writer publishes (0.4 s): no update missed
+POLL_WATCHED_S = 0.35  # a little faster than the writer renders (0.4 s): no update missed
 POLL_IDLE_S = 1.0
-#: How many catalog entries the live page lists.
-RECENT = 12
 #: Images pushed at most this often (s): the summed pattern is 576 x 576, ~10x the bytes of a scan
 #: image, and changes slowly once a few hundred frames are in. The others go with every update.
 SLOW_IMAGES = {"summed_pattern/pattern": 1.0}
@@ -59,15 +62,38 @@ class Client:
                     pass
 
 
-def _health(age_s: float, heartbeat_s: float) -> str:
-    if age_s <= max(3 * heartbeat_s, 1.5):
+@dataclass
+class ScanEntry:
+    """One scan of control's ``status`` reply, its spec read."""
+
+    spec: ScanSpec
+    state: str  # running | closed | failed
+    started: float | None  # Unix time
+    summary: dict  # the writer's summary once the scan closed, else {}
+
+
+def read_scans(scans: dict) -> dict[int, ScanEntry]:
+    """The scans of a ``status`` reply by number; one whose spec cannot be read is left out."""
+    out = {}
+    for number, scan in scans.items():
+        try:
+            spec = ScanSpec.from_wire(scan.get("spec") if isinstance(scan, dict) else None)
+        except SpecError as exc:  # a control of another version: show the others
+            log.debug("scan %s left out: %s", number, exc)
+            continue
+        out[spec.number] = ScanEntry(spec, scan.get("state"), scan.get("started"), scan.get("summary") or {})
+    return out
+
+
+def _health(age_s: float, flow: FlowSettings) -> str:
+    if age_s <= max(3 * flow.heartbeat_s, 1.5):
         return "ok"
-    if age_s <= max(10 * heartbeat_s, 5.0):
+    if age_s <= flow.silent_after_s:
         return "late"
     return "silent"
 
 
-def _role_row(key: str, role: dict, heartbeat_s: float) -> dict:
+def _role_row(key: str, role: dict, flow: FlowSettings) -> dict:
     stats = role.get("stats", {}) or {}
     age = float(role.get("age_s", 0.0))
     return {
@@ -75,7 +101,7 @@ def _role_row(key: str, role: dict, heartbeat_s: float) -> dict:
         "role": role.get("role", key),
         "id": role.get("id", 0),
         "age_s": round(age, 2),
-        "health": _health(age, heartbeat_s),
+        "health": _health(age, flow),
         "counters": stats.get("counters", {}),
         "rejected": sum((stats.get("rejected") or {}).values()),
         "rejected_reasons": stats.get("rejected", {}),
@@ -89,6 +115,22 @@ def _role_sort(key: str) -> tuple:
     order = {"control": 0, "producer": 1, "gateway": 2, "node": 3, "writer": 4, "dashboard": 5}
     kind, _, index = key.partition("-")
     return (order.get(kind, 9), int(index) if index.isdigit() else 0, key)
+
+
+def _counts(entry: ScanEntry, progress: dict) -> dict:
+    """Frames and events of a scan: the ledger's once it closed, else the writer's live progress."""
+    summary = entry.summary
+    ledger = summary.get("ledger") if isinstance(summary.get("ledger"), dict) else None
+    if ledger is not None:
+        return {"ledger": ledger, "frames_written": ledger.get("frames_received", 0),
+                "frames_complete": ledger.get("frames_complete", 0),
+                "frames_incomplete": ledger.get("frames_incomplete", 0), "events": summary.get("events", 0),
+                "seconds": summary.get("seconds", 0.0), "fps_mean": summary.get("frames_per_second", 0.0)}
+    written = progress.get("frames_written", 0)
+    seconds = progress.get("seconds", time.time() - (entry.started if entry.started is not None else time.time()))
+    return {"ledger": None, "frames_written": written, "frames_complete": progress.get("frames_complete", 0),
+            "frames_incomplete": progress.get("frames_incomplete", 0), "events": progress.get("events", 0),
+            "seconds": seconds, "fps_mean": written / seconds if seconds else 0.0}
 
 
 class RateMeter:
@@ -122,9 +164,11 @@ class LiveMonitor:
         self.heartbeat = heartbeat
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="control")
         self.control = ControlClient.for_config(config, timeout_s=1.0)
+        self.live = ControlClient(config.network.live(), self.control.context, timeout_s=1.0, curve=curve_for(config))
         self.clients: set[Client] = set()
         self.on_shutdown = None  # set by the server: called when control says the pipeline stops
-        self.status: dict = {}
+        self.roles: dict = {}  # control's status: role key -> heartbeat age and stats
+        self.scans: dict[int, ScanEntry] = {}  # control's status: the scans it knows
         self.control_ok = False
         self.control_error = "not asked yet"
         self.catalogued: dict[tuple, int] = {}  # (scan, epoch) -> catalog entry
@@ -145,7 +189,7 @@ class LiveMonitor:
         self._process = psutil.Process(os.getpid())
         self.stopped = False
 
-    # -- control (on the worker thread) -----------------------------------------------------------
+    # -- the pipeline (on the worker thread) ------------------------------------------------------
 
     def _request(self, op: str, **fields) -> dict:
         return self.control.request(op, timeout_s=1.0, **fields)
@@ -173,121 +217,115 @@ class LiveMonitor:
             self.control_ok, self.control_error = False, str(exc)
             return
         self.control_ok, self.control_error = True, ""
-        self.status = status
-        scans = status.get("scans", {})
-        for number, scan in scans.items():
-            key = (int(number), int(scan.get("spec", {}).get("epoch", 0)))
-            if scan.get("state") in ("closed", "failed") and key not in self.catalogued:
+        self.roles = status.get("roles", {})
+        self.scans = read_scans(status.get("scans", {}))
+        self._catalogue_finished()
+        self._pick_current()
+        current = self.scans.get(self.current) if self.current is not None else None
+        if watched and current is not None and current.state == "running":
+            self._ask_live(current.spec.number)
+
+    def _catalogue_finished(self) -> None:
+        for number, scan in self.scans.items():
+            key = scan.spec.key
+            if scan.state in ("closed", "failed") and key not in self.catalogued:
                 try:
-                    entry = self.catalog.add_summary(scan.get("summary") or {}, scan.get("started"), scan["state"])
+                    entry = self.catalog.add_summary(scan.summary, scan.started, scan.state)
                 except Exception as exc:  # the database is away: try again next round
                     log.warning("scan %s not catalogued: %s", number, exc)
                     continue
                 self.catalogued[key] = entry if entry is not None else -1
-        self._pick_current(scans)
-        if watched and self.current is not None:
-            scan = scans.get(str(self.current), {})
-            if scan.get("state") == "running":
-                try:
-                    live = self._request("live", scan=self.current)
-                except ControlUnavailable as exc:
-                    self.control_error = str(exc)
-                    return
-                if live.get("ok"):
-                    self._take_live(live)
 
-    def _pick_current(self, scans: dict) -> None:
-        running = [(s.get("started", 0), int(n)) for n, s in scans.items() if s.get("state") == "running"]
+    def _ask_live(self, number: int) -> None:
+        """The writer's latest live images and progress of scan ``number``: a map naming the
+        images, then one frame of PNG bytes per name."""
+        try:
+            reply, frames = self.live.request_parts("live", scan=number)
+        except ControlUnavailable as exc:  # the writer is away or busy: control's status still shows
+            self.control_error = str(exc)
+            return
+        names = reply.get("names") or []
+        if not reply.get("ok") or len(names) != len(frames):  # e.g. the writer has not opened it yet
+            log.debug("no live results of scan %d: %s", number, reply.get("error", "names and images differ"))
+            return
+        self._take_live(reply, dict(zip(map(str, names), frames)))
+
+    def _pick_current(self) -> None:
+        scans = self.scans
+        running = [(s.started or 0, n) for n, s in scans.items() if s.state == "running"]
         if running:
             number = max(running)[1]
         elif scans:
-            number = max((s.get("started", 0), int(n)) for n, s in scans.items())[1]
+            number = max((s.started or 0, n) for n, s in scans.items())[1]
         else:
             number = None
-        epoch = scans.get(str(number), {}).get("spec", {}).get("epoch") if number is not None else None
+        epoch = scans[number].spec.epoch if number is not None else None
         if (number, epoch) != (self.current, self.current_epoch):
             self.current, self.current_epoch = number, epoch
             self.progress, self.images, self.images_updated = {}, {}, 0.0
             self.rates = RateMeter()
             self.images_version += 1
 
-    def _take_live(self, live: dict) -> None:
+    def _take_live(self, live: dict, images: dict[str, bytes]) -> None:
         progress = live.get("progress") or {}
         if progress:
             self.progress = progress
             self.rates.add(float(progress.get("seconds", 0.0)), int(progress.get("frames_written", 0)))
         updated = float(live.get("updated") or 0.0)
-        if updated > self.images_updated and live.get("images"):
+        if updated > self.images_updated and images:
             self.images_updated = updated
-            self.images = {k: "data:image/png;base64," + base64.b64encode(v).decode("ascii")
-                           for k, v in live["images"].items() if isinstance(v, bytes)}
+            self.images = {k: "data:image/png;base64," + base64.b64encode(v).decode("ascii") for k, v in images.items()}
             self.images_version += 1
 
     # -- what the page gets -----------------------------------------------------------------------
 
+    def _final_images(self, entry: int | None) -> list[dict]:
+        """The images of a closed scan's catalog entry (the PNGs beside its file)."""
+        row = self.catalog.get(entry) if entry is not None and entry >= 0 else None
+        if not row:
+            return []
+        return image_links(entry, image_order(row["images"]), f"?v={int(row['closed'] or 0)}")
+
     def scan_state(self) -> dict | None:
-        if self.current is None:
-            return None
-        scan = self.status.get("scans", {}).get(str(self.current))
+        scan = self.scans.get(self.current) if self.current is not None else None
         if scan is None:
             return None
-        spec = scan.get("spec", {})
-        rows, cols = spec.get("scan_shape", [0, 0])
-        fpp = int(spec.get("frames_per_position", 1))
-        summary = scan.get("summary") or {}
-        ledger = summary.get("ledger") if isinstance(summary.get("ledger"), dict) else None
-        p = self.progress
-        expected = rows * cols * fpp
-        if ledger is not None:
-            written = ledger.get("frames_received", 0)
-            complete, incomplete = ledger.get("frames_complete", 0), ledger.get("frames_incomplete", 0)
-            events = summary.get("events", 0)
-            seconds = summary.get("seconds", 0.0)
-            fps_mean = summary.get("frames_per_second", 0.0)
-        else:
-            written = p.get("frames_written", 0)
-            complete, incomplete = p.get("frames_complete", 0), p.get("frames_incomplete", 0)
-            events = p.get("events", 0)
-            seconds = p.get("seconds", time.time() - scan.get("started", time.time()))
-            fps_mean = written / seconds if seconds else 0.0
-        entry = self.catalogued.get((self.current, int(spec.get("epoch", 0))))
-        final_images = []
-        if entry is not None and entry >= 0:
-            row = self.catalog.get(entry)
-            if row:
-                final_images = [{"key": k, "label": image_label(k), "url": f"/scans/{entry}/images/{k}?v={int(row['closed'] or 0)}"}
-                                for k in image_order(row["images"])]
-        thresholds = spec.get("thresholds") or summary.get("thresholds")
+        spec = scan.spec
+        rows, cols = spec.shape
+        expected = rows * cols * spec.frames_per_position
+        counts = _counts(scan, self.progress)
+        entry = self.catalogued.get(spec.key)
+        thresholds = spec.thresholds.as_dict() if spec.thresholds is not None else scan.summary.get("thresholds")
         return {
             "number": self.current,
-            "epoch": spec.get("epoch"),
-            "state": scan.get("state"),
-            "file_name": spec.get("file_name"),
-            "path": summary.get("path"),
+            "epoch": spec.epoch,
+            "state": scan.state,
+            "file_name": spec.file_name,
+            "path": scan.summary.get("path"),
             "scan_shape": [rows, cols],
-            "frames_per_position": fpp,
-            "started": scan.get("started"),
+            "frames_per_position": spec.frames_per_position,
+            "started": scan.started,
             "frames_expected": expected,
-            "frames_written": written,
-            "frames_complete": complete,
-            "frames_incomplete": incomplete,
-            "frames_missing": max(expected - written, 0),
-            "events": events,
-            "seconds": seconds,
-            "fps_now": self.rates.rate() if scan.get("state") == "running" else 0.0,
-            "fps_mean": fps_mean,
+            "frames_written": counts["frames_written"],
+            "frames_complete": counts["frames_complete"],
+            "frames_incomplete": counts["frames_incomplete"],
+            "frames_missing": max(expected - counts["frames_written"], 0),
+            "events": counts["events"],
+            "seconds": counts["seconds"],
+            "fps_now": self.rates.rate() if scan.state == "running" else 0.0,
+            "fps_mean": counts["fps_mean"],
             "thresholds": thresholds,
-            "calibrating": thresholds is None and scan.get("state") == "running",
-            "ledger": ledger,
-            "error": summary.get("error"),
+            "calibrating": thresholds is None and scan.state == "running",
+            "ledger": counts["ledger"],
+            "error": scan.summary.get("error"),
             "catalog_id": entry if entry is not None and entry >= 0 else None,
-            "final_images": final_images,
+            "final_images": self._final_images(entry),
             "images_version": self.images_version,
         }
 
     def modules(self, roles: dict) -> list[dict]:
         rows = []
-        for m in range(4):
+        for m in MODULES:
             role = roles.get(f"producer-{m}", {})
             counters = (role.get("stats") or {}).get("counters", {})
             rows.append({"module": m, "present": bool(role), "records_sent": counters.get("records_sent", 0),
@@ -295,17 +333,16 @@ class LiveMonitor:
         return rows
 
     def build_state(self) -> str:
-        roles = self.status.get("roles", {}) if self.control_ok else {}
-        hb = self.config.flow.heartbeat_s
+        roles = self.roles if self.control_ok else {}
+        flow = self.config.flow
         message = {
             "type": "state",
             "time": time.time(),
             "control": {"ok": self.control_ok, "endpoint": self.config.network.control(), "error": self.control_error},
-            "roles": [_role_row(k, roles[k], hb) for k in sorted(roles, key=_role_sort)],
+            "roles": [_role_row(k, roles[k], flow) for k in sorted(roles, key=_role_sort)],
             "modules": self.modules(roles),
             "scan": self.scan_state() if self.control_ok else None,
-            "running": sorted(int(n) for n, s in self.status.get("scans", {}).items() if s.get("state") == "running")
-            if self.control_ok else [],
+            "running": sorted(n for n, s in self.scans.items() if s.state == "running") if self.control_ok else [],
             "catalog_version": self.catalog.version,
         }
         return json.dumps(message, default=str)
@@ -326,8 +363,6 @@ class LiveMonitor:
                            "images": [{"key": k, "label": image_label(k), "src": self.images[k]} for k in keys]})
 
     def build_catalog(self) -> str:
-        from stemstream.web.app import catalog_row_json
-
         return json.dumps({"type": "catalog", "count": self.catalog.count(),
                            "scans": [catalog_row_json(r) for r in self.catalog.list(RECENT)]}, default=str)
 
@@ -378,4 +413,5 @@ class LiveMonitor:
     def close(self) -> None:
         self.stopped = True
         self.executor.submit(self.control.close)
+        self.executor.submit(self.live.close)
         self.executor.shutdown(wait=True, cancel_futures=True)

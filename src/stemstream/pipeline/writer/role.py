@@ -1,18 +1,14 @@
-"""Writer: each scan's counted file, written while the scan runs, closed with its ledger.
+"""Writer: the role that writes each scan's counted file while the scan runs (pipeline.writer.scan
+holds one scan's file and state).
 
-Events arrive from the node groups in any order; the writer gives each frame its slot (position x
-frames per position + the frame's rank at that position) and appends it to the scan's
-SparseCountsWriter, which writes to a temporary name and renames on close. The scan closes when
-every node group of its routing generation sent DONE, or when the flow timeouts run out (the
-ledger then says what is missing). A scan started with ``resume`` adds frames to an existing file
-(the replay of a spill).
-
-Commits: a node group's events are held until the ANALYSIS (or DONE) message that follows them
-on the same stream arrives; then events and partials are applied together and their blocks are
-*committed*, which the writer tells control (producers then free those blocks). When control
-starts a new routing generation after a failover, the writer *fences* the old streams: what they
-left uncommitted is dropped and anything more from them ignored, so every block is written once,
-from either the old generation or the resent copy (see pipeline.routing).
+The writer pulls the node groups' EVENTS, ANALYSIS and DONE messages from one socket
+(``[network] writer_port``) and hands each to its scan, opened when its first message arrives or
+when control's heartbeat replies name it. It tells control what each scan committed (producers
+free those blocks; after a failover they resend the rest), follows the routing generations and
+thresholds those replies carry, closes a scan when every node group of its generation sent DONE
+or the flow timeouts run out, and reports the end of every scan to control, until control hears
+it. A scan whose disk fills or vanishes fails alone: its partial file is deleted and the writer
+goes on. The dashboard's live images come from the writer's own service (pipeline.writer.live).
 """
 
 from __future__ import annotations
@@ -25,25 +21,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import zmq
 
-from stemstream.core.version import SOFTWARE_VERSION
-from stemstream.analysis import ScanAnalyses, default_analyses
-from stemstream.analysis.run import png_bytes, scale_image, store_results, write_pngs
-from stemstream.counting.thresholds import Thresholds
+from stemstream.analysis import default_analyses
+from stemstream.core.detector import FRAME_SHAPE
+from stemstream.core.scan_spec import ScanSpec
 from stemstream.formats import wire
-from stemstream.formats.raw import FRAME_SHAPE, N_MODULES
-from stemstream.formats.sparse_h5 import SparseCountsWriter, read_counted
-from stemstream.formats.ledger import ScanLedger
-from stemstream.pipeline.writer.journal import Journal, journal_path, read_journal
 from stemstream.pipeline.role import Role
-from stemstream.pipeline.routing import alive_nodes, generation, to_ranges
+from stemstream.pipeline.writer.live import LiveService
+from stemstream.pipeline.writer.scan import ScanHooks, WriterScan
 
 log = logging.getLogger(__name__)
 
-_ALL_MODULES = (1 << N_MODULES) - 1
-# Live images go to control this often while a scan runs (the dashboard wants >= 2 per second).
+# Live progress (and images, while someone watches) is refreshed this often while a scan runs.
 _LIVE_INTERVAL_S = 0.4
 # Commits go to control at most this often (producers free their resend buffers from them).
 _COMMIT_REPORT_S = 0.1
@@ -84,325 +74,31 @@ def check_free_space(path: Path, positions: int) -> None:
                                     f"needs at least {need / 1e6:.1f} MB to go on")
 
 
-class WriterScan:
-    def __init__(self, writer: "Writer", spec: dict):
-        self.writer = writer
-        self.spec = spec
-        self.number = int(spec["scan"])
-        self.shape = tuple(spec["scan_shape"])
-        self.fpp = int(spec["frames_per_position"])
-        self.n_nodes = len(spec["nodes"])
-        self.generation = generation(spec)
-        self.alive = alive_nodes(spec)
-        self.pending: dict[tuple[int, int], list[wire.EventsMessage]] = {}  # (node, stream) -> not committed
-        self.committed: set[int] = set()  # blocks whose events are applied
-        self.commits_changed = True  # control has not heard of the latest commits
-        self.frames_superseded = 0  # frames of fenced streams, dropped (their blocks were resent)
-        self.duplicate_blocks = 0
-        self.path = Path(writer.config.pipeline.output_dir) / spec["file_name"]
-        self.ledger = ScanLedger(self.number, self.shape, self.fpp)
-        self.started = time.time()
-        self.first_event_at: float | None = None
-        self.last_activity = time.monotonic()
-        self.first_done_at: float | None = None
-        self.done_nodes: dict[int, wire.DoneMessage] = {}
-        self.frames_spilled = 0
-        self.sectors_lost = [0] * N_MODULES
-        self.n_events = 0
-        self.closed = False
-        self.rank = np.zeros(self.shape[0] * self.shape[1], np.uint16)  # frames so far per position
-        self.held: dict[int, list] = {}  # position -> [(frame number, events)] not yet written
-        check_free_space(self.path.parent, len(self.rank))  # before any data is accepted
-        self.out = SparseCountsWriter(self.path, self.shape, FRAME_SHAPE, self.fpp, overwrite=True)
-        self.analyses = ScanAnalyses(writer.analyses, self.shape)
-        self.pngs: list[Path] = []
-        if spec.get("resume") and self.path.exists():
-            self._carry_over(self.path)
-        self.recovered = self._recover()
-        self.journal = Journal(journal_path(self.path), self.number, int(spec["epoch"]))
-
-    def _recover(self) -> bool:
-        """A writer that died mid-scan left its journal: rewrite what it had committed (the
-        analyses recomputed from the events, the node groups' partials being gone). True when
-        this scan's journal was there (even with nothing committed yet)."""
-        path = journal_path(self.path)
-        if not path.exists():
-            return False
-        messages = read_journal(path, self.number, int(self.spec["epoch"]))
-        if messages is None:
-            path.unlink()  # another scan's or epoch's: stale
-            return False
-        for msg in messages:
-            if msg.block >= 0:
-                self.committed.add(msg.block)
-            self.add_events(msg)
-            self.analyses.accumulate(msg.positions, msg.events, msg.offsets)
-        log.warning("scan %d: a previous writer died mid-scan; %d committed block(s) recovered from %s",
-                    self.number, len(messages), path)
-        return True
-
-    def _carry_over(self, path: Path) -> None:
-        """Resume: copy the frames already in the file (and its ledger) into the new file."""
-        old = read_counted(path)
-        written = old.written
-        ledger = old.metadata.get("stemstream", {}).get("ledger", {})
-        if "frames_complete" in ledger:
-            prior = ScanLedger.from_dict({**ledger, "scan_number": self.number, "scan_rows": self.shape[0],
-                                          "scan_cols": self.shape[1], "frames_per_position": self.fpp})
-            self.ledger.merge(prior)
-            self.frames_spilled = 0
-        frames = old.frames.reshape(-1)
-        mask = written.reshape(-1).astype(bool) if written is not None else np.ones(len(frames), bool)
-        slots = np.flatnonzero(mask)
-        if len(slots):
-            self.out.write(slots, [frames[i] for i in slots])
-            np.add.at(self.rank, slots // self.fpp, 1)
-            self.n_events += int(sum(len(frames[i]) for i in slots))
-        log.info("scan %d: resuming %s with %d frames already counted", self.number, path, len(slots))
-
-    # -- commits and failover ------------------------------------------------------------------------
-
-    def _current(self, stream: int) -> bool:
-        """False (and the message is dropped) for a stream that a newer generation superseded."""
-        self.last_activity = time.monotonic()
-        if stream < self.generation:
-            self.writer.counters["messages_superseded"] += 1
-            return False
-        return True
-
-    def receive_events(self, msg: wire.EventsMessage) -> None:
-        if self._current(msg.stream):
-            self.pending.setdefault((msg.node, msg.stream), []).append(msg)
-
-    def receive_partials(self, node: int, stream: int, parts: list) -> None:
-        if self._current(stream):
-            self._commit((node, stream))
-            self.add_partials(parts)
-
-    def receive_done(self, msg: wire.DoneMessage) -> None:
-        if self._current(msg.stream):
-            self._commit((msg.node, msg.stream))
-            self.add_done(msg)
-
-    def _commit(self, key: tuple[int, int]) -> None:
-        for msg in self.pending.pop(key, []):
-            if msg.block >= 0:
-                if msg.block in self.committed:  # resent after a fence that came too late
-                    self.duplicate_blocks += 1
-                    continue
-                self.committed.add(msg.block)
-                self.commits_changed = True
-            self.journal.add(msg)  # before control hears of the commit
-            self.add_events(msg)
-
-    def follow(self, spec: dict) -> None:
-        """Take a new routing generation: fence the older streams."""
-        if generation(spec) <= self.generation:
-            return
-        dropped = sum(len(m.frame_numbers) for msgs in self.pending.values() for m in msgs)
-        self.frames_superseded += dropped
-        self.pending.clear()
-        self.spec = spec
-        self.generation, self.alive = generation(spec), alive_nodes(spec)
-        self.done_nodes.clear()  # DONE of an older generation says nothing of the resent blocks
-        self.first_done_at = None
-        self.commits_changed = True
-        self.last_activity = time.monotonic()
-        log.warning("scan %d: routing generation %d (node groups %s); %d uncommitted frame(s) dropped, to be resent",
-                    self.number, self.generation, self.alive, dropped)
-
-    def commit_report(self) -> dict:
-        self.journal.sync()  # what control hears of is on disk first
-        self.commits_changed = False
-        return {"scan": self.number, "ranges": to_ranges(self.committed), "fenced": self.generation,
-                "done": sorted(self.done_nodes)}
-
-    # -- applying ----------------------------------------------------------------------------------
-
-    def add_events(self, msg: wire.EventsMessage) -> None:
-        self.last_activity = time.monotonic()
-        if msg.ledger is not None:  # the block's sector counts: added once, when it is committed
-            self.ledger.add_sector_tally(msg.ledger)
-            self.frames_spilled += int(msg.ledger.get("frames_spilled", 0))
-        if len(msg.frame_numbers) == 0:  # a block finished without frames to write (spilled, or all lost)
-            return
-        check_free_space(self.path.parent, len(self.rank))  # one statvfs call, ~2 us
-        if self.first_event_at is None:
-            self.first_event_at = time.time()
-        positions = msg.positions
-        ok = (positions >= 0) & (positions < len(self.rank))
-        if not ok.all():
-            self.writer.reject("position_out_of_bounds", f"{int((~ok).sum())} frame(s)")
-        complete = msg.present == _ALL_MODULES
-        self.ledger.frames_complete += int(complete[ok].sum())
-        self.ledger.frames_incomplete += int((~complete[ok]).sum())
-        self.n_events += int(msg.offsets[-1]) if len(msg.offsets) else 0
-        if self.fpp == 1:
-            self._write(positions[ok], msg.events, msg.offsets, np.flatnonzero(ok))
-            return
-        # Several frames per position: a position's frames may come from two node groups (when
-        # a routing block ends between them); hold them until all are in, then write them in
-        # frame-number order, so slot j is the j-th frame as offline counting numbers them.
-        for i in np.flatnonzero(ok):
-            p = int(positions[i])
-            held = self.held.setdefault(p, [])
-            held.append((int(msg.frame_numbers[i]), msg.events[msg.offsets[i]:msg.offsets[i + 1]].copy()))
-            if len(held) + self.rank[p] >= self.fpp:
-                self._release(p)
-
-    def _release(self, p: int) -> None:
-        held = sorted(self.held.pop(p))
-        events = [e for _, e in held]
-        offsets = np.zeros(len(events) + 1, np.int64)
-        np.cumsum([len(e) for e in events], out=offsets[1:])
-        flat = np.concatenate(events) if events else np.empty(0, np.uint32)
-        self._write(np.full(len(events), p, np.int64), flat, offsets, np.arange(len(events)))
-
-    def _write(self, positions: np.ndarray, events: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> None:
-        """Write frames ``index`` of (events, offsets) at ``positions`` (one per index), each at its
-        position's next free slot; frames beyond frames_per_position are counted, not written."""
-        slots = np.full(len(index), -1, np.int64)
-        for k, p in enumerate(positions.tolist()):
-            j = self.rank[p]
-            if j >= self.fpp:
-                self.ledger.frames_over_capacity += 1
-                continue
-            self.rank[p] = j + 1
-            slots[k] = p * self.fpp + j
-        keep = np.flatnonzero(slots >= 0)
-        if len(keep) == len(index) and np.array_equal(index, np.arange(len(offsets) - 1)):
-            self.out.write_flat(slots, events, offsets)
-        elif len(keep):
-            self.out.write(slots[keep], [events[offsets[index[k]]:offsets[index[k] + 1]] for k in keep])
-
-    def add_partials(self, parts: list) -> None:
-        self.last_activity = time.monotonic()
-        self.analyses.merge_parts(parts)
-
-    def live_images(self) -> dict[str, bytes]:
-        """The analyses' current images as PNG bytes, ``<analysis>/<name>`` -> PNG. Scan images
-        show positions not yet scanned as blank (NaN), so the colour scale follows the data that
-        is in; frame-sized images are binned 2 x 2 (what a browser tile shows, a quarter of the
-        cost of rendering)."""
-        scanned = (self.rank > 0).reshape(self.shape)
-        images = {}
-        for name, views in self.analyses.views().items():
-            for key, view in views.items():
-                image = np.asarray(view.image, np.float64)
-                if image.shape == self.shape:
-                    image = np.where(scanned, image, np.nan)
-                elif image.shape[0] % 2 == 0 and image.shape[1] % 2 == 0 and image.size > 4 * len(self.rank):
-                    image = image.reshape(image.shape[0] // 2, 2, image.shape[1] // 2, 2).sum(axis=(1, 3))
-                images[f"{name}/{key}"] = png_bytes(scale_image(image, view.kind))
-        return images
-
-    def progress(self) -> dict:
-        return {"frames_written": self.ledger.frames_received, "frames_expected": self.ledger.frames_expected,
-                "frames_complete": self.ledger.frames_complete, "frames_incomplete": self.ledger.frames_incomplete,
-                "events": self.n_events, "seconds": time.time() - self.started}
-
-    def add_done(self, msg: wire.DoneMessage) -> None:
-        self.last_activity = time.monotonic()
-        if msg.node in self.done_nodes:
-            return
-        self.done_nodes[msg.node] = msg
-        self.commits_changed = True
-        if self.first_done_at is None:
-            self.first_done_at = time.monotonic()
-        d = msg.ledger  # what no block's EVENTS message carried (late sectors ...)
-        self.ledger.add_sector_tally(d)
-        self.frames_spilled += int(d.get("frames_spilled", 0))
-        for m in range(N_MODULES):
-            self.sectors_lost[m] += int(msg.lost[m]) if m < len(msg.lost) else 0
-
-    def _thresholds_from_control(self) -> dict | None:
-        """Calibrated thresholds are decided after the scan starts: ask control for them."""
-        try:
-            reply = self.writer.control.request("get_scan", timeout_s=2.0, scan=self.number)
-        except Exception:
-            return None
-        return reply.get("scan", {}).get("thresholds") if reply.get("ok") else None
-
-    def should_close(self) -> bool:
-        missing = set(self.alive) - set(self.done_nodes)
-        if self.alive and not missing:
-            return True
-        flow = self.writer.config.flow
-        idle = time.monotonic() - self.last_activity
-        # A missing node group that control knows is either slow or about to be failed over
-        # (control decides that after dead_after_s): wait for it, up to scan_timeout_s.
-        unknown = all(f"node-{n}" not in self.writer.role_ages for n in missing)
-        if self.first_done_at is not None and idle > flow.end_timeout_s and unknown:
-            return True
-        return idle > flow.scan_timeout_s
-
-    def close(self) -> dict:
-        check_free_space(self.path.parent, len(self.rank))
-        for p in sorted(self.held):
-            self._release(p)
-        thresholds = self.spec.get("thresholds") or self._thresholds_from_control()
-        if thresholds:
-            self.out.set_metadata("electron_counting", Thresholds(**thresholds).stempy_attributes())
-        elapsed = time.time() - self.started
-        for key in list(self.pending):  # a stream whose DONE never came: apply what it sent
-            self._commit(key)
-        missing_nodes = sorted(set(self.alive) - set(self.done_nodes))
-        ledger = self.ledger.as_dict()
-        ledger["frames_spilled"] = self.frames_spilled
-        ledger["sectors_lost"] = list(self.sectors_lost)
-        ledger["node_groups_missing"] = missing_nodes
-        failovers = self.spec.get("failovers", [])
-        if failovers:  # by generation: HDF5 attributes hold maps and lists of numbers, not lists of maps
-            ledger["failovers"] = {str(f["generation"]): {k: v for k, v in f.items() if k != "generation"}
-                                   for f in failovers}
-            ledger["frames_superseded"] = self.frames_superseded
-            ledger["duplicate_blocks"] = self.duplicate_blocks
-        summary = {
-            "scan": self.number,
-            "path": str(self.path),
-            "ledger": ledger,
-            "events": self.n_events,
-            "seconds": elapsed,
-            "frames_per_second": self.ledger.frames_received / elapsed if elapsed > 0 else 0.0,
-            "thresholds": thresholds,
-        }
-        self.out.set_metadata("stemstream", {
-            "software": "stemstream", "software_version": SOFTWARE_VERSION, "mode": "stream",
-            "scan_number": self.number, "node_groups": self.n_nodes, "seconds": elapsed,
-            "events": self.n_events, "ledger": ledger,
-        })
-        results = self.analyses.finish()
-        store_results(self.out.h5file, self.analyses.analyses, results,
-                      info={**self.analyses.info(), "source": "stream"})
-        self.out.close()
-        self.journal.close(delete=True)  # the file holds it all now
-        summary["closed_wall"] = time.time()  # file renamed into place (wall clock, s)
-        try:
-            self.pngs = write_pngs(self.analyses.analyses, results, self.path.parent, self.path.stem)
-        except OSError as exc:
-            log.warning("scan %d: images not written: %s", self.number, exc)
-        summary["images"] = [str(p) for p in self.pngs]
-        self.closed = True
-        if missing_nodes:
-            log.warning("scan %d closed without DONE from node group(s) %s", self.number, missing_nodes)
-        log.info("scan %d written to %s", self.number, self.path)
-        return summary
-
-
 class Writer(Role):
     name = "writer"
 
     def __init__(self, config, index: int = 0, context: zmq.Context | None = None):
+        """Refuses (OutputDirError) an output directory that cannot take files. Binds nothing:
+        :meth:`run` calls :meth:`bind` first."""
         check_output_dir(Path(config.pipeline.output_dir))  # refuse to start, before any data
         super().__init__(config, index, context)
+        self.output_dir = Path(config.pipeline.output_dir)
         self.failed: dict[int, int] = {}  # scan -> epoch, of scans abandoned after an I/O error
         self.events_in = self.data_socket(zmq.PULL, hwm=64)
-        self.events_in.bind(config.network.bind(config.network.writer_port))
+        self.live = LiveService(self.context, self.curve)
         self.scans: dict[int, WriterScan] = {}
         self.unreported: dict[int, dict] = {}  # scan -> its scan_done report, control not reached yet
         self.analyses = default_analyses(FRAME_SHAPE, config.analysis)
         self._next_live = 0.0
         self._next_commit_report = 0.0
+
+    def bind(self) -> None:
+        """Listen for the node groups' messages and the dashboard's live requests."""
+        net = self.config.network
+        self.events_in.bind(net.bind(net.writer_port))
+        self.live.bind(net.bind(net.live_port))
+
+    # -- opening and failing scans -----------------------------------------------------------------
 
     def _scan(self, number: int) -> WriterScan | None:
         scan = self.scans.get(number)
@@ -412,13 +108,30 @@ class Writer(Role):
                 scan = self._open(spec)
         return scan
 
-    def _open(self, spec: dict) -> WriterScan | None:
+    def _latest_spec(self, spec: ScanSpec) -> ScanSpec | None:
+        """Control's newest spec of ``spec``'s scan, if still of the same epoch (same run)."""
+        latest = self.scan_specs.get(spec.number)
+        return latest if latest is not None and latest.epoch == spec.epoch else None
+
+    def _hooks(self, spec: ScanSpec) -> ScanHooks:
+        """What a scan of ``spec`` may ask of this writer; the disk reserve stays the writer's
+        policy (RESERVE_BYTES, read at each check)."""
+        return ScanHooks(
+            latest_spec=lambda: self._latest_spec(spec),
+            heartbeat=lambda: self.tick(force=True),
+            node_heard=lambda node: f"node-{node}" in self.role_ages,
+            reject=self.reject,
+            check_space=lambda: check_free_space(self.output_dir, spec.n_positions),
+        )
+
+    def _open(self, spec: ScanSpec) -> WriterScan | None:
         """A scan's state and file; None if the file cannot be created (the scan fails)."""
         try:
-            scan = self.scans[int(spec["scan"])] = WriterScan(self, spec)
+            scan = WriterScan(spec, self.output_dir, self.analyses, self.config.flow, self._hooks(spec))
         except OSError as exc:
             self._fail(spec, exc)
             return None
+        self.scans[spec.number] = scan
         if scan.recovered:
             self._restarted(scan)
         return scan
@@ -433,38 +146,38 @@ class Writer(Role):
             log.error("scan %d: could not ask control to resend what a dead writer lost: %s", scan.number, exc)
             return
         if reply.get("ok"):
-            self.scan_specs[scan.number] = reply["scan"]
-            scan.follow(reply["scan"])
+            self.tick(force=True)  # the reply to this heartbeat carries the new generation
+            spec = self._latest_spec(scan.spec)
+            if spec is not None:
+                scan.follow(spec)
 
     def _failed(self, number: int) -> bool:
         """True for a scan (this epoch of it) abandoned after an I/O error."""
         epoch = self.failed.get(number)
         spec = self.scan_specs.get(number)
-        return epoch is not None and (spec is None or int(spec["epoch"]) == epoch)
+        return epoch is not None and (spec is None or spec.epoch == epoch)
 
-    def _fail(self, spec: dict, exc: OSError, scan: WriterScan | None = None) -> None:
+    def _fail(self, spec: ScanSpec, exc: OSError, scan: WriterScan | None = None) -> None:
         """Abandon a scan after an I/O error (disk full, directory gone): no file at its final
         path, control told it failed and why; the writer goes on with the other scans."""
-        number = int(spec["scan"])
-        path = Path(self.config.pipeline.output_dir) / spec["file_name"]
+        number = spec.number
         if scan is not None:
-            try:
-                scan.out.abort()  # deletes the partial file
-                scan.journal.close(delete=True)
-            except OSError as abort_exc:
-                log.warning("scan %d: could not delete %s: %s", number, scan.out.tmp_path, abort_exc)
+            scan.abort()  # deletes the partial file
             self.scans.pop(number, None)
-        error = f"cannot write {path}: {exc.strerror or exc}"
+        error = f"cannot write {self.output_dir / spec.file_name}: {exc.strerror or exc}"
         log.error("scan %d failed, %s; no file was left at that path: stream the scan again once the disk has room",
                   number, error)
-        self.failed[number] = int(spec["epoch"])
+        self.failed[number] = spec.epoch
         self.mark_finished(spec)
+        self.live.update(number, scan.progress() if scan is not None else {}, state="failed")
         self.counters["scans_failed"] += 1
-        summary = {"scan": number, "error": error,
-                   "frames_written": scan.out.slots_written if scan is not None else 0}
+        summary = {"scan": number, "error": error, "frames_written": scan.frames_written if scan is not None else 0}
         self._report_done(number, ok=False, summary=summary)
 
+    # -- messages ----------------------------------------------------------------------------------
+
     def handle(self, parts: list) -> None:
+        """One message of a node group: decoded, checked, handed to its scan."""
         number = None
         try:
             kind = wire.kind_of(parts)
@@ -490,9 +203,12 @@ class Writer(Role):
             self.counters["messages_of_failed_scans"] += 1
             return
         try:
-            apply(scan)
+            if not apply(scan):
+                self.counters["messages_superseded"] += 1  # of a stream a newer generation fenced
         except OSError as exc:  # the disk is full or gone: this scan fails, the writer goes on
             self._fail(scan.spec, exc, scan)
+
+    # -- closing and reporting ---------------------------------------------------------------------
 
     def _close(self, scan: WriterScan) -> None:
         try:
@@ -503,6 +219,7 @@ class Writer(Role):
         del self.scans[scan.number]
         self.mark_finished(scan.spec)
         self.counters["scans_closed"] += 1
+        self.live.update(scan.number, scan.progress(), scan.live_images() if self.live.wanted else None, state="closed")
         self._report_done(scan.number, ok=True, summary=summary)
 
     def _report_done(self, number: int, ok: bool, summary: dict) -> None:
@@ -525,9 +242,9 @@ class Writer(Role):
         for scan in self.scans.values():
             scan.commits_changed = True  # the new control knows none of the ranges
 
-    def tick(self, interval_s: float | None = None) -> None:
-        due = time.monotonic() >= self._next_heartbeat
-        super().tick(interval_s)
+    def tick(self, interval_s: float | None = None, force: bool = False) -> None:
+        due = force or time.monotonic() >= self._next_heartbeat
+        super().tick(interval_s, force)
         if due and self.unreported:
             self._report_unreported()
 
@@ -536,8 +253,8 @@ class Writer(Role):
         (producers free their resend buffers; after a fence, they resend the rest)."""
         now = time.monotonic()
         for scan in list(self.scans.values()):
-            spec = self.scan_specs.get(scan.number)
-            if spec is not None and int(spec["epoch"]) == int(scan.spec["epoch"]):
+            spec = self._latest_spec(scan.spec)
+            if spec is not None:
                 scan.follow(spec)
             if scan.commits_changed and now >= self._next_commit_report:
                 try:
@@ -549,35 +266,39 @@ class Writer(Role):
             self._next_commit_report = now + _COMMIT_REPORT_S
 
     def publish_live(self) -> None:
-        """Send each open scan's live images and progress to control (for the dashboard)."""
+        """Answer the dashboard's live requests; refresh each open scan's progress, and its
+        images while someone is watching (pipeline.writer.live)."""
+        self.live.serve()
         now = time.monotonic()
         if now < self._next_live:
             return
         self._next_live = now + _LIVE_INTERVAL_S
         for scan in self.scans.values():
-            if scan.analyses.frames == 0 and scan.ledger.frames_received == 0:
-                continue
-            # Rendering costs the writer more than writing: only while someone is watching.
-            images = scan.live_images() if self.live_wanted else {}
+            if scan.has_frames:
+                images = scan.live_images() if self.live.due(scan.number) else None
+                self.live.update(scan.number, scan.progress(), images)
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _receive(self, poller: zmq.Poller) -> None:
+        """Handle what arrived within 20 ms, at most 64 messages (the loop's other duties wait)."""
+        if not poller.poll(20):
+            return
+        for _ in range(64):
             try:
-                self.control.request("live_images", timeout_s=1.0, scan=scan.number, images=images,
-                                     progress=scan.progress())
-            except Exception as exc:  # control busy or away: live images are best effort
-                log.debug("live images of scan %d not sent: %s", scan.number, exc)
+                parts = self.events_in.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.handle(parts)
 
     def run(self) -> None:
+        self.bind()
         poller = zmq.Poller()
         poller.register(self.events_in, zmq.POLLIN)
         while not self.shutdown:
             self.publish_live()
             self.report_commits()
-            if poller.poll(20):
-                for _ in range(64):
-                    try:
-                        parts = self.events_in.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self.handle(parts)
+            self._receive(poller)
             for scan in list(self.scans.values()):
                 if scan.should_close():
                     self._close(scan)
@@ -589,3 +310,4 @@ class Writer(Role):
         for scan in list(self.scans.values()):
             self._close(scan)
         self.events_in.close(0)
+        self.live.close()

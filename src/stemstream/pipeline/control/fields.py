@@ -1,0 +1,140 @@
+"""The fields of a request to control, checked before control acts on any of them.
+
+Every request field control reads goes through one of these, so a malformed request gets a
+one-sentence refusal and changes nothing. Types are checked exactly (no ``int()`` of what came):
+a float such as 1e300 made into an integer would be too big for msgpack, and the scan or role
+holding it would break every later reply and the state file.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+from stemstream.core.detector import HEADER_DTYPE, MAX_NODE_ID
+from stemstream.core.scan_spec import SpecError, check_scan_shape
+
+# Scan numbers travel in the records' uint32 headers.
+MAX_SCAN_NUMBER = int(np.iinfo(HEADER_DTYPE["scan_number"]).max)
+# Role names are a short word ("node", "writer", "dashboard"); a host is a name or an address.
+_ROLE = re.compile(r"^[a-z][a-z_]{0,31}$")
+_HOST = re.compile(r"^[A-Za-z0-9._:%\[\]-]{1,253}$")
+# The writer adds suffixes (.tmp, .journal) to a file name; most file systems allow 255 bytes.
+MAX_FILE_NAME = 200
+_MISSING = object()
+
+
+class RequestError(ValueError):
+    """A request control refuses; the message is one sentence naming the field."""
+
+
+def _shown(value) -> str:
+    return f"{value!r:.40}"
+
+
+def _get(req: dict, name: str, default):
+    value = req.get(name, default)
+    if value is _MISSING:
+        raise RequestError(f"the request has no {name}")
+    return value
+
+
+def integer(req: dict, name: str, low: int = 0, high: int = 2**63 - 1, default=_MISSING) -> int:
+    """``req[name]``, an integer ``low`` to ``high`` (``default`` when absent, if given)."""
+    return _integer(_get(req, name, default), name, low, high)
+
+
+def _integer(value, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise RequestError(f"{name} must be an integer {low} to {high}, got {_shown(value)}")
+    return value
+
+
+def scan_number(req: dict, name: str = "scan") -> int:
+    return integer(req, name, 0, MAX_SCAN_NUMBER)
+
+
+def number(value, name: str) -> float:
+    """A finite number (integer or float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(f"{name} must be a finite number, got {_shown(value)}")
+    return float(value)
+
+
+def flag(req: dict, name: str, default: bool) -> bool:
+    value = req.get(name, default)
+    if not isinstance(value, bool):
+        raise RequestError(f"{name} must be true or false, got {_shown(value)}")
+    return value
+
+
+def mapping(req: dict, name: str, default=_MISSING) -> dict:
+    value = _get(req, name, default)
+    if not isinstance(value, dict):
+        raise RequestError(f"{name} must be a map, got {_shown(value)}")
+    return value
+
+
+def optional_mapping(req: dict, name: str) -> dict | None:
+    return None if req.get(name) is None else mapping(req, name)
+
+
+def role(req: dict) -> tuple[str, int]:
+    """(role name, id) of a heartbeat or leave; ids travel as uint16 like node-group ids."""
+    name = _get(req, "role", _MISSING)
+    if not isinstance(name, str) or not _ROLE.match(name):
+        raise RequestError(f"role must be a role's name (a short lower-case word), got {_shown(name)}")
+    return name, integer(req, "id", 0, MAX_NODE_ID, default=0)
+
+
+def host(req: dict, default: str) -> str:
+    """The host a node group listens on; ``default`` when it did not say."""
+    value = req.get("host") or default
+    if not isinstance(value, str) or not _HOST.match(value):
+        raise RequestError(f"host must be a host name or address, got {_shown(value)}")
+    return value
+
+
+def scan_shape(req: dict) -> tuple[int, int]:
+    """``scan_shape`` as (rows, cols)."""
+    shape = _get(req, "scan_shape", _MISSING)
+    if not isinstance(shape, list) or len(shape) != 2:
+        raise RequestError(f"scan_shape must be [rows, cols], got {_shown(shape)}")
+    rows, cols = (_integer(v, "scan_shape", -(2**63), 2**63 - 1) for v in shape)  # check_scan_shape says what fits
+    try:
+        return check_scan_shape(rows, cols)
+    except SpecError as exc:
+        raise RequestError(str(exc)) from None
+
+
+def node_ids(value, name: str, highest: int) -> list[int]:
+    """A list of node-group ids 0 to ``highest``, sorted, each once."""
+    if not isinstance(value, list):
+        raise RequestError(f"{name} must be a list of node group ids, got {_shown(value)}")
+    return sorted({_integer(n, f"{name} (node group ids)", 0, highest) for n in value})
+
+
+def block_ranges(req: dict, n_blocks: int) -> list[list[int]]:
+    """``ranges``: sorted, disjoint half-open ranges of a scan's block numbers (0 to n_blocks)."""
+    ranges = _get(req, "ranges", _MISSING)
+    if not isinstance(ranges, list) or not all(isinstance(r, list) and len(r) == 2 for r in ranges):
+        raise RequestError(f"ranges must be a list of [start, stop] pairs, got {_shown(ranges)}")
+    checked = [[_integer(a, "ranges", 0, n_blocks), _integer(b, "ranges", 0, n_blocks)] for a, b in ranges]
+    stops = [0] + [b for _, b in checked]
+    if any(a < before or b <= a for (a, b), before in zip(checked, stops)):
+        raise RequestError("ranges must be sorted, disjoint and not empty")
+    return checked
+
+
+def file_name(req: dict) -> str | None:
+    """The output file's name (None: control names it); a bare name, never a path."""
+    name = req.get("file_name")
+    if name is None or name == "":
+        return None
+    if (not isinstance(name, str) or len(name) > MAX_FILE_NAME or name in (".", "..")
+            or any(c in name for c in "/\\\0")):
+        raise RequestError(f"file_name must be a file's name (no directory, at most {MAX_FILE_NAME} "
+                           f"characters), got {_shown(name)}")
+    return name

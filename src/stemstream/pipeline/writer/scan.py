@@ -1,0 +1,395 @@
+"""One scan in the writer: its counted file, the slot of each frame, commits and fencing, the ledger.
+
+Events arrive from the node groups in any order; each frame gets its slot (position x frames per
+position + the frame's rank at that position) in the scan's SparseCountsWriter, which writes to
+a temporary name and renames on close. A scan started with ``resume`` adds frames to an existing
+file (the replay of a spill).
+
+Commits: a node group's events are held until the ANALYSIS (or DONE) message that follows them
+on the same stream arrives; then events and partials are applied together and their blocks are
+*committed*, which the writer tells control (producers then free those blocks). When control
+starts a new routing generation after a failover, the scan *fences* the old streams: what they
+left uncommitted is dropped and anything more from them ignored, so every block is written once,
+from either the old generation or the resent copy (see pipeline.routing).
+
+A WriterScan holds no socket: what it needs of the writer that holds it (the latest spec from
+control's heartbeats, a heartbeat now, the disk check) comes in :class:`ScanHooks`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stemstream.analysis import Analysis, ScanAnalyses
+from stemstream.analysis.results_store import store_results
+from stemstream.analysis.views import write_pngs
+from stemstream.core.config import FlowSettings
+from stemstream.core.detector import FRAME_SHAPE, N_MODULES
+from stemstream.core.scan_spec import ScanSpec
+from stemstream.core.thresholds import Thresholds
+from stemstream.core.version import SOFTWARE_VERSION
+from stemstream.formats import wire
+from stemstream.formats.ledger import ScanLedger
+from stemstream.formats.png import png_bytes, scale_image
+from stemstream.formats.sparse_h5 import SparseCountsWriter, read_counted
+from stemstream.pipeline.routing import to_ranges
+from stemstream.pipeline.writer.journal import Journal, journal_path, read_journal
+
+log = logging.getLogger(__name__)
+
+_ALL_MODULES = (1 << N_MODULES) - 1
+
+
+@dataclass(frozen=True)
+class ScanHooks:
+    """What a scan asks of the writer that holds it."""
+
+    latest_spec: Callable[[], ScanSpec | None]  # control's newest spec of this scan and epoch (None: none yet)
+    heartbeat: Callable[[], None]  # heartbeat control now: its reply brings newer specs
+    node_heard: Callable[[int], bool]  # control has heard from node group n (it may yet fail it over)
+    reject: Callable[[str, str], None]  # count a rejected message: (reason, detail)
+    check_space: Callable[[], None]  # OSError(ENOSPC) when the disk has too little room for this scan to go on
+
+
+class WriterScan:
+    """One scan's file and state. ``shape`` is (rows, cols) of scan positions."""
+
+    def __init__(self, spec: ScanSpec, output_dir: Path, analyses: Sequence[Analysis], flow: FlowSettings,
+                 hooks: ScanHooks):
+        self.spec = spec
+        self.number = spec.number
+        self.shape = spec.shape  # (rows, cols)
+        self.fpp = spec.frames_per_position
+        self.generation = spec.generation
+        self.alive = list(spec.alive)
+        self.flow = flow
+        self.hooks = hooks
+        self.pending: dict[tuple[int, int], list[wire.EventsMessage]] = {}  # (node, stream) -> not committed
+        self.committed: set[int] = set()  # blocks whose events are applied
+        self.commits_changed = True  # control has not heard of the latest commits
+        self.frames_superseded = 0  # frames of fenced streams, dropped (their blocks were resent)
+        self.duplicate_blocks = 0
+        self.path = Path(output_dir) / spec.file_name
+        self.ledger = ScanLedger(self.number, self.shape, self.fpp)
+        self.started = time.time()
+        self.last_activity = time.monotonic()
+        self.first_done_at: float | None = None
+        self.done_nodes: dict[int, wire.DoneMessage] = {}
+        self.frames_spilled = 0
+        self.sectors_lost = [0] * N_MODULES
+        self.n_events = 0
+        self.closed = False
+        self.rank = np.zeros(spec.n_positions, np.uint16)  # frames so far per position
+        self.held: dict[int, list] = {}  # position -> [(frame number, events)] not yet written
+        hooks.check_space()  # before any data is accepted
+        self.out = SparseCountsWriter(self.path, self.shape, FRAME_SHAPE, self.fpp, overwrite=True)
+        self.analyses = ScanAnalyses(analyses, self.shape)
+        try:
+            if spec.resume and self.path.exists():
+                self._carry_over(self.path)
+            self.recovered = self._recover()
+            self.journal = Journal(journal_path(self.path), self.number, spec.epoch)
+        except OSError:
+            self.out.abort()  # no partial file left behind by a scan that never opened
+            raise
+
+    def _recover(self) -> bool:
+        """A writer that died mid-scan left its journal: rewrite what it had committed (the
+        analyses recomputed from the events, the node groups' partials being gone). True when
+        this scan's journal was there (even with nothing committed yet)."""
+        path = journal_path(self.path)
+        if not path.exists():
+            return False
+        messages = read_journal(path, self.number, self.spec.epoch)
+        if messages is None:
+            path.unlink()  # another scan's or epoch's: stale
+            return False
+        for msg in messages:
+            if msg.block >= 0:
+                self.committed.add(msg.block)
+            self.add_events(msg)
+            self.analyses.accumulate(msg.positions, msg.events, msg.offsets)
+        log.warning("scan %d: a previous writer died mid-scan; %d committed block(s) recovered from %s",
+                    self.number, len(messages), path)
+        return True
+
+    def _carry_over(self, path: Path) -> None:
+        """Resume: copy the frames already in the file (and its ledger) into the new file."""
+        old = read_counted(path)
+        written = old.written
+        ledger = old.metadata.get("stemstream", {}).get("ledger", {})
+        if "frames_complete" in ledger:
+            prior = ScanLedger.from_dict({**ledger, "scan_number": self.number, "scan_rows": self.shape[0],
+                                          "scan_cols": self.shape[1], "frames_per_position": self.fpp})
+            self.ledger.merge(prior)
+        frames = old.frames.reshape(-1)
+        mask = written.reshape(-1) if written is not None else np.ones(len(frames), bool)
+        slots = np.flatnonzero(mask)
+        if len(slots):
+            self.out.write(slots, [frames[i] for i in slots])
+            np.add.at(self.rank, slots // self.fpp, 1)
+            self.n_events += int(sum(len(frames[i]) for i in slots))
+        log.info("scan %d: resuming %s with %d frames already counted", self.number, path, len(slots))
+
+    # -- commits and failover ----------------------------------------------------------------------
+
+    def _current(self, stream: int) -> bool:
+        """False (and the message is dropped) for a stream that a newer generation superseded."""
+        self.last_activity = time.monotonic()
+        return stream >= self.generation
+
+    def receive_events(self, msg: wire.EventsMessage) -> bool:
+        """Hold a node group's events until its stream commits them; False if superseded."""
+        if not self._current(msg.stream):
+            return False
+        self.pending.setdefault((msg.node, msg.stream), []).append(msg)
+        return True
+
+    def receive_partials(self, node: int, stream: int, parts: list) -> bool:
+        """The ANALYSIS message after a node group's events: commit them; False if superseded."""
+        if not self._current(stream):
+            return False
+        self._commit((node, stream))
+        self.last_activity = time.monotonic()
+        self.analyses.merge_parts(parts)
+        return True
+
+    def receive_done(self, msg: wire.DoneMessage) -> bool:
+        """A node group finished the scan: commit what it sent last; False if superseded."""
+        if not self._current(msg.stream):
+            return False
+        self._commit((msg.node, msg.stream))
+        self._add_done(msg)
+        return True
+
+    def _commit(self, key: tuple[int, int]) -> None:
+        for msg in self.pending.pop(key, []):
+            if msg.block >= 0:
+                if msg.block in self.committed:  # resent after a fence that came too late
+                    self.duplicate_blocks += 1
+                    continue
+                self.committed.add(msg.block)
+                self.commits_changed = True
+            self.journal.add(msg)  # before control hears of the commit
+            self.add_events(msg)
+
+    def follow(self, spec: ScanSpec) -> None:
+        """Take a new routing generation: fence the older streams."""
+        if spec.generation <= self.generation:
+            return
+        dropped = sum(len(m.frame_numbers) for msgs in self.pending.values() for m in msgs)
+        self.frames_superseded += dropped
+        self.pending.clear()
+        self.spec = spec
+        self.generation, self.alive = spec.generation, list(spec.alive)
+        self.done_nodes.clear()  # DONE of an older generation says nothing of the resent blocks
+        self.first_done_at = None
+        self.commits_changed = True
+        self.last_activity = time.monotonic()
+        log.warning("scan %d: routing generation %d (node groups %s); %d uncommitted frame(s) dropped, to be resent",
+                    self.number, self.generation, self.alive, dropped)
+
+    def commit_report(self) -> dict:
+        """What control is told (op ``committed``): blocks committed, generation fenced, DONEs."""
+        self.journal.sync()  # what control hears of is on disk first
+        self.commits_changed = False
+        return {"scan": self.number, "ranges": to_ranges(self.committed), "fenced": self.generation,
+                "done": sorted(self.done_nodes)}
+
+    # -- applying ----------------------------------------------------------------------------------
+
+    def add_events(self, msg: wire.EventsMessage) -> None:
+        """Write a committed message's frames (or hold them until their position is complete)."""
+        self.last_activity = time.monotonic()
+        if msg.ledger is not None:  # the block's sector counts: added once, when it is committed
+            self.ledger.add_sector_tally(msg.ledger)
+            self.frames_spilled += int(msg.ledger.get("frames_spilled", 0))
+        if len(msg.frame_numbers) == 0:  # a block finished without frames to write (spilled, or all lost)
+            return
+        self.hooks.check_space()  # one statvfs call, ~2 us
+        positions = msg.positions
+        ok = (positions >= 0) & (positions < len(self.rank))
+        if not ok.all():
+            self.hooks.reject("position_out_of_bounds", f"{int((~ok).sum())} frame(s)")
+        complete = msg.present == _ALL_MODULES
+        self.ledger.frames_complete += int(complete[ok].sum())
+        self.ledger.frames_incomplete += int((~complete[ok]).sum())
+        self.n_events += int(msg.offsets[-1]) if len(msg.offsets) else 0
+        if self.fpp == 1:
+            self._write(positions[ok], msg.events, msg.offsets, np.flatnonzero(ok))
+            return
+        # Several frames per position: a position's frames may come from two node groups (when
+        # a routing block ends between them); hold them until all are in, then write them in
+        # frame-number order, so slot j is the j-th frame as offline counting numbers them.
+        for i in np.flatnonzero(ok):
+            p = int(positions[i])
+            held = self.held.setdefault(p, [])
+            held.append((int(msg.frame_numbers[i]), msg.events[msg.offsets[i]:msg.offsets[i + 1]].copy()))
+            if len(held) + self.rank[p] >= self.fpp:
+                self._release(p)
+
+    def _release(self, p: int) -> None:
+        held = sorted(self.held.pop(p), key=lambda item: item[0])
+        events = [e for _, e in held]
+        offsets = np.zeros(len(events) + 1, np.int64)
+        np.cumsum([len(e) for e in events], out=offsets[1:])
+        flat = np.concatenate(events) if events else np.empty(0, np.uint32)
+        self._write(np.full(len(events), p, np.int64), flat, offsets, np.arange(len(events)))
+
+    def _write(self, positions: np.ndarray, events: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> None:
+        """Write frames ``index`` of (events, offsets) at ``positions`` (one per index), each at its
+        position's next free slot; frames beyond frames_per_position are counted, not written."""
+        slots = np.full(len(index), -1, np.int64)
+        for k, p in enumerate(positions.tolist()):
+            j = self.rank[p]
+            if j >= self.fpp:
+                self.ledger.frames_over_capacity += 1
+                continue
+            self.rank[p] = j + 1
+            slots[k] = p * self.fpp + j
+        keep = np.flatnonzero(slots >= 0)
+        if len(keep) == len(index) and np.array_equal(index, np.arange(len(offsets) - 1)):
+            self.out.write_flat(slots, events, offsets)
+        elif len(keep):
+            self.out.write(slots[keep], [events[offsets[index[k]]:offsets[index[k] + 1]] for k in keep])
+
+    def _add_done(self, msg: wire.DoneMessage) -> None:
+        self.last_activity = time.monotonic()
+        if msg.node in self.done_nodes:
+            return
+        self.done_nodes[msg.node] = msg
+        self.commits_changed = True
+        if self.first_done_at is None:
+            self.first_done_at = time.monotonic()
+        d = msg.ledger  # what no block's EVENTS message carried (late sectors ...)
+        self.ledger.add_sector_tally(d)
+        self.frames_spilled += int(d.get("frames_spilled", 0))
+        for m in range(N_MODULES):
+            self.sectors_lost[m] += int(msg.lost[m]) if m < len(msg.lost) else 0
+
+    # -- what the writer shows and reports ---------------------------------------------------------
+
+    @property
+    def frames_written(self) -> int:
+        return self.out.slots_written
+
+    @property
+    def has_frames(self) -> bool:
+        """Some frame (or partial result) of this scan has arrived."""
+        return self.analyses.frames > 0 or self.ledger.frames_received > 0
+
+    def live_images(self) -> dict[str, bytes]:
+        """The analyses' current images as PNG bytes, ``<analysis>/<name>`` -> PNG. Scan images
+        show positions not yet scanned as blank (NaN), so the colour scale follows the data that
+        is in; frame-sized images are binned 2 x 2 (what a browser tile shows, a quarter of the
+        cost of rendering)."""
+        scanned = (self.rank > 0).reshape(self.shape)
+        images = {}
+        for name, views in self.analyses.views().items():
+            for key, view in views.items():
+                image = np.asarray(view.image, np.float64)
+                if image.shape == self.shape:
+                    image = np.where(scanned, image, np.nan)
+                elif image.shape[0] % 2 == 0 and image.shape[1] % 2 == 0 and image.size > 4 * len(self.rank):
+                    image = image.reshape(image.shape[0] // 2, 2, image.shape[1] // 2, 2).sum(axis=(1, 3))
+                images[f"{name}/{key}"] = png_bytes(scale_image(image, view.kind))
+        return images
+
+    def progress(self) -> dict:
+        return {"frames_written": self.ledger.frames_received, "frames_expected": self.ledger.frames_expected,
+                "frames_complete": self.ledger.frames_complete, "frames_incomplete": self.ledger.frames_incomplete,
+                "events": self.n_events, "seconds": time.time() - self.started}
+
+    # -- closing -----------------------------------------------------------------------------------
+
+    def should_close(self) -> bool:
+        """Every node group of the generation sent DONE, or the flow timeouts ran out."""
+        missing = set(self.alive) - set(self.done_nodes)
+        if self.alive and not missing:
+            return True
+        idle = time.monotonic() - self.last_activity
+        # A missing node group that control knows is either slow or about to be failed over
+        # (control decides that after dead_after_s): wait for it, up to scan_timeout_s.
+        unknown = not any(self.hooks.node_heard(n) for n in missing)
+        if self.first_done_at is not None and idle > self.flow.end_timeout_s and unknown:
+            return True
+        return idle > self.flow.scan_timeout_s
+
+    def _thresholds(self) -> Thresholds | None:
+        """Calibrated thresholds are decided after the scan starts and reach the writer in the
+        specs of control's heartbeat replies; if none has brought them yet, heartbeat now."""
+        for attempt in range(2):
+            spec = self.hooks.latest_spec()
+            if spec is not None and spec.thresholds is not None:
+                return spec.thresholds
+            if self.spec.thresholds is not None or attempt:
+                return self.spec.thresholds
+            self.hooks.heartbeat()
+        return None
+
+    def _final_ledger(self) -> dict:
+        ledger = self.ledger.as_dict()
+        ledger["frames_spilled"] = self.frames_spilled
+        ledger["sectors_lost"] = list(self.sectors_lost)
+        ledger["node_groups_missing"] = sorted(set(self.alive) - set(self.done_nodes))
+        failovers = self.spec.failovers
+        if failovers:  # by generation: HDF5 attributes hold maps and lists of numbers, not lists of maps
+            ledger["failovers"] = {str(f.generation): {k: v for k, v in vars(f).items() if k != "generation"}
+                                   for f in failovers}
+            ledger["frames_superseded"] = self.frames_superseded
+            ledger["duplicate_blocks"] = self.duplicate_blocks
+        return ledger
+
+    def close(self) -> dict:
+        """Write what is left, the metadata, ledger and analyses; rename the file into place.
+        Returns the scan's summary (what the writer reports to control)."""
+        self.hooks.check_space()
+        for key in list(self.pending):  # a stream whose DONE never came: apply what it sent
+            self._commit(key)
+        for p in sorted(self.held):  # positions that never got all their frames
+            self._release(p)
+        thresholds = self._thresholds()
+        if thresholds is not None:
+            self.out.set_metadata("electron_counting", thresholds.stempy_attributes())
+        elapsed = time.time() - self.started
+        ledger = self._final_ledger()
+        self.out.set_metadata("stemstream", {
+            "software": "stemstream", "software_version": SOFTWARE_VERSION, "mode": "stream",
+            "scan_number": self.number, "node_groups": len(self.spec.nodes), "seconds": elapsed,
+            "events": self.n_events, "ledger": ledger,
+        })
+        results = self.analyses.finish()
+        store_results(self.out.h5file, self.analyses.analyses, results, info={**self.analyses.info(), "source": "stream"})
+        self.out.close()
+        self.journal.close(delete=True)  # the file holds it all now
+        summary = {
+            "scan": self.number, "path": str(self.path), "ledger": ledger, "events": self.n_events,
+            "seconds": elapsed, "frames_per_second": self.ledger.frames_received / elapsed if elapsed > 0 else 0.0,
+            "thresholds": None if thresholds is None else thresholds.as_dict(),
+            "closed_wall": time.time(),  # file renamed into place (wall clock, s)
+        }
+        try:
+            pngs = write_pngs(self.analyses.analyses, results, self.path.parent, self.path.stem)
+        except OSError as exc:
+            log.warning("scan %d: images not written: %s", self.number, exc)
+            pngs = []
+        summary["images"] = [str(p) for p in pngs]
+        self.closed = True
+        if ledger["node_groups_missing"]:
+            log.warning("scan %d closed without DONE from node group(s) %s", self.number, ledger["node_groups_missing"])
+        log.info("scan %d written to %s", self.number, self.path)
+        return summary
+
+    def abort(self) -> None:
+        """The scan failed: delete its partial file and journal (best effort)."""
+        try:
+            self.out.abort()
+            self.journal.close(delete=True)
+        except OSError as exc:
+            log.warning("scan %d: could not delete %s: %s", self.number, self.out.tmp_path, exc)

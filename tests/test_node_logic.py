@@ -1,0 +1,433 @@
+"""A node group's per-scan logic (pipeline.node.assembly.NodeScan) through its ports, and the
+node group's routing of streams (pipeline.node.role.NodeGroup, never started): no socket, no
+sleep. Time is a clock the tests move by hand."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from scan_specs import make_spec
+from stemstream.core.config import FlowSettings, PipelineConfig
+from stemstream.core.detector import FRAME_PIXELS, FRAME_SHAPE, MODULES, N_MODULES, sector_rows
+from stemstream.core.thresholds import Thresholds
+from stemstream.counting.kernel import ElectronCounter
+from stemstream.counting.thresholds import PixelHistogram, draw_sample_weights
+from stemstream.formats import wire
+from stemstream.formats.partials import decode_partials
+from stemstream.formats.raw import raw_file_name
+from stemstream.pipeline.node.assembly import NodePorts, NodeScan
+from stemstream.pipeline.node.role import NodeGroup
+from stemstream.pipeline.spill import spill_directory
+from stemstream.sources.simulator import DetectorSimulator, SimulationConfig
+
+SCAN = 5
+SHAPE = (2, 4)  # rows, cols: 8 positions
+BLOCK_FRAMES = 4  # 2 blocks
+N_FRAMES = SHAPE[0] * SHAPE[1]
+THRESHOLDS = Thresholds(background=28.0, xray=1000.0)
+ALL = (1 << N_MODULES) - 1
+
+
+@pytest.fixture(scope="module")
+def scan_data():
+    """The scan's frames and each module's records (frame number = index, position = index)."""
+    sim = DetectorSimulator(SimulationConfig(scan_shape=SHAPE, seed=3, scan_number=SCAN, first_frame_number=0))
+    return sim.batch(0, N_FRAMES).frames, [sim.records(0, N_FRAMES, m) for m in MODULES]
+
+
+def offline(frames: np.ndarray) -> list[np.ndarray]:
+    counted = ElectronCounter(THRESHOLDS.background, THRESHOLDS.xray, FRAME_SHAPE).count(frames)
+    return [counted.frame(i).copy() for i in range(len(frames))]
+
+
+class Outside:
+    """What a NodeScan's ports lead to, recorded: messages to the writer, histograms to control,
+    rejections, heartbeats; the specs control gave; a clock moved by hand."""
+
+    def __init__(self, tmp_path):
+        self.sent: list[list] = []
+        self.calibrations: list[tuple[int, dict]] = []
+        self.rejected: Counter = Counter()
+        self.keepalives = 0
+        self.specs: dict = {}
+        self.now = 1000.0
+        self.ports = NodePorts(
+            index=0, flow=FlowSettings(end_timeout_s=3.0, scan_timeout_s=60.0), analyses=[],
+            spill_dir=tmp_path / "spill", counters=Counter(), send=self.sent.append,
+            send_calibration=lambda scan, histogram: self.calibrations.append((scan, histogram)),
+            latest_spec=self.specs.get, reject=self._reject, keepalive=self._keepalive, clock=lambda: self.now,
+        )
+
+    def _reject(self, reason: str, detail: str) -> None:
+        self.rejected[reason] += 1
+
+    def _keepalive(self) -> None:
+        self.keepalives += 1
+
+    def take(self) -> list[tuple[bytes, object]]:
+        """The messages sent since the last take, decoded: (kind, message)."""
+        out = []
+        for parts in self.sent:
+            kind = wire.kind_of(parts)
+            if kind == wire.EVENTS:
+                out.append((kind, wire.decode_events(parts, FRAME_PIXELS)))
+            elif kind == wire.DONE:
+                out.append((kind, wire.decode_done(parts)))
+            else:
+                assert kind == wire.ANALYSIS
+                out.append((kind, decode_partials(parts[2:])))
+        self.sent.clear()
+        return out
+
+
+@pytest.fixture
+def outside(tmp_path):
+    return Outside(tmp_path)
+
+
+def spec(**fields):
+    fields.setdefault("thresholds", THRESHOLDS)
+    return make_spec(SCAN, SHAPE, block_frames=BLOCK_FRAMES, **fields)
+
+
+def sectors(records: np.ndarray, module: int, block: int, spilled=(), stream: int = 0) -> wire.SectorsMessage:
+    """A SECTORS message of ``records`` as the node group decodes it off the wire."""
+    parts = wire.encode_sectors(SCAN, module, block, 0, records, spilled=list(spilled), stream=stream)
+    return wire.decode_sectors([parts[0], parts[1], records.tobytes()])
+
+
+def block_records(records: list[np.ndarray], module: int, block: int) -> np.ndarray:
+    return records[module][block * BLOCK_FRAMES:(block + 1) * BLOCK_FRAMES]
+
+
+def end(module: int, sent: int, spilled_blocks=()) -> wire.EndMessage:
+    return wire.decode_end(wire.encode_end(SCAN, module, 0, sent=sent, spilled_blocks=list(spilled_blocks)))
+
+
+def events_of(messages) -> list[wire.EventsMessage]:
+    return [m for kind, m in messages if kind == wire.EVENTS]
+
+
+def frame_events(msg: wire.EventsMessage, i: int) -> np.ndarray:
+    return msg.events[msg.offsets[i]:msg.offsets[i + 1]]
+
+
+# -- reassembly ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2, 3), (3, 1, 0, 2), (2, 3, 1, 0)])
+def test_a_blocks_four_parts_in_any_order_make_one_events_message_counted_as_offline(outside, scan_data, order):
+    frames, records = scan_data
+    scan = NodeScan(outside.ports, spec())
+    for module in order[:-1]:
+        scan.add_sectors(sectors(block_records(records, module, 0), module, 0))
+        scan.step()
+        assert outside.sent == [], "a block was sent before all its parts came"
+    scan.add_sectors(sectors(block_records(records, order[-1], 0), order[-1], 0))
+    scan.step()
+    messages = outside.take()
+    assert [kind for kind, _ in messages] == [wire.EVENTS, wire.ANALYSIS]
+    (msg,) = events_of(messages)
+    assert msg.block == 0 and msg.scan == SCAN and msg.stream == 0
+    assert msg.frame_numbers.tolist() == [0, 1, 2, 3]
+    assert msg.positions.tolist() == [0, 1, 2, 3]
+    assert msg.present.tolist() == [ALL] * 4
+    expected = offline(frames[:4])
+    for i in range(4):
+        assert np.array_equal(frame_events(msg, i), expected[i]), f"frame {i}"
+    assert sum(len(e) for e in expected) > 0
+    assert msg.ledger["sectors_received"] == [4] * N_MODULES
+    assert msg.ledger["sectors_missing"] == [0] * N_MODULES
+    assert messages[1][1].info["frames"] == 4
+    assert outside.ports.counters["frames_counted"] == 4
+    assert outside.keepalives == 1
+    assert scan.done_blocks == {0} and not scan.pending
+
+
+def test_a_block_missing_a_module_is_settled_by_that_modules_later_block(outside, scan_data):
+    frames, records = scan_data
+    scan = NodeScan(outside.ports, spec())
+    for module in (0, 1, 2):
+        scan.add_sectors(sectors(block_records(records, module, 0), module, 0))
+    scan.step()
+    assert outside.sent == []  # module 3's part of block 0 may still come
+    scan.add_sectors(sectors(block_records(records, 3, 1), 3, 1))  # module 3 moved on: it never will
+    scan.step()
+    (msg,) = events_of(outside.take())
+    assert msg.block == 0 and msg.present.tolist() == [0b0111] * 4
+    assert msg.ledger["sectors_missing"] == [0, 0, 0, 4]
+    assert msg.ledger["sectors_received"] == [4, 4, 4, 0]
+    zero_filled = frames[:4].copy()
+    zero_filled[:, sector_rows(3)] = 0
+    expected = offline(zero_filled)
+    for i in range(4):
+        assert np.array_equal(frame_events(msg, i), expected[i]), f"frame {i}"
+    assert 1 in scan.pending and 0 not in scan.pending
+
+
+def test_sectors_missing_after_the_end_markers_count_the_frames_incomplete_and_the_done_says_so(outside, scan_data):
+    frames, records = scan_data
+    scan = NodeScan(outside.ports, spec())
+    for block in (0, 1):
+        for module in (0, 1, 2):
+            scan.add_sectors(sectors(block_records(records, module, block), module, block))
+    for module in MODULES:
+        scan.add_end(end(module, sent=N_FRAMES))  # module 3 sent 8 sectors; none arrived
+    scan.step()
+    messages = outside.take()
+    assert [kind for kind, _ in messages] == [wire.EVENTS, wire.EVENTS, wire.ANALYSIS, wire.DONE]
+    sent_events = events_of(messages)
+    assert [m.block for m in sent_events] == [0, 1]
+    assert np.concatenate([m.frame_numbers for m in sent_events]).tolist() == list(range(N_FRAMES))
+    assert all(m.present.tolist() == [0b0111] * 4 for m in sent_events)
+    assert [m.ledger["sectors_missing"] for m in sent_events] == [[0, 0, 0, 4]] * 2
+    done = messages[-1][1]
+    assert done.lost == [0, 0, 0, N_FRAMES]
+    assert done.ledger["modules_ended"] == [0, 1, 2, 3] and not done.ledger["failed"]
+    assert done.ledger["sectors_received"] == [0] * N_MODULES  # the blocks' counts went with their events
+    assert scan.finished and scan.sectors_missing == [0, 0, 0, N_FRAMES]
+
+
+def test_a_duplicate_sector_is_counted_duplicate_and_the_first_copy_kept(outside, scan_data):
+    frames, records = scan_data
+    scan = NodeScan(outside.ports, spec())
+    altered = block_records(records, 1, 0).copy()
+    altered["data"][:] = 5000  # a second copy that differs: must not replace the first
+    for module in MODULES:
+        scan.add_sectors(sectors(block_records(records, module, 0), module, 0))
+        if module == 1:
+            scan.add_sectors(sectors(altered[1:3], 1, 0))
+    scan.step()
+    (msg,) = events_of(outside.take())
+    assert msg.frame_numbers.tolist() == [0, 1, 2, 3] and msg.present.tolist() == [ALL] * 4
+    assert msg.ledger["sectors_duplicate"] == [0, 2, 0, 0]
+    assert msg.ledger["sectors_received"] == [4] * N_MODULES
+    expected = offline(frames[:4])
+    for i in range(4):
+        assert np.array_equal(frame_events(msg, i), expected[i]), f"frame {i}"
+    assert not outside.rejected  # a duplicate is not a rejection
+
+
+def test_bad_records_are_rejected_with_their_reason_and_a_late_sector_at_once(outside, scan_data):
+    _, records = scan_data
+    scan = NodeScan(outside.ports, spec())
+    part = block_records(records, 2, 0).copy()
+    part["header"]["x"][1] = SHAPE[1]  # one column past the scan
+    part["header"]["scan_number"][3] = SCAN + 1
+    for module in MODULES:
+        scan.add_sectors(sectors(part if module == 2 else block_records(records, module, 0), module, 0))
+    scan.step()
+    (msg,) = events_of(outside.take())
+    assert msg.present.tolist() == [ALL, 0b1011, ALL, 0b1011]
+    assert msg.ledger["rejected_reasons"] == {"position_out_of_bounds": 1, "other_scan_number": 1}
+    assert msg.ledger["sectors_rejected"] == [0, 0, 2, 0]
+    assert outside.rejected == Counter(position_out_of_bounds=1, other_scan_number=1)
+    scan.add_sectors(sectors(block_records(records, 0, 0), 0, 0))  # block 0 was counted already
+    assert outside.rejected["late_sector"] == 1
+    for module in MODULES:
+        scan.add_end(end(module, sent=BLOCK_FRAMES))
+    scan.step()
+    done = [m for kind, m in outside.take() if kind == wire.DONE][0]
+    assert done.ledger["rejected_reasons"] == {"late_sector": BLOCK_FRAMES}
+    assert done.ledger["sectors_rejected"] == [BLOCK_FRAMES, 0, 0, 0]
+
+
+def test_an_unsettled_block_waits_until_the_node_group_gives_up_on_it(outside, scan_data):
+    _, records = scan_data
+    scan = NodeScan(outside.ports, spec())
+    for module in (0, 2):
+        scan.add_sectors(sectors(block_records(records, module, 0), module, 0))
+    assert scan.oldest_unsettled() == ([0, 2], [1, 3])
+    assert scan.waiting_with(0) == 1 and scan.waiting_with(1) == 0
+    scan.step()
+    assert outside.sent == []
+    scan.step(give_up_oldest=True)
+    (msg,) = events_of(outside.take())
+    assert msg.block == 0 and msg.present.tolist() == [0b0101] * 4
+    assert scan.oldest_unsettled() is None and not scan.pending
+
+
+def test_a_block_a_producer_spilled_is_spilled_whole_not_counted(outside, scan_data, tmp_path):
+    _, records = scan_data
+    scan = NodeScan(outside.ports, spec())
+    for module in (0, 1, 2):
+        scan.add_sectors(sectors(block_records(records, module, 0), module, 0))
+    # module 3's next message says it spilled its part of block 0
+    scan.add_sectors(sectors(block_records(records, 3, 1), 3, 1, spilled=[0]))
+    scan.step()
+    (msg,) = events_of(outside.take())
+    assert msg.block == 0 and len(msg.frame_numbers) == 0 and msg.ledger["frames_spilled"] == BLOCK_FRAMES
+    for module in MODULES:
+        scan.add_end(end(module, sent=N_FRAMES))
+    scan.step()  # block 1 (module 3's part only) is counted; the spill files are closed
+    (msg,) = events_of(outside.take())
+    assert msg.block == 1 and msg.present.tolist() == [0b1000] * 4
+    assert outside.ports.counters["frames_counted"] == BLOCK_FRAMES
+    out = spill_directory(tmp_path / "spill", SCAN)
+    for module in (0, 1, 2):
+        data = (out / raw_file_name(SCAN, module, dst=100)).read_bytes()
+        assert data == block_records(records, module, 0).tobytes()
+    assert not (out / raw_file_name(SCAN, 3, dst=100)).exists()
+
+
+# -- time ------------------------------------------------------------------------------------------
+
+
+def test_partials_follow_the_events_at_most_every_interval_and_before_done(outside, scan_data):
+    _, records = scan_data
+    scan = NodeScan(outside.ports, spec())
+    for module in MODULES:
+        scan.add_sectors(sectors(block_records(records, module, 0), module, 0))
+    scan.step()
+    assert [kind for kind, _ in outside.take()] == [wire.EVENTS, wire.ANALYSIS]
+    outside.now += 0.05
+    for module in MODULES:
+        scan.add_sectors(sectors(block_records(records, module, 1), module, 1))
+    scan.step()
+    assert [kind for kind, _ in outside.take()] == [wire.EVENTS]  # partials sent 0.05 s ago
+    outside.now += 0.5
+    scan.step()
+    messages = outside.take()
+    assert [kind for kind, _ in messages] == [wire.ANALYSIS] and messages[0][1].info["frames"] == 4
+    for module in MODULES:
+        scan.add_end(end(module, sent=N_FRAMES))
+    scan.step()
+    assert [kind for kind, _ in outside.take()] == [wire.DONE]  # nothing uncommitted was left
+
+
+def test_a_scan_whose_end_markers_stop_coming_is_closed_after_the_end_timeout(outside, scan_data):
+    _, records = scan_data
+    scan = NodeScan(outside.ports, spec())
+    for module in (0, 1, 2):
+        scan.add_sectors(sectors(block_records(records, module, 0), module, 0))
+        scan.add_end(end(module, sent=BLOCK_FRAMES))
+    outside.now += outside.ports.flow.end_timeout_s - 0.5
+    scan.step()
+    assert outside.sent == [] and not scan.finished
+    outside.now += 1.0
+    scan.step()
+    messages = outside.take()
+    assert [kind for kind, _ in messages] == [wire.EVENTS, wire.ANALYSIS, wire.DONE]
+    assert messages[0][1].present.tolist() == [0b0111] * 4
+    assert messages[-1][1].ledger["modules_ended"] == [0, 1, 2]
+    assert scan.finished
+
+
+# -- calibration -----------------------------------------------------------------------------------
+
+
+def test_calibration_sends_the_histogram_once_the_quota_is_met_and_counts_once_thresholds_come(outside, scan_data):
+    frames, records = scan_data
+    calibrating = spec(thresholds=None)
+    calibrating.calibration.calibration_frames = N_FRAMES  # this node group's quota: the whole scan
+    calibrating.calibration.samples = 20
+    scan = NodeScan(outside.ports, calibrating)
+    assert scan.waiting_for_thresholds and not scan.awaiting_thresholds
+    for module in MODULES:
+        scan.add_sectors(sectors(block_records(records, module, 0), module, 0))
+    scan.step()
+    assert outside.calibrations == [] and outside.sent == []  # 4 of 8 frames sampled
+    for module in MODULES:
+        scan.add_sectors(sectors(block_records(records, module, 1), module, 1))
+    scan.step()
+    expected = PixelHistogram()
+    for frame, weight in zip(frames, draw_sample_weights(N_FRAMES, 20, seed=1000)):
+        if weight:
+            expected.add(frame, weight=int(weight))
+    assert outside.calibrations == [(SCAN, expected.to_wire())]
+    assert scan.awaiting_thresholds and outside.sent == []
+    outside.specs[SCAN] = replace(calibrating, epoch=calibrating.epoch + 1, thresholds=THRESHOLDS)
+    scan.step()  # thresholds of another run of this scan number: not these
+    assert scan.awaiting_thresholds and outside.sent == []
+    outside.specs[SCAN] = replace(calibrating, thresholds=THRESHOLDS)
+    scan.step()
+    assert len(outside.calibrations) == 1
+    sent_events = events_of(outside.take())
+    assert [m.block for m in sent_events] == [0, 1]
+    counted = offline(frames)
+    for msg in sent_events:
+        for i, number in enumerate(msg.frame_numbers.tolist()):
+            assert np.array_equal(frame_events(msg, i), counted[number]), f"frame {number}"
+    assert not scan.awaiting_thresholds and not scan.waiting_for_thresholds
+
+
+def test_a_scan_that_ends_before_the_quota_sends_what_it_sampled(outside, scan_data):
+    _, records = scan_data
+    scan = NodeScan(outside.ports, spec(thresholds=None))  # quota 640 frames, the scan has 8
+    for block in (0, 1):
+        for module in MODULES:
+            scan.add_sectors(sectors(block_records(records, module, block), module, block))
+    scan.step()
+    assert outside.calibrations == []
+    for module in MODULES:
+        scan.add_end(end(module, sent=N_FRAMES))
+    scan.step()
+    ((number, histogram),) = outside.calibrations
+    assert number == SCAN and histogram["n_frames"] > 0
+    assert outside.sent == [] and not scan.finished  # nothing is counted without thresholds
+    outside.specs[SCAN] = spec()
+    scan.step()
+    assert [kind for kind, _ in outside.take()] == [wire.EVENTS, wire.EVENTS, wire.ANALYSIS, wire.DONE]
+    assert scan.finished
+
+
+# -- the node group's streams (no socket: a NodeGroup that was never started) -----------------------
+
+
+@pytest.fixture
+def node_group(tmp_path):
+    config = PipelineConfig()
+    config.pipeline.spill_dir = str(tmp_path / "spill")
+    sent: list[list] = []
+    node = NodeGroup(config, 0, send=sent.append)
+    node.sent = sent
+    assert node.inputs == [] and node.events_out is None
+    return node
+
+
+def sectors_parts(records, module: int, block: int, stream: int) -> list:
+    return wire.encode_sectors(SCAN, module, block, 0, records, stream=stream)
+
+
+def test_messages_of_a_superseded_generation_are_dropped_and_a_superseded_stream_forgotten(node_group, scan_data):
+    _, records = scan_data
+    node_group.scan_specs[SCAN] = spec(generation=1)
+    node_group.handle(sectors_parts(block_records(records, 0, 0), 0, 0, stream=0), 0)
+    assert node_group.counters["messages_superseded"] == 1 and not node_group.scans
+    assert not node_group.rejected
+    node_group.handle(sectors_parts(block_records(records, 1, 0), 1, 0, stream=1), 1)
+    assert list(node_group.scans) == [(SCAN, 1)] and 1 in node_group.scans[(SCAN, 1)].pending[0].parts
+    node_group.drop_superseded()
+    assert list(node_group.scans) == [(SCAN, 1)]  # still the current generation
+    node_group.scan_specs[SCAN] = spec(generation=2)  # a failover: the writer fenced stream 1
+    node_group.drop_superseded()
+    assert not node_group.scans and node_group.counters["streams_superseded"] == 1
+    assert node_group.sent == []
+
+
+def test_a_message_on_another_modules_input_is_rejected(node_group, scan_data):
+    _, records = scan_data
+    node_group.scan_specs[SCAN] = spec()
+    node_group.handle(sectors_parts(block_records(records, 2, 0), 2, 0, stream=0), 1)
+    assert node_group.rejected == Counter(wrong_module=1) and not node_group.scans
+
+
+def test_the_node_group_gives_up_on_a_block_only_when_inputs_are_gated_and_a_lacking_producer_is_dead(node_group,
+                                                                                                     scan_data):
+    _, records = scan_data
+    node_group.config.flow.max_pending_blocks = 2
+    node_group.scan_specs[SCAN] = spec()
+    for block in (0, 1):
+        node_group.handle(sectors_parts(block_records(records, 0, block), 0, block, stream=0), 0)
+    scan = node_group.scans[(SCAN, 0)]
+    assert node_group.module_gated(0) and not node_group.module_gated(3)
+    assert not node_group.give_up_waiting(scan)  # producers 1-3 are slow, not known dead
+    node_group.role_ages, node_group.role_ages_at = {"producer-3": 3600.0}, time.monotonic()
+    assert node_group.give_up_waiting(scan)
+    node_group.role_ages = {"producer-0": 3600.0}  # a dead producer whose part the block holds
+    assert not node_group.give_up_waiting(scan)

@@ -1,0 +1,225 @@
+"""The writer's scan logic without sockets (pipeline.writer.scan.WriterScan): each frame's slot,
+commits, duplicates, fencing of an old routing generation, the closed file, its ledger and its
+thresholds. Messages go through the wire format (encode, then decode) as in the writer."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from scan_specs import make_spec
+from stemstream.analysis import ScanAnalyses, default_analyses
+from stemstream.core.config import FlowSettings
+from stemstream.core.detector import FRAME_SHAPE, N_MODULES
+from stemstream.core.thresholds import Thresholds
+from stemstream.formats import wire
+from stemstream.formats.ledger import sector_tally
+from stemstream.formats.sparse_h5 import read_counted
+from stemstream.pipeline.writer.scan import ScanHooks, WriterScan
+
+ALL = (1 << N_MODULES) - 1
+N_PIXELS = FRAME_SHAPE[0] * FRAME_SHAPE[1]
+# One analysis keeps close() quick; the writer's handling does not depend on which ones run.
+ANALYSES = default_analyses(FRAME_SHAPE, {"enabled": ["virtual_detectors"]})
+
+
+def frame_events(frame: int) -> np.ndarray:
+    """Events that name their frame: reading a slot back tells which frame landed there."""
+    return np.array([frame, 1000 + frame, 2000 + 7 * frame], np.uint32)
+
+
+def events(spec, frames, node: int = 0, block: int = wire.NO_BLOCK, stream: int = 0, present=None,
+           ledger: dict | None = None) -> wire.EventsMessage:
+    """An EVENTS message of ``frames`` (each at position frame // frames_per_position), encoded
+    and decoded as on the wire."""
+    frames = list(frames)
+    lists = [frame_events(f) for f in frames]
+    offsets = np.zeros(len(frames) + 1, np.int64)
+    np.cumsum([len(e) for e in lists], out=offsets[1:])
+    present = np.full(len(frames), ALL, np.uint8) if present is None else np.asarray(present, np.uint8)
+    parts = wire.encode_events(spec.number, node, np.array(frames, np.uint32),
+                               np.array(frames, np.int64) // spec.frames_per_position, present, offsets,
+                               np.concatenate(lists) if lists else np.empty(0, np.uint32),
+                               block=block, stream=stream, ledger=ledger)
+    return wire.decode_events([bytes(memoryview(np.ascontiguousarray(p))) for p in parts], N_PIXELS)
+
+
+def partials(spec) -> list:
+    """An ANALYSIS message's partials (empty ones: what commits events is their arrival)."""
+    return ScanAnalyses(ANALYSES, spec.shape).take_partials()
+
+
+def done(spec, node: int = 0, stream: int = 0, lost=None, ledger: dict | None = None) -> wire.DoneMessage:
+    parts = wire.encode_done(spec.number, node, ledger or sector_tally(), lost or [0] * N_MODULES, stream=stream)
+    return wire.decode_done(parts)
+
+
+class Host:
+    """Stands in for the writer: control's latest spec, heartbeats and rejections, recorded."""
+
+    def __init__(self, latest=None, on_heartbeat=None):
+        self.latest = latest
+        self.heartbeats = 0
+        self.rejected: list[tuple[str, str]] = []
+        self.on_heartbeat = on_heartbeat
+
+    def heartbeat(self) -> None:
+        self.heartbeats += 1
+        if self.on_heartbeat is not None:
+            self.latest = self.on_heartbeat()
+
+    def hooks(self) -> ScanHooks:
+        return ScanHooks(latest_spec=lambda: self.latest, heartbeat=self.heartbeat, node_heard=lambda node: True,
+                         reject=lambda reason, detail: self.rejected.append((reason, detail)),
+                         check_space=lambda: None)
+
+
+def open_scan(tmp_path, spec, host: Host | None = None) -> tuple[WriterScan, Host]:
+    host = host or Host(latest=spec)
+    return WriterScan(spec, tmp_path, ANALYSES, FlowSettings(), host.hooks()), host
+
+
+def slot_frames(path) -> list[list[int]]:
+    """Which frame each slot holds (from frame_events), per position; -1 for an empty slot."""
+    scan = read_counted(path)
+    return [[int(f[0]) if len(f) else -1 for f in row] for row in scan.frames]
+
+
+def test_frames_arriving_out_of_order_each_get_their_slot(tmp_path):
+    spec = make_spec(shape=(2, 3), frames_per_position=2, nodes=[0, 1])
+    scan, host = open_scan(tmp_path, spec)
+    # Position 2 (frames 4 and 5) is split between node groups and its higher frame comes first;
+    # blocks arrive in reverse order.
+    scan.receive_events(events(spec, [9, 8, 11, 10], node=1, block=2))
+    scan.receive_events(events(spec, [5, 7, 6], node=1, block=1))
+    scan.receive_events(events(spec, [3, 0, 2, 1, 4], node=0, block=0))
+    assert scan.frames_written == 0  # held until their stream's ANALYSIS message commits them
+    assert scan.receive_partials(1, 0, partials(spec))
+    assert scan.frames_written == 6  # positions 3, 4 and 5; position 2 waits for its frame 4
+    assert scan.receive_partials(0, 0, partials(spec))
+    assert scan.frames_written == 12
+    assert scan.receive_done(done(spec, 0)) and scan.receive_done(done(spec, 1))
+    assert scan.should_close()
+    summary = scan.close()
+    # slot j of position p holds frame p * 2 + j, whatever order they came in
+    assert slot_frames(summary["path"]) == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]
+    assert sorted(scan.committed) == [0, 1, 2]
+
+
+def test_a_block_committed_twice_is_written_once_and_counted_as_duplicate(tmp_path):
+    spec = make_spec(shape=(2, 2))
+    scan, host = open_scan(tmp_path, spec)
+    scan.receive_events(events(spec, [0, 1], block=0))
+    scan.receive_partials(0, 0, partials(spec))
+    scan.receive_events(events(spec, [0, 1], block=0))  # the same block again (resent)
+    scan.receive_events(events(spec, [2, 3], block=1))
+    scan.receive_partials(0, 0, partials(spec))
+    assert scan.duplicate_blocks == 1
+    assert scan.frames_written == 4 and scan.ledger.frames_complete == 4 and scan.ledger.frames_over_capacity == 0
+    assert scan.commit_report()["ranges"] == [[0, 2]]
+    scan.receive_done(done(spec))
+    ledger = read_counted(scan.close()["path"]).metadata["stemstream"]["ledger"]
+    assert ledger["frames_complete"] == 4 and ledger["frames_over_capacity"] == 0
+
+
+def test_a_new_routing_generation_fences_what_older_streams_left_uncommitted(tmp_path):
+    spec = make_spec(shape=(2, 2), nodes=[0, 1], block_frames=2)
+    host = Host(latest=spec)
+    scan, _ = open_scan(tmp_path, spec, host)
+    scan.receive_events(events(spec, [0, 1], node=0, block=0))
+    scan.receive_partials(0, 0, partials(spec))  # block 0 committed in generation 0
+    scan.receive_events(events(spec, [2, 3], node=1, block=1))  # block 1 never committed: node 1 dies
+    newer = copy.deepcopy(spec)
+    newer.new_generation([1], "node group 1 silent", at=0.0, committed_blocks=1)
+    scan.follow(newer)
+    assert scan.frames_superseded == 2 and not scan.pending
+    report = scan.commit_report()
+    assert report["fenced"] == 1 and report["done"] == []
+    # what the old stream sends now is dropped, its commit too: block 1 stays uncommitted
+    assert not scan.receive_events(events(spec, [2, 3], node=1, block=1, stream=0))
+    assert not scan.receive_partials(1, 0, partials(spec))
+    assert not scan.receive_done(done(spec, node=1, stream=0))
+    assert scan.committed == {0} and scan.frames_written == 2
+    # the producers resend block 1 in generation 1, to node group 0
+    assert scan.receive_events(events(spec, [2, 3], node=0, block=1, stream=1))
+    assert scan.receive_done(done(spec, node=0, stream=1))
+    assert scan.should_close()  # node group 0 is all generation 1 has
+    summary = scan.close()
+    assert slot_frames(summary["path"]) == [[0], [1], [2], [3]]
+    ledger = read_counted(summary["path"]).metadata["stemstream"]["ledger"]
+    assert ledger["frames_complete"] == 4 and ledger["frames_superseded"] == 2 and ledger["duplicate_blocks"] == 0
+    assert list(ledger["node_groups_missing"]) == []
+    assert list(ledger["failovers"]["1"]["dead"]) == [1] and ledger["failovers"]["1"]["reason"] == "node group 1 silent"
+
+
+def test_the_closed_file_reads_back_with_its_frames_and_ledger(tmp_path):
+    spec = make_spec(shape=(2, 2), nodes=[0, 1])
+    scan, host = open_scan(tmp_path, spec)
+    tally = sector_tally()
+    tally["sectors_received"] = [3] * N_MODULES
+    tally["sectors_missing"] = [0, 1, 0, 0]
+    tally["frames_spilled"] = 1
+    # frame 1 lacks module 1; position 3 never arrives (it was spilled)
+    scan.receive_events(events(spec, [0, 1, 2], block=0, present=[ALL, ALL & ~0b10, ALL], ledger=tally))
+    scan.receive_events(events(spec, [7], block=1))  # a position outside the 2x2 scan
+    scan.receive_done(done(spec, node=0, lost=[0, 0, 2, 0]))  # DONE commits the stream's events
+    assert host.rejected == [("position_out_of_bounds", "1 frame(s)")]
+    assert not scan.should_close()  # node group 1 has not sent DONE (and control knows it)
+    summary = scan.close()  # closed early (timeout): node group 1 is missing
+    counted = read_counted(summary["path"])
+    assert counted.scan_shape == (2, 2)
+    assert slot_frames(summary["path"]) == [[0], [1], [2], [-1]]
+    assert np.array_equal(counted.frames[1, 0], frame_events(1))
+    assert counted.written.reshape(-1).tolist() == [True, True, True, False]
+    ledger = counted.metadata["stemstream"]["ledger"]
+    assert (ledger["frames_complete"], ledger["frames_incomplete"], ledger["frames_missing"]) == (2, 1, 1)
+    assert list(ledger["sectors_received"]) == [3] * N_MODULES and list(ledger["sectors_missing"]) == [0, 1, 0, 0]
+    assert ledger["frames_spilled"] == 1 and list(ledger["sectors_lost"]) == [0, 0, 2, 0]
+    assert list(ledger["node_groups_missing"]) == [1]
+    assert summary["ledger"]["frames_complete"] == 2 and summary["events"] == 3 * 3 + 3
+    assert not (tmp_path / (spec.file_name + ".journal")).exists()  # the file holds it all now
+
+
+def test_at_close_the_events_of_a_stream_whose_done_never_came_are_written(tmp_path):
+    spec = make_spec(shape=(1, 3), frames_per_position=2, nodes=[0, 1])
+    scan, _ = open_scan(tmp_path, spec)
+    scan.receive_events(events(spec, [0, 1, 2, 3], node=0, block=0))
+    scan.receive_done(done(spec, node=0))
+    scan.receive_events(events(spec, [5], node=1, block=1))  # then node group 1 went silent; frame 4 never came
+    assert scan.frames_written == 4
+    summary = scan.close()
+    # position 2 got one of its two frames: it is written all the same, in the first slot
+    assert slot_frames(summary["path"]) == [[0, 1], [2, 3], [5, -1]]
+    assert summary["ledger"]["frames_complete"] == 5 and list(summary["ledger"]["node_groups_missing"]) == [1]
+
+
+@pytest.mark.parametrize("where", ["in the opening spec", "brought by a heartbeat at close"])
+def test_thresholds_from_the_spec_are_in_the_files_electron_counting_metadata(tmp_path, where):
+    thresholds = Thresholds(background=31.5, xray=950.0, calculated=True, number_of_samples=1200, mean=3.25)
+    calibrated = copy.deepcopy(make_spec(shape=(1, 2)))
+    calibrated.thresholds = thresholds
+    if where == "in the opening spec":
+        spec, host = calibrated, Host(latest=calibrated)
+    else:  # control calibrated after the scan opened and no heartbeat reply has said so yet
+        spec, host = make_spec(shape=(1, 2)), Host(latest=None, on_heartbeat=lambda: calibrated)
+    scan, _ = open_scan(tmp_path, spec, host)
+    scan.receive_events(events(spec, [0, 1]))
+    scan.receive_done(done(spec))
+    summary = scan.close()
+    attrs = read_counted(summary["path"]).metadata["electron_counting"]
+    assert attrs["background_threshold"] == 31.5 and attrs["x_ray_threshold"] == 950.0
+    assert attrs["number_of_samples"] == 1200 and attrs["mean"] == 3.25 and bool(attrs["threshold_calculated"])
+    assert summary["thresholds"]["background"] == 31.5
+    assert host.heartbeats == (0 if where == "in the opening spec" else 1)
+
+
+def test_a_scan_without_thresholds_heartbeats_once_and_writes_none(tmp_path):
+    spec = make_spec(shape=(1, 1))
+    host = Host(latest=None)
+    scan, _ = open_scan(tmp_path, spec, host)
+    scan.receive_done(done(spec))
+    summary = scan.close()
+    assert host.heartbeats == 1 and summary["thresholds"] is None
+    assert "electron_counting" not in read_counted(summary["path"]).metadata
