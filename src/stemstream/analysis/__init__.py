@@ -1,6 +1,6 @@
 """Analyses of counted events, written once and run live on node groups, offline and in tests.
 
-Each analysis is a partial result plus a merge (architecture rule 5; see :mod:`.interface` and
+Each analysis is a partial result plus a merge (docs/architecture.md, rule 5; see :mod:`.interface` and
 docs/analyses.md): node groups accumulate partials from their batches of counted frames, the
 writer merges them and finishes the results (:mod:`.scan`), ``analyze_counted_file``
 (:mod:`.offline`) runs the same code over a counted file.

@@ -1,6 +1,6 @@
 """The analysis interface: one analysis = a partial result, a merge, a finish and a view.
 
-Architecture rule 5 (one code path for files and streams): an analysis is written once and runs on
+docs/architecture.md, rule 5 (one code path for files and streams): an analysis is written once and runs on
 node groups (live, per batch of counted frames), in the writer (merging the node groups' partials),
 offline on a counted file, and in tests, always through the same four steps:
 

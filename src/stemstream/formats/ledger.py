@@ -1,4 +1,4 @@
-"""The per-scan frame ledger: every frame and every sector accounted for (architecture rule 1).
+"""The per-scan frame ledger: every frame and every sector accounted for (docs/architecture.md, rule 1).
 
 A frame is *complete* when all 4 sectors arrived, *incomplete* when some did (the missing stripes
 are zero-filled, the frame is still counted), *missing* when no sector of it arrived. Sector

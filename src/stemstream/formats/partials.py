@@ -23,10 +23,9 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-import msgpack
 import numpy as np
 
-from stemstream.transport.messages import MessageError
+from stemstream.transport.messages import MessageError, pack_map, unpack_map
 
 PARTIALS_FORMAT = 1
 MAX_PARTIAL_HEADER_BYTES = 256 * 1024
@@ -89,7 +88,7 @@ def encode_partials(
         "fingerprint": fingerprint,
         "arrays": entries,
     }
-    return [msgpack.packb(header, use_bin_type=True), *buffers]
+    return [pack_map(header), *buffers]
 
 
 def decode_partials(parts: list) -> PartialsMessage:
@@ -130,14 +129,8 @@ def _is_int(value) -> bool:
 
 def _header(part) -> dict:
     """The msgpack header, with its arrays list, info map and fingerprint checked."""
-    head = bytes(_buffer(part))
-    if len(head) > MAX_PARTIAL_HEADER_BYTES:
-        raise MessageError("envelope_too_big", f"{len(head)} bytes")
-    try:
-        header = msgpack.unpackb(head, raw=False, strict_map_key=False)
-    except Exception as exc:  # msgpack raises several types on garbage
-        raise MessageError("undecodable_envelope", type(exc).__name__) from None
-    if not isinstance(header, dict) or header.get("format") != PARTIALS_FORMAT:
+    header = unpack_map(bytes(_buffer(part)), limit=MAX_PARTIAL_HEADER_BYTES)
+    if header.get("format") != PARTIALS_FORMAT:
         raise MessageError("bad_envelope", f"not a partials header of format {PARTIALS_FORMAT}")
     entries = header.get("arrays")
     if not isinstance(entries, list) or len(entries) > MAX_PARTIAL_ARRAYS:

@@ -132,14 +132,17 @@ class Role:
 
     def scan_spec(self, scan: int, generation: int = 0) -> ScanSpec | None:
         """The open spec of ``scan`` as of routing generation ``generation`` or later; None when
-        control has no such open scan. A message of a generation newer than the spec known here
-        means that spec is out of date (a failover, or the scan number used again): the role
-        heartbeats at once, and control's reply carries the newer spec."""
+        control has no such open scan. A message of a generation newer than the spec known here,
+        or of a scan this role is done with (a node group that finished one generation of a scan
+        gets the next one after a failover), sends the role to control at once: a heartbeat,
+        whose reply carries the open scans' specs. A generation control has not started is
+        refused (a forged or corrupted message)."""
         spec = self.scan_specs.get(scan)
-        if spec is None or self.is_finished(spec) or generation > spec.generation:
-            self.tick(force=True)  # costs control one heartbeat; get_scan did as much before
-            spec = self.scan_specs.get(scan)
-        if spec is None or self.is_finished(spec) or generation > spec.generation:
+        if spec is not None and not self.is_finished(spec) and generation <= spec.generation:
+            return spec
+        self.tick(force=True)  # costs control one heartbeat; get_scan did as much before
+        spec = self.scan_specs.get(scan)
+        if spec is None or scan not in self.open_scans or generation > spec.generation:
             return None
         return spec
 

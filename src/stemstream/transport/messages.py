@@ -24,10 +24,11 @@ def pack_map(message: dict[str, Any]) -> bytes:
     return msgpack.packb(message, use_bin_type=True)
 
 
-def unpack_map(frame) -> dict:
-    """Decode one msgpack map (bytes, or a zmq Frame); MessageError when it is not one or is too big."""
+def unpack_map(frame, limit: int = MAX_ENVELOPE_BYTES) -> dict:
+    """Decode one msgpack map (bytes, or a zmq Frame) of at most ``limit`` bytes; MessageError
+    when it is not one or is too big."""
     data = bytes(frame.buffer if hasattr(frame, "buffer") else frame)
-    if len(data) > MAX_ENVELOPE_BYTES:
+    if len(data) > limit:
         raise MessageError("envelope_too_big", f"{len(data)} bytes")
     try:
         message = msgpack.unpackb(data, raw=False, strict_map_key=False)

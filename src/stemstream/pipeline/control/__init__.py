@@ -1,1 +1,1 @@
-"""pipeline/control"""
+"""Control: the scan lifecycle service (scan specs, calibration, failover, role status)."""

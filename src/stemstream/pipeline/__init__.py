@@ -1,0 +1,1 @@
+"""The roles of the streaming pipeline: producer, gateway, node group, writer, control."""
