@@ -59,6 +59,16 @@ def frames_counted(pipeline) -> int:
     return sum(r["stats"]["counters"].get("frames_counted", 0) for k, r in roles.items() if k.startswith("node"))
 
 
+def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.05):
+    """Poll ``condition()`` until it returns something true (returned), failing the test with
+    ``what`` after ``timeout_s``: the bounded wait tests use instead of sleeping."""
+    t0 = time.monotonic()
+    while not (result := condition()):
+        assert time.monotonic() - t0 < timeout_s, f"{what} within {timeout_s} s"
+        time.sleep(poll_s)
+    return result
+
+
 def wait_until_counted(pipeline, n: int, timeout_s: float = 60) -> None:
     t0 = time.monotonic()
     while frames_counted(pipeline) < n:

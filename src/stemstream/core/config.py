@@ -141,7 +141,7 @@ class NetworkConfig:
         return self.node(index, module) if not host else self._endpoint(host, self.node_port(index, module))
 
     def node_port(self, index: int, module: int) -> int:
-        # One stream per module keeps the modules' flow control apart (see pipeline.node).
+        # One stream per module keeps the modules' flow control apart (see pipeline.node.role).
         return self.node_base_port + N_MODULES * index + module
 
     def bind(self, port: int) -> str:

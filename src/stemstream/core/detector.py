@@ -38,8 +38,9 @@ RECORD_BYTES = RECORD_DTYPE.itemsize  # 165,904
 
 # The header's scan_width / scan_height / x / y are uint16: no scan side can exceed this.
 MAX_SCAN_SIDE = 65535
-# Frame numbers are uint32.
+# Frame and scan numbers are uint32.
 MAX_FRAME_NUMBER = 0xFFFFFFFF
+MAX_SCAN_NUMBER = 0xFFFFFFFF
 # Node-group ids travel as uint16 in envelopes.
 MAX_NODE_ID = 65535
 

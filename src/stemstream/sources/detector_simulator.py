@@ -23,6 +23,7 @@ from stemstream.core.detector import (
     FRAME_ROWS,
     HEADER_BYTES,
     MAX_FRAME_NUMBER,
+    MAX_SCAN_NUMBER,
     MAX_SCAN_SIDE,
     N_MODULES,
     RECORD_BYTES,
@@ -118,7 +119,7 @@ class SimulationConfig:
             raise ValueError(f"dose must be in 0..1 electrons/pixel/frame, got {self.dose}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if not 0 <= self.scan_number <= 0xFFFFFFFF:  # a uint32 in the record header
+        if not 0 <= self.scan_number <= MAX_SCAN_NUMBER:  # a uint32 in the record header
             raise ValueError(f"scan_number must fit in uint32, got {self.scan_number}")
         n_frames = rows * cols * self.frames_per_position
         if self.first_frame_number < 0 or self.first_frame_number + n_frames - 1 > MAX_FRAME_NUMBER:

@@ -11,13 +11,10 @@ from __future__ import annotations
 import math
 import re
 
-import numpy as np
 
-from stemstream.core.detector import HEADER_DTYPE, MAX_NODE_ID
+from stemstream.core.detector import MAX_NODE_ID, MAX_SCAN_NUMBER
 from stemstream.core.scan_spec import SpecError, check_scan_shape
 
-# Scan numbers travel in the records' uint32 headers.
-MAX_SCAN_NUMBER = int(np.iinfo(HEADER_DTYPE["scan_number"]).max)
 # Role names are a short word ("node", "writer", "dashboard"); a host is a name or an address.
 _ROLE = re.compile(r"^[a-z][a-z_]{0,31}$")
 _HOST = re.compile(r"^[A-Za-z0-9._:%\[\]-]{1,253}$")

@@ -11,7 +11,7 @@ said it spilled that part to disk (the next message of that module lists the blo
 then the parts present are spilled too, in the receivers' format, so that a later replay of the
 spill directory reassembles and counts those frames whole.
 
-A NodeScan is one stream: one (scan, routing generation) (see pipeline.routing). Every finished
+A NodeScan is one stream: one (scan, routing generation) (see core.scan_spec). Every finished
 block, even one with no frame or one spilled, is reported to the writer with its block number,
 and an ANALYSIS message follows the events at least every ``_PARTIALS_INTERVAL_S``: the writer
 commits a stream's events when their partials arrive, so what a node group that dies had in

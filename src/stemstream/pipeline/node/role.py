@@ -2,7 +2,7 @@
 :class:`~stemstream.pipeline.node.assembly.NodeScan` (which reassembles, counts and sends events on)
 and decides what to read next.
 
-Each (scan, routing generation) is a stream of its own (see pipeline.routing): after a failover
+Each (scan, routing generation) is a stream of its own (see core.scan_spec): after a failover
 the producers resend what the writer had not committed on a new stream, so the block order that
 the settling rule relies on holds within each stream; a stream a newer generation supersedes is
 dropped (the writer has fenced it).

@@ -10,7 +10,7 @@ on the same stream arrives; then events and partials are applied together and th
 *committed*, which the writer tells control (producers then free those blocks). When control
 starts a new routing generation after a failover, the scan *fences* the old streams: what they
 left uncommitted is dropped and anything more from them ignored, so every block is written once,
-from either the old generation or the resent copy (see pipeline.routing).
+from either the old generation or the resent copy (see core.scan_spec).
 
 A WriterScan holds no socket: what it needs of the writer that holds it (the latest spec from
 control's heartbeats, a heartbeat now, the disk check) comes in :class:`ScanHooks`.

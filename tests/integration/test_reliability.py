@@ -274,7 +274,7 @@ def test_six_scans_in_one_session_lose_no_frame_and_no_role_grows(tmp_path):
     64 MiB above the highest over scans 3-4: more than the ~60 MiB a node group's RSS swings while
     a finished scan's buffers await collection, less than holding one block of all 4 modules
     (21 MB) per scan would add over those scans (see the script's docstring)."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_soak.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_soak.py"
     out = tmp_path / "soak.json"
     result = subprocess.run([sys.executable, str(script), "--scans", "6", "--shape", "16x16", "--warmup", "2",
                              "--bound-mib", "64", "--json", str(out)], capture_output=True, text=True, timeout=600)

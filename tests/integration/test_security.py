@@ -6,14 +6,13 @@ from __future__ import annotations
 import stat
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import zmq
 import zmq.auth
 
-from pipeline_support import assert_same_events, test_config
+from pipeline_support import assert_same_events, test_config, wait_for
 from stemstream.counting.offline import CountOptions, count_raw_scan
 from stemstream.core.config import ConfigError, config_from_dict, load_config
 from stemstream.transport.curve import CurveKeyError, create_keys, curve_for
@@ -133,8 +132,9 @@ def test_scan_streamed_with_curve_equals_offline_and_unauthorised_peers_get_noth
             with pytest.raises(ControlUnavailable):
                 ControlClient(config.network.control(), ctx, timeout_s=1.0, curve=keys).request("status")
         summary = pipeline.run_scan(1, (8, 8), timeout_s=120)
-        time.sleep(3 * config.flow.heartbeat_s)
-        roles = pipeline.status()["roles"]
+        # the refusals reach control with the node group's next heartbeats
+        roles = wait_for(lambda: (r := pipeline.status()["roles"])["node-0"]["stats"]["counters"].get("connections_refused")
+                         and r, 30, "node-0 reported no refused connection")
         intruder.close(0)
         plain.close(0)
     assert summary["state"] == "closed" and summary["ledger"]["frames_complete"] == 64
