@@ -27,7 +27,7 @@ ANALYSES = default_analyses(FRAME_SHAPE, {"enabled": ["virtual_detectors"]})
 
 def frame_events(frame: int) -> np.ndarray:
     """Events that name their frame: reading a slot back tells which frame landed there."""
-    return np.array([frame, 1000 + frame, 2000 + 7 * frame], np.uint32)
+    return np.array([frame, (1000 + frame) % N_PIXELS, (2000 + 7 * frame) % N_PIXELS], np.uint32)
 
 
 def events(spec, frames, node: int = 0, block: int = wire.NO_BLOCK, stream: int = 0, present=None,
@@ -223,3 +223,20 @@ def test_a_scan_without_thresholds_heartbeats_once_and_writes_none(tmp_path):
     summary = scan.close()
     assert host.heartbeats == 1 and summary["thresholds"] is None
     assert "electron_counting" not in read_counted(summary["path"]).metadata
+
+
+def test_scans_of_more_than_65536_positions_get_every_slot(tmp_path):
+    """Slot numbers pass the uint16 range (position x frames per position + rank) once a scan
+    has more positions than that: the paper's 512 x 512 and 1024 x 1024 scans. Frames near the
+    end of a 300 x 256 scan, and one frame too many for its position, counted not written."""
+    spec = make_spec(shape=(300, 256), frames_per_position=1)
+    scan, host = open_scan(tmp_path, spec)
+    last = [65535, 65536, 65568, 76799]
+    scan.receive_events(events(spec, last + [65568], block=0))
+    assert scan.receive_partials(0, 0, partials(spec))
+    assert scan.frames_written == 4 and scan.ledger.frames_over_capacity == 1
+    assert scan.receive_done(done(spec, 0))
+    summary = scan.close()
+    slots = slot_frames(summary["path"])
+    assert [slots[p][0] for p in last] == last
+    assert sum(row[0] >= 0 for row in slots) == 4

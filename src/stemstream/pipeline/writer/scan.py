@@ -85,7 +85,8 @@ class WriterScan:
         self.sectors_lost = [0] * N_MODULES
         self.n_events = 0
         self.closed = False
-        self.rank = np.zeros(spec.n_positions, np.uint16)  # frames so far per position
+        # frames so far per position (uint16 unless a position takes more frames: memory per position)
+        self.rank = np.zeros(spec.n_positions, np.uint16 if self.fpp <= 65535 else np.uint32)
         self.held: dict[int, list] = {}  # position -> [(frame number, events)] not yet written
         hooks.check_space()  # before any data is accepted
         self.out = SparseCountsWriter(self.path, self.shape, FRAME_SHAPE, self.fpp, overwrite=True)
@@ -244,16 +245,21 @@ class WriterScan:
 
     def _write(self, positions: np.ndarray, events: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> None:
         """Write frames ``index`` of (events, offsets) at ``positions`` (one per index), each at its
-        position's next free slot; frames beyond frames_per_position are counted, not written."""
-        slots = np.full(len(index), -1, np.int64)
-        for k, p in enumerate(positions.tolist()):
-            j = self.rank[p]
-            if j >= self.fpp:
-                self.ledger.frames_over_capacity += 1
-                continue
-            self.rank[p] = j + 1
-            slots[k] = p * self.fpp + j
-        keep = np.flatnonzero(slots >= 0)
+        position's next free slot; frames beyond frames_per_position are counted, not written.
+        Vectorised, in int64: slot numbers pass 65,535 as soon as a scan has more positions."""
+        positions = np.asarray(positions, np.int64)
+        order = np.argsort(positions, kind="stable")  # frames of one position keep their order
+        by_position = positions[order]
+        first = np.r_[True, by_position[1:] != by_position[:-1]] if len(by_position) else np.empty(0, bool)
+        starts = np.maximum.accumulate(np.where(first, np.arange(len(by_position)), 0))
+        rank = np.empty(len(positions), np.int64)
+        rank[order] = self.rank[by_position].astype(np.int64) + np.arange(len(by_position)) - starts
+        over = rank >= self.fpp
+        self.ledger.frames_over_capacity += int(over.sum())
+        touched, counts = np.unique(by_position, return_counts=True)
+        self.rank[touched] = np.minimum(self.rank[touched].astype(np.int64) + counts, self.fpp)
+        slots = positions * self.fpp + rank
+        keep = np.flatnonzero(~over)
         if len(keep) == len(index) and np.array_equal(index, np.arange(len(offsets) - 1)):
             self.out.write_flat(slots, events, offsets)
         elif len(keep):
