@@ -126,6 +126,7 @@ def stream_locally(cfg: PipelineConfig, source: ProducerSource, plan: list[Plann
                    resume: bool = False, file_name: str | None = None) -> bool:
     """Start every role on this host, stream the scans of ``plan``, print each one's summary.
     True if every frame of every scan was accounted for."""
+    from stemstream.deploy.kernels import compile_kernels
     from stemstream.deploy.scan import PipelineError
     from stemstream.deploy.session import LocalSession
 
@@ -133,6 +134,8 @@ def stream_locally(cfg: PipelineConfig, source: ProducerSource, plan: list[Plann
     if session.no_dashboard:
         console.print(f"[yellow]{session.no_dashboard}: running without the dashboard[/]")
     all_ok = True
+    with console.status("compiling the kernels (about a minute on a fresh install; a second after that)..."):
+        compile_kernels(cfg, source)
     with session:
         try:
             with console.status("starting the roles..."):

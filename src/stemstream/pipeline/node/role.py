@@ -46,6 +46,20 @@ log = logging.getLogger(__name__)
 _AWAITING_HEARTBEAT_S = 0.05
 
 
+def load_kernels(analyses) -> None:
+    """Compile, or load from numba's cache, every kernel a node group runs: the counter on frames
+    and on sectors (writable and read-only buffers are two variants), the calibration histogram
+    and the analyses."""
+    counter = ElectronCounter(28.0, 1000.0, FRAME_SHAPE)
+    counter.count(np.zeros((1, *FRAME_SHAPE), np.uint16))
+    for writable in (True, False):  # received buffers are read-only (another compiled variant)
+        blank = np.zeros(1, RECORD_DTYPE)
+        blank.flags.writeable = writable
+        count_from_sectors(counter, [blank] * N_MODULES, np.zeros((1, N_MODULES), np.int64))
+    PixelHistogram().add(np.zeros(FRAME_SHAPE, np.uint16), weight=1)
+    warm_up(analyses)
+
+
 class NodeGroup(Role):
     """Listens on node_base_port + index (one port per module); sends events and DONE to the writer."""
 
@@ -88,14 +102,7 @@ class NodeGroup(Role):
         """Load (on a fresh machine: compile, seconds each) every kernel a scan uses now, not when
         the first scan's frames wait: a node group busy compiling mid-scan stalls past the
         producers' patience, and they spill."""
-        counter = ElectronCounter(28.0, 1000.0, FRAME_SHAPE)
-        counter.count(np.zeros((1, *FRAME_SHAPE), np.uint16))
-        for writable in (True, False):  # received buffers are read-only (another compiled variant)
-            blank = np.zeros(1, RECORD_DTYPE)
-            blank.flags.writeable = writable
-            count_from_sectors(counter, [blank] * N_MODULES, np.zeros((1, N_MODULES), np.int64))
-        PixelHistogram().add(np.zeros(FRAME_SHAPE, np.uint16), weight=1)
-        warm_up(self.analyses)
+        load_kernels(self.analyses)
 
     def close(self) -> None:
         for sock in self.inputs:
