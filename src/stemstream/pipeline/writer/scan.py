@@ -330,14 +330,12 @@ class WriterScan:
     def _thresholds(self) -> Thresholds | None:
         """Calibrated thresholds are decided after the scan starts and reach the writer in the
         specs of control's heartbeat replies; if none has brought them yet, heartbeat now."""
-        for attempt in range(2):
-            spec = self.hooks.latest_spec()
+        for spec in (self.hooks.latest_spec(), self.spec):
             if spec is not None and spec.thresholds is not None:
                 return spec.thresholds
-            if self.spec.thresholds is not None or attempt:
-                return self.spec.thresholds
-            self.hooks.heartbeat()
-        return None
+        self.hooks.heartbeat()
+        spec = self.hooks.latest_spec()
+        return None if spec is None else spec.thresholds
 
     def _final_ledger(self) -> dict:
         ledger = self.ledger.as_dict()
