@@ -402,3 +402,17 @@ def test_a_heartbeat_with_an_absurd_id_registers_nothing_that_refuses_later_scan
     assert spec.nodes == [0]
     ok(control, "heartbeat", role="node", id=highest, stats={})  # the highest with ports is fine
     assert ScanSpec.from_wire(ok(control, "start_scan", scan_number=2, scan_shape=[2, 2])["scan"]).nodes == [0, highest]
+
+
+def test_file_names_continue_the_sequence_of_the_files_already_in_the_output_directory(make_control, tmp_path):
+    """Two runs in one directory within a minute used to get the same name (the second replaced
+    the first): a new control continues from the highest sequence among the files there."""
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    (out / "FOURD_261204_0550_00007_00001.h5").touch()
+    (out / "FOURD_261204_0551_00009_00001.incomplete.h5").touch()
+    (out / "notes_00012_00001.h5").touch()  # not a scan's name
+    control = make_control()
+    register(control, 0)
+    spec = ScanSpec.from_wire(ok(control, "start_scan", scan_number=1, scan_shape=[2, 2])["scan"])
+    assert spec.file_name.endswith("_00010_00001.h5") and spec.epoch == 10

@@ -178,8 +178,11 @@ def test_the_closed_file_reads_back_with_its_frames_and_ledger(tmp_path):
     assert list(ledger["sectors_received"]) == [3] * N_MODULES and list(ledger["sectors_missing"]) == [0, 1, 0, 0]
     assert ledger["frames_spilled"] == 1 and list(ledger["sectors_lost"]) == [0, 0, 2, 0]
     assert list(ledger["node_groups_missing"]) == [1]
-    assert summary["ledger"]["frames_complete"] == 2 and summary["events"] == 3 * 3 + 3
+    assert summary["ledger"]["frames_complete"] == 2 and summary["events"] == 3 * 3  # the file's events only
     assert not (tmp_path / (spec.file_name + ".journal")).exists()  # the file holds it all now
+    # a frame is missing: the name says so, and nothing is at the whole scan's name
+    assert summary["path"] == str(tmp_path / spec.file_name.replace(".h5", ".incomplete.h5"))
+    assert not (tmp_path / spec.file_name).exists()
 
 
 def test_at_close_the_events_of_a_stream_whose_done_never_came_are_written(tmp_path):
@@ -240,3 +243,92 @@ def test_scans_of_more_than_65536_positions_get_every_slot(tmp_path):
     slots = slot_frames(summary["path"])
     assert [slots[p][0] for p in last] == last
     assert sum(row[0] >= 0 for row in slots) == 4
+
+
+# -- files already in the output directory: never replaced, except by the scan's own resume ----------
+
+
+def analysis_arrays(path) -> dict[str, np.ndarray]:
+    """Every /analysis dataset of a counted file."""
+    import h5py
+
+    out = {}
+    with h5py.File(path, "r") as f:
+        f["analysis"].visititems(lambda name, item: out.__setitem__(name, item[()]) if hasattr(item, "shape") else None)
+    return out
+
+
+def stream(scan, spec, frames, block: int = 0) -> dict:
+    """One node group sends ``frames`` as one block, with the analyses' partials a node group
+    computes from them, and DONE; the scan closes."""
+    msg = events(spec, frames, block=block)
+    computed = ScanAnalyses(ANALYSES, spec.shape)
+    computed.accumulate(msg.positions, msg.events, msg.offsets)
+    scan.receive_events(msg)
+    assert scan.receive_partials(0, 0, computed.take_partials())
+    assert scan.receive_done(done(spec, 0))
+    return scan.close()
+
+
+def test_a_file_already_at_the_scans_name_is_never_replaced(tmp_path):
+    spec = make_spec(shape=(2, 2))
+    other = tmp_path / spec.file_name
+    other.write_bytes(b"another scan's file")
+    with pytest.raises(FileExistsError, match="already exists"):
+        open_scan(tmp_path, spec)
+    assert other.read_bytes() == b"another scan's file"
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob("*.journal"))
+
+
+def test_a_replay_completes_an_incomplete_file_and_a_second_replay_changes_nothing(tmp_path):
+    """The replay of a spill resumes the incomplete file: the frames it brings again (already
+    in the file) are counted once, the analyses cover every frame (not only the replayed ones),
+    and replaying the same records once more leaves ledger, events and analyses as they were."""
+    clean_dir = tmp_path / "clean"
+    clean_dir.mkdir()
+    spec = make_spec(shape=(2, 2))
+    whole = stream(open_scan(clean_dir, spec)[0], spec, [0, 1, 2, 3])
+
+    first = stream(open_scan(tmp_path, spec)[0], spec, [0, 1])
+    assert first["path"].endswith(".incomplete.h5") and first["ledger"]["frames_missing"] == 2
+    for epoch, duplicates in ((2, 1), (3, 3)):
+        again = make_spec(shape=(2, 2), epoch=epoch, resume=True)
+        summary = stream(open_scan(tmp_path, again)[0], again, [1, 2, 3])
+        assert summary["path"] == str(tmp_path / spec.file_name)
+        ledger = read_counted(summary["path"]).metadata["stemstream"]["ledger"]
+        assert (ledger["frames_complete"], ledger["frames_missing"], ledger["frames_over_capacity"]) == (4, 0, 0)
+        assert ledger["frames_replayed_again"] == duplicates
+        assert summary["events"] == whole["events"] == 4 * 3
+        assert slot_frames(summary["path"]) == [[0], [1], [2], [3]]
+        expected, got = analysis_arrays(whole["path"]), analysis_arrays(summary["path"])
+        assert expected.keys() == got.keys() and expected
+        for name in expected:
+            np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    assert not (tmp_path / first["path"]).exists()  # the incomplete file became the whole one
+
+
+def test_a_restarted_writer_reports_the_file_its_predecessor_finished_instead_of_replacing_it(tmp_path):
+    """Finding: a writer killed just after renaming the finished file into place, then
+    restarted, opened the same path again and replaced the scan with an empty file."""
+    from pipeline_support import test_config
+    from stemstream.pipeline.writer.role import Writer
+
+    spec = make_spec(shape=(2, 2))
+    config = test_config(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    summary = stream(open_scan(out, spec)[0], spec, [0, 1, 2, 3])
+    before = (tmp_path / summary["path"]).read_bytes()
+    writer = Writer(config)
+    try:
+        writer.control.request = lambda *args, **kwargs: (_ for _ in ()).throw(TimeoutError("control away"))
+        assert writer._open(spec) is None
+        assert writer.is_finished(spec) and writer.unreported[spec.number]["summary"]["path"] == summary["path"]
+        assert writer.unreported[spec.number]["summary"]["ledger"]["frames_complete"] == 4
+        # another run of the same scan number (a new epoch) is refused, the file kept
+        other = make_spec(shape=(2, 2), epoch=2)
+        assert writer._open(other) is None and writer._failed(other.number)
+    finally:
+        writer.events_in.close(0)
+        writer.live.close()
+    assert (tmp_path / summary["path"]).read_bytes() == before

@@ -11,6 +11,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+from numba import njit
 
 from stemstream.core.detector import FRAME_SHAPE
 from stemstream.core.version import SOFTWARE_VERSION
@@ -190,32 +191,34 @@ class SparseCountsWriter:
         n = len(slots)
         if n == 0:
             return
-        bad = (slots < 0) | (slots >= self.n_slots)
-        if bad.any():
+        increasing = bool(np.all(slots[1:] > slots[:-1]))  # the usual batch: then no repeats, and two ends
+        low, high = (slots[0], slots[-1]) if increasing else (slots.min(), slots.max())
+        if low < 0 or high >= self.n_slots:
+            bad = (slots < 0) | (slots >= self.n_slots)
             raise ValueError(f"slot {int(slots[bad][0])} is out of range 0..{self.n_slots - 1}")
         if self._written[slots].any():
             first = int(slots[self._written[slots].astype(bool)][0])
             raise ValueError(f"slot {first} was already written")
-        uniq, counts = np.unique(slots, return_counts=True)
-        if len(uniq) != n:
-            raise ValueError(f"slot {int(uniq[counts > 1][0])} appears twice in one call")
+        if not increasing:
+            uniq, counts = np.unique(slots, return_counts=True)
+            if len(uniq) != n:
+                raise ValueError(f"slot {int(uniq[counts > 1][0])} appears twice in one call")
 
+        outside = f"an event lies outside the {self.frame_shape[0]} x {self.frame_shape[1]} frame"
         if flat.size:
             if flat.dtype.kind not in "iu":
                 raise ValueError(f"events must be integer pixel indices, got dtype {flat.dtype}")
-            if (flat.dtype.kind == "i" and flat.min() < 0) or flat.max() >= self._n_pixels:
-                raise ValueError(f"an event lies outside the {self.frame_shape[0]} x {self.frame_shape[1]} frame")
-            # Strictly increasing inside each frame (stempy's data are sorted sets); a step down
-            # is allowed only where a new frame starts. Vectorised: ~1 ms per 4096 frames.
-            steps_ok = flat[1:] > flat[:-1]
-            if not steps_ok.all():
-                starts = offsets[1:-1]
-                boundary = np.zeros(flat.size - 1, dtype=bool)
-                boundary[starts[(starts > 0) & (starts < flat.size)] - 1] = True
-                if not (steps_ok | boundary).all():
-                    raise ValueError("each frame's events must be strictly increasing (sorted, no repeats)")
-        if flat.dtype != np.uint32:
-            flat = flat.astype(np.uint32)
+            if flat.dtype != np.uint32:
+                if flat.min() < 0 or flat.max() >= self._n_pixels:
+                    raise ValueError(outside)
+                flat = flat.astype(np.uint32)
+            problem = _events_problem(flat, np.asarray(offsets, np.int64), self._n_pixels)
+            if problem == _OUTSIDE:
+                raise ValueError(outside)
+            if problem == _NOT_INCREASING:  # stempy's frames are sorted sets
+                raise ValueError("each frame's events must be strictly increasing (sorted, no repeats)")
+        else:
+            flat = flat.astype(np.uint32, copy=False)
 
         self._written[slots] = 1
         self._slots_written += n
@@ -311,11 +314,14 @@ class SparseCountsWriter:
 
     # -- finishing -------------------------------------------------------------------------
 
-    def close(self) -> Path:
-        """Flush, write the metadata, close and rename the partial file to ``path``; returns it.
-
-        Calling it again returns the path. If it fails, the partial file is left for inspection.
+    def close(self, path: str | os.PathLike | None = None) -> Path:
+        """Flush, write the metadata, close and rename the partial file to ``path`` (default: the
+        path given when opening; another name, e.g. one that says the scan is incomplete, replaces
+        it); returns it. Calling it again returns the path. If it fails, the partial file is left
+        for inspection.
         """
+        if path is not None and not self._closed:
+            self.path = Path(path)
         if self._closed:
             return self.path
         self._flush()
@@ -371,6 +377,26 @@ class SparseCountsWriter:
             f"frame_shape={self.frame_shape}, frames_per_position={self.frames_per_position}, "
             f"{self._slots_written}/{self.n_slots} frames, {state})"
         )
+
+
+_OUTSIDE, _NOT_INCREASING = 1, 2
+
+
+@njit(nogil=True, cache=True)
+def _events_problem(flat: np.ndarray, offsets: np.ndarray, n_pixels: int) -> int:
+    """0 when every frame's events (``flat[offsets[i]:offsets[i + 1]]``) are strictly increasing
+    pixel indices below ``n_pixels``; _OUTSIDE or _NOT_INCREASING otherwise. One pass over the
+    events: the writer's check of each batch was half a dozen numpy passes and a third of its CPU."""
+    for i in range(len(offsets) - 1):
+        previous = -1
+        for k in range(offsets[i], offsets[i + 1]):
+            pixel = np.int64(flat[k])
+            if pixel >= n_pixels:
+                return 1
+            if pixel <= previous:
+                return 2
+            previous = pixel
+    return 0
 
 
 def _fsync_path(path: Path) -> None:

@@ -5,8 +5,10 @@ node groups' pixel histograms, its end)."""
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from stemstream.core.config import PipelineConfig
 from stemstream.core.detector import MAX_FRAME_NUMBER
@@ -36,6 +38,21 @@ def scan_file_name(scan_number: int, sequence: int, when: float) -> str:
     """Facility-style name: FOURD_{YYMMDD}_{HHMM}_{sequence:05}_{scan:05}.h5."""
     stamp = time.strftime("%y%m%d_%H%M", time.localtime(when))
     return f"FOURD_{stamp}_{sequence:05d}_{scan_number:05d}.h5"
+
+
+_NAMED = re.compile(r"FOURD_\d{6}_\d{4}_(\d{5,})_\d{5,}[.]")
+
+
+def last_sequence(output_dir: Path) -> int:
+    """The highest sequence number of the files already in ``output_dir`` (0: none, or a
+    directory this host cannot see). A new control continues from it, as the receivers' scan
+    numbers continue, so the names of a session's files never collide."""
+    try:
+        names = [p.name for p in Path(output_dir).iterdir()]
+    except OSError:
+        return 0
+    found = (_NAMED.match(name) for name in names)
+    return max((int(m.group(1)) for m in found if m), default=0)
 
 
 def new_spec(req: dict, number: int, sequence: int, first_generation: int, config: PipelineConfig,

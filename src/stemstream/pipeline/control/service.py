@@ -41,7 +41,7 @@ from stemstream.core.detector import MAX_NODE_ID, N_MODULES
 from stemstream.counting.thresholds import PixelHistogram
 from stemstream.pipeline.control import fields
 from stemstream.pipeline.control.fields import RequestError
-from stemstream.pipeline.control.scans import ScanState, forget_old_scans, new_spec, scan_file_name
+from stemstream.pipeline.control.scans import ScanState, forget_old_scans, last_sequence, new_spec, scan_file_name
 from stemstream.pipeline.control.state import StateFile
 from stemstream.transport.curve import curve_for
 from stemstream.transport.messages import MessageError, pack_control, unpack_control
@@ -74,6 +74,7 @@ class Control:
         if self.state_file is not None:
             self.scans, self.sequence = self.state_file.load(config.flow.scan_timeout_s)
             self._expect_node_groups_back()
+        self.sequence = max(self.sequence, last_sequence(Path(config.pipeline.output_dir)))
 
     def _expect_node_groups_back(self) -> None:
         """Node groups of a scan running at a restart must check in again: one that died while

@@ -28,6 +28,8 @@ from stemstream.core.detector import FRAME_SHAPE
 from stemstream.core.scan_spec import ScanSpec
 from stemstream.formats import wire
 from stemstream.pipeline.role import Role
+from stemstream.pipeline.writer.files import existing_file, finished_summary
+from stemstream.pipeline.writer.journal import journal_path
 from stemstream.pipeline.writer.live import LiveService
 from stemstream.pipeline.writer.scan import ScanHooks, WriterScan
 
@@ -125,7 +127,10 @@ class Writer(Role):
         )
 
     def _open(self, spec: ScanSpec) -> WriterScan | None:
-        """A scan's state and file; None if the file cannot be created (the scan fails)."""
+        """A scan's state and file; None if the file cannot be created (the scan fails) or a
+        writer before this one finished it already."""
+        if self._finished_before(spec):
+            return None
         try:
             scan = WriterScan(spec, self.output_dir, self.analyses, self.config.flow, self._hooks(spec))
         except OSError as exc:
@@ -135,6 +140,21 @@ class Writer(Role):
         if scan.recovered:
             self._restarted(scan)
         return scan
+
+    def _finished_before(self, spec: ScanSpec) -> bool:
+        """A writer that died after renaming this run's file into place, before control heard of
+        it: the file is the scan's result (pipeline.writer.files); report it, write nothing."""
+        path = existing_file(self.output_dir, spec)
+        summary = finished_summary(path, spec) if path is not None else None
+        if summary is None:
+            return False
+        journal_path(Path(self.output_dir) / spec.file_name).unlink(missing_ok=True)
+        log.warning("scan %d: %s was finished by a writer that died before reporting it; reporting it now",
+                    spec.number, path)
+        self.mark_finished(spec)
+        self.counters["scans_closed"] += 1
+        self._report_done(spec.number, ok=True, summary=summary)
+        return True
 
     def _restarted(self, scan: WriterScan) -> None:
         """This writer took over a running scan from one that died: whatever it had not
@@ -164,9 +184,13 @@ class Writer(Role):
         if scan is not None:
             scan.abort()  # deletes the partial file
             self.scans.pop(number, None)
-        error = f"cannot write {self.output_dir / spec.file_name}: {exc.strerror or exc}"
-        log.error("scan %d failed, %s; no file was left at that path: stream the scan again once the disk has room",
-                  number, error)
+        if isinstance(exc, FileExistsError):
+            error = f"{exc.strerror}: choose another file name (or move that file away)"
+            log.error("scan %d failed: %s", number, error)
+        else:
+            error = f"cannot write {self.output_dir / spec.file_name}: {exc.strerror or exc}"
+            log.error("scan %d failed, %s; no file was left at that path: stream the scan again once the disk "
+                      "has room", number, error)
         self.failed[number] = spec.epoch
         self.mark_finished(spec)
         self.live.update(number, scan.progress() if scan is not None else {}, state="failed")

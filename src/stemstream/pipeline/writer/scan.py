@@ -18,6 +18,7 @@ control's heartbeats, a heartbeat now, the disk check) comes in :class:`ScanHook
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from stemstream.analysis import Analysis, ScanAnalyses
+from stemstream.analysis.batch import select_frames
 from stemstream.analysis.results_store import store_results
 from stemstream.analysis.views import write_pngs
 from stemstream.core.config import FlowSettings
@@ -39,6 +41,7 @@ from stemstream.formats.ledger import ScanLedger
 from stemstream.formats.png import png_bytes, scale_image
 from stemstream.formats.sparse_h5 import SparseCountsWriter, read_counted
 from stemstream.pipeline.routing import to_ranges
+from stemstream.pipeline.writer.files import existing_file, scan_paths
 from stemstream.pipeline.writer.journal import Journal, journal_path, read_journal
 
 log = logging.getLogger(__name__)
@@ -75,7 +78,7 @@ class WriterScan:
         self.commits_changed = True  # control has not heard of the latest commits
         self.frames_superseded = 0  # frames of fenced streams, dropped (their blocks were resent)
         self.duplicate_blocks = 0
-        self.path = Path(output_dir) / spec.file_name
+        self.path, self.incomplete_path = scan_paths(output_dir, spec)
         self.ledger = ScanLedger(self.number, self.shape, self.fpp)
         self.started = time.time()
         self.last_activity = time.monotonic()
@@ -88,12 +91,18 @@ class WriterScan:
         # frames so far per position (uint16 unless a position takes more frames: memory per position)
         self.rank = np.zeros(spec.n_positions, np.uint16 if self.fpp <= 65535 else np.uint32)
         self.held: dict[int, list] = {}  # position -> [(frame number, events)] not yet written
+        self.replaces: Path | None = None  # resume: the incomplete file the resumed one replaces
+        self.carried: np.ndarray | None = None  # resume: positions the file being resumed held whole
+        self.frames_duplicate = 0  # frames a replay brought again, already in the resumed file
         hooks.check_space()  # before any data is accepted
-        self.out = SparseCountsWriter(self.path, self.shape, FRAME_SHAPE, self.fpp, overwrite=True)
+        earlier = existing_file(output_dir, spec)
+        if earlier is not None and not spec.resume:  # never written over: see pipeline.writer.files
+            raise FileExistsError(errno.EEXIST, f"{earlier} already exists and is not replaced")
+        self.out = SparseCountsWriter(self.path, self.shape, FRAME_SHAPE, self.fpp, overwrite=spec.resume)
         self.analyses = ScanAnalyses(analyses, self.shape)
         try:
-            if spec.resume and self.path.exists():
-                self._carry_over(self.path)
+            if earlier is not None:
+                self._carry_over(earlier)
             self.recovered = self._recover()
             self.journal = Journal(journal_path(self.path), self.number, spec.epoch)
         except OSError:
@@ -115,13 +124,17 @@ class WriterScan:
             if msg.block >= 0:
                 self.committed.add(msg.block)
             self.add_events(msg)
-            self.analyses.accumulate(msg.positions, msg.events, msg.offsets)
+            if self.carried is None:  # (a resumed scan's add_events accumulates them itself)
+                self.analyses.accumulate(msg.positions, msg.events, msg.offsets)
         log.warning("scan %d: a previous writer died mid-scan; %d committed block(s) recovered from %s",
                     self.number, len(messages), path)
         return True
 
     def _carry_over(self, path: Path) -> None:
-        """Resume: copy the frames already in the file (and its ledger) into the new file."""
+        """Resume (a replay): copy the frames already in the file, its ledger and what its frames
+        add to the analyses into the new file. From here on the analyses follow the frames
+        written, not the node groups' partials, so that frames the replay brings again (positions
+        the file held whole) change nothing."""
         old = read_counted(path)
         written = old.written
         ledger = old.metadata.get("stemstream", {}).get("ledger", {})
@@ -129,14 +142,23 @@ class WriterScan:
             prior = ScanLedger.from_dict({**ledger, "scan_number": self.number, "scan_rows": self.shape[0],
                                           "scan_cols": self.shape[1], "frames_per_position": self.fpp})
             self.ledger.merge(prior)
+            self.frames_spilled = int(ledger.get("frames_spilled", 0))
         frames = old.frames.reshape(-1)
         mask = written.reshape(-1) if written is not None else np.ones(len(frames), bool)
         slots = np.flatnonzero(mask)
         if len(slots):
-            self.out.write(slots, [frames[i] for i in slots])
+            events = [frames[i] for i in slots]
+            self.out.write(slots, events)
             np.add.at(self.rank, slots // self.fpp, 1)
-            self.n_events += int(sum(len(frames[i]) for i in slots))
+            offsets = np.zeros(len(events) + 1, np.int64)
+            np.cumsum([len(e) for e in events], out=offsets[1:])
+            flat = np.concatenate(events).astype(np.uint32, copy=False)
+            self.analyses.accumulate(slots // self.fpp, flat, offsets)
+            self.n_events += int(offsets[-1])
+        self.carried = self.rank >= self.fpp
         log.info("scan %d: resuming %s with %d frames already counted", self.number, path, len(slots))
+        if path != self.path:
+            self.replaces = path  # the incomplete file, removed once the resumed one is closed
 
     # -- commits and failover ----------------------------------------------------------------------
 
@@ -158,7 +180,8 @@ class WriterScan:
             return False
         self._commit((node, stream))
         self.last_activity = time.monotonic()
-        self.analyses.merge_parts(parts)
+        if self.carried is None:  # a resumed scan's analyses follow the frames it writes
+            self.analyses.merge_parts(parts)
         return True
 
     def receive_done(self, msg: wire.DoneMessage) -> bool:
@@ -218,10 +241,16 @@ class WriterScan:
         ok = (positions >= 0) & (positions < len(self.rank))
         if not ok.all():
             self.hooks.reject("position_out_of_bounds", f"{int((~ok).sum())} frame(s)")
+        if self.carried is not None:  # a replay: what the resumed file held whole stays as it was
+            again = np.zeros_like(ok)
+            again[ok] = self.carried[positions[ok]]
+            self.frames_duplicate += int(again.sum())
+            ok &= ~again
+            self.analyses.accumulate(*select_frames(positions, msg.events, msg.offsets, ok))
         complete = msg.present == _ALL_MODULES
         self.ledger.frames_complete += int(complete[ok].sum())
         self.ledger.frames_incomplete += int((~complete[ok]).sum())
-        self.n_events += int(msg.offsets[-1]) if len(msg.offsets) else 0
+        self.n_events += int(np.diff(msg.offsets)[ok].sum()) if len(msg.offsets) > 1 else 0
         if self.fpp == 1:
             self._write(positions[ok], msg.events, msg.offsets, np.flatnonzero(ok))
             return
@@ -248,6 +277,10 @@ class WriterScan:
         position's next free slot; frames beyond frames_per_position are counted, not written.
         Vectorised, in int64: slot numbers pass 65,535 as soon as a scan has more positions."""
         positions = np.asarray(positions, np.int64)
+        if self._first_frames_in_order(positions, index, offsets):  # the usual block: one call, no sorting
+            self.rank[positions] = 1
+            self.out.write_flat(positions, events, offsets)
+            return
         order = np.argsort(positions, kind="stable")  # frames of one position keep their order
         by_position = positions[order]
         first = np.r_[True, by_position[1:] != by_position[:-1]] if len(by_position) else np.empty(0, bool)
@@ -264,6 +297,12 @@ class WriterScan:
             self.out.write_flat(slots, events, offsets)
         elif len(keep):
             self.out.write(slots[keep], [events[offsets[index[k]]:offsets[index[k] + 1]] for k in keep])
+
+    def _first_frames_in_order(self, positions: np.ndarray, index: np.ndarray, offsets: np.ndarray) -> bool:
+        """True for the common batch: one frame per position, a whole message's frames, at
+        increasing positions none of which has a frame yet; each frame's slot is its position."""
+        return (self.fpp == 1 and len(index) == len(offsets) - 1 and len(positions) > 0
+                and bool(np.all(positions[1:] > positions[:-1])) and not self.rank[positions].any())
 
     def _add_done(self, msg: wire.DoneMessage) -> None:
         self.last_activity = time.monotonic()
@@ -348,6 +387,8 @@ class WriterScan:
                                    for f in failovers}
             ledger["frames_superseded"] = self.frames_superseded
             ledger["duplicate_blocks"] = self.duplicate_blocks
+        if self.carried is not None:
+            ledger["frames_replayed_again"] = self.frames_duplicate
         return ledger
 
     def close(self) -> dict:
@@ -365,21 +406,27 @@ class WriterScan:
         ledger = self._final_ledger()
         self.out.set_metadata("stemstream", {
             "software": "stemstream", "software_version": SOFTWARE_VERSION, "mode": "stream",
-            "scan_number": self.number, "node_groups": len(self.spec.nodes), "seconds": elapsed,
-            "events": self.n_events, "ledger": ledger,
+            "scan_number": self.number, "epoch": self.spec.epoch, "node_groups": len(self.spec.nodes),
+            "seconds": elapsed, "events": self.n_events, "ledger": ledger,
         })
         results = self.analyses.finish()
         store_results(self.out.h5file, self.analyses.analyses, results, info={**self.analyses.info(), "source": "stream"})
-        self.out.close()
+        # frames missing: the name says so (pipeline.writer.files); a replay completes it
+        path = self.path if ledger["frames_missing"] == 0 else self.incomplete_path
+        self.out.close(path)
+        if self.replaces is not None and self.replaces != path:
+            self.replaces.unlink(missing_ok=True)  # the resumed incomplete file, now in ``path``
+        elif path != self.path:
+            self.path.unlink(missing_ok=True)  # a resume that is still incomplete: one name only
         self.journal.close(delete=True)  # the file holds it all now
         summary = {
-            "scan": self.number, "path": str(self.path), "ledger": ledger, "events": self.n_events,
+            "scan": self.number, "path": str(path), "ledger": ledger, "events": self.n_events,
             "seconds": elapsed, "frames_per_second": self.ledger.frames_received / elapsed if elapsed > 0 else 0.0,
             "thresholds": None if thresholds is None else thresholds.as_dict(),
             "closed_wall": time.time(),  # file renamed into place (wall clock, s)
         }
         try:
-            pngs = write_pngs(self.analyses.analyses, results, self.path.parent, self.path.stem)
+            pngs = write_pngs(self.analyses.analyses, results, path.parent, Path(self.spec.file_name).stem)
         except OSError as exc:
             log.warning("scan %d: images not written: %s", self.number, exc)
             pngs = []
@@ -387,7 +434,7 @@ class WriterScan:
         self.closed = True
         if ledger["node_groups_missing"]:
             log.warning("scan %d closed without DONE from node group(s) %s", self.number, ledger["node_groups_missing"])
-        log.info("scan %d written to %s", self.number, self.path)
+        log.info("scan %d written to %s", self.number, path)
         return summary
 
     def abort(self) -> None:

@@ -1,0 +1,66 @@
+"""The names a scan's counted file may have in the output directory, and what a file already there
+means for a writer about to open the scan.
+
+A scan closed with every frame is at its spec's ``file_name``; one closed with frames missing (a
+stop, a dead node group nobody replaced) at ``<stem>.incomplete.h5``, so nobody mistakes it for a
+whole scan; ``stemstream replay`` completes it into the full name. A file that is already there
+is never replaced, except by the resume of that scan (a replay): a writer restarted after its
+predecessor renamed the finished file (but died before reporting it) takes that file as the
+scan's result instead of writing an empty one over it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+
+from stemstream.core.scan_spec import ScanSpec
+from stemstream.formats.sparse_h5.metadata import read_metadata
+
+INCOMPLETE_SUFFIX = ".incomplete.h5"
+
+
+def incomplete_path(path: Path) -> Path:
+    """``FOURD_..._00001.h5`` -> ``FOURD_..._00001.incomplete.h5``."""
+    return path.with_name(path.stem + INCOMPLETE_SUFFIX)
+
+
+def scan_paths(output_dir: Path, spec: ScanSpec) -> tuple[Path, Path]:
+    """(whole, incomplete): the two names ``spec``'s file may have."""
+    path = Path(output_dir) / spec.file_name
+    return path, incomplete_path(path)
+
+
+def existing_file(output_dir: Path, spec: ScanSpec) -> Path | None:
+    """The file of ``spec``'s name already in the output directory (whole or incomplete), if any."""
+    for path in scan_paths(output_dir, spec):
+        if path.exists():
+            return path
+    return None
+
+
+def stemstream_metadata(path: Path) -> dict:
+    """``/metadata/stemstream`` of a counted file, without reading its events ({} if none or
+    unreadable: such a file is not one this writer finished)."""
+    try:
+        with h5py.File(path, "r") as f:
+            group = f.get("metadata/stemstream")
+            return read_metadata(group) if isinstance(group, h5py.Group) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def finished_summary(path: Path, spec: ScanSpec) -> dict | None:
+    """The summary of ``path`` if a writer finished it for this very run of the scan (same scan
+    number and epoch); None if it is another scan's or another run's file."""
+    meta = stemstream_metadata(path)
+    if meta.get("scan_number") != spec.number or meta.get("epoch") != spec.epoch:
+        return None
+    # the file's mask of written frames stays in the file: a summary travels in control's messages
+    ledger = {k: v for k, v in meta.get("ledger", {}).items() if k != "written"}
+    seconds = float(meta.get("seconds", 0.0))
+    received = int(ledger.get("frames_received", 0))
+    return {"scan": spec.number, "path": str(path), "ledger": ledger, "events": int(meta.get("events", 0)),
+            "seconds": seconds, "frames_per_second": received / seconds if seconds > 0 else 0.0,
+            "thresholds": None, "images": [], "recovered": True}
