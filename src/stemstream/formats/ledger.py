@@ -79,10 +79,12 @@ class ScanLedger:
     def add_sector_tally(self, tally: dict) -> None:
         """Add a node group's sector counts (see sector_tally; missing keys count as zero)."""
         for name in SECTOR_COUNTS:
-            mine, theirs = getattr(self, name), tally.get(name) or _per_module()
-            for m in range(N_MODULES):
-                mine[m] += int(theirs[m])
-        self.rejected_reasons.update({str(k): int(v) for k, v in tally.get("rejected_reasons", {}).items()})
+            theirs = tally.get(name)
+            if theirs:  # (once per block: kept to one list comprehension)
+                setattr(self, name, [a + int(b) for a, b in zip(getattr(self, name), theirs)])
+        reasons = tally.get("rejected_reasons")
+        if reasons:
+            self.rejected_reasons.update({str(k): int(v) for k, v in reasons.items()})
 
     def merge(self, other: ScanLedger) -> None:
         """Add another partial ledger of the same scan (e.g. from another node group)."""

@@ -244,11 +244,12 @@ def _tally_field(envelope: dict, others: tuple[str, ...] = ()) -> dict | None:
         raise MessageError("bad_envelope", "ledger must be a small map")
 
     def count(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32
+        return type(v) is int and 0 <= v < 2**32  # (not bool, a subclass of int)
 
     for name, value in tally.items():
         if name in SECTOR_COUNTS:
-            ok = isinstance(value, list) and len(value) == N_MODULES and all(count(v) for v in value)
+            ok = type(value) is list and len(value) == N_MODULES and all([type(v) is int and 0 <= v < 2**32
+                                                                          for v in value])
         elif name == "rejected_reasons":
             ok = isinstance(value, dict) and len(value) <= 64 and all(
                 isinstance(k, str) and len(k) <= 64 and count(v) for k, v in value.items())

@@ -48,12 +48,13 @@ class Journal:
 
     def _append(self, record: dict) -> None:
         data = msgpack.packb(record, use_bin_type=True)
-        self._file.write(_LENGTH.pack(len(data)) + data)
+        self._file.write(_LENGTH.pack(len(data)))
+        self._file.write(data)
 
     def add(self, msg: wire.EventsMessage) -> None:
         record = {"block": msg.block, "node": msg.node, "ledger": msg.ledger}
-        for name, dtype in _FIELDS:
-            record[name] = np.ascontiguousarray(getattr(msg, name), dtype).tobytes()
+        for name, dtype in _FIELDS:  # msgpack packs the arrays' memory as it is, without a copy first
+            record[name] = memoryview(np.ascontiguousarray(getattr(msg, name), dtype)).cast("B")
         self._append(record)
 
     def sync(self) -> None:
