@@ -295,6 +295,21 @@ def decode_events(parts: list, n_pixels: int) -> EventsMessage:
     return EventsMessage(scan, node, frame_numbers, positions, present, offsets, events, block, stream, tally)
 
 
+def concat_events(messages: list[EventsMessage]) -> EventsMessage:
+    """One message of the frames of several decoded EVENTS messages of one node group's stream,
+    in their order (block NO_BLOCK, no sector counts: the caller keeps those per block)."""
+    if len(messages) == 1:
+        first = messages[0]
+        return EventsMessage(first.scan, first.node, first.frame_numbers, first.positions, first.present,
+                             first.offsets, first.events, NO_BLOCK, first.stream)
+    bases = np.cumsum([0] + [int(m.offsets[-1]) for m in messages[:-1]])
+    offsets = np.concatenate([np.zeros(1, np.int64)] + [m.offsets[1:] + base for m, base in zip(messages, bases)])
+    first = messages[0]
+    return EventsMessage(first.scan, first.node, *(np.concatenate([getattr(m, name) for m in messages])
+                                                   for name in ("frame_numbers", "positions", "present")),
+                         offsets, np.concatenate([m.events for m in messages]), NO_BLOCK, first.stream)
+
+
 # -- a node group's end of scan ---------------------------------------------------------------------
 
 

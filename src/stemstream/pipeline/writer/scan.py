@@ -193,6 +193,7 @@ class WriterScan:
         return True
 
     def _commit(self, key: tuple[int, int]) -> None:
+        fresh = []
         for msg in self.pending.pop(key, []):
             if msg.block >= 0:
                 if msg.block in self.committed:  # resent after a fence that came too late
@@ -201,7 +202,10 @@ class WriterScan:
                 self.committed.add(msg.block)
                 self.commits_changed = True
             self.journal.add(msg)  # before control hears of the commit
-            self.add_events(msg)
+            self._add_tally(msg.ledger)
+            fresh.append(msg)
+        if fresh:  # the blocks of one commit written as one batch: the writer's cost is per call
+            self.add_events(wire.concat_events(fresh))
 
     def follow(self, spec: ScanSpec) -> None:
         """Take a new routing generation: fence the older streams."""
@@ -231,9 +235,7 @@ class WriterScan:
     def add_events(self, msg: wire.EventsMessage) -> None:
         """Write a committed message's frames (or hold them until their position is complete)."""
         self.last_activity = time.monotonic()
-        if msg.ledger is not None:  # the block's sector counts: added once, when it is committed
-            self.ledger.add_sector_tally(msg.ledger)
-            self.frames_spilled += int(msg.ledger.get("frames_spilled", 0))
+        self._add_tally(msg.ledger)
         if len(msg.frame_numbers) == 0:  # a block finished without frames to write (spilled, or all lost)
             return
         self.hooks.check_space()  # one statvfs call, ~2 us
@@ -263,6 +265,12 @@ class WriterScan:
             held.append((int(msg.frame_numbers[i]), msg.events[msg.offsets[i]:msg.offsets[i + 1]].copy()))
             if len(held) + self.rank[p] >= self.fpp:
                 self._release(p)
+
+    def _add_tally(self, tally: dict | None) -> None:
+        """A block's sector counts: added once, when it is committed."""
+        if tally is not None:
+            self.ledger.add_sector_tally(tally)
+            self.frames_spilled += int(tally.get("frames_spilled", 0))
 
     def _release(self, p: int) -> None:
         held = sorted(self.held.pop(p), key=lambda item: item[0])
