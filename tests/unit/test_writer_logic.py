@@ -18,6 +18,7 @@ from stemstream.formats import wire
 from stemstream.formats.ledger import sector_tally
 from stemstream.formats.sparse_h5 import read_counted
 from stemstream.pipeline.writer.scan import ScanHooks, WriterScan
+from stemstream.transport.messages import pack_control
 
 ALL = (1 << N_MODULES) - 1
 N_PIXELS = FRAME_SHAPE[0] * FRAME_SHAPE[1]
@@ -325,6 +326,7 @@ def test_a_restarted_writer_reports_the_file_its_predecessor_finished_instead_of
         assert writer._open(spec) is None
         assert writer.is_finished(spec) and writer.unreported[spec.number]["summary"]["path"] == summary["path"]
         assert writer.unreported[spec.number]["summary"]["ledger"]["frames_complete"] == 4
+        pack_control(writer.unreported[spec.number])  # what goes to control must travel
         # another run of the same scan number (a new epoch) is refused, the file kept
         other = make_spec(shape=(2, 2), epoch=2)
         assert writer._open(other) is None and writer._failed(other.number)

@@ -58,7 +58,9 @@ def finished_summary(path: Path, spec: ScanSpec) -> dict | None:
     if meta.get("scan_number") != spec.number or meta.get("epoch") != spec.epoch:
         return None
     # the file's mask of written frames stays in the file: a summary travels in control's messages
-    ledger = {k: v for k, v in meta.get("ledger", {}).items() if k != "written"}
+    # (as plain numbers and lists: HDF5 gives numpy values, msgpack packs neither)
+    ledger = {k: v.tolist() if hasattr(v, "tolist") else v for k, v in meta.get("ledger", {}).items()
+              if k != "written"}
     seconds = float(meta.get("seconds", 0.0))
     received = int(ledger.get("frames_received", 0))
     return {"scan": spec.number, "path": str(path), "ledger": ledger, "events": int(meta.get("events", 0)),
