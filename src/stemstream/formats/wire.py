@@ -248,8 +248,7 @@ def _tally_field(envelope: dict, others: tuple[str, ...] = ()) -> dict | None:
 
     for name, value in tally.items():
         if name in SECTOR_COUNTS:
-            ok = type(value) is list and len(value) == N_MODULES and all([type(v) is int and 0 <= v < 2**32
-                                                                          for v in value])
+            ok = type(value) is list and len(value) == N_MODULES and all([count(v) for v in value])
         elif name == "rejected_reasons":
             ok = isinstance(value, dict) and len(value) <= 64 and all(
                 isinstance(k, str) and len(k) <= 64 and count(v) for k, v in value.items())

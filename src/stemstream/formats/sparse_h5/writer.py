@@ -204,17 +204,16 @@ class SparseCountsWriter:
             if len(uniq) != n:
                 raise ValueError(f"slot {int(uniq[counts > 1][0])} appears twice in one call")
 
-        outside = f"an event lies outside the {self.frame_shape[0]} x {self.frame_shape[1]} frame"
         if flat.size:
             if flat.dtype.kind not in "iu":
                 raise ValueError(f"events must be integer pixel indices, got dtype {flat.dtype}")
             if flat.dtype != np.uint32:
                 if flat.min() < 0 or flat.max() >= self._n_pixels:
-                    raise ValueError(outside)
+                    raise self._outside()
                 flat = flat.astype(np.uint32)
             problem = _events_problem(flat, np.asarray(offsets, np.int64), self._n_pixels)
             if problem == _OUTSIDE:
-                raise ValueError(outside)
+                raise self._outside()
             if problem == _NOT_INCREASING:  # stempy's frames are sorted sets
                 raise ValueError("each frame's events must be strictly increasing (sorted, no repeats)")
         else:
@@ -227,6 +226,9 @@ class SparseCountsWriter:
         self._pending_frames += n
         if self._pending_frames >= self.flush_frames:
             self._flush()
+
+    def _outside(self) -> ValueError:
+        return ValueError(f"an event lies outside the {self.frame_shape[0]} x {self.frame_shape[1]} frame")
 
     def _flush(self) -> None:
         """Write the buffered frames: sorted by slot, one slice assignment per run of
@@ -392,9 +394,9 @@ def _events_problem(flat: np.ndarray, offsets: np.ndarray, n_pixels: int) -> int
         for k in range(offsets[i], offsets[i + 1]):
             pixel = np.int64(flat[k])
             if pixel >= n_pixels:
-                return 1
+                return _OUTSIDE
             if pixel <= previous:
-                return 2
+                return _NOT_INCREASING
             previous = pixel
     return 0
 
