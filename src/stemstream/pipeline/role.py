@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from collections import Counter
 
 import psutil
@@ -42,6 +43,9 @@ class Role:
         self._next_heartbeat = 0.0
         self._control_missing_since: float | None = None
         self.control_instance: str | None = None  # control's process id; a new one: it restarted
+        # This process's incarnation, in every heartbeat: a node group restarted under the same
+        # index is failed over at once, not taken for the one that held the scan's blocks.
+        self.instance = uuid.uuid4().hex
         self._process = psutil.Process(os.getpid())
         self.peak_rss = 0
         self.peak_private = 0
@@ -70,7 +74,7 @@ class Role:
         self._next_heartbeat = now + (self.config.flow.heartbeat_s if interval_s is None else interval_s)
         try:
             reply = self.control.request("heartbeat", timeout_s=1.0, role=self.name, id=self.index, stats=self.stats(),
-                                         **self.registration())
+                                         instance=self.instance, **self.registration())
         except ControlUnavailable as exc:
             if self._control_missing_since is None:
                 self._control_missing_since = now
