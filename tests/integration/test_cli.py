@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +14,11 @@ import pytest
 from stemstream.formats.sparse_h5 import read_counted
 
 
-def stemstream(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+def stemstream(*args, cwd=None, timeout=300, tmpdir=None) -> subprocess.CompletedProcess:
+    """``stemstream ARGS``; with ``tmpdir``, its temporary files (a run's logs) go there."""
+    env = {**os.environ, "TMPDIR": str(tmpdir)} if tmpdir is not None else None
     return subprocess.run([sys.executable, "-m", "stemstream", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout)
+                          cwd=cwd, timeout=timeout, env=env)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -94,18 +99,37 @@ def test_truncated_raw_file_is_reported_and_the_rest_counted(simulated, tmp_path
 @pytest.mark.slow
 def test_run_streams_simulated_scans_and_exits_zero_when_complete(tmp_path):
     result = stemstream("run", "--simulate", "6x6", "--scans", "2", "-o", tmp_path / "out",
-                        "--background-threshold", "28", "--xray-threshold", "1000", cwd=tmp_path)
+                        "--background-threshold", "28", "--xray-threshold", "1000", cwd=tmp_path, tmpdir=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     files = sorted((tmp_path / "out").glob("FOURD_*.h5"))
     assert [f.name[-8:] for f in files] == ["00001.h5", "00002.h5"]
     assert result.stdout.count("every frame accounted for") == 2
+    assert not list(tmp_path.glob("stemstream-run-*")), "a successful run removes its logs"
+    assert "logs:" not in result.stdout
 
 
 @pytest.mark.slow
 def test_demo_writes_its_file_in_the_current_directory(tmp_path):
-    result = stemstream("demo", "--scan-shape", "8x8", cwd=tmp_path)
+    # without a terminal: full speed, no prompt at the end
+    result = stemstream("demo", "--scan-shape", "8x8", "--keep-logs", cwd=tmp_path, tmpdir=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "press Enter" not in result.stdout
+    logs = re.search(r"logs: (\S+)", result.stdout)
+    assert logs and (Path(logs.group(1)) / "writer.log").exists(), result.stdout
+    assert not list(tmp_path.glob("stemstream-run-*/sockets"))
     files = list(tmp_path.glob("FOURD_*.h5"))
     assert len(files) == 1
     assert read_counted(files[0]).scan_shape == (8, 8)
     assert "every frame accounted for" in result.stdout and "calibrated" in result.stdout
+
+
+def test_replay_resumes_the_scans_incomplete_file_under_its_whole_name(simulated, tmp_path):
+    from stemstream.deploy.session import replay_target
+    from stemstream.formats.sparse_h5 import SparseCountsWriter
+
+    name = "FOURD_261204_0551_00003_00001"
+    SparseCountsWriter(tmp_path / f"{name}.h5", (6, 5), frames_per_position=2).close(tmp_path / f"{name}.incomplete.h5")
+    target = replay_target(simulated, tmp_path)
+    assert target.file == tmp_path / f"{name}.incomplete.h5"
+    assert target.file_name == f"{name}.h5"  # the writer finds the incomplete file by it
+    assert target.scan.shape == (6, 5) and target.scan.frames_per_position == 2

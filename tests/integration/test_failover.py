@@ -106,6 +106,35 @@ def test_node_group_killed_mid_scan_fails_over_and_a_joining_one_is_used_next(tm
     assert_same_events(joined["path"], clean["path"])
 
 
+def test_node_group_killed_and_restarted_at_once_is_failed_over_as_a_new_process(tmp_path):
+    """Issue 12, finding 2: node group 1 is SIGKILLed mid-scan and started again at once, well
+    within dead_after_s, so control never finds it silent. Its new process says so in its first
+    heartbeat; control starts a new routing generation then and there, the producers resend what
+    the dead process held, and the file is the clean run's with nothing claimed lost."""
+    config = failover_config(tmp_path)
+    config.flow.dead_after_s = 40.0  # longer than any restart here: silence alone fails nothing over
+    with LocalPipeline(config, tmp_path / "work", ProducerSource(seed=3, rate=400)) as pipeline:
+        pipeline.start()
+        clean = pipeline.run_scan(1, SHAPE, timeout_s=120)
+        complete(clean)
+
+        assert pipeline.control.request("start_scan", scan_number=1, scan_shape=list(SHAPE))["ok"]
+        wait_until_counted(pipeline, N_FRAMES + N_FRAMES // 4)
+        pipeline.kill("node-1")
+        pipeline.start_node(1)
+        summary = wait_until_closed(pipeline, 1, timeout_s=120)
+        resent = producer_counter(pipeline, "blocks_resent")
+
+    complete(summary)
+    ledger = summary["ledger"]
+    assert ledger["sectors_lost"] == [0] * 4 and not ledger["node_groups_missing"], ledger
+    failovers = ledger["failovers"]
+    assert [(f["dead"], "node group 1 restarted" in f["reason"]) for f in failovers.values()] == [([], True)], failovers
+    assert resent > 0
+    assert_same_events(summary["path"], clean["path"])
+    assert_same_analyses(summary["path"], clean["path"])
+
+
 def test_gateway_killed_and_restarted_mid_scan_resends_what_its_queues_held(tmp_path):
     """The gateway dies (SIGKILL) with blocks in its queues and is started again: it finds the
     scan running, control starts a new routing generation, and the producers resend every block

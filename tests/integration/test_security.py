@@ -1,5 +1,6 @@
 """CURVE on the pipeline's links: `stemstream keys`, the [security] section, a scan streamed
-encrypted, and peers without an authorised key refused, logged and kept out."""
+encrypted, and peers without an authorised key refused, logged and kept out; without CURVE, a
+client without the session token changes nothing."""
 
 from __future__ import annotations
 
@@ -148,3 +149,22 @@ def test_scan_streamed_with_curve_equals_offline_and_unauthorised_peers_get_noth
                              for role in ("node-0", "control"))
     assert "refused a CURVE connection from 127.0.0.1: client key" in node_log and intruder_key in node_log
     assert "refused a CURVE connection" in control_log
+
+
+@pytest.mark.slow
+def test_an_anonymous_shutdown_stops_nothing_and_the_pipeline_streams_on(tmp_path):
+    """Without CURVE the roles carry the session token control wrote; a client without it is
+    answered only what it may read."""
+    config = test_config(tmp_path)
+    with LocalPipeline(config, tmp_path / "work", ProducerSource(seed=1)) as pipeline:
+        pipeline.start()
+        anonymous = ControlClient(config.network.control(), timeout_s=5.0)
+        refused = anonymous.request("shutdown")
+        assert refused["ok"] is False and refused["unauthenticated"] is True
+        assert anonymous.request("start_scan", scan_number=9, scan_shape=[4, 4])["ok"] is False
+        assert anonymous.request("status")["ok"]
+        anonymous.close()
+        summary = pipeline.run_scan(1, (8, 8), timeout_s=120)
+        status = pipeline.status()
+    assert summary["state"] == "closed" and summary["ledger"]["frames_complete"] == 64
+    assert "9" not in status["scans"] and not status["roles"]["writer-0"]["stats"]["rejected"]

@@ -4,7 +4,9 @@ test_web_browser.py."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import subprocess
 import sys
 import threading
@@ -21,8 +23,9 @@ from stemstream.formats.sparse_h5 import SparseCountsWriter
 from stemstream.pipeline.control.service import Control
 from stemstream.transport.control_client import ControlClient
 from stemstream.transport.messages import pack_control, unpack_control
+from stemstream.web.access import MAX_BODY_BYTES
 from stemstream.web.app import create_app
-from stemstream.web.catalog import Catalog, CatalogError, catalog_url
+from stemstream.web.catalog import MAX_INTEGER, Catalog, CatalogError, catalog_url
 from stemstream.web.live import read_scans
 
 from pipeline_support import test_config
@@ -119,7 +122,7 @@ def control(tmp_path):
     ctl = Control(config)
     thread = threading.Thread(target=ctl.serve, kwargs={"stop_after_shutdown_s": 0.1}, daemon=True)
     thread.start()
-    client = ControlClient(config.network.control())
+    client = ControlClient.for_config(config)
     # one node group checks in, as `stemstream node` would: scans need one to start
     assert client.request("heartbeat", role="node", id=0, stats={}, host="127.0.0.1")["ok"]
     yield config
@@ -213,7 +216,7 @@ def test_mutations_need_the_token(dashboard, control):
     started = r.json()
     assert started["scan"] == 9  # one above the highest scan number known
     assert started["scan_shape"] == [4, 6] and started["frames_per_position"] == 2
-    state = ControlClient(control.network.control()).request("get_scan", scan=9)
+    state = ControlClient.for_config(control).request("get_scan", scan=9)
     assert state["ok"] and state["state"] == "running"
     # the same scan again while it runs: control refuses, the API says why
     r = dashboard.post("/api/scans", json={"scan_shape": [4, 6], "scan_number": 9}, headers=AUTH)
@@ -224,6 +227,76 @@ def test_mutations_need_the_token(dashboard, control):
     assert dashboard.get(f"/api/scans/{entry}").status_code == 404
     assert dashboard.delete(f"/api/scans/{entry}", headers=AUTH).status_code == 404
     assert path.exists()
+
+
+def asgi_request(app, method: str, path: str, headers: dict[str, str], chunks: list[bytes]) -> tuple[int, dict, int]:
+    """Call the application as a server would, the body in ``chunks`` (one message each, the
+    length declared only if ``headers`` says so): (status, the reply's map, chunks it read)."""
+    read, sent = 0, []
+
+    async def receive():
+        nonlocal read
+        if read < len(chunks):
+            read += 1
+            return {"type": "http.request", "body": chunks[read - 1], "more_body": read < len(chunks)}
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80)}
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, json.loads(body), read
+
+
+FIFTY_MB = [b"x" * 2**16] * 800  # 50 MiB in 64 KiB messages
+
+
+def test_a_change_without_the_token_is_refused_before_its_body_is_read(dashboard):
+    r = dashboard.post("/api/scans", headers={"Content-Type": "application/json"}, content=b"{not json")
+    assert r.status_code == 401 and "token" in r.json()["error"]
+    r = dashboard.post("/api/scans", headers={"Authorization": "Bearer wrong"}, content=b"{not json")
+    assert r.status_code == 403
+    assert dashboard.delete(f"/api/scans/{2**70}").status_code == 401
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Content-Length": str(50 * 2**20)}):
+        status, reply, read = asgi_request(dashboard.app, "POST", "/api/scans", headers, FIFTY_MB)
+        assert status in (401, 403) and reply["status"] == status and read == 0
+
+
+def test_a_body_over_the_limit_gets_413_and_is_not_read_whole(dashboard):
+    r = dashboard.post("/api/scans", headers={**AUTH, "Content-Type": "application/json"},
+                       content=b" " * (MAX_BODY_BYTES + 1))
+    assert r.status_code == 413 and "over 1,048,576 bytes" in r.json()["error"]
+    # declared in Content-Length: refused unread
+    status, reply, read = asgi_request(dashboard.app, "POST", "/api/scans",
+                                       {**AUTH, "Content-Length": str(50 * 2**20)}, FIFTY_MB)
+    assert (status, reply["status"], read) == (413, 413, 0)
+    # no length said (chunked): read only until it passes the limit
+    status, reply, read = asgi_request(dashboard.app, "POST", "/api/scans", AUTH, FIFTY_MB)
+    assert status == 413 and "\n" not in reply["error"] and read == MAX_BODY_BYTES // 2**16 + 1
+    # within the limit, a body in several messages reaches the route whole
+    body = json.dumps({"scan_shape": "12 by 3", "frames_per_position": 1}).encode()
+    headers = {**AUTH, "Content-Type": "application/json"}
+    status, reply, read = asgi_request(dashboard.app, "POST", "/api/scans", headers, [body[:10], body[10:]])
+    assert status == 422 and "ROWSxCOLS" in reply["error"] and read == 2
+
+
+def test_numbers_beyond_the_catalogs_integers_get_a_one_line_422(dashboard):
+    huge = 2**70
+    for url in (f"/api/scans/{huge}", f"/scans/{huge}", f"/scans/{huge}/file", f"/scans/{huge}/images/a/b",
+                f"/api/scans?offset={huge}", f"/api/scans?scan_number={huge}", f"/scans?offset={huge}",
+                f"/api/scans/{MAX_INTEGER + 1}", "/api/scans/-1"):
+        r = dashboard.get(url)
+        assert r.status_code == 422, url
+        assert "\n" not in r.json()["error"] and "or equal to" in r.json()["error"], url
+    r = dashboard.delete(f"/api/scans/{huge}", headers=AUTH)
+    assert r.status_code == 422 and f"less than or equal to {MAX_INTEGER}" in r.json()["error"]
+    assert dashboard.get(f"/api/scans/{MAX_INTEGER}").status_code == 404  # in range: not there
 
 
 def test_user_text_is_escaped(dashboard):
@@ -257,7 +330,7 @@ def test_reads_need_the_token_off_loopback(control, tmp_path):
 
 def test_websocket_pushes_the_state_and_the_scans_control_reports_closed(dashboard, control):
     path = make_counted_file(dashboard.out / "FOURD_250101_1200_00001_00012.h5", scan_number=12)
-    ctl = ControlClient(control.network.control())
+    ctl = ControlClient.for_config(control)
     assert ctl.request("start_scan", scan_number=12, scan_shape=[6, 5])["ok"]
     with dashboard.websocket_connect("/ws") as ws:
         kinds = set()
@@ -317,7 +390,7 @@ def test_websocket_pushes_the_writers_live_images_and_progress(dashboard, contro
     images = {"virtual_detectors/bright_field": b"\x89PNG bright field", "summed_pattern/pattern": b"\x89PNG pattern"}
     progress = {"frames_written": 7, "frames_complete": 6, "frames_incomplete": 1, "events": 99, "seconds": 1.0}
     writer = FakeWriterLive(control.network.live(), images, progress)
-    ctl = ControlClient(control.network.control())
+    ctl = ControlClient.for_config(control)
     assert ctl.request("start_scan", scan_number=13, scan_shape=[6, 5])["ok"]
     try:
         with dashboard.websocket_connect("/ws") as ws:

@@ -222,6 +222,75 @@ def test_no_new_generation_when_every_node_group_is_silent(make_control):
     assert beat_spec(control, 1).alive == [0]
 
 
+def node_process(control: Control, node: int, instance) -> dict:
+    """A heartbeat of node group ``node`` from process ``instance``."""
+    return ok(control, "heartbeat", role="node", id=node, stats={}, host="127.0.0.1", instance=instance)
+
+
+def test_a_node_group_restarted_mid_scan_is_failed_over_at_once_and_its_new_process_serves_on(make_control):
+    """Issue 12, finding 2: a node group killed and restarted within dead_after_s never went
+    silent, so nothing was failed over and what the dead process held was lost without a word."""
+    control = make_control()
+    for n in (0, 1):
+        node_process(control, n, f"first-{n}")
+    ok(control, "start_scan", scan_number=1, scan_shape=[16, 16])
+    assert beat_spec(control, 1).instances == {0: "first-0", 1: "first-1"}
+    node_process(control, 1, "first-1")
+    control.tick()
+    assert beat_spec(control, 1).generation == 0
+    control.changed = False
+    reply = node_process(control, 1, "second-1")  # the reply the new process reads its scans from
+    spec = ScanSpec.from_wire(reply["scans"][0])
+    assert spec.generation == 1 and spec.alive == [0, 1] and control.changed
+    assert [(f.generation, f.dead) for f in spec.failovers] == [(1, [])] and "restarted" in spec.failovers[0].reason
+    assert spec.instances == {0: "first-0", 1: "second-1"}
+    node_process(control, 1, "second-1")
+    control.tick()
+    assert beat_spec(control, 1).generation == 1  # once per restart
+
+
+def test_a_restart_after_the_node_group_was_done_or_failed_over_or_the_scan_ended_changes_no_generation(make_control):
+    control = make_control()
+    for n in (0, 1, 2):
+        node_process(control, n, f"first-{n}")
+    ok(control, "start_scan", scan_number=1, scan_shape=[16, 16])
+    ok(control, "committed", scan=1, ranges=[], fenced=0, done=[0])  # node group 0 finished its part
+    node_process(control, 0, "second-0")
+    silence(control, 2)
+    control.tick()
+    assert beat_spec(control, 1).generation == 1 and beat_spec(control, 1).alive == [0, 1]  # 2 died
+    node_process(control, 2, "second-2")  # back after its failover: not in the scan any more
+    spec = beat_spec(control, 1)
+    assert spec.generation == 1 and spec.instances[0] == "second-0"
+    ok(control, "scan_done", scan=1, ok=True, summary={})
+    node_process(control, 1, "second-1")
+    assert control.scans[1].spec.generation == 1 and control.scans[1].spec.instances[1] == "first-1"
+
+
+def test_a_node_groups_process_is_remembered_across_a_control_restart(make_control):
+    control = make_control()
+    node_process(control, 0, "first-0")
+    node_process(control, 1, "first-1")
+    ok(control, "start_scan", scan_number=1, scan_shape=[16, 16])
+    control.save()
+    again = make_control()  # the same state file
+    assert again.scans[1].spec.instances == {0: "first-0", 1: "first-1"}
+    node_process(again, 0, "first-0")
+    assert beat_spec(again, 1).generation == 0
+    node_process(again, 1, "second-1")  # restarted while control was away
+    assert beat_spec(again, 1).generation == 1
+
+
+def test_a_heartbeat_whose_instance_is_not_a_token_changes_no_scan(make_control):
+    control = make_control()
+    node_process(control, 0, "first-0")
+    ok(control, "start_scan", scan_number=1, scan_shape=[4, 4])
+    for bad in ("x" * 1000, "", 5, None, ["a"]):
+        control.handle({"op": "heartbeat", "role": "node", "id": 0, "stats": {}, "instance": bad})
+    spec = beat_spec(control, 1)
+    assert spec.generation == 0 and spec.instances == {0: "first-0"}
+
+
 def test_a_gateway_restart_starts_a_new_generation_for_every_running_scan(make_control):
     control = make_control()
     register(control, 0)

@@ -47,7 +47,8 @@ def offline(frames: np.ndarray) -> list[np.ndarray]:
 
 class Outside:
     """What a NodeScan's ports lead to, recorded: messages to the writer, histograms to control,
-    rejections, heartbeats; the specs control gave; a clock moved by hand."""
+    rejections, heartbeats; the specs control gave, the producers it calls dead, the writer's
+    commits it relays; a clock moved by hand."""
 
     def __init__(self, tmp_path):
         self.sent: list[list] = []
@@ -55,12 +56,15 @@ class Outside:
         self.rejected: Counter = Counter()
         self.keepalives = 0
         self.specs: dict = {}
+        self.dead_producers: set[int] = set()
+        self.commits: list = []  # block ranges
         self.now = 1000.0
         self.ports = NodePorts(
             index=0, flow=FlowSettings(end_timeout_s=3.0, scan_timeout_s=60.0), analyses=[],
             spill_dir=tmp_path / "spill", counters=Counter(), send=self.sent.append,
             send_calibration=lambda scan, histogram: self.calibrations.append((scan, histogram)),
-            latest_spec=self.specs.get, reject=self._reject, keepalive=self._keepalive, clock=lambda: self.now,
+            latest_spec=self.specs.get, reject=self._reject, keepalive=self._keepalive,
+            producer_dead=self.dead_producers.__contains__, committed=lambda scan: self.commits, clock=lambda: self.now,
         )
 
     def _reject(self, reason: str, detail: str) -> None:
@@ -170,7 +174,8 @@ def test_a_block_missing_a_module_is_settled_by_that_modules_later_block(outside
     assert 1 in scan.pending and 0 not in scan.pending
 
 
-def test_sectors_missing_after_the_end_markers_count_the_frames_incomplete_and_the_done_says_so(outside, scan_data):
+def test_sectors_missing_after_the_end_markers_count_the_frames_incomplete_once_their_producer_is_gone(outside,
+                                                                                                       scan_data):
     frames, records = scan_data
     scan = NodeScan(outside.ports, spec())
     for block in (0, 1):
@@ -178,6 +183,13 @@ def test_sectors_missing_after_the_end_markers_count_the_frames_incomplete_and_t
             scan.add_sectors(sectors(block_records(records, module, block), module, block))
     for module in MODULES:
         scan.add_end(end(module, sent=N_FRAMES))  # module 3 sent 8 sectors; none arrived
+    scan.step()
+    # module 3's END came before the blocks the spec routes here: they are owed, not given up
+    assert outside.sent == [] and scan.owed[3] == {0, 1} and not scan.ended
+    outside.now += outside.ports.flow.end_timeout_s + 0.5
+    scan.step()
+    assert outside.sent == [] and not scan.finished  # its producer lives: they may still come
+    outside.dead_producers.add(3)
     scan.step()
     messages = outside.take()
     assert [kind for kind, _ in messages] == [wire.EVENTS, wire.EVENTS, wire.ANALYSIS, wire.DONE]
@@ -230,7 +242,8 @@ def test_bad_records_are_rejected_with_their_reason_and_a_late_sector_at_once(ou
     scan.add_sectors(sectors(block_records(records, 0, 0), 0, 0))  # block 0 was counted already
     assert outside.rejected["late_sector"] == 1
     for module in MODULES:
-        scan.add_end(end(module, sent=BLOCK_FRAMES))
+        scan.add_sectors(sectors(block_records(records, module, 1), module, 1))
+        scan.add_end(end(module, sent=N_FRAMES))
     scan.step()
     done = [m for kind, m in outside.take() if kind == wire.DONE][0]
     assert done.ledger["rejected_reasons"] == {"late_sector": BLOCK_FRAMES}
@@ -263,16 +276,143 @@ def test_a_block_a_producer_spilled_is_spilled_whole_not_counted(outside, scan_d
     (msg,) = events_of(outside.take())
     assert msg.block == 0 and len(msg.frame_numbers) == 0 and msg.ledger["frames_spilled"] == BLOCK_FRAMES
     for module in MODULES:
+        if module != 3:
+            scan.add_sectors(sectors(block_records(records, module, 1), module, 1))
         scan.add_end(end(module, sent=N_FRAMES))
-    scan.step()  # block 1 (module 3's part only) is counted; the spill files are closed
+    scan.step()  # block 1 is counted; the spill files are closed
     (msg,) = events_of(outside.take())
-    assert msg.block == 1 and msg.present.tolist() == [0b1000] * 4
+    assert msg.block == 1 and msg.present.tolist() == [ALL] * 4
     assert outside.ports.counters["frames_counted"] == BLOCK_FRAMES
     out = spill_directory(tmp_path / "spill", SCAN)
     for module in (0, 1, 2):
         data = (out / raw_file_name(SCAN, module, dst=100)).read_bytes()
         assert data == block_records(records, module, 0).tobytes()
     assert not (out / raw_file_name(SCAN, 3, dst=100)).exists()
+
+
+# -- what the spec allows: forged block numbers and early end markers (issue 12, finding 7) -----------
+
+
+def forged_end(module: int, sent: int = 0, spilled_blocks=(), stream: int = 0) -> wire.EndMessage:
+    return wire.decode_end(wire.encode_end(SCAN, module, 0, sent=sent, spilled_blocks=list(spilled_blocks),
+                                           stream=stream))
+
+
+def feed_block(scan: NodeScan, records, block: int, modules=MODULES, stream: int = 0) -> None:
+    for module in modules:
+        scan.add_sectors(sectors(block_records(records, module, block), module, block, stream=stream))
+
+
+def assert_whole(outside: Outside, frames: np.ndarray) -> wire.DoneMessage:
+    """Every frame sent complete and counted as offline, once; the DONE (nothing lost)."""
+    messages = outside.take()
+    sent = events_of(messages)
+    numbers = np.concatenate([m.frame_numbers for m in sent]).tolist()
+    assert sorted(numbers) == list(range(len(frames))) and all((m.present == ALL).all() for m in sent)
+    expected = offline(frames)
+    for msg in sent:
+        for i, number in enumerate(msg.frame_numbers.tolist()):
+            assert np.array_equal(frame_events(msg, i), expected[number]), f"frame {number}"
+    (done,) = [m for kind, m in messages if kind == wire.DONE]
+    assert done.lost == [0] * N_MODULES
+    return done
+
+
+@pytest.mark.parametrize("block, nodes, reason", [
+    (2**32 - 1, [0], "block_not_in_scan"),  # the campaign's forgery
+    (N_FRAMES // BLOCK_FRAMES + 1, [0], "block_not_in_scan"),  # past the scan's last block (frames from 1)
+    (1, [0, 1], "block_not_routed_here"),  # node group 1's block
+])
+def test_a_forged_block_the_spec_does_not_route_here_is_refused_and_settles_nothing(outside, scan_data, block, nodes,
+                                                                                   reason):
+    """A lagging module 0: modules 1-3 sent block 0, then a forged empty block of module 0 comes.
+    It used to settle block 0 without module 0 (incomplete frames) and make the real part late."""
+    frames, records = scan_data
+    scan = NodeScan(outside.ports, spec(nodes=nodes))
+    feed_block(scan, records, 0, modules=(1, 2, 3))
+    scan.add_sectors(sectors(records[0][:0], 0, block))
+    scan.step()
+    assert outside.rejected == Counter({reason: 1}) and outside.sent == []
+    assert scan.highest_block[0] == -1 and scan.rejected_reasons == Counter()  # no record in it
+    feed_block(scan, records, 0, modules=(0,))
+    mine = [b for b in range(N_FRAMES // BLOCK_FRAMES) if spec(nodes=nodes).route(b)[0] == 0]
+    for b in mine[1:]:
+        feed_block(scan, records, b)
+    for module in MODULES:
+        scan.add_end(end(module, sent=BLOCK_FRAMES * len(mine)))
+    scan.step()
+    assert_whole(outside, frames[np.concatenate([np.arange(b * BLOCK_FRAMES, (b + 1) * BLOCK_FRAMES) for b in mine])]
+                 if nodes == [0] else frames[:BLOCK_FRAMES])
+    assert outside.rejected == Counter({reason: 1}) and scan.finished
+
+
+def test_a_forged_blocks_records_are_counted_rejected_in_the_ledger(outside, scan_data):
+    _, records = scan_data
+    scan = NodeScan(outside.ports, spec())
+    scan.add_sectors(sectors(block_records(records, 2, 0), 2, 7))
+    assert scan.sectors_rejected == [0, 0, BLOCK_FRAMES, 0]
+    assert scan.unblocked["rejected_reasons"] == {"block_not_in_scan": BLOCK_FRAMES} and not scan.pending
+
+
+def test_a_spill_notice_of_another_node_groups_block_is_refused_with_its_message(outside, scan_data):
+    _, records = scan_data
+    scan = NodeScan(outside.ports, spec(nodes=[0, 1]))
+    scan.add_sectors(sectors(block_records(records, 1, 0), 1, 0, spilled=[1]))
+    scan.add_end(forged_end(2, spilled_blocks=[5]))
+    assert outside.rejected == Counter(block_not_routed_here=1, block_not_in_scan=1)
+    assert not scan.pending and not scan.ends and not scan.spilled_parts
+
+
+def test_an_early_end_marker_closes_nothing_until_the_blocks_the_spec_routes_here_came(outside, scan_data):
+    """A forged END of module 0 (sent 0) while module 0 lags used to close module 0: every block
+    was counted without it, and its real sectors were then rejected as late."""
+    frames, records = scan_data
+    scan = NodeScan(outside.ports, spec())
+    feed_block(scan, records, 0, modules=(1, 2, 3))
+    scan.add_end(forged_end(0))
+    scan.step()
+    assert outside.sent == [] and scan.owed[0] == {0, 1} and not scan.ended
+    feed_block(scan, records, 0, modules=(0,))
+    scan.step()
+    assert [m.present.tolist() for m in events_of(outside.take())] == [[ALL] * 4]
+    feed_block(scan, records, 1)
+    for module in MODULES:  # the real ends, after the blocks: module 0's replaces the forged one
+        scan.add_end(end(module, sent=N_FRAMES))
+    scan.step()
+    messages = outside.take()
+    assert [kind for kind, _ in messages] == [wire.EVENTS, wire.ANALYSIS, wire.DONE]
+    assert messages[0][1].present.tolist() == [ALL] * 4 and messages[-1][1].lost == [0] * N_MODULES
+    assert not outside.rejected
+
+
+def test_after_a_failover_blocks_the_writer_committed_are_not_owed(outside, scan_data):
+    """Generation 1 routes both blocks here; block 0 was committed in generation 0, so the
+    producers resend block 1 only. The commits reach this node group in a heartbeat reply."""
+    frames, records = scan_data
+    failed_over = spec(nodes=[0, 1])
+    failed_over.new_generation([1], "node group 1 stopped answering", at=0.0, committed_blocks=1)
+    scan = NodeScan(outside.ports, failed_over, stream=1)
+    feed_block(scan, records, 1, stream=1)
+    for module in MODULES:
+        scan.add_end(forged_end(module, sent=BLOCK_FRAMES, stream=1))
+    scan.step()
+    messages = outside.take()
+    assert [kind for kind, _ in messages] == [wire.EVENTS, wire.ANALYSIS]
+    assert messages[0][1].block == 1 and messages[0][1].stream == 1 and messages[0][1].present.tolist() == [ALL] * 4
+    assert scan.owed == {m: {0} for m in MODULES} and not scan.finished
+    outside.commits[:] = [[0, 1]]
+    scan.step()
+    assert [kind for kind, _ in outside.take()] == [wire.DONE] and scan.finished
+
+
+def test_a_resumed_scan_brings_only_the_spilled_blocks_and_its_end_markers_close_at_once(outside, scan_data):
+    _, records = scan_data
+    scan = NodeScan(outside.ports, spec(resume=True))
+    feed_block(scan, records, 1)
+    for module in MODULES:
+        scan.add_end(end(module, sent=BLOCK_FRAMES))
+    scan.step()
+    assert [kind for kind, _ in outside.take()] == [wire.EVENTS, wire.ANALYSIS, wire.DONE] and scan.finished
 
 
 # -- time ------------------------------------------------------------------------------------------
@@ -300,22 +440,41 @@ def test_partials_follow_the_events_at_most_every_interval_and_before_done(outsi
     assert [kind for kind, _ in outside.take()] == [wire.DONE]  # nothing uncommitted was left
 
 
-def test_a_scan_whose_end_markers_stop_coming_is_closed_after_the_end_timeout(outside, scan_data):
+def test_a_stream_waits_past_the_end_timeout_for_a_live_producers_module_and_closes_once_it_is_gone(outside,
+                                                                                                    scan_data):
+    """Issue 12, finding 3: modules 0-2 ended, module 3's blocks are held up (behind a dead node
+    group's gateway queue, until its failover at dead_after_s). The end timeout must not finish
+    the stream (committing those frames incomplete) while module 3's producer lives."""
+    _, records = scan_data
+    scan = NodeScan(outside.ports, spec())
+    for module in (0, 1, 2):
+        for block in (0, 1):
+            scan.add_sectors(sectors(block_records(records, module, block), module, block))
+        scan.add_end(end(module, sent=N_FRAMES))
+    outside.now += outside.ports.flow.end_timeout_s + 1.0
+    scan.step()
+    assert outside.sent == [] and not scan.finished
+    outside.now += outside.ports.flow.scan_timeout_s - outside.ports.flow.end_timeout_s - 2.0
+    scan.step()
+    assert outside.sent == [] and not scan.finished  # still within scan_timeout_s of silence
+    outside.dead_producers.add(3)  # control stopped hearing from producer 3: nothing more comes
+    scan.step()
+    messages = outside.take()
+    assert [kind for kind, _ in messages] == [wire.EVENTS, wire.EVENTS, wire.ANALYSIS, wire.DONE]
+    assert [m.present.tolist() for m in events_of(messages)] == [[0b0111] * 4] * 2
+    assert messages[-1][1].ledger["modules_ended"] == [0, 1, 2]
+    assert scan.finished
+
+
+def test_silence_past_the_scan_timeout_finishes_a_stream_whatever_its_producers(outside, scan_data):
     _, records = scan_data
     scan = NodeScan(outside.ports, spec())
     for module in (0, 1, 2):
         scan.add_sectors(sectors(block_records(records, module, 0), module, 0))
         scan.add_end(end(module, sent=BLOCK_FRAMES))
-    outside.now += outside.ports.flow.end_timeout_s - 0.5
+    outside.now += outside.ports.flow.scan_timeout_s + 1.0
     scan.step()
-    assert outside.sent == [] and not scan.finished
-    outside.now += 1.0
-    scan.step()
-    messages = outside.take()
-    assert [kind for kind, _ in messages] == [wire.EVENTS, wire.ANALYSIS, wire.DONE]
-    assert messages[0][1].present.tolist() == [0b0111] * 4
-    assert messages[-1][1].ledger["modules_ended"] == [0, 1, 2]
-    assert scan.finished
+    assert [kind for kind, _ in outside.take()] == [wire.EVENTS, wire.ANALYSIS, wire.DONE] and scan.finished
 
 
 # -- calibration -----------------------------------------------------------------------------------
@@ -431,3 +590,20 @@ def test_the_node_group_gives_up_on_a_block_only_when_inputs_are_gated_and_a_lac
     assert node_group.give_up_waiting(scan)
     node_group.role_ages = {"producer-0": 3600.0}  # a dead producer whose part the block holds
     assert not node_group.give_up_waiting(scan)
+
+
+def test_a_message_for_a_stream_that_finished_here_is_refused_not_opened_again(node_group, scan_data):
+    """A late END (the real one after a forged early one closed the module) used to open the
+    finished stream again, which then waited for blocks that had gone and sent a second DONE."""
+    _, records = scan_data
+    node_group.scan_specs[SCAN] = spec()
+    node_group._next_heartbeat = float("inf")  # no control here to heartbeat to
+    for block in (0, 1):
+        for module in MODULES:
+            node_group.handle(sectors_parts(block_records(records, module, block), module, block, stream=0), module)
+    for module in MODULES:
+        node_group.handle(wire.encode_end(SCAN, module, 0, sent=N_FRAMES), module)
+    node_group.step_scans()
+    assert not node_group.scans and (SCAN, 0) in node_group.streams_done
+    node_group.handle(wire.encode_end(SCAN, 2, 0, sent=N_FRAMES), 2)
+    assert not node_group.scans and node_group.rejected == Counter(stream_finished=1)

@@ -3,14 +3,16 @@ same frames read by Python gives, with thresholds calibrated from the same sampl
 
 from __future__ import annotations
 
+import h5py
 import numpy as np
 import pytest
 
 from stemstream.counting.kernel import ElectronCounter
 from stemstream.counting.offline import CountOptions, calibrate_from_scan, count_raw_scan
 from stemstream.counting.thresholds import PixelHistogram, draw_sample_weights, thresholds_from_histogram
-from stemstream.formats.raw import FRAME_SHAPE
+from stemstream.formats.raw import FRAME_SHAPE, RawModuleWriter, make_sector_records
 from stemstream.formats.sparse_h5 import read_counted
+from stemstream.formats.sparse_h5.metadata import read_metadata
 from stemstream.formats.raw_scan import RawScan
 from stemstream.sources.simulator import SimulationConfig, simulate_to_directory
 
@@ -100,3 +102,35 @@ def test_a_file_truncated_after_indexing_is_an_error_and_leaves_no_output(raw_di
                        progress=truncate_later)
     assert not (tmp_path / "out.h5").exists()
     assert not list(tmp_path.glob("out.h5*"))
+
+
+def test_a_few_frames_of_a_1024_x_1024_scan_with_2_frames_per_position_count_into_their_slots(tmp_path):
+    """A scan of the paper's largest size: flat positions and slots pass 65,535 (uint16). Each
+    frame gets one electron at a pixel of its own, so the counted file shows where each went."""
+    shape, fpp = (1024, 1024), 2
+    n_positions = shape[0] * shape[1]
+    positions = np.array([0, 65_535, 65_536, 65_536, 700_001, n_positions - 1, n_positions - 1])
+    numbers = np.array([0, 2 * 65_535 + 1, 2 * 65_536, 2 * 65_536 + 1, 1_400_002, 2 * n_positions - 2,
+                        2 * n_positions - 1], np.uint32)
+    pixels = 1000 + 577 * np.arange(len(numbers))  # one electron per frame, each at another pixel
+    frames = np.full((len(numbers), *FRAME_SHAPE), 20, np.uint16)
+    frames.reshape(len(numbers), -1)[np.arange(len(numbers)), pixels] = 300
+    (tmp_path / "raw").mkdir()
+    for m in range(4):
+        with RawModuleWriter(tmp_path / "raw", 4, m, records_per_file=3) as writer:
+            writer.write(make_sector_records(4, numbers[::-1], shape, positions[::-1], frames[::-1], m))
+    result = count_raw_scan([tmp_path / "raw"], tmp_path / "out.h5", CountOptions(background=28.0, xray=1000.0))
+    assert result.frames_per_position == fpp and result.n_events == len(numbers)
+    assert result.ledger.frames_expected == n_positions * fpp
+    assert result.ledger.frames_complete == len(numbers)
+    # Read back the frames written, not the file's 2 million entries (h5py takes ~15 us each).
+    j = np.array([0, 0, 0, 1, 0, 0, 1])
+    with h5py.File(tmp_path / "out.h5", "r") as f:
+        entries = f["electron_events/frames"]
+        assert entries.shape == (n_positions * fpp,)
+        assert [entries[slot].tolist() for slot in positions * fpp + j] == [[p] for p in pixels]
+        ledger = read_metadata(f["metadata"])["stemstream"]["ledger"]
+    written = np.zeros((n_positions, fpp), bool)
+    written[positions, j] = True
+    assert np.array_equal(np.asarray(ledger["written"], bool).reshape(n_positions, fpp), written)
+    assert ledger["events_written"] == len(numbers)

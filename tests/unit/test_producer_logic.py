@@ -1,20 +1,30 @@
 """The producer's decisions without real peers: an in-process control answers its heartbeats,
 plain PULL sockets stand where node groups listen. Which node group and routing generation a
 block goes to, what is resent after a failover given the writer's commits, when a block is
-spilled, which scan is streamed next."""
+spilled, which scan is streamed next, what happens to a scan that ends while it streams (spilled,
+dropped), how fast a shutdown is obeyed, a source that does not hold the scan asked for."""
 
 from __future__ import annotations
+
+import shutil
+import time
 
 import numpy as np
 import pytest
 import zmq
 
 from pipeline_support import InProcessControl, test_config
+from scan_specs import make_spec
 from stemstream.core.detector import RECORD_DTYPE
+from stemstream.deploy.sources import ProducerSource
 from stemstream.formats import wire
 from stemstream.pipeline.control.service import Control
 from stemstream.pipeline.producer import OutgoingScan, Producer
+from stemstream.pipeline.scan_ending import how_it_ended
 from stemstream.pipeline.spill import spill_directory
+from stemstream.sources.modules import ReplayModule
+from stemstream.sources.protocol import SourceError
+from stemstream.sources.simulator import SimulationConfig, simulate_to_directory
 
 MODULE = 1
 NODES = (0, 1)
@@ -196,3 +206,169 @@ def test_the_scan_control_started_first_is_streamed_first(rig):
     assert producer._next_scan().number == 3
     producer.mark_finished(producer._next_scan())
     assert producer._next_scan() is None
+
+
+# -- following the scan's state (issue 12, finding 4) ----------------------------------------------
+
+
+class Source:
+    """A source of ``n_blocks`` blocks of records(block); ``hooks[block]()`` runs just before that
+    block is yielded (what control hears meanwhile). ``yielded``: the blocks it gave."""
+
+    def __init__(self, n_blocks: int, hooks: dict | None = None):
+        self.n_blocks, self.hooks, self.yielded = n_blocks, hooks or {}, []
+        self.module, self.block_frames = MODULE, 32
+
+    def blocks(self, buffer_for=None):
+        for block in range(self.n_blocks):
+            if block in self.hooks:
+                self.hooks[block]()
+            self.yielded.append(block)
+            yield block, records(block)
+
+
+class ShutdownAt(InProcessControl):
+    """An in-process control that is told to shut down at monotonic time ``at`` (the first
+    request after it), as a user would while the producer is stuck in a send."""
+
+    def __init__(self, control, at: float):
+        super().__init__(control)
+        self.at = at
+
+    def request(self, op: str, timeout_s: float | None = None, **fields) -> dict:
+        if self.at is not None and time.monotonic() >= self.at:
+            self.at = None
+            assert self.control.handle({"op": "shutdown"})["ok"]
+        return super().request(op, timeout_s, **fields)
+
+
+def spilled_blocks(config, scan: int = 1) -> list[int]:
+    """The blocks whose records are in the scan's spill files (frame numbers 100 x block + i)."""
+    directory = spill_directory(config.pipeline.spill_dir, scan)
+    if not directory.exists():
+        return []
+    frames = np.concatenate([np.fromfile(f, RECORD_DTYPE)["header"]["frame_number"] for f in directory.iterdir()])
+    return sorted({int(f) // 100 for f in frames})
+
+
+def test_a_scan_closed_with_frames_missing_while_it_streams_is_spilled_whole_then_the_next_scan_streams(rig):
+    r = rig()
+    producer = r.producer
+
+    def commit_block_0():
+        r.beat("committed", scan=1, ranges=[[0, 1]], fenced=0, done=[])
+        producer.tick(force=True)
+
+    def writer_closes_it():  # e.g. every node group died: the writer closed the file at its timeouts
+        ledger = {"frames_expected": 256, "frames_complete": 64}
+        r.beat("scan_done", scan=1, ok=True, summary={"ledger": ledger})
+        producer.tick(force=True)
+
+    source = Source(8, {2: commit_block_0, 4: writer_closes_it})
+    producer.source_factory = lambda spec: source
+    r.beat("start_scan", scan_number=1, scan_shape=[16, 16], nodes=list(NODES))
+    producer.tick(force=True)
+    producer.produce(producer._next_scan())
+    # blocks 0-3 were sent; 0 was committed; the rest (held, and not sent yet) is in the spill
+    assert [b for b, *_ in r.received(0, 2) + r.received(1, 2)] == [0, 2, 1, 3]
+    assert spilled_blocks(r.config) == [1, 2, 3, 4, 5, 6, 7]
+    assert not producer.outgoing and producer.counters["scans_stopped"] == 1
+    assert producer.counters["records_spilled"] == 7 * 2
+    # the next scan streams at once
+    producer.source_factory = lambda spec: Source(2)
+    r.beat("start_scan", scan_number=2, scan_shape=[8, 8], nodes=list(NODES))
+    producer.tick(force=True)
+    nxt = producer._next_scan()
+    assert nxt.number == 2
+    producer.produce(nxt)
+    assert [(b, s) for b, _, s, _ in r.received(0, 1) + r.received(1, 1)] == [(0, 0), (1, 0)]
+
+
+def test_a_scan_that_failed_is_neither_streamed_on_nor_spilled_and_one_never_begun_is_never_streamed(rig):
+    r = rig()
+    producer = r.producer
+
+    def writer_refuses():  # the writer cannot create the file: the scan fails, nothing of it is kept
+        r.beat("scan_done", scan=1, ok=False, summary={"error": "cannot write x.h5: No space left on device"})
+        producer.tick(force=True)
+
+    source = Source(8, {1: writer_refuses})
+    producer.source_factory = lambda spec: source
+    r.beat("start_scan", scan_number=1, scan_shape=[16, 16], nodes=list(NODES))
+    producer.tick(force=True)
+    producer.produce(producer._next_scan())
+    assert source.yielded == [0, 1]  # the source was not read further
+    assert spilled_blocks(r.config) == [] and not producer.outgoing and producer.counters["records_spilled"] == 0
+    # a scan control fails before this producer got to it is not streamed at all
+    r.beat("start_scan", scan_number=5, scan_shape=[8, 8], nodes=list(NODES))
+    producer.tick(force=True)
+    r.beat("scan_done", scan=5, ok=False, summary={"error": "refused"})
+    producer.tick(force=True)
+    assert producer._next_scan() is None
+
+
+def test_shutdown_stops_a_producer_stuck_in_a_send_within_a_second_with_what_it_held_spilled(rig):
+    r = rig(gateway=True, send_hwm=1, backpressure_timeout_s=60.0)  # nobody takes the blocks: sends block
+    producer = r.producer
+    source = Source(64)
+    producer.source_factory = lambda spec: source
+    r.beat("start_scan", scan_number=1, scan_shape=[64, 32], nodes=list(NODES))
+    producer.tick(force=True)
+    producer.control = ShutdownAt(r.control, time.monotonic() + 0.5)
+    t0 = time.monotonic()
+    producer.produce(producer._next_scan())
+    assert time.monotonic() - t0 < 0.5 + 1.0 + 0.5  # a second after the shutdown, and some slack
+    assert producer.shutdown
+    # every block it took from the source is in the spill (the writer committed none); it read
+    # at most one more to spill, and no further
+    assert spilled_blocks(r.config) == source.yielded and len(source.yielded) < 8
+
+
+# -- a replay asked for a scan its files do not hold (issue 12, finding 8) -------------------------
+
+
+def test_a_replay_asked_for_a_scan_its_files_do_not_hold_says_so_once_and_ends_the_scan(rig, tmp_path):
+    raw = tmp_path / "raw"
+    simulate_to_directory(raw, SimulationConfig(scan_shape=(4, 4), seed=2))  # scan 1
+    with pytest.raises(SourceError, match="the raw files of module 1 hold no record of scan 2 .they hold scan.s. 1."):
+        ReplayModule([raw], MODULE, 32, scan_number=2)
+    r = rig()
+    producer = r.producer
+    producer.source_factory = ProducerSource(replay=[raw]).factory(MODULE)
+    for number, shape in ((2, [4, 4]), (3, [4, 4])):
+        r.beat("start_scan", scan_number=number, scan_shape=shape, nodes=list(NODES))
+    producer.tick(force=True)
+    for number in (2, 3):
+        if number == 3:
+            shutil.rmtree(raw)  # for scan 3 the files are gone altogether
+        producer.produce(producer._next_scan())  # no exception
+        ends = [wire.decode_end(r.next_message(n)) for n in NODES]
+        assert [(e.scan, e.sent, e.spilled) for e in ends] == [(number, 0, 0)] * 2  # the scan can end at once
+    assert producer.rejected["scan_not_in_source"] == 2
+
+
+RUN = make_spec(epoch=1).to_wire()  # the run of the scan the producer streams
+CLOSED = {"ok": True, "scan": RUN, "state": "closed"}
+
+
+@pytest.mark.parametrize("reply, shutting_down, expected", [
+    ({"ok": True, "scan": RUN, "state": "running"}, False, None),
+    ({"ok": True, "scan": RUN, "state": "running"}, True, ("the pipeline is shutting down", True, False)),
+    ({**CLOSED, "summary": {"ledger": {"frames_expected": 64, "frames_complete": 64}}}, False,
+     ("it was closed", False, True)),
+    ({**CLOSED, "summary": {"ledger": {"frames_expected": 64, "frames_complete": 63}}}, False,
+     ("it was closed with frames missing", True, False)),
+    ({**CLOSED, "summary": None}, False, ("it was closed with frames missing", True, False)),
+    ({"ok": True, "scan": RUN, "state": "failed", "summary": {"error": "disk full"}}, False,
+     ("it failed (disk full)", False, False)),
+    ({"ok": True, "scan": RUN, "state": "failed", "summary": {"error": "shut down"}}, True,
+     ("it failed (shut down)", True, False)),
+    ({"ok": True, "scan": make_spec(epoch=2).to_wire(), "state": "running"}, False,
+     ("control cannot say how this run of it ended", True, False)),
+    ({"ok": True, "scan": {"epoch": 1}, "state": "closed"}, False, ("control cannot say how this run of it ended", True, False)),
+    ({"ok": False, "error": "unknown scan 1"}, False, ("control cannot say how this run of it ended", True, False)),
+    ({}, False, ("control cannot say how this run of it ended", True, False)),
+])
+def test_how_a_scan_ended_decides_whether_what_is_not_committed_is_spilled(reply, shutting_down, expected):
+    stopped = how_it_ended(reply, 1, shutting_down)
+    assert (stopped if stopped is None else (stopped.why, stopped.keep, stopped.whole)) == expected

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import logging
+import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from stemstream.formats import raw_scan
 from stemstream.formats.raw import (
+    HEADER_DTYPE,
     RECORD_BYTES,
     RECORD_DTYPE,
+    RawFileLayout,
     RawFormatError,
     RawModuleWriter,
     make_sector_records,
@@ -164,3 +169,65 @@ def test_file_of_garbage_shorter_than_a_record_gives_a_clear_error(tmp_path):
     path.write_bytes(b"garbage")
     with pytest.raises(RawFormatError, match="no complete sector record"):
         RawScan([path])
+
+
+def test_a_few_frames_of_a_4096_x_4096_scan_with_3_frames_per_position_are_indexed_to_their_slots(tmp_path):
+    """A scan as large as the 4D Camera's: flat positions and slots pass 65,535 (uint16) and
+    frame numbers 65,535 x 3; a position's frames may come from passes far apart in frame
+    numbers and out of order in the files. Only the records present are indexed."""
+    shape, fpp = (4096, 4096), 3
+    n_positions = shape[0] * shape[1]
+    positions = np.array([0, 0, 0, 65_535, 65_536, 65_536, n_positions - 1, n_positions - 1, n_positions - 1])
+    # position 65,536's two frames: one of the first pass over the scan, one of the third
+    numbers = np.array([0, 1, 2, 3 * 65_535, 3 * 65_536, 2 * n_positions + 65_536, 3 * n_positions - 3,
+                        3 * n_positions - 2, 3 * n_positions - 1], np.uint32)
+    frames = random_frames(len(numbers), 8)
+    order = np.array([4, 8, 0, 2, 6, 1, 7, 5, 3])  # files hold the records in any order
+    for m in range(4):
+        records = make_sector_records(9, numbers[order], shape, positions[order], frames[order], m)
+        with RawModuleWriter(tmp_path, 9, m, records_per_file=4) as writer:
+            writer.write(records)
+    with RawScan([tmp_path]) as scan:
+        assert scan.scan_shape == shape and scan.frames_per_position == fpp
+        assert scan.ledger.frames_expected == n_positions * fpp
+        assert scan.table.frame_numbers.tolist() == numbers.tolist()  # frame-number order
+        assert scan.table.positions.tolist() == positions.tolist()
+        j = [0, 1, 2, 0, 0, 1, 0, 1, 2]
+        assert scan.table.slots.tolist() == (positions * fpp + j).tolist()
+        assert np.array_equal(scan.read_frames(np.arange(len(numbers))), frames)
+        assert scan.table.complete.all() and scan.ledger.sectors_received == [len(numbers)] * 4
+
+
+def test_indexing_holds_about_200_bytes_a_frame_at_its_peak_and_keeps_68(monkeypatch):
+    """The index of a 4096 x 4096 scan must fit a workstation: ~3.4 GB at the peak, 1.1 GB
+    kept. Headers are made up here (a real scan of this many frames takes 170 GB of disk), in
+    4 files per module, records in frame order as the receivers write them."""
+    shape, fpp, files_per_module = (512, 256), 2, 4
+    n = shape[0] * shape[1] * fpp
+    per_file = n // files_per_module
+    files = [Path(raw_file_name(3, m, file_index=f)) for m in range(4) for f in range(files_per_module)]
+
+    def made_up_headers(paths, counts):
+        headers = []
+        for f in range(len(paths)):
+            index = np.arange((f % files_per_module) * per_file, (f % files_per_module + 1) * per_file)
+            h = np.zeros(per_file, HEADER_DTYPE)
+            h["scan_number"], h["frame_number"] = 3, index
+            h["scan_width"], h["scan_height"] = shape[1], shape[0]
+            h["x"], h["y"] = index // fpp % shape[1], index // fpp // shape[1]
+            headers.append(h)
+        return headers
+
+    monkeypatch.setattr(raw_scan, "discover_raw_files", lambda paths: files)
+    monkeypatch.setattr(raw_scan, "inspect_raw_file", lambda p: RawFileLayout(p, module_of_path(p), per_file, 0))
+    monkeypatch.setattr(raw_scan, "read_headers", made_up_headers)
+    tracemalloc.start()
+    try:
+        scan = RawScan(files)
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert scan.frames_per_position == fpp and scan.table.complete.all()
+    assert np.array_equal(scan.table.slots, np.arange(n))
+    assert peak / n < 210, f"{peak / n:.0f} bytes a frame at the peak"
+    assert kept / n < 70, f"{kept / n:.0f} bytes a frame kept"

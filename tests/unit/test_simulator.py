@@ -379,6 +379,25 @@ def test_records_are_what_the_receiver_of_the_module_writes(tmp_path):
         assert part.tobytes() == records[(header["frame_number"] >= 507) & (header["frame_number"] < 518)].tobytes()
 
 
+def test_records_of_a_4096_x_4096_scan_with_3_frames_per_position_carry_their_positions():
+    """The largest scans the 4D Camera takes: flat positions past 65,535 (uint16), frame numbers
+    past 65,535 x 3, the last position (4095, 4095); each record is its frame's sector."""
+    shape, fpp = (4096, 4096), 3
+    sim = DetectorSimulator(SimulationConfig(scan_shape=shape, frames_per_position=fpp, first_frame_number=7))
+    for start in (3 * 65_535, sim.n_frames - 4):  # across position 65,536, and the scan's last frames
+        whole = sim.batch(start, 4)
+        for module in range(4):
+            records = sim.records(start, 4, module)
+            header = records["header"]
+            assert np.array_equal(records["data"], whole.frames[:, module * SECTOR_ROWS : (module + 1) * SECTOR_ROWS])
+            positions = np.arange(start, start + 4) // fpp
+            assert header["frame_number"].tolist() == (np.arange(start, start + 4) + 7).tolist()
+            assert header["x"].tolist() == (positions % 4096).tolist()
+            assert header["y"].tolist() == (positions // 4096).tolist()
+            assert whole.positions.tolist() == positions.tolist()
+    assert header["y"][-1] == header["x"][-1] == 4095
+
+
 def test_records_of_a_range_whose_sectors_are_all_dropped_are_empty():
     sim = DetectorSimulator(SimulationConfig(scan_shape=(2, 2), drop_sector_probability=1.0))
     records = sim.records(0, 4, 2)

@@ -3,7 +3,8 @@
 At a facility the roles run on several hosts, each started with ``stemstream <role> --config
 FILE``; this command needs only the same config file (for control's address) and asks control
 to start a scan, then waits for the writer to close it and prints the same summary and ledger
-as ``stemstream run``.
+as ``stemstream run``. The scan runs on the node groups alive when it starts: one that died
+earlier is not waited for.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def scan(
     scan_number: Annotated[int, typer.Option("--scan-number", help="Scan number (in file names and headers).")] = 1,
     frames_per_position: Annotated[int, typer.Option("--frames-per-position", help="Frames at each scan position.")] = 1,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the scan's file to be closed.")] = 600.0,
-    wait_roles: Annotated[float, typer.Option("--wait-roles", help="Seconds to wait for every role to check in with control first.")] = 30.0,
+    wait_roles: Annotated[float, typer.Option("--wait-roles", help="Seconds to wait for the roles to check in with control first (a node group that died is not waited for).")] = 30.0,
 ) -> None:
     """Start one scan on a running pipeline (roles on any hosts) and wait for its counted file."""
     cfg = read_config(config)
@@ -51,7 +52,7 @@ def run_scan_on(cfg: PipelineConfig, scan_number: int, scan_shape: tuple[int, in
     import zmq
 
     from stemstream.core.config import ConfigError
-    from stemstream.deploy.scan import PipelineError, required_roles, start_and_wait, wait_for_roles
+    from stemstream.deploy.scan import PipelineError, start_and_wait, wait_for_scan_roles
     from stemstream.transport.control_client import ControlClient, ControlUnavailable
 
     try:
@@ -61,9 +62,12 @@ def run_scan_on(cfg: PipelineConfig, scan_number: int, scan_shape: tuple[int, in
     try:
         try:
             with console.status("waiting for the roles to check in..."):
-                wait_for_roles(control, required_roles(cfg), cfg, wait_roles_s)
+                absent = wait_for_scan_roles(control, cfg, wait_roles_s)
         except ControlUnavailable as exc:
             raise UserError(f"{exc}: is `stemstream control` running there and reachable?") from None
+        if absent:
+            console.print(f"[yellow]not answering: {', '.join(sorted(absent))}; the scan runs on the node "
+                          "groups alive[/]", highlight=False)
         total = scan_shape[0] * scan_shape[1] * frames_per_position
         with scan_progress(scan_number, total, control.request("status")) as progress:
             summary = start_and_wait(control, scan_number, scan_shape, frames_per_position, progress, timeout_s)

@@ -1,11 +1,12 @@
 """What every command shares: user errors as one sentence, the config, shape parsing, progress,
-logging."""
+Ctrl-C, logging."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import logging
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -122,6 +123,57 @@ def scan_progress(number: int, frames: int, status: dict) -> Iterator[Callable[[
     before = frames_counted(status)
     with progress_bar(console, f"scan {number}", frames) as advance:
         yield lambda status: advance(min(frames_counted(status) - before, frames))
+
+
+class Killed(Exception):
+    """A second Ctrl-C: the command's processes were killed at once."""
+
+
+@contextlib.contextmanager
+def interrupts(kill: Callable[[], None]) -> Iterator[None]:
+    """Within the block, the first Ctrl-C (SIGINT, or a SIGTERM) raises KeyboardInterrupt, for the
+    command to stop its processes cleanly; the second calls ``kill`` at once (from the signal
+    handler: it must not wait for anything) and raises :class:`Killed`; any later one only kills."""
+    received = 0
+
+    def handler(signum, frame) -> None:
+        nonlocal received
+        received += 1
+        if received == 1:
+            raise KeyboardInterrupt
+        kill()
+        if received == 2:
+            raise Killed
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def compiling_notice(message: str) -> Iterator[Callable[[], None]]:
+    """Yields ``show()``: the first call shows ``message`` with a spinner (a plain line when
+    stdout is not a terminal) until the block ends; without a call nothing is shown."""
+    shown: list = []
+
+    def show() -> None:
+        if shown:
+            return
+        if console.is_terminal:
+            shown.append(console.status(message))
+            shown[0].start()
+        else:
+            shown.append(None)
+            console.print(message)
+
+    try:
+        yield show
+    finally:
+        if shown and shown[0] is not None:
+            shown[0].stop()
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -49,6 +49,8 @@ keys_dir = "keys"           # made by `stemstream keys keys`
 server_key = "server"       # keys_dir/server.key(_secret): the listening sockets' key pair
 client_key = "client"       # keys_dir/client.key(_secret): this host's connecting sockets
 authorized_dir = ""         # public keys allowed to connect; default keys_dir/authorized
+token_file = ""             # curve off: control's session token (see transport.session_token);
+                            # default beside [pipeline] state_file ("x.state" -> "x.token")
 ```
 """
 
@@ -203,6 +205,9 @@ class SecuritySettings:
     server_key: str = "server"
     client_key: str = "client"
     authorized_dir: str = ""
+    # Without CURVE, requests that change something carry control's session token, read from
+    # this file (transport.session_token); "": beside [pipeline] state_file.
+    token_file: str = ""
 
 
 @dataclass

@@ -16,6 +16,15 @@ in it. Each (node group, generation, module) is one stream in block order, which
 node group tell a part that will still come from one that never will. A scan number used again
 starts above its last run's generation, and gets a new ``epoch``, so nothing of an earlier run is
 taken for the new one.
+
+Which blocks a node group may be sent is the spec's too (:meth:`ScanSpec.blocks_of`,
+:meth:`ScanSpec.block_problem`): a node group refuses a block number its spec does not route to
+it, and holds a module open until every block routed to it has come from that module.
+
+Incarnations. ``instances`` names the process (its incarnation, new at every start) of each node
+group serving the scan, as control last heard it. A node group that answers under another one
+was restarted and lost what it held: control starts a new routing generation at once, as after a
+death (pipeline.control.scans), rather than waiting ``dead_after_s`` for a silence that never comes.
 """
 
 from __future__ import annotations
@@ -23,10 +32,19 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from stemstream.core.detector import MAX_NODE_ID, MAX_SCAN_SIDE
 from stemstream.core.thresholds import Thresholds
 
 _SHAPE = re.compile(r"^\s*(\d+)\s*[xX,]\s*(\d+)\s*$")
+# An incarnation is a short token (a uuid's hex); anything longer is not one.
+MAX_INSTANCE_CHARS = 64
+# Blocks routed at once by blocks_of: bounds its memory on the largest scans (~40 MB).
+_ROUTING_CHUNK = 1 << 20
+# A scan's frames are numbered from 0 (the simulated producers) or from 1 (the receivers, and the
+# simulator's receiver files); a frame's block is frame_number // block_frames either way.
+LAST_FIRST_FRAME = 1
 
 
 class SpecError(ValueError):
@@ -89,6 +107,7 @@ class ScanSpec:
     failovers: list[Failover] = field(default_factory=list)
     resume: bool = False  # a replay into an existing file
     thresholds: Thresholds | None = None  # None until calibrated
+    instances: dict[int, str] = field(default_factory=dict)  # node group -> the process serving it
 
     def __post_init__(self):
         if self.alive is None:
@@ -113,6 +132,11 @@ class ScanSpec:
     def n_blocks(self) -> int:
         return -(-self.n_frames // self.block_frames)
 
+    @property
+    def last_block(self) -> int:
+        """The highest block number a frame of the scan can have (frames numbered from 0 or 1)."""
+        return (self.n_frames - 1 + LAST_FIRST_FRAME) // self.block_frames
+
     def host_of(self, node: int) -> str:
         """The host node group ``node`` listens on ("" when control did not say)."""
         return self.node_hosts.get(node, "")
@@ -123,6 +147,31 @@ class ScanSpec:
             return None
         owner = self.nodes[block % len(self.nodes)]
         return (owner if owner in self.alive else self.alive[block % len(self.alive)]), self.generation
+
+    def blocks_of(self, node: int) -> np.ndarray:
+        """The blocks :meth:`route` gives node group ``node`` in the current generation that hold
+        a frame of the scan whether its frames are numbered from 0 or from 1, ascending (int64)."""
+        if node not in self.alive:
+            return np.empty(0, np.int64)
+        nodes, alive = np.asarray(self.nodes), np.asarray(self.alive)
+        found = []
+        first, stop = LAST_FIRST_FRAME // self.block_frames, (self.n_frames - 1) // self.block_frames + 1
+        for start in range(first, stop, _ROUTING_CHUNK):
+            blocks = np.arange(start, min(start + _ROUTING_CHUNK, stop), dtype=np.int64)
+            owner = nodes[blocks % len(nodes)]
+            target = np.where(np.isin(owner, alive), owner, alive[blocks % len(alive)])
+            found.append(blocks[target == node])
+        return np.concatenate(found) if found else np.empty(0, np.int64)
+
+    def block_problem(self, block: int, node: int) -> str | None:
+        """Why node group ``node`` cannot be sent ``block`` in the current generation (a
+        rejection reason), or None when it can."""
+        if block > self.last_block:
+            return "block_not_in_scan"
+        target = self.route(block)
+        if target is None or target[0] != node:
+            return "block_not_routed_here"
+        return None
 
     def new_generation(self, dead: list[int], reason: str, at: float, committed_blocks: int) -> None:
         """Start the next routing generation without the node groups ``dead``."""
@@ -149,6 +198,7 @@ class ScanSpec:
             "resume": self.resume,
             "calibration": vars(self.calibration).copy(),
             "thresholds": None if self.thresholds is None else self.thresholds.as_dict(),
+            "instances": {str(n): i for n, i in self.instances.items()},
         }
 
     @classmethod
@@ -191,6 +241,8 @@ class ScanSpec:
                                 int(f.get("committed_blocks", 0))) for f in d.get("failovers", [])],
             resume=bool(d.get("resume", False)),
             thresholds=None if thresholds is None else Thresholds.from_dict(thresholds),
+            instances={_integer(int(n), "instances", 0, MAX_NODE_ID): _instance(i)
+                       for n, i in dict(d.get("instances", {})).items()},
         )
 
 
@@ -203,4 +255,11 @@ def _integer(value, name: str, low: int = 0, high: int = 2**63 - 1) -> int:
 def _text(value, name: str) -> str:
     if not isinstance(value, str):
         raise SpecError(f"a scan spec's {name} must be text, got {value!r}")
+    return value
+
+
+def _instance(value) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_INSTANCE_CHARS:
+        raise SpecError(f"a scan spec's instances must be tokens of 1 to {MAX_INSTANCE_CHARS} characters, "
+                        f"got {value!r:.80}")
     return value

@@ -4,11 +4,20 @@ Every role that counts or simulates runs numba kernels, compiled on first use an
 (``cache=True``). On a fresh install the first ``run``/``demo`` would have each of its processes
 (2 node groups, 4 producers, the writer) compile the same kernels at once on the same cores: over
 a minute of CPU on a 2-core laptop, during which the roles cannot check in with control. Compiling
-them here first, in one process, fills numba's cache; the roles then load it in a second or two.
-On later runs this loads the cache too (about a second).
+them here first, in one process, fills numba's cache; the roles then load it in a second or two,
+and no scan's time (nor the rate its summary gives) includes compiling. On later runs this loads
+the cache too (about a second).
 """
 
 from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from numba.core import event
 
 from stemstream.analysis import default_analyses
 from stemstream.core.config import PipelineConfig
@@ -17,12 +26,57 @@ from stemstream.deploy.sources import ProducerSource
 from stemstream.pipeline.node.role import load_kernels
 
 
-def compile_kernels(config: PipelineConfig, source: ProducerSource) -> None:
+def compile_kernels(config: PipelineConfig, source: ProducerSource,
+                    on_compile: Callable[[], None] | None = None) -> None:
     """Compile (or load from the cache) what the node groups, the writer and, when the producers
-    simulate, the simulator run."""
-    load_kernels(default_analyses(FRAME_SHAPE, config.analysis))
-    if not source.replay:
-        from stemstream.sources.simulator import DetectorSimulator, SimulationConfig
+    simulate, the simulator run. ``on_compile`` is called once, when numba starts compiling a
+    kernel its cache does not hold (never when everything loads from the cache), so that the
+    caller can say why this takes a while."""
+    with first_compile(on_compile):
+        load_kernels(default_analyses(FRAME_SHAPE, config.analysis))
+        _load_writer_kernels()
+        if not source.replay:
+            from stemstream.sources.simulator import DetectorSimulator, SimulationConfig
 
-        simulator = DetectorSimulator(SimulationConfig(scan_shape=(1, 2), dose=source.dose, seed=source.seed))
-        simulator.records(0, 2, 0)
+            simulator = DetectorSimulator(SimulationConfig(scan_shape=(1, 2), dose=source.dose, seed=source.seed))
+            simulator.records(0, 2, 0)
+
+
+@contextmanager
+def first_compile(callback: Callable[[], None] | None) -> Iterator[None]:
+    """Within the block, ``callback()`` once at the first kernel numba compiles (a cache miss;
+    loading a cached kernel is not compiling). numba announces each compilation as a
+    ``numba:compile`` event, only after its cache had no entry for the signature."""
+    if callback is None:
+        yield
+        return
+    listener = _FirstCompile(callback)
+    with event.install_listener("numba:compile", listener):
+        yield
+
+
+class _FirstCompile(event.Listener):
+    def __init__(self, callback: Callable[[], None]):
+        self.callback = callback
+        self.fired = False
+
+    def on_start(self, ev: event.Event) -> None:
+        if not self.fired:
+            self.fired = True
+            self.callback()
+
+    def on_end(self, ev: event.Event) -> None:
+        pass
+
+
+def _load_writer_kernels() -> None:
+    """The counted file's check of each batch of events (the writer's one kernel of its own): one
+    frame into a throw-away file, since the check runs as frames are written."""
+    from stemstream.formats.sparse_h5 import SparseCountsWriter
+
+    with tempfile.TemporaryDirectory(prefix="stemstream-kernels-") as tmp:
+        out = SparseCountsWriter(Path(tmp) / "warm.h5", (1, 1))
+        try:
+            out.write_flat(np.zeros(1, np.int64), np.zeros(1, np.uint32), np.array([0, 1], np.int64))
+        finally:
+            out.abort()

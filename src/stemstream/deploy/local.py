@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +47,7 @@ class LocalPipeline:
         self.log_dir = self.work_dir / "logs"
         self.log_dir.mkdir(exist_ok=True)
         self.shm_dir: Path | None = None
+        self.killed = False  # every process was sent SIGKILL: nothing is asked to stop any more
         self.config = copy.deepcopy(self.config)
         state = self.config.pipeline.state_file
         if state and not Path(state).is_absolute():  # this pipeline's own, not the current directory's
@@ -142,7 +143,8 @@ class LocalPipeline:
         for key, proc in self.processes.items():
             if proc.poll() is not None and key not in ("control", "dashboard") and not key.startswith("killed"):
                 tail = (self.log_dir / f"{key}.log").read_text(errors="replace").strip().splitlines()[-3:]
-                raise PipelineError(f"{key} exited with code {proc.returncode}: {' | '.join(tail)}")
+                raise PipelineError(f"{key} exited with code {proc.returncode}: {' | '.join(tail)} "
+                                    f"(see the logs in {self.log_dir})")
 
     def status(self) -> dict:
         return self.control.request("status", timeout_s=2.0)
@@ -166,21 +168,71 @@ class LocalPipeline:
             self.processes[f"killed-{key}"] = self.processes.pop(key)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Ask every role to stop through control, then make sure they did."""
+        """Ask every role to stop through control; kill what is still running after ``timeout_s``;
+        remove the shared memory. Safe to call more than once."""
+        if self.running() and not self.killed:
+            self.request_shutdown()
+            self.wait_stopped(time.monotonic() + timeout_s)
+        self.kill_all()
+
+    def request_shutdown(self, timeout_s: float = 2.0) -> bool:
+        """Tell control to stop every role (they hear it in their next heartbeat); False when
+        control did not answer within ``timeout_s``."""
+        self.control.close()  # a request an interrupt cut short must not leave its reply behind
         try:
-            self.control.request("shutdown", timeout_s=2.0)
+            self.control.request("shutdown", timeout_s=timeout_s)
+            return True
         except ControlUnavailable:
-            pass
-        deadline = time.monotonic() + timeout_s
+            return False
+
+    def running(self) -> dict[str, subprocess.Popen]:
+        """The processes that have not exited, by key."""
+        return {key: proc for key, proc in self.processes.items() if proc.poll() is None}
+
+    def wait_stopped(self, deadline: float, poll: Callable[[], None] | None = None) -> bool:
+        """Wait until every process exited or ``deadline`` (time.monotonic()) passed; True if they
+        all did. ``poll`` is called before each check (while control may still answer). Control
+        lingers after a shutdown so that every role hears of it; once every other process is
+        gone, it is ended here instead (its state file is written at each change)."""
+        ended_control = False
+        while True:
+            if poll is not None:
+                poll()
+            left = self.running()
+            if not left:
+                return True
+            if set(left) == {"control"} and not ended_control:
+                left["control"].terminate()
+                ended_control = True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+    def kill_now(self, spare: Collection[str] = ()) -> None:
+        """SIGKILL every process not known to have ended, with whatever it started (each role
+        leads a process group of its own), and remove the shared memory they held; with
+        ``spare``, only the processes not named there, and the shared memory stays. Waits for
+        nothing, so a signal handler may call it; :meth:`kill_all` also reaps them."""
+        for key, proc in self.processes.items():
+            if proc.returncode is None and key not in spare:  # not reaped, so the id is still this child's
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        if not spare:
+            self.killed = True
+            if self.shm_dir is not None:
+                shutil.rmtree(self.shm_dir, ignore_errors=True)
+
+    def kill_all(self) -> None:
+        """:meth:`kill_now`, then wait until every process has ended. Safe to call more than once."""
+        self.kill_now()
         for proc in self.processes.values():
             try:
-                proc.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                proc.kill()
                 proc.wait(5)
+            except subprocess.TimeoutExpired:  # stuck in the kernel: nothing more can be done here
+                log.error("process %d did not end after SIGKILL", proc.pid)
         self.control.close()
-        if self.shm_dir is not None:
-            shutil.rmtree(self.shm_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalPipeline:
         return self

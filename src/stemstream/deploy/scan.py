@@ -43,20 +43,49 @@ def wait_for_roles(control: ControlClient, roles: set[str], config, timeout_s: f
     missing ones after ``timeout_s``, ControlUnavailable if control never answers. ``check`` is
     called while waiting (the local launcher raises there when a role's process died); ``where``
     is added to the error (where the logs are)."""
+    _wait(control, lambda status: (roles - live_roles(status, config), set()), timeout_s, check, where)
+
+
+def roles_a_scan_waits_for(status: dict, config) -> tuple[set[str], set[str]]:
+    """(roles a scan cannot start without, node groups worth waiting for) by control's status.
+    A scan needs the writer, every producer and gateway, and one node group alive; it runs on the
+    node groups alive when it starts (control's choice), so of the others only those control has
+    never heard of are worth waiting for (still starting), never one that went silent (dead)."""
+    live = live_roles(status, config)
+    needed = required_roles(config)
+    nodes = {key for key in needed if key.startswith("node-")}
+    missing = needed - nodes - live
+    if not any(key.startswith("node-") for key in live):
+        missing |= nodes
+    return missing, nodes - set(status.get("roles", {}))
+
+
+def wait_for_scan_roles(control: ControlClient, config, timeout_s: float) -> set[str]:
+    """Wait until a scan can start (:func:`roles_a_scan_waits_for`); the configured node groups it
+    will run without (not alive). PipelineError after ``timeout_s`` when it cannot start."""
+    status = _wait(control, lambda status: roles_a_scan_waits_for(status, config), timeout_s)
+    return required_roles(config) - live_roles(status, config)
+
+
+def _wait(control: ControlClient, waiting_for: Callable[[dict], tuple[set[str], set[str]]], timeout_s: float,
+          check: Callable[[], None] | None = None, where: str = "") -> dict:
+    """Ask control's status until ``waiting_for(status)`` gives (roles needed, roles hoped for)
+    both empty, or, at ``timeout_s``, the needed ones; control's last status."""
     deadline = time.monotonic() + timeout_s
     while True:
         if check is not None:
             check()
         try:
             status = control.request("status", timeout_s=max(min(2.0, deadline - time.monotonic()), 0.5))
-            missing = roles - live_roles(status, config)
+            missing, hoped = waiting_for(status)
         except ControlUnavailable:
             if time.monotonic() > deadline:
                 raise
-            missing = {"control"}
-        if not missing:
-            return
-        if time.monotonic() > deadline:
+            missing, hoped = {"control"}, set()
+        late = time.monotonic() > deadline
+        if not missing and (not hoped or late):
+            return status
+        if late:
             raise PipelineError(f"roles not checked in with control after {timeout_s:g} s: "
                                 f"{', '.join(sorted(missing))}{where}")
         time.sleep(0.1)

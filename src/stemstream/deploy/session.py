@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -20,8 +21,21 @@ from stemstream.core.config import PipelineConfig, PipelineSettings
 from stemstream.core.detector import N_MODULES
 from stemstream.deploy.local import LocalPipeline
 from stemstream.deploy.sources import ProducerSource
+from stemstream.formats.sparse_h5.layout import PARTIAL_SUFFIX
+from stemstream.pipeline.spill import spill_directory
+from stemstream.pipeline.writer.files import INCOMPLETE_SUFFIX, incomplete_path
+from stemstream.transport.control_client import ControlUnavailable
 
 log = logging.getLogger(__name__)
+
+# One Ctrl-C: every role gone within 2 s (the writer closes the running scan's file in that time);
+# the rest of the 2 s is for killing the roles still running then.
+STOP_GRACE_S = 1.5
+# ... except a writer still closing that scan's file on a loaded machine: killed, it would leave
+# the frames it had in a file no command can finish.
+WRITER_GRACE_S = 15.0
+# The Unix domain sockets' folder in a session's work directory: removed whatever happens.
+SOCKETS_DIR = "sockets"
 
 
 @dataclass(frozen=True)
@@ -76,7 +90,7 @@ def tune_for_one_host(config: PipelineConfig, work_dir: Path) -> None:
         # Unix domain sockets cost about half the CPU of TCP, and blocks of sectors go through
         # shared memory instead of through the sockets.
         network.transport = "ipc"
-        network.ipc_dir = str(work_dir / "sockets")
+        network.ipc_dir = str(work_dir / SOCKETS_DIR)
         Path(network.ipc_dir).mkdir()
         network.shared_memory = shared_memory_fits(config)
     if config.pipeline.spill_dir == PipelineSettings.spill_dir:
@@ -84,21 +98,25 @@ def tune_for_one_host(config: PipelineConfig, work_dir: Path) -> None:
 
 
 class LocalSession:
-    """Every role on this host (a :class:`LocalPipeline` in a new work directory), set up by
-    :func:`tune_for_one_host`, with the dashboard when asked for and a port is free. The config
-    passed in is not changed. Use it as a context manager: leaving it stops every role."""
+    """Every role on this host (a :class:`LocalPipeline` in a new work directory, which holds its
+    logs, config and sockets), set up by :func:`tune_for_one_host`, with the dashboard when asked
+    for and a port is free. The config passed in is not changed. :meth:`close` (or leaving it as
+    a context manager) stops every role and removes the work directory, or keeps its logs."""
 
     def __init__(self, config: PipelineConfig, source: ProducerSource, dashboard: bool = False):
         from stemstream.pipeline.writer.role import check_output_dir
 
         check_output_dir(Path(config.pipeline.output_dir))  # fail now, not after the roles started
         config = copy.deepcopy(config)
-        work_dir = Path(tempfile.mkdtemp(prefix="stemstream-run-"))
-        tune_for_one_host(config, work_dir)
+        self.work_dir = Path(tempfile.mkdtemp(prefix="stemstream-run-"))
+        tune_for_one_host(config, self.work_dir)
+        self.output_dir = Path(config.pipeline.output_dir)
+        self.spill_dir = Path(config.pipeline.spill_dir)
+        self.scan_running: PlannedScan | None = None  # the scan run_scan is waiting for
         self.no_dashboard = ""  # why there is no dashboard although one was asked for
         self.new_token: str | None = None  # the dashboard's token when made up here (to be shown)
         token = self._dashboard_token(config) if dashboard else ""
-        self.pipeline = LocalPipeline(config, work_dir, source, dashboard=bool(token), dashboard_token=token)
+        self.pipeline = LocalPipeline(config, self.work_dir, source, dashboard=bool(token), dashboard_token=token)
 
     def _dashboard_token(self, config: PipelineConfig) -> str:
         """Move the dashboard to the configured port or the next free one; its token ("" when no
@@ -129,21 +147,127 @@ class LocalSession:
         self.pipeline.start()
         log.info("roles started in %.1f s", time.monotonic() - t0)
 
+    @property
+    def log_dir(self) -> Path:
+        """The folder of this run's logs (one file per role), named in every error."""
+        return self.pipeline.log_dir
+
     def run_scan(self, scan: PlannedScan, progress: Callable[[dict], None] | None = None, resume: bool = False,
                  file_name: str | None = None) -> dict:
         """Stream one scan and wait for its file; the writer's summary with ``state`` added."""
-        return self.pipeline.run_scan(scan.number, scan.shape, scan.frames_per_position, progress=progress,
-                                      resume=resume, file_name=file_name)
+        self.scan_running = scan
+        summary = self.pipeline.run_scan(scan.number, scan.shape, scan.frames_per_position, progress=progress,
+                                         resume=resume, file_name=file_name)
+        self.scan_running = None
+        return summary
 
     def status(self) -> dict:
         """Control's status: every role's counters, every scan's state."""
         return self.pipeline.status()
 
+    def interrupt(self, grace_s: float = STOP_GRACE_S, writer_grace_s: float = WRITER_GRACE_S,
+                  waiting: Callable[[], None] | None = None) -> Stopped:
+        """Stop every role now: ask control to shut down, give the roles ``grace_s`` seconds to end,
+        then kill whatever still runs, except a writer that is still closing the running scan's
+        file: it gets until ``writer_grace_s`` (``waiting()`` is called when it does). Returns
+        what became of the scan :meth:`run_scan` was waiting for."""
+        t0 = time.monotonic()
+        scan = self.scan_running
+        watch = _ScanWatch(self.pipeline, scan.number if scan else None)
+        self.pipeline.request_shutdown(timeout_s=min(0.5, grace_s / 2))
+        self.pipeline.wait_stopped(t0 + grace_s, poll=watch)
+        self.pipeline.kill_now(spare=("writer", "control"))
+        if "writer" in self.pipeline.running() and scan is not None and watch.summary is None:
+            if waiting is not None:
+                waiting()  # the file matters more than the seconds: a second Ctrl-C still kills it
+            self.pipeline.wait_stopped(t0 + writer_grace_s, poll=watch)
+        self.pipeline.kill_all()
+        killed = sorted(key for key, proc in self.pipeline.processes.items() if proc.returncode == -signal.SIGKILL)
+        summary = watch.summary
+        left = None if summary or watch.file_name is None else self._left_file(watch.file_name)
+        return Stopped(scan, summary, left, killed, time.monotonic() - t0,
+                       spill_directory(self.spill_dir, scan.number) if scan else None)
+
+    def _left_file(self, file_name: str) -> Path | None:
+        """The file a scan left when its writer did not report closing it: closed (whole or
+        incomplete), or still being written (partial), or none."""
+        path = self.output_dir / file_name
+        for candidate in (path, incomplete_path(path), path.with_name(path.name + PARTIAL_SUFFIX)):
+            if candidate.exists():
+                return candidate
+        return None
+
+    def kill_now(self) -> None:
+        """SIGKILL every role and remove their shared memory, waiting for nothing (what a second
+        Ctrl-C does, from a signal handler)."""
+        self.pipeline.kill_now()
+
+    def close(self, keep_logs: bool = False) -> Path | None:
+        """Stop every role (killing them if a stop is interrupted), remove their sockets, and the
+        work directory unless ``keep_logs``; returns the logs folder when it is kept."""
+        try:
+            self.pipeline.stop()
+        except BaseException:  # a Ctrl-C while stopping: nothing may outlive the command
+            self.pipeline.kill_all()
+            raise
+        finally:
+            shutil.rmtree(self.work_dir / SOCKETS_DIR, ignore_errors=True)
+            if not keep_logs:
+                shutil.rmtree(self.work_dir, ignore_errors=True)
+        return self.log_dir if keep_logs else None
+
     def __enter__(self) -> LocalSession:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.pipeline.stop()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(keep_logs=exc_type is not None)
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """What an interrupted session left: the scan that was running (None: none was), the
+    writer's summary of it when the writer closed it on its way out, else the file it left (if
+    any); the roles that had to be killed, how long the stop took, the scan's spill directory."""
+
+    scan: PlannedScan | None
+    summary: dict | None
+    left: Path | None
+    killed: list[str]
+    seconds: float
+    spill: Path | None
+
+    @property
+    def spilled(self) -> bool:
+        return self.spill is not None and self.spill.is_dir()
+
+
+class _ScanWatch:
+    """Reads control's status while the roles stop, for the writer's summary of one scan (it
+    reports closing the scan on its way out) and the scan's file name; asks at most every 0.1 s
+    while the writer runs, and no more once control is gone."""
+
+    def __init__(self, pipeline: LocalPipeline, number: int | None):
+        self.pipeline = pipeline
+        self.number = number
+        self.summary: dict | None = None
+        self.file_name: str | None = None
+        self._next = 0.0
+
+    def __call__(self) -> None:
+        if self.number is None or self.summary is not None or "control" not in self.pipeline.running():
+            return
+        writer = self.pipeline.processes.get("writer")
+        if writer is not None and writer.poll() is None and time.monotonic() < self._next:
+            return
+        self._next = time.monotonic() + 0.1
+        try:
+            state = self.pipeline.control.request("status", timeout_s=0.2)["scans"].get(str(self.number), {})
+        except (ControlUnavailable, KeyError):
+            return
+        self.file_name = (state.get("spec") or {}).get("file_name", self.file_name)
+        summary = state.get("summary") or {}
+        if state.get("state") == "closed" and "path" in summary:
+            self.summary = summary
 
 
 # -- replaying a spill directory ---------------------------------------------------------------------
@@ -156,14 +280,25 @@ class ReplayTarget:
     scan: PlannedScan
     file: Path | None
 
+    @property
+    def file_name(self) -> str | None:
+        """The name the scan's file has once whole, which the resumed scan is started under (the
+        writer finds the file by it, also when it is ``NAME.incomplete.h5``)."""
+        if self.file is None:
+            return None
+        name = self.file.name
+        return name[:-len(INCOMPLETE_SUFFIX)] + ".h5" if name.endswith(INCOMPLETE_SUFFIX) else name
+
 
 def replay_target(spill_dir: Path, output_dir: Path) -> ReplayTarget:
     """The scan that ``spill_dir`` holds, going into the newest counted file of that scan number in
-    ``output_dir`` when there is one (its frames per position if the spill has fewer)."""
+    ``output_dir``, whole or incomplete, when there is one (its frames per position if the spill
+    has fewer)."""
     from stemstream.formats.sparse_h5 import read_counted
 
     scan = recorded_scan(spill_dir)
-    existing = sorted(output_dir.glob(f"*_{scan.number:05d}.h5"), key=lambda p: p.stat().st_mtime)
+    names = (f"*_{scan.number:05d}.h5", f"*_{scan.number:05d}{INCOMPLETE_SUFFIX}")
+    existing = sorted((p for name in names for p in output_dir.glob(name)), key=lambda p: p.stat().st_mtime)
     if not existing:
         return ReplayTarget(scan, None)
     fpp = max(scan.frames_per_position, read_counted(existing[-1]).frames_per_position)

@@ -5,7 +5,9 @@ and builds a frame table: for each frame number, which file and record hold each
 sectors. :meth:`RawScan.read_frames` then reads frames straight from the files into a buffer with
 ``preadv`` (one system call per run of consecutive records); offline counting reads them inside its
 compiled threads instead (counting.from_files). Memory stays at a few frames whatever the scan
-size; the index costs ~60 bytes per frame, <3% of the counted events it yields.
+size; the index keeps 68 bytes per frame (<3% of the counted events it yields; 1.1 GB for a
+4096 x 4096 scan) and needs ~200 while it is built. Nothing is held per frame or position in
+Python lists: scan sizes are limited by the headers' uint16 sides and uint32 frame numbers only.
 
 Bad records never stop the scan: they are rejected with a reason in the ledger and a log line
 naming the file and byte offset. What cannot be read at all (no raw file, a name without a module
@@ -70,27 +72,32 @@ class FrameBatchRead:
     present: np.ndarray  # (n, N_MODULES) bool
 
 
-def _majority(values: np.ndarray) -> int:
-    uniq, counts = np.unique(values, return_counts=True)
-    return int(uniq[np.argmax(counts)])
+def _majority(columns: list[np.ndarray]) -> int:
+    """The value most entries of ``columns`` (one array per file) hold; the smallest of a tie."""
+    counted = [np.unique(column, return_counts=True) for column in columns]
+    values, inverse = np.unique(np.concatenate([v for v, _ in counted]), return_inverse=True)
+    totals = np.bincount(inverse, weights=np.concatenate([c for _, c in counted]))
+    return int(values[np.argmax(totals)])
 
 
-def _rank_at_position(frame_numbers: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """For each frame, how many frames with smaller frame numbers share its position: its j in
-    the slot ``position * frames_per_position + j``."""
-    by_position = np.lexsort((frame_numbers, positions))
+def _rank_at_position(positions: np.ndarray) -> np.ndarray:
+    """For frames in frame-number order, how many earlier frames share each one's position: its
+    j in the slot ``position * frames_per_position + j``."""
+    by_position = np.argsort(positions, kind="stable")  # frame-number order within a position
     sorted_pos = positions[by_position]
     new_run = np.r_[True, sorted_pos[1:] != sorted_pos[:-1]]
     run_start = np.flatnonzero(new_run)
     run_id = np.cumsum(new_run) - 1
-    j = np.empty(len(frame_numbers), np.int64)
-    j[by_position] = np.arange(len(frame_numbers)) - run_start[run_id]
+    j = np.empty(len(positions), np.int64)
+    j[by_position] = np.arange(len(positions)) - run_start[run_id]
     return j
 
 
 @dataclass
 class _Sectors:
-    """Sector records accepted while indexing, as parallel arrays (one entry per record)."""
+    """Sector records accepted while indexing, as parallel arrays (one entry per record, 25
+    bytes). Reordered and filtered in place, one array at a time, so that indexing a scan holds
+    one copy of them plus one array's worth."""
 
     file_ids: np.ndarray  # int32, index into RawScan.paths
     records: np.ndarray  # int64, record index within that file
@@ -101,13 +108,15 @@ class _Sectors:
     def __len__(self) -> int:
         return len(self.records)
 
-    def take(self, index: np.ndarray) -> _Sectors:
-        """The entries at ``index`` (indices or a bool mask)."""
-        return _Sectors(*(getattr(self, f.name)[index] for f in fields(self)))
-
     @staticmethod
-    def concatenate(parts: list[_Sectors]) -> _Sectors:
-        return _Sectors(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(_Sectors)))
+    def empty(n: int) -> _Sectors:
+        return _Sectors(np.empty(n, np.int32), np.empty(n, np.int64), np.empty(n, np.uint32),
+                        np.empty(n, np.int64), np.empty(n, np.int8))
+
+    def keep(self, index: np.ndarray) -> None:
+        """Keep only the entries at ``index`` (indices or a bool mask), in its order."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name)[index])
 
 
 class RawScan:
@@ -133,18 +142,27 @@ class RawScan:
             log.warning("rejected %d more records (%s) in %s", len(offsets) - _LOG_EACH, reason, path)
 
     def _index(self) -> None:
-        """Read every header, accept the scan's records, and build the frame table and ledger."""
+        """Read every header, accept the scan's records, and build the frame table and ledger.
+
+        Memory (measured by tests/unit/test_raw_scan.py): ~200 bytes a frame at the peak (the
+        headers, then the sectors, then the table), 68 bytes a frame kept in the table."""
         headers = self._read_headers()
         self._identify_scan(headers)
-        accepted = _Sectors.concatenate(
-            [self._accept_records(i, layout, hdr) for i, (layout, hdr) in enumerate(zip(self.layouts, headers))]
-        )
-        if len(accepted) == 0:
+        sectors = self._accept_records(headers)
+        del headers  # the sectors hold what is needed of them
+        if len(sectors) == 0:
             reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.ledger.rejected_reasons.items()))
             raise RawFormatError(f"every sector record in the raw files given was rejected ({reasons}); "
                                  "see the log lines above for files and byte offsets")
-        self.table = self._frame_table(self._drop_duplicates(accepted))
-        present = self.table.source_file >= 0
+        self._drop_duplicates(sectors)
+        frame_numbers, positions, source_file, source_record = self._frames_of(sectors)
+        del sectors
+        j = _rank_at_position(positions)
+        self.frames_per_position = int(j.max()) + 1
+        self.ledger.frames_per_position = self.frames_per_position
+        self.table = FrameTable(frame_numbers, positions, source_file, source_record,
+                                positions * self.frames_per_position + j)
+        present = source_file >= 0
         for m in range(N_MODULES):
             self.ledger.sectors_received[m] += int(present[:, m].sum())
             self.ledger.sectors_missing[m] += int((~present[:, m]).sum())
@@ -163,18 +181,37 @@ class RawScan:
     def _identify_scan(self, headers: list[np.ndarray]) -> None:
         """The scan number and shape most records give (a stray record cannot change them), and
         the ledger of that scan."""
-        all_headers = np.concatenate(headers)
-        self.scan_number = _majority(all_headers["scan_number"])
-        width = _majority(all_headers["scan_width"])
-        height = _majority(all_headers["scan_height"])
+        self.scan_number = _majority([h["scan_number"] for h in headers])
+        width = _majority([h["scan_width"] for h in headers])
+        height = _majority([h["scan_height"] for h in headers])
         if width == 0 or height == 0:
             raise RawFormatError(f"records give an empty scan shape ({height} rows x {width} cols)")
         self.scan_shape = (height, width)  # (rows, cols)
         self.ledger = ScanLedger(self.scan_number, self.scan_shape)
 
-    def _accept_records(self, file_id: int, layout: RawFileLayout, hdr: np.ndarray) -> _Sectors:
-        """The records of one file that belong to the scan; the others are rejected (ledger and
-        log), each for the first reason that applies."""
+    def _accept_records(self, headers: list[np.ndarray]) -> _Sectors:
+        """The records of every file that belong to the scan, in file order, written straight
+        into one _Sectors (no per-file parts to concatenate)."""
+        good = [self._good_records(layout, hdr) for layout, hdr in zip(self.layouts, headers)]
+        sectors = _Sectors.empty(sum(len(g) for g in good))
+        at = 0
+        width = self.scan_shape[1]
+        for file_id, (layout, hdr) in enumerate(zip(self.layouts, headers)):
+            rows, n = good[file_id], len(good[file_id])
+            kept = hdr[rows]
+            part = slice(at, at + n)
+            sectors.file_ids[part] = file_id
+            sectors.records[part] = rows
+            sectors.frame_numbers[part] = kept["frame_number"]
+            np.add(kept["y"].astype(np.int64) * width, kept["x"], out=sectors.positions[part])
+            sectors.modules[part] = layout.module
+            good[file_id] = None  # (each file's indices go as soon as they are copied)
+            at += n
+        return sectors
+
+    def _good_records(self, layout: RawFileLayout, hdr: np.ndarray) -> np.ndarray:
+        """The indices of one file's records that belong to the scan; the others are rejected
+        (ledger and log), each for the first reason that applies."""
         m = layout.module
         height, width = self.scan_shape
         if layout.truncated_offset is not None:
@@ -197,50 +234,40 @@ class RawScan:
                 self.ledger.reject(reason, m, int(mask.sum()))
                 self._log_rejects(reason, layout.path, offsets[mask], detail)
             bad |= mask
-        good = np.flatnonzero(~bad)
-        return _Sectors(
-            file_ids=np.full(len(good), file_id, np.int32),
-            records=good.astype(np.int64),
-            frame_numbers=hdr["frame_number"][good],
-            positions=hdr["y"][good].astype(np.int64) * width + hdr["x"][good],
-            modules=np.full(len(good), m, np.int8),
-        )
+        return np.flatnonzero(~bad)
 
-    def _drop_duplicates(self, sectors: _Sectors) -> _Sectors:
-        """``sectors`` sorted by (frame number, module), one record of each: the first copy in
-        file order wins (the sort is stable), the others are counted as duplicates."""
-        sectors = sectors.take(np.lexsort((sectors.modules, sectors.frame_numbers)))
-        dup = np.zeros(len(sectors), bool)
+    def _drop_duplicates(self, sectors: _Sectors) -> None:
+        """Sort ``sectors`` by (frame number, module) and keep one record of each: the first copy
+        in file order wins (the sort is stable), the others are counted as duplicates."""
+        sectors.keep(np.lexsort((sectors.modules, sectors.frame_numbers)))
         frames, modules = sectors.frame_numbers, sectors.modules
+        dup = np.zeros(len(sectors), bool)
         dup[1:] = (frames[1:] == frames[:-1]) & (modules[1:] == modules[:-1])
-        for m in range(N_MODULES):
-            self.ledger.sectors_duplicate[m] += int((dup & (modules == m)).sum())
         if dup.any():
+            for m, n in enumerate(np.bincount(modules[dup], minlength=N_MODULES)):
+                self.ledger.sectors_duplicate[m] += int(n)
             log.warning("%d duplicate sector records ignored (the first copy of each is used)", int(dup.sum()))
-        return sectors.take(~dup)
+            sectors.keep(~dup)
 
-    def _frame_table(self, sectors: _Sectors) -> FrameTable:
-        """The frame table of unique sectors sorted by (frame number, module); sets
-        frames_per_position."""
-        uniq_frames, frame_index = np.unique(sectors.frame_numbers, return_inverse=True)
-        n = len(uniq_frames)
-        source_file = np.full((n, N_MODULES), -1, np.int32)
-        source_record = np.full((n, N_MODULES), -1, np.int64)
+    def _frames_of(self, sectors: _Sectors) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The frames of unique sectors sorted by (frame number, module): their numbers, scan
+        positions (their first sector's: sectors normally agree), and the file and record of each
+        module's sector, (n, N_MODULES), -1 where it is missing."""
+        first_sector = np.flatnonzero(np.r_[True, sectors.frame_numbers[1:] != sectors.frame_numbers[:-1]])
+        frame_index = np.repeat(np.arange(len(first_sector)), np.diff(np.r_[first_sector, len(sectors)]))
+        frame_numbers = sectors.frame_numbers[first_sector]
+        positions = sectors.positions[first_sector]
+        # (before the tables are made: its temporary arrays and theirs are not held at once)
+        disagree = int(np.count_nonzero(sectors.positions != positions[frame_index]))
+        if disagree:
+            log.warning("%d sectors give another scan position than the first sector of their frame; "
+                        "the first sector's position is used", disagree)
+            self.ledger.rejected_reasons["position_disagrees_within_frame"] += disagree
+        source_file = np.full((len(first_sector), N_MODULES), -1, np.int32)
+        source_record = np.full((len(first_sector), N_MODULES), -1, np.int64)
         source_file[frame_index, sectors.modules] = sectors.file_ids
         source_record[frame_index, sectors.modules] = sectors.records
-        # The position of a frame: from its first sector (sectors normally agree).
-        first_sector = np.flatnonzero(np.r_[True, frame_index[1:] != frame_index[:-1]])
-        frame_positions = sectors.positions[first_sector]
-        disagree = sectors.positions != frame_positions[frame_index]
-        if disagree.any():
-            log.warning("%d sectors give another scan position than the first sector of their frame; "
-                        "the first sector's position is used", int(disagree.sum()))
-            self.ledger.rejected_reasons["position_disagrees_within_frame"] += int(disagree.sum())
-        j = _rank_at_position(uniq_frames, frame_positions)
-        self.frames_per_position = int(j.max()) + 1 if n else 1
-        self.ledger.frames_per_position = self.frames_per_position
-        return FrameTable(uniq_frames, frame_positions, source_file, source_record,
-                          frame_positions * self.frames_per_position + j)
+        return frame_numbers, positions, source_file, source_record
 
     # -- reading -----------------------------------------------------------------------------------
 

@@ -14,6 +14,15 @@ the node groups alive in the new generation, and sends later blocks there too.
 Backpressure: a send waits at most ``backpressure_timeout_s``; past that the block is spilled to
 disk in the receivers' format (``spill_dir/scan_NNNNN``) and counted, and later blocks get only a
 short grace until a send succeeds again, so a stalled consumer never stalls the detector side.
+
+Following the scan's state: every wait and every block checks that control still runs this run of
+the scan and that no shutdown came (within a heartbeat: a tenth of a second while streaming).
+When the scan ended, control's ``get_scan`` says how (pipeline.scan_ending): closed whole, the
+producer forgets it; closed with frames missing (or ended in a way control cannot tell, or at a
+shutdown), it spills what the writer has not committed, the held blocks and the rest of the
+source, so that ``stemstream replay`` completes the file; failed (the writer kept nothing of it),
+it drops it: the scan is streamed again from its source. Either way it goes on with the next scan
+at once, and a shutdown stops it within a second (only the held blocks are spilled then).
 """
 
 from __future__ import annotations
@@ -29,10 +38,14 @@ import zmq
 from stemstream.core.scan_spec import ScanSpec
 from stemstream.formats import wire
 from stemstream.formats.raw import RawModuleWriter
+from stemstream.formats.raw import RawFormatError
 from stemstream.pipeline.role import Role
 from stemstream.pipeline.routing import in_ranges
-from stemstream.transport.shared_memory import SlotRing, segment_prefix
+from stemstream.pipeline.scan_ending import ScanStopped, how_it_ended
 from stemstream.pipeline.spill import spill_directory
+from stemstream.sources.protocol import SourceError
+from stemstream.transport.control_client import ControlUnavailable
+from stemstream.transport.shared_memory import SlotRing, segment_prefix
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +74,7 @@ class OutgoingScan:
         self.resent_blocks = 0
         self.source_done = False
         self.spill_writer: RawModuleWriter | None = None
+        self.stopped: ScanStopped | None = None  # set once the scan is over for this producer
 
 
 class Producer(Role):
@@ -120,6 +134,7 @@ class Producer(Role):
                     return False
                 sock.poll(min(50, max(1, int(remaining * 1000))), zmq.POLLOUT)
                 self.tick(interval_s=0.1)
+                self._check(out)
                 if self._generation_changed(out):
                     return None
 
@@ -134,6 +149,26 @@ class Producer(Role):
         """True once control closed this run of the scan (or started the scan number again)."""
         spec = self.scan_specs.get(number, out.spec)
         return number not in self.open_scans or spec.epoch != out.spec.epoch
+
+    def _check(self, out: OutgoingScan) -> None:
+        """Raise ScanStopped once this run of the scan is over for the producer: control no longer
+        runs it, or the pipeline is shutting down."""
+        if out.stopped is None and (self.shutdown or self._over(out.number, out)):
+            out.stopped = self._ending(out)
+        if out.stopped is not None:
+            raise out.stopped
+
+    def _ending(self, out: OutgoingScan) -> ScanStopped | None:
+        """How this run of the scan ended, as control tells it (pipeline.scan_ending); None:
+        control still runs it and no shutdown came."""
+        try:
+            reply = self.control.request("get_scan", timeout_s=0.5, scan=out.number)
+        except ControlUnavailable:
+            reply = {}
+        stopped = how_it_ended(reply, out.spec.epoch, self.shutdown)
+        if stopped is None:
+            self.tick(force=True)  # a heartbeat reply missed the scan: the next one lists it again
+        return stopped
 
     def _generation_changed(self, out: OutgoingScan) -> bool:
         return self._latest(out).generation > out.generation
@@ -158,7 +193,10 @@ class Producer(Role):
         out = self._current
         if self.ring is None or out is None or n > self.ring.slot_records:
             return None
-        if not self._wait_for_room(out, self.patience_s + self.config.flow.dead_after_s):
+        try:
+            if not self._wait_for_room(out, self.patience_s + self.config.flow.dead_after_s):
+                return None
+        except ScanStopped:  # the source allocates; the producer's loop stops at this block
             return None
         self._filling = self.ring.acquire()
         return None if self._filling is None else self.ring.view(self._filling, n)
@@ -194,6 +232,7 @@ class Producer(Role):
                 return False
             time.sleep(0.005)
             self.tick(interval_s=0.05)
+            self._check(out)
 
     def _follow(self, out: OutgoingScan) -> None:
         """Move to the spec's newer routing generation: once the writer has fenced it (dropped
@@ -203,6 +242,7 @@ class Producer(Role):
         while spec.fenced < spec.generation and time.monotonic() < deadline:
             time.sleep(0.02)
             self.tick(interval_s=0.05)
+            self._check(out)
             spec = self._latest(out)
         if spec.fenced < spec.generation:
             log.warning("producer %d: the writer did not fence generation %d of scan %d in %.0f s; resending anyway",
@@ -231,36 +271,43 @@ class Producer(Role):
                     retained_ok: bool = False, slot: int | None = None) -> bool:
         """Send one block to its node group, keeping it for resending; spill it if that cannot
         be done within ``patience``. ``slot``: the shared-memory slot the records are in, if any.
-        True if sent."""
-        while True:
-            if self._generation_changed(out):
-                self._follow(out)
-            # A full resend buffer waits for commits; a dead node group holds them up until its
-            # failover, so that wait may last dead_after_s longer than a slow consumer's.
-            if not retained_ok and not self._wait_for_room(out, patience + self.config.flow.dead_after_s):
-                break
-            target = out.spec.route(block)
-            if target is None:
-                break
-            node, stream = target
-            records, slot = self._into_slot(records, slot)
-            notices = out.notices.pop(target, [])
-            shm = self.ring.descriptor(slot, len(records)) if slot is not None else None
-            message = wire.encode_sectors(out.number, self.module, block, node, records, notices, stream, shm)
-            sent = self._send(out, message, node, patience)
-            if sent:
-                out.retained[block] = records
-                if slot is not None:
-                    out.slots[block] = slot
-                out.sent[target] += len(records)
-                self.counters["records_sent"] += len(records)
-                self.last_sent_wall = time.time()
-                self.tick(interval_s=0.1)  # heartbeats (and commits) keep coming while a scan streams
-                return True
-            out.notices[target] = notices + out.notices.get(target, [])
-            if sent is False:
-                break
-            # sent is None: a new generation began while waiting; route again
+        True if sent. ScanStopped: the block is held with the others not committed."""
+        try:
+            while True:
+                self._check(out)
+                if self._generation_changed(out):
+                    self._follow(out)
+                # A full resend buffer waits for commits; a dead node group holds them up until its
+                # failover, so that wait may last dead_after_s longer than a slow consumer's.
+                if not retained_ok and not self._wait_for_room(out, patience + self.config.flow.dead_after_s):
+                    break
+                target = out.spec.route(block)
+                if target is None:
+                    break
+                node, stream = target
+                records, slot = self._into_slot(records, slot)
+                notices = out.notices.pop(target, [])
+                shm = self.ring.descriptor(slot, len(records)) if slot is not None else None
+                message = wire.encode_sectors(out.number, self.module, block, node, records, notices, stream, shm)
+                sent = self._send(out, message, node, patience)
+                if sent:
+                    out.retained[block] = records
+                    if slot is not None:
+                        out.slots[block] = slot
+                    out.sent[target] += len(records)
+                    self.counters["records_sent"] += len(records)
+                    self.last_sent_wall = time.time()
+                    self.tick(interval_s=0.1)  # heartbeats (and commits) keep coming while a scan streams
+                    return True
+                out.notices[target] = notices + out.notices.get(target, [])
+                if sent is False:
+                    break
+                # sent is None: a new generation began while waiting; route again
+        except ScanStopped:
+            out.retained[block] = records
+            if slot is not None:
+                out.slots[block] = slot
+            raise
         self._spill(out, block, records, patience)
         if slot is not None:
             self.ring.release(slot)
@@ -268,20 +315,23 @@ class Producer(Role):
 
     def _spill(self, out: OutgoingScan, block: int, records: np.ndarray, patience: float) -> None:
         """The consumer is behind beyond the bound: write the block to disk instead."""
+        self._write_spill(out, block, records, f"node groups blocked for {patience:.1f} s")
+        target = out.spec.route(block)
+        if target is not None:
+            out.notices[target].append(block)
+        self.tick(interval_s=0.1)
+
+    def _write_spill(self, out: OutgoingScan, block: int, records: np.ndarray, why: str) -> None:
+        """Append a block to this scan's spill files (opened, and said so, on first use)."""
         if out.spill_writer is None:
             directory = spill_directory(self.config.pipeline.spill_dir, out.number)
             directory.mkdir(parents=True, exist_ok=True)
             out.spill_writer = RawModuleWriter(directory, out.number, self.module, dst=out.spec.epoch)
-            log.warning("producer %d: node groups blocked for %.1f s; spilling scan %d to %s",
-                        self.module, patience, out.number, directory)
+            log.warning("producer %d: %s; spilling scan %d to %s", self.module, why, out.number, directory)
         out.spill_writer.write(records)
         out.spilled.add(block)
-        target = out.spec.route(block)
-        if target is not None:
-            out.notices[target].append(block)
         out.spilled_records += len(records)
         self.counters["records_spilled"] += len(records)
-        self.tick(interval_s=0.1)
 
     def _end(self, out: OutgoingScan) -> None:
         """END of this module's part of the scan to every node group of the current generation."""
@@ -296,23 +346,26 @@ class Producer(Role):
     def produce(self, spec: ScanSpec) -> dict:
         """Stream one scan; returns what was sent and spilled."""
         if spec.number in self.outgoing:  # an earlier run of this scan number
-            self._forget(spec.number)
+            self._stop(self.outgoing[spec.number])
         out = self._current = self.outgoing[spec.number] = OutgoingScan(spec)
-        source = self.source_factory(spec)
+        blocks = self._blocks(spec)
         patience = self.patience_s
         t0 = time.monotonic()
-        if source is not None:
-            for block, records in source.blocks(self._buffer_for):
+        try:
+            for block, records in blocks:
                 slot, self._filling = self._filling, None
                 # After a spill, later blocks get only a short grace until a send succeeds again,
                 # so a stalled consumer never stalls the detector side.
                 sent = self._send_block(out, block, records, patience, slot=slot)
                 patience = self.patience_s if sent else _GRACE_AFTER_SPILL_S
-        self._current = None
-        out.source_done = True
-        if out.spill_writer is not None:
-            out.spill_writer.flush()  # complete on disk now; closed when the scan is
-        self._end(out)
+            self._current = None
+            out.source_done = True
+            if out.spill_writer is not None:
+                out.spill_writer.flush()  # complete on disk now; closed when the scan is
+            self._end(out)
+        except ScanStopped as stopped:
+            self._current = None  # the rest of the source allocates its own blocks
+            self._wind_up(out, stopped, blocks)
         self.mark_finished(spec)
         seconds = time.monotonic() - t0
         sent = sum(out.sent.values())
@@ -320,16 +373,64 @@ class Producer(Role):
                  out.spilled_records, seconds)
         return {"sent": sent, "spilled": out.spilled_records, "seconds": seconds}
 
+    def _blocks(self, spec: ScanSpec):
+        """The blocks of this module's records of ``spec``'s scan, from the source; none, with
+        one line and a count, when the source cannot give them (the scan still gets its END,
+        so it ends at once with those frames missing in its ledger)."""
+        try:
+            source = self.source_factory(spec)
+            if source is not None:
+                yield from source.blocks(self._buffer_for)
+        except (SourceError, RawFormatError, OSError) as exc:
+            self.rejected["scan_not_in_source"] += 1
+            log.error("producer %d: nothing (more) to stream of scan %d: %s", self.module, spec.number, exc)
+
+    def _stop(self, out: OutgoingScan) -> None:
+        """Wind up ``out`` if it is over (at a shutdown every scan is; how it ended: :meth:`_ending`)."""
+        try:
+            self._check(out)
+        except ScanStopped as stopped:
+            self._wind_up(out, stopped)
+
+    def _wind_up(self, out: OutgoingScan, stopped: ScanStopped, rest=()) -> None:
+        """This run of the scan is over: spill what the writer has not committed (the blocks held,
+        then the ``rest`` of the source unless the pipeline is shutting down) when it is worth
+        keeping, else drop it; forget the scan."""
+        held = sorted(out.retained)
+        spilled, cut_short = 0, False
+        if stopped.keep:
+            why = f"scan {out.number} ended ({stopped.why})"
+            try:
+                for block in held:
+                    self._write_spill(out, block, out.retained[block], why)
+                for block, records in rest:
+                    self._write_spill(out, block, records, why)
+                    spilled += 1
+                    self.tick(interval_s=0.1)
+                    if self.shutdown:  # obeyed within a second: the source keeps the rest
+                        cut_short = True
+                        break
+            except OSError as exc:
+                log.error("producer %d: could not spill scan %d: %s", self.module, out.number, exc)
+        if not stopped.whole:
+            self.counters["scans_stopped"] += 1
+            log.warning("producer %d: scan %d is over: %s; %s the %d block(s) held, not committed%s%s", self.module,
+                        out.number, stopped.why, "spilled" if stopped.keep else "dropped", len(held),
+                        f"; spilled the {spilled} not sent" if spilled else "",
+                        "; the rest was not streamed (shutting down)" if cut_short else "")
+        self._forget(out.number)
+
     def _service(self) -> None:
-        """Scans already sent: free what the writer committed, carry out a late failover, forget
-        the scans control closed."""
-        for number, out in list(self.outgoing.items()):
-            if out.source_done and self._over(number, out):
-                self._forget(number)
-                continue
-            self._release(out)
-            if out.source_done and self._generation_changed(out):
-                self._follow(out)
+        """Scans already sent: free what the writer committed, carry out a late failover, wind up
+        the scans that are over."""
+        for out in list(self.outgoing.values()):
+            try:
+                self._check(out)
+                self._release(out)
+                if out.source_done and self._generation_changed(out):
+                    self._follow(out)
+            except ScanStopped as stopped:
+                self._wind_up(out, stopped)
 
     def _forget(self, number: int) -> None:
         out = self.outgoing.pop(number)
@@ -339,8 +440,9 @@ class Producer(Role):
             out.spill_writer.close()
 
     def _next_scan(self) -> ScanSpec | None:
-        """The open scan to stream next: of those not streamed yet, the one control started first."""
-        todo = [s for s in self.scan_specs.values() if not self.is_finished(s)]
+        """The scan to stream next: of those control runs and this producer has not streamed, the
+        one control started first (a scan control ended or refused meanwhile is never streamed)."""
+        todo = [s for s in self.scan_specs.values() if s.number in self.open_scans and not self.is_finished(s)]
         return min(todo, key=lambda s: (s.epoch, s.number), default=None)
 
     def run(self) -> None:
@@ -356,8 +458,8 @@ class Producer(Role):
                 time.sleep(0.02)
                 continue
             self.produce(spec)
-        for number in list(self.outgoing):
-            self._forget(number)
+        for out in list(self.outgoing.values()):
+            self._stop(out)  # shutting down: every scan is over for this producer
         for sock in self.sockets.values():
             sock.close()
         if self.ring is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from collections import Counter
 
 import psutil
@@ -29,7 +30,7 @@ class Role:
         self.index = index
         self.context = context or zmq.Context.instance()
         self.curve = curve_for(config)  # None unless [security] curve = true
-        self.control = ControlClient(config.network.control(), self.context, timeout_s=2.0, curve=self.curve)
+        self.control = ControlClient.for_config(config, self.context, timeout_s=2.0)
         self.scan_specs: dict[int, ScanSpec] = {}  # from control's heartbeat replies only
         self.finished: set[tuple[int, int]] = set()  # (scan, epoch) this role is done with
         self.counters: Counter = Counter()
@@ -42,6 +43,9 @@ class Role:
         self._next_heartbeat = 0.0
         self._control_missing_since: float | None = None
         self.control_instance: str | None = None  # control's process id; a new one: it restarted
+        # This process's incarnation, in every heartbeat: a node group restarted under the same
+        # index is failed over at once, not taken for the one that held the scan's blocks.
+        self.instance = uuid.uuid4().hex
         self._process = psutil.Process(os.getpid())
         self.peak_rss = 0
         self.peak_private = 0
@@ -70,13 +74,16 @@ class Role:
         self._next_heartbeat = now + (self.config.flow.heartbeat_s if interval_s is None else interval_s)
         try:
             reply = self.control.request("heartbeat", timeout_s=1.0, role=self.name, id=self.index, stats=self.stats(),
-                                         **self.registration())
+                                         instance=self.instance, **self.registration())
         except ControlUnavailable as exc:
             if self._control_missing_since is None:
                 self._control_missing_since = now
                 log.warning("%s %d: %s; carrying on", self.name, self.index, exc)
             return
         self._control_missing_since = None
+        if not reply.get("ok"):  # refused (no session token, a bad field): nothing in it to learn
+            self.reject("heartbeat_refused", str(reply.get("error")))
+            return
         instance = reply.get("instance")
         if self.control_instance is not None and instance != self.control_instance:
             log.warning("%s %d: control was restarted", self.name, self.index)

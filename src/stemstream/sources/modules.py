@@ -4,7 +4,8 @@ A source yields ``(block, records)``: all of this module's records of one routin
 ``block * block_frames`` to ``(block + 1) * block_frames - 1``), in frame order, exactly once per
 block that has any frame of the scan. The simulator yields every block, with no record when every
 sector of the block was dropped (the node group then knows not to wait for it); a replay yields
-the blocks its files hold records of. ``blocks(buffer_for)`` asks
+the blocks its files hold records of (SourceError when they hold other scans' records only: a
+scan number asked of files that do not hold it). ``blocks(buffer_for)`` asks
 ``buffer_for(n)`` for the array to put a block's ``n`` records in (the producer's shared-memory
 slot, so they are written once); when it returns None the source allocates its own.
 """
@@ -21,6 +22,7 @@ import numpy as np
 from stemstream.core.scan_spec import ScanSpec
 from stemstream.formats.raw import RECORD_BYTES, RECORD_DTYPE, discover_raw_files, inspect_raw_file
 from stemstream.formats.raw_pread import read_headers
+from stemstream.sources.protocol import SourceError
 from stemstream.sources.simulator import DetectorSimulator, SimulationConfig
 
 
@@ -64,13 +66,18 @@ class ReplayModule:
         self.module = module
         self.block_frames = block_frames
         self.paths = files
-        file_ids, recs, numbers = [], [], []
+        file_ids, recs, numbers, held = [], [], [], set()
         all_headers = read_headers(files, [inspect_raw_file(path).n_records for path in files])
         for i, headers in enumerate(all_headers):
             keep = np.ones(len(headers), bool) if scan_number is None else headers["scan_number"] == scan_number
             file_ids.append(np.full(int(keep.sum()), i, np.int32))
             recs.append(np.flatnonzero(keep))
             numbers.append(headers["frame_number"][keep])
+            held.update(np.unique(headers["scan_number"]).tolist())
+        if scan_number is not None and held and scan_number not in held:
+            shown = ", ".join(map(str, sorted(held)[:5])) + (", ..." if len(held) > 5 else "")
+            raise SourceError(f"the raw files of module {module} hold no record of scan {scan_number} "
+                              f"(they hold scan(s) {shown})")
         self.file_ids = np.concatenate(file_ids) if file_ids else np.empty(0, np.int32)
         self.recs = np.concatenate(recs) if recs else np.empty(0, np.int64)
         self.frame_numbers = np.concatenate(numbers) if numbers else np.empty(0, np.uint32)

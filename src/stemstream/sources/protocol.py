@@ -1,5 +1,5 @@
 """What a producer needs of a source of one detector module's records (sources.modules:
-SimulatedModule, ReplayModule)."""
+SimulatedModule, ReplayModule), and the error a source raises for a scan it cannot give."""
 
 from __future__ import annotations
 
@@ -7,6 +7,11 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import numpy as np
+
+
+class SourceError(ValueError):
+    """A source cannot give the scan asked of it (e.g. raw files that hold no record of that
+    scan number); the message is one sentence."""
 
 
 class ModuleSource(Protocol):

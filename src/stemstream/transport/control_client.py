@@ -1,10 +1,14 @@
 """A role's or a user's line to a request/reply service (control, the writer's live results):
-one request, one reply, every wait bounded."""
+one request, one reply, every wait bounded. A client of control made from the config carries the
+session token when CURVE is off (transport.session_token)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import zmq
 
+from stemstream.transport import session_token
 from stemstream.transport.messages import MessageError, pack_control, unpack_control
 
 
@@ -16,10 +20,14 @@ class ControlClient:
     """Request/reply over a DEALER socket. After a timeout the socket is replaced, so a reply that
     arrives late is never mistaken for the answer to the next request."""
 
-    def __init__(self, endpoint: str, context: zmq.Context | None = None, timeout_s: float = 5.0, curve=None):
-        """curve: a stemstream.transport.curve.Curve when [security] curve is on (see for_config)."""
+    def __init__(self, endpoint: str, context: zmq.Context | None = None, timeout_s: float = 5.0, curve=None,
+                 token_file: Path | None = None):
+        """curve: a stemstream.transport.curve.Curve when [security] curve is on; token_file: where
+        control's session token is, sent with every request (see for_config)."""
         self.endpoint = endpoint
         self.curve = curve
+        self.token_file = token_file
+        self._token: str | None = None  # read from token_file when first needed, again after a refusal
         self.context = context or zmq.Context.instance()
         self.timeout_ms = int(timeout_s * 1000)
         self._socket = None
@@ -36,10 +44,13 @@ class ControlClient:
 
     @classmethod
     def for_config(cls, config, context: zmq.Context | None = None, timeout_s: float = 5.0) -> "ControlClient":
-        """A client of the config's control, with CURVE when ``[security] curve`` is on."""
+        """A client of the config's control: with CURVE when ``[security] curve`` is on, else with
+        the session token."""
         from stemstream.transport.curve import curve_for
 
-        return cls(config.network.control(), context, timeout_s, curve=curve_for(config))
+        curve = curve_for(config)
+        token_file = None if curve is not None else session_token.token_path(config)
+        return cls(config.network.control(), context, timeout_s, curve=curve, token_file=token_file)
 
     def request(self, op: str, timeout_s: float | None = None, **fields) -> dict:
         """Send ``{op, **fields}``; return the reply. Raises ControlUnavailable on timeout."""
@@ -49,8 +60,29 @@ class ControlClient:
     def request_parts(self, op: str, timeout_s: float | None = None, **fields) -> tuple[dict, list[bytes]]:
         """Like :meth:`request`, for services whose replies carry big payloads (PNG images) as
         frames of their own after the small map: (the map, the payload frames)."""
+        sent_token = self._token_to_send()
+        reply, parts = self._exchange(op, timeout_s, fields, sent_token)
+        if reply.get(session_token.REFUSED_FIELD) and self.token_file is not None:
+            self._token = None  # control was restarted with another token, or wrote it only now
+            token = self._token_to_send()
+            if token is not None and token != sent_token:
+                return self._exchange(op, timeout_s, fields, token)
+            what = "holds no token" if token is None else "holds another token than control's"
+            reply["error"] = (f"{reply.get('error')} ({self.token_file} {what}: run this where control runs, "
+                              "or set [security] token_file to control's token file)")
+        return reply, parts
+
+    def _token_to_send(self) -> str | None:
+        if self._token is None and self.token_file is not None:
+            self._token = session_token.read_token(self.token_file)
+        return self._token
+
+    def _exchange(self, op: str, timeout_s: float | None, fields: dict, token: str | None) -> tuple[dict, list[bytes]]:
+        request = {"op": op, **fields}
+        if token is not None:
+            request[session_token.TOKEN_FIELD] = token
         sock = self._connect()
-        sock.send_multipart([b"", pack_control({"op": op, **fields})])
+        sock.send_multipart([b"", pack_control(request)])
         timeout = self.timeout_ms if timeout_s is None else int(timeout_s * 1000)
         if not sock.poll(timeout, zmq.POLLIN):
             self.close()

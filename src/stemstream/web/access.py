@@ -1,18 +1,29 @@
-"""Who may read and who may change: the dashboard's token.
+"""Who may read and who may change: the dashboard's token, and what a request may send.
 
 Reads are open when the server listens on loopback only; on any other address they need the token
 too (header, ``?token=`` once, then a cookie). Mutations always need it, from a header
-(``Authorization: Bearer TOKEN`` or ``X-Stemstream-Token: TOKEN``).
+(``Authorization: Bearer TOKEN`` or ``X-Stemstream-Token: TOKEN``): :class:`RequestGuard` refuses
+a mutation without it before anything of its body is read, and any body over ``MAX_BODY_BYTES``.
 """
 
 from __future__ import annotations
 
+import collections
 import hmac
 
 from fastapi import HTTPException, Request, WebSocket
-from fastapi.responses import RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 
 TOKEN_COOKIE = "stemstream_token"
+#: The largest request body taken: the API's bodies are small maps (``POST /api/scans``).
+MAX_BODY_BYTES = 1 << 20
+#: Methods that change something: the token first, then the body.
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    """Every error of the dashboard's API: ``{"error": message, "status": status}``."""
+    return JSONResponse({"error": message, "status": status}, status_code=status)
 
 
 def _header_token(conn: Request | WebSocket) -> str:
@@ -42,15 +53,16 @@ class Access:
     def may_read(self, conn: Request | WebSocket) -> bool:
         return self.open_reads or self.token_ok(_given_token(conn))
 
-    def require_token(self, request: Request) -> None:
-        """Mutations take the token from a header only: a browser never adds one by itself, so
+    def mutation_refusal(self, request: Request) -> tuple[int, str] | None:
+        """Why a request that changes something is refused, (status, message); None when its
+        headers carry the token. Only a header counts: a browser never adds one by itself, so
         another site cannot make a visitor's browser start or delete anything."""
         given = _header_token(request)
         if not given:
-            raise HTTPException(401, "this request changes something: send the dashboard's token "
-                                     "(Authorization: Bearer TOKEN)")
+            return 401, "this request changes something: send the dashboard's token (Authorization: Bearer TOKEN)"
         if not self.token_ok(given):
-            raise HTTPException(403, "the token is wrong")
+            return 403, "the token is wrong"
+        return None
 
     def require_read(self, request: Request) -> None:
         if self.open_reads:
@@ -79,5 +91,59 @@ def require_read(request: Request) -> None:
     request.app.state.access.require_read(request)
 
 
-def require_token(request: Request) -> None:
-    request.app.state.access.require_token(request)
+class RequestGuard:
+    """ASGI middleware before every route: a mutation (MUTATING) without the token is refused
+    before its body is read; a body over ``limit`` bytes gets 413, unread when its Content-Length
+    says so, else as soon as the bytes received pass the limit. The body of a request that passes
+    is handed on as it came."""
+
+    def __init__(self, app, access: Access, limit: int = MAX_BODY_BYTES):
+        self.app = app
+        self.access = access
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)  # the headers only
+        refusal = self.access.mutation_refusal(request) if request.method in MUTATING else None
+        refusal = refusal or self._declared_too_big(request.headers.get("content-length"))
+        messages = None
+        if refusal is None:
+            messages = await self._read(receive)
+            if messages is None:
+                refusal = 413, self._too_big
+        if refusal is not None:
+            await error_response(*refusal)(scope, receive, send)
+            return
+
+        async def replay():
+            return messages.popleft() if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    @property
+    def _too_big(self) -> str:
+        return f"the request body is over {self.limit:,} bytes: the dashboard takes small maps"
+
+    def _declared_too_big(self, length: str | None) -> tuple[int, str] | None:
+        if length is None:
+            return None
+        if not length.isdigit():
+            return 400, "the Content-Length header is not a number"
+        return (413, self._too_big) if len(length) > 18 or int(length) > self.limit else None
+
+    async def _read(self, receive) -> collections.deque | None:
+        """The body's messages, or None once they pass the limit (the rest is left unread)."""
+        messages, size = collections.deque(), 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":  # the client went away: the route hears it
+                return messages
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return None
+            if not message.get("more_body", False):
+                return messages

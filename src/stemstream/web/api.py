@@ -1,22 +1,24 @@
 """The dashboard's JSON API.
 
 ``GET /api/status`` (what the live page gets), ``GET /api/scans``, ``GET /api/scans/{id}``,
-``POST /api/scans`` (start a scan; token), ``DELETE /api/scans/{id}`` (the catalog entry only;
-token). Errors are ``{"error": "...", "status": N}`` (see app.py).
+``POST /api/scans`` (start a scan), ``DELETE /api/scans/{id}`` (the catalog entry only). The two
+that change something need the token (access.RequestGuard checks it before their body is read).
+Errors are ``{"error": "...", "status": N}`` (see app.py).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from stemstream.core.scan_spec import ScanSpec, SpecError, parse_scan_shape
 from stemstream.transport.control_client import ControlUnavailable
-from stemstream.web.access import require_read, require_token
-from stemstream.web.catalog import catalog_row_json
-from stemstream.web.pages import catalog_entry
+from stemstream.web.access import require_read
+from stemstream.web.catalog import MAX_INTEGER, catalog_row_json
+from stemstream.web.pages import CatalogId, Offset, catalog_entry
 
 log = logging.getLogger(__name__)
 
@@ -52,24 +54,24 @@ async def api_status(request: Request):
 
 
 @router.get("/scans")
-def api_scans(request: Request, limit: int = 50, offset: int = 0, scan_number: int | None = None):
+def api_scans(request: Request, limit: int = 50, offset: Offset = 0,
+              scan_number: Annotated[int | None, Query(ge=0, le=MAX_INTEGER)] = None):
     require_read(request)
-    if not 1 <= limit <= 1000 or offset < 0:
-        raise HTTPException(422, "limit must be 1 to 1000 and offset at least 0")
+    if not 1 <= limit <= 1000:
+        raise HTTPException(422, "limit must be 1 to 1000")
     catalog = request.app.state.catalog
     rows = catalog.list(limit, offset, scan_number)
     return {"count": catalog.count(), "scans": [catalog_row_json(r) for r in rows]}
 
 
 @router.get("/scans/{entry}")
-def api_scan(request: Request, entry: int):
+def api_scan(request: Request, entry: CatalogId):
     require_read(request)
     return catalog_row_json(catalog_entry(request, entry))
 
 
 @router.delete("/scans/{entry}")
-def api_delete(request: Request, entry: int):
-    require_token(request)
+def api_delete(request: Request, entry: CatalogId):
     if not request.app.state.catalog.hide(entry):
         raise HTTPException(404, f"there is no scan {entry} in the catalog")
     return {"deleted": entry, "note": "the catalog entry is gone; the file was not touched"}
@@ -77,7 +79,6 @@ def api_delete(request: Request, entry: int):
 
 @router.post("/scans", status_code=202)
 async def api_start(request: Request, body: StartScan):
-    require_token(request)
     shape = _scan_shape(body.scan_shape)
     monitor = request.app.state.monitor
     number = body.scan_number

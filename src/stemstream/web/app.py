@@ -1,5 +1,6 @@
 """The dashboard's web application (FastAPI): the routers of pages.py (HTML, images, downloads),
-api.py (JSON) and push.py (WebSocket), the token of access.py, and the errors they answer with.
+api.py (JSON) and push.py (WebSocket), the token and request guard of access.py, and the errors
+they answer with.
 
 Errors are JSON ``{"error": "...", "status": N}``, or an HTML page for a browser that asked for
 one. The live monitor (live.py) runs as a background task for the application's lifetime.
@@ -12,19 +13,14 @@ import contextlib
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from stemstream.core.config import PipelineConfig
 from stemstream.web import api, pages, push
-from stemstream.web.access import Access
+from stemstream.web.access import Access, RequestGuard, error_response
 from stemstream.web.catalog import Catalog
 from stemstream.web.live import LiveMonitor
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status}, status_code=status)
 
 
 def _one_sentence(exc: RequestValidationError) -> str:
@@ -48,12 +44,12 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
     if _wants_html(request):
         return pages.templates.TemplateResponse(request, "error.html", {"status": exc.status_code, "message": message},
                                                 status_code=exc.status_code)
-    return _error(exc.status_code, message)
+    return error_response(exc.status_code, message)
 
 
 async def _bad_request(request: Request, exc: RequestValidationError):
     message = _one_sentence(exc)
-    return _error(400 if message.startswith("the request body is not valid JSON") else 422, message)
+    return error_response(400 if message.startswith("the request body is not valid JSON") else 422, message)
 
 
 def _lifespan(config: PipelineConfig, catalog: Catalog, monitor: LiveMonitor, index_output: bool):
@@ -95,6 +91,7 @@ def create_app(config: PipelineConfig, catalog: Catalog, token: str, *, open_rea
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _bad_request)
     app.middleware("http")(access.token_cookie)
+    app.add_middleware(RequestGuard, access=access)  # added last: the outermost, before any body is read
     for module in (pages, api, push):
         app.include_router(module.router)
     return app

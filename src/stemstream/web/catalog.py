@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 #: How many of the newest catalog entries the live page lists.
 RECENT = 12
+#: The largest catalog id, scan number or offset a request may name: the columns are SQL INTEGERs,
+#: 32 bits in most databases (SQLite's 64 bits; past those its driver raises OverflowError).
+MAX_INTEGER = 2**31 - 1
 
 
 class CatalogError(RuntimeError):

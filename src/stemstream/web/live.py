@@ -37,11 +37,9 @@ from stemstream.web.catalog import RECENT, Catalog, catalog_row_json, image_link
 log = logging.getLogger(__name__)
 
 #: Seconds between polls while a browser watches, and while nobody does (catalog upkeep only).
-POLL_WATCHED_S = 0.35  # a little faster than the writer renders (0.4 s): no update missed
+#: Faster than the writer renders (~0.4 s, pipeline.writer.live): every image it renders is pushed.
+POLL_WATCHED_S = 0.25
 POLL_IDLE_S = 1.0
-#: Images pushed at most this often (s): the summed pattern is 576 x 576, ~10x the bytes of a scan
-#: image, and changes slowly once a few hundred frames are in. The others go with every update.
-SLOW_IMAGES = {"summed_pattern/pattern": 1.0}
 
 
 @dataclass(eq=False)
@@ -178,7 +176,6 @@ class LiveMonitor:
         self.images: dict[str, str] = {}  # key -> data URL of the current scan's latest live images
         self.images_updated = 0.0
         self.images_version = 0
-        self._slow_sent: dict[str, float] = {}  # key -> when it was last pushed
         self.rates = RateMeter()
         self.state_text = ""
         self.images_text = ""
@@ -347,17 +344,10 @@ class LiveMonitor:
         }
         return json.dumps(message, default=str)
 
-    def build_images(self, full: bool = True) -> str:
-        """The current scan's live images as one message; unless ``full``, slow images (see
-        SLOW_IMAGES) only when their interval has passed since they were last pushed."""
+    def build_images(self) -> str:
+        """The current scan's live images as one message, all of them every time: the writer
+        keeps each within 288 pixels a side (pipeline.writer.live), the summed pattern too."""
         keys = image_order(self.images)
-        if not full:
-            now = time.monotonic()
-            due = [k for k in keys if now - self._slow_sent.get(k, -1e9) >= SLOW_IMAGES.get(k, 0.0)]
-            for k in due:
-                if k in SLOW_IMAGES:
-                    self._slow_sent[k] = now
-            keys = due
         return json.dumps({"type": "images", "scan": self.current, "version": self.images_version,
                            "updated": self.images_updated,
                            "images": [{"key": k, "label": image_label(k), "src": self.images[k]} for k in keys]})
@@ -391,9 +381,9 @@ class LiveMonitor:
                     self.broadcast(self.state_text)
                 if self.images_version != last_images:
                     last_images = self.images_version
-                    self.images_text = await loop.run_in_executor(self.executor, self.build_images)  # for newcomers
+                    self.images_text = await loop.run_in_executor(self.executor, self.build_images)
                     if self.clients:
-                        self.broadcast(await loop.run_in_executor(self.executor, self.build_images, False))
+                        self.broadcast(self.images_text)
                 if self.catalog.version != self._catalog_version:
                     self._catalog_version = self.catalog.version
                     self.catalog_text = await loop.run_in_executor(self.executor, self.build_catalog)

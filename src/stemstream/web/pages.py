@@ -11,15 +11,15 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Path as PathParam, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from stemstream.analysis.stored import image_label, image_order, stored_views, view_png
 from stemstream.web.access import require_read
-from stemstream.web.catalog import RECENT, catalog_row_json, image_links
+from stemstream.web.catalog import MAX_INTEGER, RECENT, catalog_row_json, image_links
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,10 @@ templates.env.globals["label"] = image_label
 
 router = APIRouter()
 
+#: A catalog id in a path, and an offset into the catalog: numbers the database can be asked about.
+CatalogId = Annotated[int, PathParam(ge=0, le=MAX_INTEGER, description="a catalog id")]
+Offset = Annotated[int, Query(ge=0, le=MAX_INTEGER)]
+
 
 def catalog_entry(request: Request, entry: int) -> dict:
     """The catalog's row ``entry``; 404 when there is none (or it was deleted)."""
@@ -61,18 +65,18 @@ def index(request: Request):
 
 
 @router.get("/scans", response_class=HTMLResponse)
-def scans_page(request: Request, limit: int = 200, offset: int = 0):
+def scans_page(request: Request, limit: int = 200, offset: Offset = 0):
     require_read(request)
     catalog = request.app.state.catalog
     limit = max(1, min(limit, 1000))
-    rows = [catalog_row_json(r) for r in catalog.list(limit, max(offset, 0))]
+    rows = [catalog_row_json(r) for r in catalog.list(limit, offset)]
     return templates.TemplateResponse(request, "scans.html", {
         "scans": rows, "count": catalog.count(), "catalog_url": catalog.shown_url,
         "offset": offset, "limit": limit})
 
 
 @router.get("/scans/{entry}", response_class=HTMLResponse)
-def scan_page(request: Request, entry: int):
+def scan_page(request: Request, entry: CatalogId):
     require_read(request)
     row = catalog_row_json(catalog_entry(request, entry))
     path = Path(row["path"])
@@ -87,7 +91,7 @@ def scan_page(request: Request, entry: int):
 
 
 @router.get("/scans/{entry}/file")
-def download(request: Request, entry: int):
+def download(request: Request, entry: CatalogId):
     require_read(request)
     path = Path(catalog_entry(request, entry)["path"])
     if not path.is_file():
@@ -96,7 +100,7 @@ def download(request: Request, entry: int):
 
 
 @router.get("/scans/{entry}/images/{key:path}")
-def image(request: Request, entry: int, key: str):
+def image(request: Request, entry: CatalogId, key: str):
     require_read(request)
     row = catalog_entry(request, entry)
     png = (row.get("images") or {}).get(key)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from stemstream.core.config import PipelineConfig
 from stemstream.core.detector import MAX_FRAME_NUMBER
-from stemstream.core.scan_spec import CalibrationSettings, ScanSpec
+from stemstream.core.scan_spec import MAX_INSTANCE_CHARS, CalibrationSettings, ScanSpec
 from stemstream.core.thresholds import Thresholds
 from stemstream.counting.thresholds import (
     CalibrationError,
@@ -160,6 +160,25 @@ class ScanState:
             self.fit()  # the dead node group's histogram will not come
         log.warning("scan %d: %s; routing generation %d streams everything uncommitted to node group(s) %s",
                     spec.number, reason, spec.generation, spec.alive)
+
+    def hear_node(self, node: int, instance, now: float) -> bool:
+        """Node group ``node`` checked in as process ``instance`` (its incarnation, new at every
+        start; None: it did not say). Another process than the one serving the scan was restarted:
+        whatever the old one held but the writer had not committed died with it, and its successor
+        takes nothing of the old stream (the producers keep sending it later blocks, and its DONE
+        would count what went to the old process as lost). So unless it was done in the current
+        generation, a new routing generation starts at once, as after a death, and the producers
+        resend everything uncommitted; the new process, alive and listening, serves it with the
+        others. True when the spec changed (an incarnation learnt, or a new generation)."""
+        if not isinstance(instance, str) or not 0 < len(instance) <= MAX_INSTANCE_CHARS or node not in self.spec.nodes:
+            return False
+        known = self.spec.instances.get(node)
+        if known == instance:
+            return False
+        self.spec.instances[node] = instance
+        if known is not None and self.running and node in self.spec.alive and node not in self.done_nodes:
+            self.new_generation([], f"node group {node} restarted (a new process) mid-scan", now)
+        return True
 
     def silent_nodes(self, seen: dict[int, float], now: float, dead_after_s: float) -> list[int]:
         """Node groups of the current generation, not done, silent for ``dead_after_s``. One

@@ -2,13 +2,18 @@
 
 One ROUTER socket answers small msgpack requests (``op`` names the request); every request gets a
 reply, and a request control cannot use gets ``{ok: false, error}`` (one sentence; its fields are
-checked by pipeline.control.fields before anything changes). Roles learn about scans from the
-replies to their heartbeats, so no broadcast can be missed by a late joiner. Requests:
+checked against the request's schema in pipeline.control.fields before anything changes). A request
+other than ``status`` and ``get_scan`` needs an authenticated sender: a CURVE link, or else the
+session token (transport.session_token); without it the reply is ``{ok: false, unauthenticated:
+true, error}``. Roles learn about scans from the replies to their heartbeats, so no broadcast can
+be missed by a late joiner. Requests:
 
-- ``heartbeat {role, id, stats, host}`` -> ``{scans: [spec...], shutdown, ages, acks, instance}``:
-  the open scans, how long ago each role last checked in (node groups tell a dead producer from
-  a slow one), the blocks the writer committed per open scan (producers free their resend
-  buffers), and this control process's id (a new one tells the roles control was restarted).
+- ``heartbeat {role, id, stats, host, instance}`` -> ``{scans: [spec...], shutdown, ages, acks,
+  instance}``: the open scans, how long ago each role last checked in (node groups tell a dead
+  producer from a slow one), the blocks the writer committed per open scan (producers free their
+  resend buffers), and this control process's id (a new one tells the roles control was
+  restarted). A role's own ``instance`` is its process's: a node group heard under a new one
+  mid-scan was restarted and is failed over at once (pipeline.control.scans.ScanState.hear_node).
   A node group's heartbeat registers it, with the host it listens on; ``leave {role, id}``
   unregisters it. A scan uses the node groups registered (and alive) when it starts.
 - ``start_scan {scan_number, scan_shape, frames_per_position, [nodes], ...}`` -> ``{scan: spec}``.
@@ -43,6 +48,7 @@ from stemstream.pipeline.control import fields
 from stemstream.pipeline.control.fields import RequestError
 from stemstream.pipeline.control.scans import ScanState, forget_old_scans, last_sequence, new_spec, scan_file_name
 from stemstream.pipeline.control.state import StateFile
+from stemstream.transport import session_token
 from stemstream.transport.curve import curve_for
 from stemstream.transport.messages import MessageError, pack_control, unpack_control
 
@@ -69,6 +75,9 @@ class Control:
         self.shutting_down = False
         self.rejected = 0
         self.instance = uuid.uuid4().hex  # new in every control process: roles see a restart
+        # Without CURVE, requests that change something must carry this (transport.session_token).
+        self.token = None if self.curve is not None else self._session_token()
+        self.unauthenticated = 0  # requests refused for want of the token
         self.state_file = StateFile(Path(config.pipeline.state_file)) if config.pipeline.state_file else None
         self.changed = False  # a scan changed since the state file was written
         if self.state_file is not None:
@@ -83,6 +92,15 @@ class Control:
         for state in (s for s in self.scans.values() if s.running):
             for n in state.spec.alive:
                 self.roles.setdefault(f"node-{n}", {"role": "node", "id": n, "seen": now, "stats": {}, "restored": True})
+
+    def _session_token(self) -> str:
+        path = session_token.token_path(self.config)
+        try:
+            return session_token.ensure_token(path)
+        except OSError as exc:
+            log.error("cannot write the session token to %s (%s): no role or command can change anything here",
+                      path, exc.strerror or exc)
+            return session_token.new_token()
 
     def save(self) -> None:
         """Write the state file (what serve() does after each request that changed a scan)."""
@@ -102,12 +120,12 @@ class Control:
     # -- requests ---------------------------------------------------------------------------------
 
     def handle(self, request: dict) -> dict:
+        """Answer a request once its schema's checks passed (pipeline.control.fields). Whether
+        its sender may ask it is decided at the socket (:meth:`_answer`)."""
         op = request.get("op")
-        handler = getattr(self, f"_op_{op}", None) if isinstance(op, str) else None
-        if handler is None:
-            return {"ok": False, "error": f"unknown request {op!r:.40}"}
         try:
-            return handler(request)
+            fields.check(request)
+            return getattr(self, f"_op_{op}")(request)
         except RequestError as exc:
             return {"ok": False, "error": str(exc)}
         except (KeyError, TypeError, ValueError, OverflowError) as exc:  # a field no check covers: a bug
@@ -126,11 +144,21 @@ class Control:
         entry = {"role": name, "id": ident, "seen": time.time(), "stats": fields.mapping(req, "stats", {})}
         if name == "node":
             entry["host"] = fields.host(req, self.config.network.host)
+            entry["instance"] = req.get("instance")
         self.roles[f"{name}-{ident}"] = entry
         now = time.time()
+        if name == "node":
+            self._heard_node(ident, entry["instance"], now)
         return {"ok": True, "scans": [s.spec.to_wire() for s in self.scans.values() if s.running],
                 "shutdown": self.shutting_down, "ages": {k: now - v["seen"] for k, v in self.roles.items()},
                 "acks": {str(n): s.committed for n, s in self.scans.items() if s.running}, "instance": self.instance}
+
+    def _heard_node(self, node: int, instance, now: float) -> None:
+        """A node group checked in as process ``instance``: one restarted mid-scan is failed over
+        at once, before this heartbeat's reply tells it the scans (see ScanState.hear_node)."""
+        for state in self.scans.values():
+            if state.running and state.hear_node(node, instance, now):
+                self.changed = True
 
     def _op_leave(self, req: dict) -> dict:
         """A role stopping on purpose: not used by later scans, and failed over at once in a
@@ -167,7 +195,9 @@ class Control:
         spec = new_spec(req, number, self.sequence + 1, first_generation, self.config, self.live_nodes(),
                         self.highest_node_id, now)
         self.sequence += 1
-        self.scans[number] = ScanState(spec=spec, started=now, histogram=PixelHistogram())
+        state = self.scans[number] = ScanState(spec=spec, started=now, histogram=PixelHistogram())
+        for node in spec.nodes:  # the processes serving it now: another one later was restarted
+            state.hear_node(node, self.roles.get(f"node-{node}", {}).get("instance"), now)
         self.changed = True
         log.info("scan %d started: %dx%d, %d frame(s) per position, node group(s) %s", number, *spec.shape,
                  spec.frames_per_position, spec.nodes)
@@ -178,8 +208,8 @@ class Control:
         if state is None:
             return {"ok": True}
         ranges = fields.block_ranges(req, state.spec.n_blocks)
-        fenced = fields.integer(req, "fenced")
-        done = set(fields.node_ids(req.get("done", []), "done", MAX_NODE_ID))
+        fenced = fields.fenced(req)
+        done = set(fields.done_nodes(req))
         self.changed |= state.record_commits(ranges, fenced, done)
         return {"ok": True}
 
@@ -196,7 +226,7 @@ class Control:
         """A gateway started while scans run: the one before it died with messages in its queues
         (or it joins late and nothing reached the node groups through it), so everything
         uncommitted is streamed again."""
-        gateway = fields.integer(req, "id", 0, MAX_NODE_ID, default=0)
+        gateway = fields.gateway_id(req)
         running = [state for state in self.scans.values() if state.running]
         for state in running:
             state.new_generation([], f"gateway {gateway} restarted", time.time())
@@ -212,7 +242,7 @@ class Control:
 
     def _op_calibration(self, req: dict) -> dict:
         state = self._running(req)
-        node = fields.integer(req, "node", 0, MAX_NODE_ID)
+        node = fields.node(req)
         if state is None or not state.wants_histogram(node):
             return {"ok": True}  # late or unneeded contribution
         if node not in state.spec.nodes:
@@ -227,8 +257,8 @@ class Control:
 
     def _op_scan_done(self, req: dict) -> dict:
         number = fields.scan_number(req)
-        ok = fields.flag(req, "ok", True)
-        summary = fields.optional_mapping(req, "summary")
+        ok = fields.scan_ok(req)
+        summary = fields.summary(req)
         state = self.scans.get(number)
         if state is not None:
             state.finish(ok, summary)
@@ -271,7 +301,8 @@ class Control:
             return
         identity, payload = parts[0], parts[-1]
         try:
-            reply = self.handle(unpack_control(payload))
+            request = unpack_control(payload)
+            reply = self._refusal(request) or self.handle(request)
         except MessageError as exc:
             self.rejected += 1
             log.warning("rejected control message: %s", exc)
@@ -280,6 +311,20 @@ class Control:
         if self.changed:
             self.save()
         self.socket.send_multipart([identity, pack_control(reply)])
+
+    def _refusal(self, request: dict) -> dict | None:
+        """The reply to a request whose sender may not make it: one that changes something,
+        without the session token, on a link CURVE did not authenticate. None: it may."""
+        if self.token is None or fields.reads_only(request.get("op")):
+            return None
+        if session_token.matches(request.get(session_token.TOKEN_FIELD), self.token):
+            return None
+        self.rejected += 1
+        self.unauthenticated += 1
+        if self.unauthenticated <= 3:
+            log.warning("refused a %.40r request without this pipeline's session token", request.get("op"))
+        return {"ok": False, session_token.REFUSED_FIELD: True,
+                "error": "this request needs the pipeline's session token (or [security] curve)"}
 
     def serve(self, stop_after_shutdown_s: float = 2.0) -> None:
         """Answer requests until a shutdown request, then keep answering a moment so every role

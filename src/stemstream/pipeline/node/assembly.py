@@ -3,13 +3,25 @@ their events sent on. No sockets: a :class:`NodeScan` reaches the outside only t
 :class:`NodePorts` it is given (pipeline.node.role gives the node group's; tests give lists).
 
 Sectors arrive in routing blocks (``block_frames`` consecutive frame numbers, one message per
-module and block). Each module's stream is in block order, so a block is *settled* once, for every
-module, its part arrived, or a later block of that module arrived, or the module ended: a part
-that is still absent then will never come. A settled block with all parts is counted; one with
-absent parts is counted with those sectors zero-filled (incomplete frames), unless the producer
-said it spilled that part to disk (the next message of that module lists the blocks it spilled):
-then the parts present are spilled too, in the receivers' format, so that a later replay of the
-spill directory reassembles and counts those frames whole.
+module and block). A block the spec does not route to this node group's stream (past the scan's
+frames, or another's) is refused and counted. Each module's stream is in block order, so a block
+is *settled* once, for every module, its part arrived, or a later block of that module arrived,
+or the module is *closed*: its END came and every block the spec routes here (core.scan_spec:
+ScanSpec.blocks_of) came from it, was counted, spilled or committed (the writer has it from an
+earlier routing generation). An END cannot close a module ahead of its blocks, so a forged one
+settles nothing; a block a module never sends (the simulator sends every one, with no record when
+all were dropped; a replayed file may lack one) keeps it open until its producer is gone or
+``scan_timeout_s``. A resumed scan (a replay of a spill) brings only what was spilled: its ENDs
+close at once. A settled block with all parts is counted;
+one with absent parts is counted with those sectors zero-filled (incomplete frames), unless the
+producer said it spilled that part (the next message of that module lists the blocks it
+spilled): then the parts present are spilled too, in the receivers' format, so that a replay of
+the spill directory counts those frames whole.
+
+A stream finishes when every module is closed. After an END, the others are waited for only
+``end_timeout_s`` when control stopped hearing from their producers: a live producer's blocks may
+sit behind a dead node group's queue (at a gateway) until its failover supersedes this stream,
+and finishing before would commit those frames incomplete. ``scan_timeout_s`` of silence ends any wait.
 
 A NodeScan is one stream: one (scan, routing generation) (see core.scan_spec). Every finished
 block, even one with no frame or one spilled, is reported to the writer with its block number,
@@ -45,6 +57,7 @@ from stemstream.counting.thresholds import PixelHistogram, draw_sample_weights
 from stemstream.formats import wire
 from stemstream.formats.ledger import sector_tally
 from stemstream.formats.raw import RawModuleWriter
+from stemstream.pipeline.routing import in_ranges
 from stemstream.pipeline.spill import spill_directory
 
 log = logging.getLogger(__name__)
@@ -70,6 +83,8 @@ class NodePorts:
     latest_spec: Callable[[int], ScanSpec | None]  # a scan's newest spec from control's heartbeat replies
     reject: Callable[[str, str], None]  # (reason, detail): count and log a rejected message
     keepalive: Callable[[], None]  # heartbeat if due: a long backlog must not look like a dead node group
+    producer_dead: Callable[[int], bool]  # module -> control has stopped hearing from its producer
+    committed: Callable[[int], list]  # a scan's block ranges the writer has committed (routing.to_ranges)
     clock: Callable[[], float] = time.monotonic
 
 
@@ -130,6 +145,10 @@ class NodeScan:
         self.sectors_rejected = [0] * N_MODULES
         self.rejected_reasons: Counter = Counter()
         self.highest_block = [-1] * N_MODULES  # highest block received per module
+        self._routed: set[int] | None = None
+        self.arrived: list[set[int]] = [set() for _ in MODULES]  # blocks received per module
+        self.owed: dict[int, set[int]] = {}  # module that sent END -> blocks routed here still to come from it
+        self._owed_acks: list | None = None  # the commits the owed blocks were last checked against
         self.spilled_parts: set[tuple[int, int]] = set()  # (block, module) a producer spilled
         self._spill_writers: dict[int, RawModuleWriter] = {}
         self._frames = np.empty((self.block_frames, *FRAME_SHAPE), np.uint16)  # calibration only
@@ -197,10 +216,21 @@ class NodeScan:
 
     # -- input -------------------------------------------------------------------------------------
 
+    def _block_problem(self, blocks: list[int]) -> str | None:
+        """Why a message naming ``blocks`` cannot be for this node group's stream (None: it can)."""
+        problems = (self.spec.block_problem(block, self.ports.index) for block in blocks)
+        return next((problem for problem in problems if problem is not None), None)
+
     def add_sectors(self, msg: wire.SectorsMessage) -> None:
+        problem = self._block_problem([msg.block, *msg.spilled])
+        if problem is not None:
+            self._reject(problem, msg.module, len(msg.records), detail=f"block {msg.block}")
+            return
         self.last_activity = self.ports.clock()
         self.spilled_parts.update((b, msg.module) for b in msg.spilled)
         self.highest_block[msg.module] = max(self.highest_block[msg.module], msg.block)
+        self.arrived[msg.module].add(msg.block)
+        self.owed.get(msg.module, set()).discard(msg.block)
         if msg.block in self.done_blocks:
             self._reject("late_sector", msg.module, len(msg.records))
             return
@@ -208,22 +238,59 @@ class NodeScan:
         block.parts.setdefault(msg.module, []).append(msg.records)
 
     def add_end(self, msg: wire.EndMessage) -> None:
+        problem = self._block_problem(msg.spilled_blocks)
+        if problem is not None:
+            self._reject(problem, msg.module, 0, detail=f"END of module {msg.module}")
+            return
         self.last_activity = self.ports.clock()
         self.spilled_parts.update((b, msg.module) for b in msg.spilled_blocks)
-        self.ends[msg.module] = msg
+        self.ends[msg.module] = msg  # the last one counts: a module's real END follows its blocks
+        self.owed[msg.module] = self._owed_by(msg.module)
         if self.first_end_at is None:
             self.first_end_at = self.last_activity
 
-    def _reject(self, reason: str, module: int | None, count: int = 1, tally: dict | None = None) -> None:
-        """Count rejected records: in the scan's totals, and in ``tally`` (the block's counts that
-        go with its events), else in the counts the DONE message carries."""
+    def _owed_by(self, module: int) -> set[int]:
+        """The blocks routed here that ``module`` has not sent nor spilled, and that are neither
+        counted nor committed."""
+        if self.spec.resume:  # a replay of a spill: only what was spilled comes
+            return set()
+        if self._routed is None:  # the blocks the spec routes to this stream, once
+            self._routed = set(self.spec.blocks_of(self.ports.index).tolist())
+        spilled = {b for b, m in self.spilled_parts if m == module}
+        owed = self._routed - self.arrived[module] - self.done_blocks - spilled
+        ranges = self.ports.committed(self.number)
+        return {b for b in owed if not in_ranges(ranges, b)}
+
+    def _closed(self, module: int) -> bool:
+        """True once ``module`` sent END and nothing routed here is still owed by it."""
+        return module in self.ends and not self.owed[module]
+
+    def _settle_owed(self) -> None:
+        """Forget owed blocks the writer has committed meanwhile (resent after a failover, a
+        producer skips those it saw committed; the commits reach this node group a heartbeat later)."""
+        if not any(self.owed.values()):
+            return
+        ranges = self.ports.committed(self.number)
+        if ranges == self._owed_acks:
+            return
+        self._owed_acks = [list(r) for r in ranges]
+        for owed in self.owed.values():
+            owed.difference_update([b for b in owed if in_ranges(ranges, b)])
+
+    def _reject(self, reason: str, module: int | None, count: int = 1, tally: dict | None = None,
+                detail: str = "") -> None:
+        """Count a rejected message and its ``count`` records: the records in the scan's totals,
+        and in ``tally`` (the block's counts that go with its events), else in the counts the DONE
+        message carries."""
+        self.ports.reject(reason, f"scan {self.number}, {count} record(s)" + (f", {detail}" if detail else ""))
+        if not count:
+            return
         self.rejected_reasons[reason] += count
         tally = self.unblocked if tally is None else tally
         tally["rejected_reasons"][reason] = tally["rejected_reasons"].get(reason, 0) + count
         if module is not None:
             self.sectors_rejected[module] += count
             tally["sectors_rejected"][module] += count
-        self.ports.reject(reason, f"scan {self.number}, {count} record(s)")
 
     # -- assembly and counting ---------------------------------------------------------------------
 
@@ -298,9 +365,14 @@ class NodeScan:
         self._send_events(number, empty, np.empty(0, np.int64), np.empty(0, np.uint8), np.zeros(1, np.int64), empty,
                           tally)
 
+    def _done(self, number: int) -> None:
+        self.done_blocks.add(number)
+        for owed in self.owed.values():
+            owed.discard(number)
+
     def _count_block(self, number: int, block: Block) -> None:
         assembled = self._index(number, block)
-        self.done_blocks.add(number)
+        self._done(number)
         if len(assembled.frame_numbers) == 0:
             self._send_empty(number, assembled.tally)
             return
@@ -326,7 +398,7 @@ class NodeScan:
             for records in arrays:
                 writer.write(records)
                 frames.update(records["header"]["frame_number"].tolist())
-        self.done_blocks.add(number)
+        self._done(number)
         tally = sector_tally()
         tally["frames_spilled"] = len(frames)
         self._send_empty(number, tally)
@@ -334,7 +406,7 @@ class NodeScan:
     # -- progress ----------------------------------------------------------------------------------
 
     def _settled(self, number: int, block: Block) -> bool:
-        return all(m in block.parts or self.highest_block[m] > number or m in self.ends for m in MODULES)
+        return all(m in block.parts or self.highest_block[m] > number or self._closed(m) for m in MODULES)
 
     def oldest_unsettled(self) -> tuple[list[int], list[int]] | None:
         """(modules it holds, modules it lacks) of the oldest block still waiting for parts that
@@ -364,19 +436,27 @@ class NodeScan:
 
     @property
     def ended(self) -> bool:
-        return len(self.ends) == N_MODULES
+        """Every module closed: all of the stream is in."""
+        return all(self._closed(m) for m in MODULES)
 
     def timed_out(self) -> bool:
+        """Silence for ``scan_timeout_s``; or, after an END, for ``end_timeout_s`` when every
+        module not closed has a producer control stopped hearing from. A live producer's module
+        is waited for: its blocks may be held up behind a dead node group's queue, and its
+        failover resends them (superseding this stream) only after ``dead_after_s``."""
         flow = self.ports.flow
         idle = self.ports.clock() - self.last_activity
-        if self.first_end_at is not None and idle > flow.end_timeout_s:
+        if idle > flow.scan_timeout_s:
             return True
-        return idle > flow.scan_timeout_s
+        if self.first_end_at is None or idle <= flow.end_timeout_s:
+            return False
+        return all(self.ports.producer_dead(m) for m in MODULES if not self._closed(m))
 
     def step(self, give_up_oldest: bool = False) -> None:
         """Count what can be counted; finish the scan when it ended or timed out. With
         ``give_up_oldest`` the oldest block still waiting for parts is counted as it stands (the
         node group decides when: see NodeGroup.give_up_waiting)."""
+        self._settle_owed()
         final = self.ended or self.timed_out()
         if self.counter is None and not self._calibrate(final):
             if final and self.ports.clock() - self.last_activity > self.ports.flow.scan_timeout_s:

@@ -5,7 +5,9 @@ and decides what to read next.
 Each (scan, routing generation) is a stream of its own (see core.scan_spec): after a failover
 the producers resend what the writer had not committed on a new stream, so the block order that
 the settling rule relies on holds within each stream; a stream a newer generation supersedes is
-dropped (the writer has fenced it).
+dropped (the writer has fenced it). A node group restarted mid-scan is a new process (its
+heartbeats say so): control starts a new generation at once, and the new process drops what
+still comes of the old one's stream.
 
 Flow control is per module: each module arrives on its own socket, and a module that is
 ``max_pending_blocks`` blocks ahead of the others is not read until they catch up, which holds its
@@ -77,12 +79,15 @@ class NodeGroup(Role):
         self.inputs: list[zmq.Socket] = []  # one per module, bound by start()
         self.events_out: zmq.Socket | None = None
         self.scans: dict[tuple[int, int], NodeScan] = {}  # (scan, stream) -> its state
+        self.streams_done: set[tuple[int, int]] = set()  # (scan, stream) finished here
         self.shared = Attachments(config.network.shm_dir)  # producers' segments, on one host
         self.analyses = default_analyses(FRAME_SHAPE, config.analysis)
         self.ports = NodePorts(
             index=index, flow=config.flow, analyses=self.analyses, spill_dir=config.pipeline.spill_dir,
             counters=self.counters, send=send or self._send_to_writer, send_calibration=self._send_calibration,
             latest_spec=lambda number: self.scan_specs.get(number), reject=self.reject, keepalive=self.tick,
+            producer_dead=lambda module: self.role_is_dead(f"producer-{module}"),
+            committed=lambda number: self.acks.get(number, []),
         )
 
     def start(self) -> NodeGroup:
@@ -135,6 +140,8 @@ class NodeGroup(Role):
         scan or a newer routing generation superseded the stream."""
         scan = self.scans.get((number, stream))
         if scan is None:
+            if (number, stream) in self.streams_done:  # never opened again: its DONE went out
+                raise wire.MessageError("stream_finished", f"scan {number} stream {stream}")
             spec = self.scan_spec(number, stream)
             if spec is None:
                 raise wire.MessageError("unknown_scan", f"scan {number}")
@@ -241,6 +248,7 @@ class NodeGroup(Role):
             scan.step(self.give_up_waiting(scan))
             if scan.finished:
                 del self.scans[key]
+                self.streams_done.add(key)
                 self.mark_finished(scan.spec)
                 gc.collect()  # the scan's buffers go now, not at some later scan's expense
 

@@ -38,11 +38,11 @@ from stemstream.core.thresholds import Thresholds
 from stemstream.core.version import SOFTWARE_VERSION
 from stemstream.formats import wire
 from stemstream.formats.ledger import ScanLedger
-from stemstream.formats.png import png_bytes, scale_image
 from stemstream.formats.sparse_h5 import SparseCountsWriter, read_counted
 from stemstream.pipeline.routing import to_ranges
 from stemstream.pipeline.writer.files import existing_file, scan_paths
 from stemstream.pipeline.writer.journal import Journal, journal_path, read_journal
+from stemstream.pipeline.writer.live import LiveImages
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class WriterScan:
         self.closed = False
         # frames so far per position (uint16 unless a position takes more frames: memory per position)
         self.rank = np.zeros(spec.n_positions, np.uint16 if self.fpp <= 65535 else np.uint32)
+        self.live = LiveImages(self.shape)  # the dashboard's images, binned as frames arrive
         self.held: dict[int, list] = {}  # position -> [(frame number, events)] not yet written
         self.replaces: Path | None = None  # resume: the incomplete file the resumed one replaces
         self.carried: np.ndarray | None = None  # resume: positions the file being resumed held whole
@@ -181,7 +182,9 @@ class WriterScan:
         self._commit((node, stream))
         self.last_activity = time.monotonic()
         if self.carried is None:  # a resumed scan's analyses follow the frames it writes
-            self.analyses.merge_parts(parts)
+            window = self.analyses.merge_parts(parts).window
+            if window is not None:
+                self.live.touched(*window)
         return True
 
     def receive_done(self, msg: wire.DoneMessage) -> bool:
@@ -285,6 +288,8 @@ class WriterScan:
         position's next free slot; frames beyond frames_per_position are counted, not written.
         Vectorised, in int64: slot numbers pass 65,535 as soon as a scan has more positions."""
         positions = np.asarray(positions, np.int64)
+        if len(positions):
+            self.live.touched(int(positions.min()), int(positions.max()) + 1)
         if self._first_frames_in_order(positions, index, offsets):  # the usual block: one call, no sorting
             self.rank[positions] = 1
             self.out.write_flat(positions, events, offsets)
@@ -338,21 +343,9 @@ class WriterScan:
         return self.analyses.frames > 0 or self.ledger.frames_received > 0
 
     def live_images(self) -> dict[str, bytes]:
-        """The analyses' current images as PNG bytes, ``<analysis>/<name>`` -> PNG. Scan images
-        show positions not yet scanned as blank (NaN), so the colour scale follows the data that
-        is in; frame-sized images are binned 2 x 2 (what a browser tile shows, a quarter of the
-        cost of rendering)."""
-        scanned = (self.rank > 0).reshape(self.shape)
-        images = {}
-        for name, views in self.analyses.views().items():
-            for key, view in views.items():
-                image = np.asarray(view.image, np.float64)
-                if image.shape == self.shape:
-                    image = np.where(scanned, image, np.nan)
-                elif image.shape[0] % 2 == 0 and image.shape[1] % 2 == 0 and image.size > 4 * len(self.rank):
-                    image = image.reshape(image.shape[0] // 2, 2, image.shape[1] // 2, 2).sum(axis=(1, 3))
-                images[f"{name}/{key}"] = png_bytes(scale_image(image, view.kind))
-        return images
+        """The analyses' current images as PNG bytes, ``<analysis>/<name>`` -> PNG, at most
+        LIVE_SIDE pixels a side whatever the scan's size (pipeline.writer.live.LiveImages)."""
+        return self.live.render(self.analyses, self.rank)
 
     def progress(self) -> dict:
         return {"frames_written": self.ledger.frames_received, "frames_expected": self.ledger.frames_expected,

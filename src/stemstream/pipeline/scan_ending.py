@@ -1,0 +1,42 @@
+"""How a run of a scan ended, as a producer learns it from control, and so what becomes of what the
+writer has not committed of it: spilled (a replay can complete the file), or dropped."""
+
+from __future__ import annotations
+
+from stemstream.core.scan_spec import ScanSpec, SpecError
+
+
+class ScanStopped(Exception):
+    """This run of a scan is over for the producer: control ended it, or the pipeline is shutting
+    down. ``keep``: spill what the writer has not committed; ``whole``: the scan was closed with
+    every frame (nothing to say)."""
+
+    def __init__(self, why: str, keep: bool, whole: bool = False):
+        super().__init__(why)
+        self.why = why
+        self.keep = keep
+        self.whole = whole
+
+
+def how_it_ended(reply: dict, epoch: int, shutting_down: bool) -> ScanStopped | None:
+    """What control's ``get_scan`` reply says of run ``epoch`` of the scan (None: it still runs,
+    and no shutdown came). Closed with every frame: nothing to keep. Closed with frames missing:
+    keep (the file is there to complete). Failed: the writer kept nothing of it (the scan is
+    streamed again from its source), so nothing to keep, except at a shutdown (the writer closes
+    its files on the way out). Whatever control cannot say: keep."""
+    try:
+        run = ScanSpec.from_wire(reply.get("scan")) if reply.get("ok") else None
+    except SpecError:
+        run = None
+    if run is None or run.epoch != epoch:
+        return ScanStopped("control cannot say how this run of it ended", keep=True)
+    summary = reply.get("summary") if isinstance(reply.get("summary"), dict) else {}
+    state = reply.get("state")
+    if state == "running":
+        return ScanStopped("the pipeline is shutting down", keep=True) if shutting_down else None
+    if state == "failed":
+        return ScanStopped(f"it failed ({summary.get('error', 'no reason given')})", keep=shutting_down)
+    ledger = summary.get("ledger")
+    expected = ledger.get("frames_expected") if isinstance(ledger, dict) else None
+    whole = expected is not None and ledger.get("frames_complete") == expected
+    return ScanStopped("it was closed" + ("" if whole else " with frames missing"), keep=not whole, whole=whole)
