@@ -5,6 +5,7 @@ thresholds. Messages go through the wire format (encode, then decode) as in the 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -306,6 +307,18 @@ def test_a_replay_completes_an_incomplete_file_and_a_second_replay_changes_nothi
         for name in expected:
             np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
     assert not (tmp_path / first["path"]).exists()  # the incomplete file became the whole one
+
+
+def test_a_resume_naming_the_incomplete_file_completes_it_under_the_whole_name(tmp_path):
+    """A resume started with the incomplete file's own name (what a user sees in the directory)
+    means the same scan: the file becomes NAME.h5, never NAME.incomplete.incomplete.h5."""
+    spec = make_spec(shape=(2, 2))
+    first = stream(open_scan(tmp_path, spec)[0], spec, [0, 1])
+    again = make_spec(shape=(2, 2), epoch=2, resume=True, file_name=Path(first["path"]).name)
+    summary = stream(open_scan(tmp_path, again)[0], again, [2, 3])
+    assert summary["path"] == str(tmp_path / spec.file_name)
+    assert sorted(p.name for p in tmp_path.glob("*.h5")) == [spec.file_name]
+    assert read_counted(summary["path"]).metadata["stemstream"]["ledger"]["frames_complete"] == 4
 
 
 def test_a_restarted_writer_reports_the_file_its_predecessor_finished_instead_of_replacing_it(tmp_path):

@@ -23,7 +23,7 @@ from stemstream.deploy.local import LocalPipeline
 from stemstream.deploy.sources import ProducerSource
 from stemstream.formats.sparse_h5.layout import PARTIAL_SUFFIX
 from stemstream.pipeline.spill import spill_directory
-from stemstream.pipeline.writer.files import INCOMPLETE_SUFFIX, incomplete_path
+from stemstream.pipeline.writer.files import INCOMPLETE_SUFFIX, incomplete_path, whole_name
 from stemstream.transport.control_client import ControlUnavailable
 
 log = logging.getLogger(__name__)
@@ -284,10 +284,7 @@ class ReplayTarget:
     def file_name(self) -> str | None:
         """The name the scan's file has once whole, which the resumed scan is started under (the
         writer finds the file by it, also when it is ``NAME.incomplete.h5``)."""
-        if self.file is None:
-            return None
-        name = self.file.name
-        return name[:-len(INCOMPLETE_SUFFIX)] + ".h5" if name.endswith(INCOMPLETE_SUFFIX) else name
+        return None if self.file is None else whole_name(self.file.name)
 
 
 def replay_target(spill_dir: Path, output_dir: Path) -> ReplayTarget:

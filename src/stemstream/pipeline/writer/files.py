@@ -26,9 +26,15 @@ def incomplete_path(path: Path) -> Path:
     return path.with_name(path.stem + INCOMPLETE_SUFFIX)
 
 
+def whole_name(name: str) -> str:
+    """``NAME.incomplete.h5`` -> ``NAME.h5``; any other name as it is."""
+    return name[:-len(INCOMPLETE_SUFFIX)] + ".h5" if name.endswith(INCOMPLETE_SUFFIX) else name
+
+
 def scan_paths(output_dir: Path, spec: ScanSpec) -> tuple[Path, Path]:
-    """(whole, incomplete): the two names ``spec``'s file may have."""
-    path = Path(output_dir) / spec.file_name
+    """(whole, incomplete): the two names ``spec``'s file may have (a spec naming the incomplete
+    file, as a resume of it may, means the same two)."""
+    path = Path(output_dir) / whole_name(spec.file_name)
     return path, incomplete_path(path)
 
 
