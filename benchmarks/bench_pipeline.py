@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from stemstream.core.config import PipelineConfig
+from stemstream.core.detector import N_MODULES, RECORD_BYTES
 from stemstream.deploy.local import LocalPipeline, ProducerSource
 from common import parse_shape
 
@@ -91,7 +92,12 @@ def streaming(pipeline: LocalPipeline, number: int, shape: tuple[int, int]) -> d
     }
 
 
-def main() -> None:
+def raw_bytes(shape: tuple[int, int]) -> int:
+    """What the four receivers' raw files of a scan of ``shape`` (rows, cols) take on disk."""
+    return shape[0] * shape[1] * (RECORD_BYTES * N_MODULES)
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["64x64", "128x128", "256x256"], help="scan shapes ROWSxCOLS")
     parser.add_argument("--repeats", type=int, default=2, help="streaming runs per size (median reported)")
@@ -101,8 +107,10 @@ def main() -> None:
                         help="blocks through the sockets, not shared memory (as between hosts)")
     parser.add_argument("--skip-file-based", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    return parser.parse_args()
+
+
+def bench_config(args: argparse.Namespace, work: Path) -> PipelineConfig:
     config = PipelineConfig()
     config.pipeline.nodes = args.nodes
     config.pipeline.gateway = not args.no_gateway
@@ -114,11 +122,15 @@ def main() -> None:
     # fixed thresholds as in the paper's comparisons of counting speed; calibration is timed in
     # bench_count_vs_stempy.py
     config.counting.background_threshold, config.counting.xray_threshold = 28.0, 1000.0
-    results = {"machine": f"{platform.processor() or platform.machine()}, {shutil.os.cpu_count()} cores", "sizes": {}}
-    print(f"machine: {results['machine']}; node groups: {args.nodes}; gateway: {not args.no_gateway}; "
-          f"shared memory: {not args.no_shared_memory}")
+    return config.validate()
+
+
+def run_streaming(args: argparse.Namespace, work: Path, results: dict) -> None:
+    """Every size's streaming runs through one pipeline, smallest first; after each size, the
+    peak private RSS of every role so far (peaks only grow: a flat row means the bigger scans
+    needed no more memory)."""
     number = 0
-    with LocalPipeline(config.validate(), work / "pipeline", ProducerSource(seed=1)) as pipeline:
+    with LocalPipeline(bench_config(args, work), work / "pipeline", ProducerSource(seed=1)) as pipeline:
         pipeline.start()
         for text in args.sizes:
             shape = parse_shape(text)
@@ -127,16 +139,25 @@ def main() -> None:
                 number += 1
                 runs.append(streaming(pipeline, number, shape))
                 Path(runs[-1]["path"]).unlink()
-            results["sizes"][text] = {"streaming": runs}
+            results["sizes"][text] = {"streaming": runs, "peak_private_mib": runs[-1]["peak_private_mib"]}
+
+
+def run_file_based(args: argparse.Namespace, work: Path, results: dict) -> None:
+    """The file-based side where this machine's disk holds the raw files (with 10 % to spare)."""
     for text in args.sizes:
         entry = results["sizes"][text]
-        runs = entry["streaming"]
-        entry["streaming_median_s"] = statistics.median(r["seconds"] for r in runs)
-        entry["frames_per_s"] = statistics.median(r["frames_per_s"] for r in runs)
-        entry["last_sent_to_closed_s"] = statistics.median(r["last_sent_to_closed_s"] for r in runs)
-        if not args.skip_file_based:
-            entry["file_based"] = file_based(parse_shape(text), work)
-            entry["speedup"] = entry["file_based"]["total_s"] / entry["streaming_median_s"]
+        shape = parse_shape(text)
+        free = shutil.disk_usage(work).free
+        if args.skip_file_based:
+            continue
+        if raw_bytes(shape) > 0.9 * free:
+            entry["file_based_skipped"] = f"raw files {raw_bytes(shape) / 1e9:.0f} GB, disk free {free / 1e9:.0f} GB"
+            continue
+        entry["file_based"] = file_based(shape, work)
+        entry["speedup"] = entry["file_based"]["total_s"] / entry["streaming_median_s"]
+
+
+def print_tables(args: argparse.Namespace, results: dict) -> None:
     print(f"\n{'scan':>9} {'file-based (s)':>15} {'streaming (s)':>14} {'speed-up':>9} {'frames/s':>9} "
           f"{'last sent -> closed (s)':>24} {'complete':>9}")
     for text in args.sizes:
@@ -145,6 +166,11 @@ def main() -> None:
         print(f"{text:>9} {fb:>15.1f} {e['streaming_median_s']:>14.2f} {e.get('speedup', float('nan')):>8.1f}x "
               f"{e['frames_per_s']:>9,.0f} {e['last_sent_to_closed_s']:>24.2f} "
               f"{all(r['complete'] for r in e['streaming'])!s:>9}")
+        if "file_based_skipped" in e:
+            print(f"{'':>9} file-based skipped: {e['file_based_skipped']}")
+    base = results["sizes"][args.sizes[0]]["frames_per_s"]
+    print("\nframes/s against the first size: " + ", ".join(
+        f"{t} {results['sizes'][t]['frames_per_s'] / base:.2f}" for t in args.sizes))
     roles = sorted(results["sizes"][args.sizes[0]]["streaming"][0]["cpu_ms_per_frame"])
     print("\nCPU per frame by role (ms, median of the runs), and all roles together:")
     print(f"{'scan':>9} " + " ".join(f"{r:>11}" for r in roles) + f" {'total':>7}")
@@ -153,11 +179,27 @@ def main() -> None:
         per_role = {r: statistics.median(run["cpu_ms_per_frame"].get(r, 0.0) for run in runs) for r in roles}
         results["sizes"][text]["cpu_ms_per_frame"] = per_role
         print(f"{text:>9} " + " ".join(f"{per_role[r]:>11.3f}" for r in roles) + f" {sum(per_role.values()):>7.3f}")
-    last = results["sizes"][args.sizes[-1]]["streaming"][-1]
-    print(f"\npeak RSS per role after the {args.sizes[-1]} runs (MiB; private: less the shared-memory blocks):")
-    for role, mib in last["peak_rss_mib"].items():
-        print(f"  {role:<11} {mib:8.0f}   private {last['peak_private_mib'][role]:6.0f}   "
-              f"CPU {last['cpu_s'][role]:6.1f} s (cumulative)")
+    print("\npeak private RSS per role after each size's runs (MiB; RSS less the shared-memory blocks):")
+    print(f"{'scan':>9} " + " ".join(f"{r:>11}" for r in roles))
+    for text in args.sizes:
+        peaks = results["sizes"][text]["peak_private_mib"]
+        print(f"{text:>9} " + " ".join(f"{peaks.get(r, 0.0):>11.0f}" for r in roles))
+
+
+def main() -> None:
+    args = parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    results = {"machine": f"{platform.processor() or platform.machine()}, {shutil.os.cpu_count()} cores", "sizes": {}}
+    print(f"machine: {results['machine']}; node groups: {args.nodes}; gateway: {not args.no_gateway}; "
+          f"shared memory: {not args.no_shared_memory}")
+    run_streaming(args, work, results)
+    for entry in results["sizes"].values():
+        runs = entry["streaming"]
+        entry["streaming_median_s"] = statistics.median(r["seconds"] for r in runs)
+        entry["frames_per_s"] = statistics.median(r["frames_per_s"] for r in runs)
+        entry["last_sent_to_closed_s"] = statistics.median(r["last_sent_to_closed_s"] for r in runs)
+    run_file_based(args, work, results)
+    print_tables(args, results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     shutil.rmtree(work, ignore_errors=True)

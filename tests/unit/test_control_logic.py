@@ -110,6 +110,22 @@ def test_a_scan_number_used_again_starts_above_its_last_generation_with_a_new_ep
     assert again.generation == again.fenced == first.generation + 2 and again.epoch == first.epoch + 1
 
 
+def test_get_scan_says_how_each_earlier_run_of_a_scan_number_ended(make_control):
+    """A producer still holding blocks of run 1 when run 2 starts asks how run 1 ended: closed
+    whole (drop them), closed with frames missing (spill them), failed."""
+    control = make_control()
+    register(control, 0)
+    whole = {"ledger": {"frames_expected": 4, "frames_complete": 4}}
+    short = {"ledger": {"frames_expected": 4, "frames_complete": 3}}
+    for summary, ended_ok in ((whole, True), (short, True), ({"error": "disk full"}, False)):
+        ok(control, "start_scan", scan_number=5, scan_shape=[2, 2])
+        ok(control, "scan_done", scan=5, ok=ended_ok, summary=summary)
+    ok(control, "start_scan", scan_number=5, scan_shape=[2, 2])
+    reply = ok(control, "get_scan", scan=5)
+    assert reply["earlier_runs"] == {"1": "whole", "2": "incomplete", "3": "failed"}
+    pack_control(reply)
+
+
 # -- calibration -------------------------------------------------------------------------------------
 
 

@@ -364,7 +364,15 @@ CLOSED = {"ok": True, "scan": RUN, "state": "closed"}
     ({"ok": True, "scan": RUN, "state": "failed", "summary": {"error": "shut down"}}, True,
      ("it failed (shut down)", True, False)),
     ({"ok": True, "scan": make_spec(epoch=2).to_wire(), "state": "running"}, False,
-     ("control cannot say how this run of it ended", True, False)),
+     ("a later run of it started (how this one ended is not known)", True, False)),
+    # a later run started before the producer heard how its run ended (the commits of its last
+    # blocks never reached it): control remembers
+    ({"ok": True, "scan": make_spec(epoch=2).to_wire(), "state": "running", "earlier_runs": {"1": "whole"}},
+     False, ("it was closed", False, True)),
+    ({"ok": True, "scan": make_spec(epoch=2).to_wire(), "state": "running", "earlier_runs": {"1": "incomplete"}},
+     False, ("a later run of it started (incomplete)", True, False)),
+    ({"ok": True, "scan": make_spec(epoch=2).to_wire(), "state": "closed", "earlier_runs": {"1": "failed"}},
+     False, ("it failed", False, False)),
     ({"ok": True, "scan": {"epoch": 1}, "state": "closed"}, False, ("control cannot say how this run of it ended", True, False)),
     ({"ok": False, "error": "unknown scan 1"}, False, ("control cannot say how this run of it ended", True, False)),
     ({}, False, ("control cannot say how this run of it ended", True, False)),

@@ -28,7 +28,9 @@ def how_it_ended(reply: dict, epoch: int, shutting_down: bool) -> ScanStopped | 
         run = ScanSpec.from_wire(reply.get("scan")) if reply.get("ok") else None
     except SpecError:
         run = None
-    if run is None or run.epoch != epoch:
+    if run is not None and run.epoch != epoch:  # a later run started: control may know how this one ended
+        return _earlier_run_ended(reply.get("earlier_runs"), epoch)
+    if run is None:
         return ScanStopped("control cannot say how this run of it ended", keep=True)
     summary = reply.get("summary") if isinstance(reply.get("summary"), dict) else {}
     state = reply.get("state")
@@ -40,3 +42,15 @@ def how_it_ended(reply: dict, epoch: int, shutting_down: bool) -> ScanStopped | 
     expected = ledger.get("frames_expected") if isinstance(ledger, dict) else None
     whole = expected is not None and ledger.get("frames_complete") == expected
     return ScanStopped("it was closed" + ("" if whole else " with frames missing"), keep=not whole, whole=whole)
+
+
+def _earlier_run_ended(earlier_runs, epoch: int) -> ScanStopped:
+    """How run ``epoch`` ended, from the outcomes control keeps of the earlier runs of a scan
+    number (ScanState.earlier_runs): what the writer closed with every frame needs nothing kept;
+    anything else, or a run control no longer remembers, is kept."""
+    outcome = earlier_runs.get(str(epoch)) if isinstance(earlier_runs, dict) else None
+    if outcome == "whole":
+        return ScanStopped("it was closed", keep=False, whole=True)
+    if outcome == "failed":
+        return ScanStopped("it failed", keep=False)
+    return ScanStopped(f"a later run of it started ({outcome or 'how this one ended is not known'})", keep=True)

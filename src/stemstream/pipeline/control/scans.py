@@ -122,10 +122,24 @@ class ScanState:
     committed: list = field(default_factory=list)  # the writer's committed block ranges
     done_nodes: set[int] = field(default_factory=set)  # node groups done in the current generation
     all_silent_logged: bool = False
+    # epoch -> how each earlier run of this scan number ended (run_outcome), for a producer that
+    # still holds blocks of one when the next run starts (not in the state file: a producer that
+    # cannot learn it keeps its blocks, pipeline.scan_ending)
+    earlier_runs: dict[int, str] = field(default_factory=dict)
 
     @property
     def running(self) -> bool:
         return self.state == "running"
+
+    def outcome(self) -> str:
+        """How this run ended: "whole" (closed with every frame), "incomplete" (closed with
+        frames missing), "failed", or "running"."""
+        if self.state != "closed":
+            return self.state
+        ledger = (self.summary or {}).get("ledger")
+        expected = ledger.get("frames_expected") if isinstance(ledger, dict) else None
+        whole = expected is not None and ledger.get("frames_complete") == expected
+        return "whole" if whole else "incomplete"
 
     def fail(self, error: str) -> None:
         self.state = "failed"

@@ -57,6 +57,8 @@ __all__ = ["Control", "scan_file_name"]
 log = logging.getLogger(__name__)
 
 _HIGHEST_PORT = 65535
+# how many earlier runs of one scan number control remembers the end of (ScanState.earlier_runs)
+_EARLIER_RUNS_KEPT = 8
 
 
 class Control:
@@ -196,6 +198,9 @@ class Control:
                         self.highest_node_id, now)
         self.sequence += 1
         state = self.scans[number] = ScanState(spec=spec, started=now, histogram=PixelHistogram())
+        if earlier is not None:  # the runs before, as far back as the last few
+            state.earlier_runs = {**earlier.earlier_runs, earlier.spec.epoch: earlier.outcome()}
+            state.earlier_runs = dict(sorted(state.earlier_runs.items())[-_EARLIER_RUNS_KEPT:])
         for node in spec.nodes:  # the processes serving it now: another one later was restarted
             state.hear_node(node, self.roles.get(f"node-{node}", {}).get("instance"), now)
         self.changed = True
@@ -238,7 +243,8 @@ class Control:
         state = self.scans.get(number)
         if state is None:
             return {"ok": False, "error": f"unknown scan {number}"}
-        return {"ok": True, "scan": state.spec.to_wire(), "state": state.state, "summary": state.summary}
+        return {"ok": True, "scan": state.spec.to_wire(), "state": state.state, "summary": state.summary,
+                "earlier_runs": {str(epoch): outcome for epoch, outcome in state.earlier_runs.items()}}
 
     def _op_calibration(self, req: dict) -> dict:
         state = self._running(req)
