@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import h5py
 import numpy as np
 import pytest
@@ -198,6 +201,25 @@ def test_crash_without_close_leaves_no_final_file_and_abort_removes_partial(tmp_
     assert w.tmp_path.exists() and w.tmp_path.name == "scan.h5.partial"
     w.abort()
     assert not w.tmp_path.exists() and not path.exists()
+
+
+def test_the_partial_file_is_synced_to_disk_while_written_and_the_syncing_ends_with_the_writer(tmp_path, monkeypatch):
+    """The file's pages go to disk every interval while the scan runs (the fsync before the rename
+    then has little left); neither a close nor an abort leaves the syncing thread behind."""
+    from stemstream.formats.sparse_h5 import writeback
+
+    synced = []
+    monkeypatch.setattr(writeback, "WRITEBACK_INTERVAL_S", 0.01)
+    monkeypatch.setattr(writeback, "fsync_path", synced.append)
+    for finish in ("close", "abort"):
+        w = SparseCountsWriter(tmp_path / f"{finish}.h5", (2, 2), (4, 4), flush_frames=1)
+        w.write([0], [np.array([1], np.uint32)])
+        deadline = time.monotonic() + 30.0
+        while w.tmp_path not in synced and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert w.tmp_path in synced
+        getattr(w, finish)()
+        assert not any(t.name.startswith("writeback") and t.is_alive() for t in threading.enumerate())
 
 
 def test_exception_in_with_block_aborts(tmp_path):

@@ -17,6 +17,7 @@ from stemstream.core.detector import FRAME_SHAPE
 from stemstream.core.version import SOFTWARE_VERSION
 from stemstream.formats.sparse_h5.layout import FORMAT_VERSION, PARTIAL_SUFFIX, VLEN_UINT32, check_shape
 from stemstream.formats.sparse_h5.metadata import deep_update, normalize_metadata, write_metadata
+from stemstream.formats.sparse_h5.writeback import Writeback, fsync_path
 
 
 def _utc_now() -> str:
@@ -108,6 +109,7 @@ class SparseCountsWriter:
             self._file.close()
             self.tmp_path.unlink(missing_ok=True)
             raise
+        self._writeback = Writeback(self.tmp_path)
 
     # -- properties ------------------------------------------------------------------------
 
@@ -326,26 +328,29 @@ class SparseCountsWriter:
             self.path = Path(path)
         if self._closed:
             return self.path
-        self._flush()
-        tree: dict[str, Any] = {
-            "stemstream": {
-                "software_version": SOFTWARE_VERSION,
-                # The public import path (the package), as files written before the split say.
-                "writer": f"{__package__}.{type(self).__name__}",
-                "created_utc": self._created_utc,
-                "closed_utc": _utc_now(),
-                "ledger": self._ledger(),
+        try:
+            self._flush()
+            tree: dict[str, Any] = {
+                "stemstream": {
+                    "software_version": SOFTWARE_VERSION,
+                    # The public import path (the package), as files written before the split say.
+                    "writer": f"{__package__}.{type(self).__name__}",
+                    "created_utc": self._created_utc,
+                    "closed_utc": _utc_now(),
+                    "ledger": self._ledger(),
+                }
             }
-        }
-        deep_update(tree, self._metadata)
-        write_metadata(self._file.require_group("metadata"), tree)
-        self._file.close()
-        self._closed = True
+            deep_update(tree, self._metadata)
+            write_metadata(self._file.require_group("metadata"), tree)
+            self._file.close()
+            self._closed = True
+        finally:  # a close that failed leaves the partial file for a look, not a thread syncing it
+            self._writeback.stop()
         # Data on disk before the name: otherwise a power cut could leave a finished-looking name
         # pointing at incomplete contents.
-        _fsync_path(self.tmp_path)
+        fsync_path(self.tmp_path)
         os.replace(self.tmp_path, self.path)
-        _fsync_path(self.path.parent)
+        fsync_path(self.path.parent)
         return self.path
 
     def abort(self) -> None:
@@ -354,6 +359,7 @@ class SparseCountsWriter:
             return
         self._closed = True
         self._pending.clear()
+        self._writeback.stop()
         try:
             self._file.close()
         finally:
@@ -399,17 +405,3 @@ def _events_problem(flat: np.ndarray, offsets: np.ndarray, n_pixels: int) -> int
                 return _NOT_INCREASING
             previous = pixel
     return 0
-
-
-def _fsync_path(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
