@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from stemstream.deploy.local import LocalPipeline, ProducerSource
 from stemstream.formats import wire
 from stemstream.formats.raw import N_MODULES, RECORD_DTYPE
 from stemstream.formats.sparse_h5 import read_counted
+from stemstream.pipeline.writer.files import whole_name
 from stemstream.sources.simulator import DetectorSimulator, SimulationConfig, simulate_to_directory
 
 pytestmark = pytest.mark.slow
@@ -125,7 +127,10 @@ def test_stalled_node_group_spills_and_the_replay_completes_the_scan(tmp_path):
     with LocalPipeline(config2, tmp_path / "work2", ProducerSource(replay=[spill_dir])) as pipeline:
         pipeline.start()
         final = pipeline.run_scan(1, (32, 32), resume=True, file_name=first["path"].rsplit("/", 1)[-1], timeout_s=120)
-    assert final["path"] == first["path"]
+    # the resume names the file as the first run left it (NAME.incomplete.h5 when frames were
+    # missing); the whole scan is NAME.h5, one file
+    assert final["path"] == str(Path(first["path"]).with_name(whole_name(Path(first["path"]).name)))
+    assert not Path(first["path"]).exists() or first["path"] == final["path"]
     assert final["ledger"]["frames_complete"] == 1024, (str(first["ledger"]), str(final["ledger"]))
     assert final["ledger"]["frames_incomplete"] == 0
     assert_same_events(final["path"], reference.output)

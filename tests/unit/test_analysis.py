@@ -273,6 +273,39 @@ def test_partials_over_the_wire_equal_one_pass(counted):
     assert sent < 6 * whole
 
 
+def test_a_node_groups_window_of_partials_gives_the_writer_the_whole_scans_results(counted):
+    """A node group holds the partials of a few positions only (memory flat in the scan's size):
+    a batch outside them is accumulated after a take; batches in any order, incl. ones going back
+    over positions taken before, give the one-pass results. A batch that does not fit raises."""
+    _, frames, scan_shape = counted
+    reference = one_pass(all_analyses(), frames, scan_shape)
+    writer = ScanAnalyses(all_analyses(), scan_shape)
+    node = ScanAnalyses(all_analyses(), scan_shape, window=8)
+    assert all(arr.shape[0] == 8 for name, p in node.partials.items() for key, arr in p.items()
+               if key in node[name].per_position)
+    rng = np.random.default_rng(5)
+    chunks = np.array_split(np.arange(frames.shape[0]), 12)
+    takes = 0
+    for k in [*range(12), 3, 0]:  # then two blocks again (a resend after a failover)
+        batch = flat_batch(frames, chunks[k])
+        if not node.fits(batch[0]) or rng.random() < 0.2:
+            writer.merge_parts(node.take_partials())
+            takes += 1
+        node.accumulate(*batch)
+    writer.merge_parts(node.take_partials())
+    again = ScanAnalyses(all_analyses(), scan_shape)
+    for k in (3, 0):
+        again.accumulate(*flat_batch(frames, chunks[k]))
+    reference.merge(again)
+    assert_same_results(writer.finish(), reference.finish())
+    assert takes >= 6
+    node.accumulate(*flat_batch(frames, chunks[1]))
+    with pytest.raises(ValueError, match="do not fit the window"):
+        node.accumulate(*flat_batch(frames, chunks[10]))
+    with pytest.raises(ValueError, match="whole scan"):
+        node.finish()
+
+
 def test_summed_pattern_carries_past_255_per_pixel_in_updates_and_merges():
     n = 1500  # frames that all hit pixel 7 (and pixel 9 in every third)
     per_frame = [np.array([7, 9], np.uint32) if i % 3 == 0 else np.array([7], np.uint32) for i in range(n)]

@@ -47,7 +47,10 @@ class ScanAnalyses:
     Frames whose position lies outside the scan are skipped and counted (``frames_skipped``).
     """
 
-    def __init__(self, analyses: Iterable[Analysis], scan_shape: tuple[int, int]):
+    def __init__(self, analyses: Iterable[Analysis], scan_shape: tuple[int, int], window: int | None = None):
+        """``window``: hold the per-position partials of at most this many consecutive positions
+        (a node group, which sends what it added every fraction of a second: its memory then
+        does not grow with the scan); None: of the whole scan (the writer, offline)."""
         self.analyses = list(analyses)
         names = [a.name for a in self.analyses]
         if len(set(names)) != len(names):
@@ -59,12 +62,17 @@ class ScanAnalyses:
         self.n_pixels = self.frame_shape[0] * self.frame_shape[1]
         self.scan_shape = check_shape("scan_shape", scan_shape)
         self.n_positions = self.scan_shape[0] * self.scan_shape[1]
-        self.partials = {a.name: a.new_partial(self.scan_shape) for a in self.analyses}
+        # per-position partials hold positions base .. base + rows - 1 (all of them without a window)
+        rows = self.n_positions if window is None else max(1, min(int(window), self.n_positions))
+        self.base = 0
+        held = self.scan_shape if rows == self.n_positions else (1, rows)
+        self.partials = {a.name: a.new_partial(held) for a in self.analyses}
         for a in self.analyses:
             for key in a.per_position:
                 arr = self.partials[a.name].get(key)
-                if arr is None or arr.ndim < 1 or arr.shape[0] != self.n_positions:
-                    raise ValueError(f"{a.name}: per-position partial {key!r} must have {self.n_positions} rows")
+                if arr is None or arr.ndim < 1 or arr.shape[0] != rows:
+                    raise ValueError(f"{a.name}: per-position partial {key!r} must have {rows} rows")
+        self.rows = rows
         self.frames = 0
         self.events = 0
         self.frames_skipped = 0
@@ -98,8 +106,9 @@ class ScanAnalyses:
         if skipped:
             positions, events, offsets = select_frames(positions, events, offsets, (positions >= 0) & (positions < self.n_positions))
         if n_in:
+            held = self._held_positions(positions, lo, hi)
             for a in self.analyses:
-                a.update(self.partials[a.name], positions, events, offsets)
+                a.update(self.partials[a.name], held, events, offsets)
         self.frames += n_in
         self.events += n_events
         self.frames_skipped += skipped
@@ -110,6 +119,28 @@ class ScanAnalyses:
         if n_in:
             d["lo"] = lo if d["lo"] is None else min(d["lo"], lo)
             d["hi"] = hi if d["hi"] is None else max(d["hi"], hi)
+
+    def fits(self, positions) -> bool:
+        """Whether a batch at ``positions`` can be accumulated without a :meth:`take_partials`
+        first: always without a window; with one, when nothing is pending or the batch's
+        positions lie in the window with what is."""
+        if self.rows == self.n_positions or self.pending == 0:
+            return True
+        inside = np.asarray(positions)
+        inside = inside[(inside >= 0) & (inside < self.n_positions)]
+        return inside.size == 0 or (int(inside.min()) >= self.base and int(inside.max()) < self.base + self.rows)
+
+    def _held_positions(self, positions: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """``positions`` as rows of the held partials, moving the window to ``lo`` when nothing is
+        pending. ValueError for a batch that does not fit (:meth:`fits` says so beforehand)."""
+        if self.rows == self.n_positions:
+            return positions
+        if self.pending == 0:
+            self.base = lo  # the held partials are all zero: they may stand for other positions
+        if lo < self.base or hi > self.base + self.rows:
+            raise ValueError(f"positions {lo}..{hi - 1} do not fit the window of {self.rows} positions from "
+                             f"{self.base}: take the partials first")
+        return positions - self.base
 
     @property
     def pending(self) -> int:
@@ -141,7 +172,7 @@ class ScanAnalyses:
             v = {}
             for key, arr in partial.items():
                 if key in a.per_position:
-                    v[key] = arr[lo:hi]
+                    v[key] = arr[lo - self.base:hi - self.base] if hi > lo else arr[0:0]
                     windowed.add((a.name, key))
                 else:
                     v[key] = arr
@@ -154,6 +185,7 @@ class ScanAnalyses:
         """Decode a node group's partials and merge them. Everything is checked against this
         scan's analyses (names, keys, dtypes, shapes, window) before anything is merged: a
         mismatch raises MessageError('partial_mismatch') and leaves the partials unchanged."""
+        self._check_whole("merge_parts")
         msg = decode_partials(parts)
         if msg.fingerprint is not None and msg.fingerprint != self.fingerprint:
             raise MessageError("partial_mismatch", "the sender's analyses are configured differently")
@@ -184,6 +216,7 @@ class ScanAnalyses:
 
     def merge(self, other: ScanAnalyses) -> None:
         """Merge another ScanAnalyses of the same analyses and scan shape into this one."""
+        self._check_whole("merge")
         if other.names != self.names or other.scan_shape != self.scan_shape:
             raise ValueError("can only merge the same analyses over the same scan shape")
         for a in self.analyses:
@@ -194,12 +227,17 @@ class ScanAnalyses:
 
     def finish(self) -> dict[str, dict[str, np.ndarray]]:
         """Final results of every analysis (partials untouched: call it as often as you like)."""
+        self._check_whole("finish")
         return {a.name: a.finish(self.partials[a.name], self.scan_shape) for a in self.analyses}
 
     def views(self, results: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> dict[str, dict[str, View]]:
         """What each analysis shows, from ``results`` (default: :meth:`finish` now)."""
         results = self.finish() if results is None else results
         return {a.name: a.show(results[a.name]) for a in self.analyses}
+
+    def _check_whole(self, what: str) -> None:
+        if self.rows != self.n_positions:
+            raise ValueError(f"{what} needs the partials of the whole scan; these hold a window of {self.rows} positions")
 
     def info(self) -> dict[str, int]:
         return {"frames": self.frames, "events": self.events, "frames_skipped": self.frames_skipped}
