@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import re
 import subprocess
 import sys
@@ -133,3 +134,19 @@ def test_replay_resumes_the_scans_incomplete_file_under_its_whole_name(simulated
     assert target.file == tmp_path / f"{name}.incomplete.h5"
     assert target.file_name == f"{name}.h5"  # the writer finds the incomplete file by it
     assert target.scan.shape == (6, 5) and target.scan.frames_per_position == 2
+
+
+def test_replay_into_a_file_that_holds_every_frame_is_refused_and_changes_nothing(simulated, tmp_path):
+    from stemstream.formats.sparse_h5 import SparseCountsWriter
+
+    name = "FOURD_261204_0551_00001_00001.h5"
+    writer = SparseCountsWriter(tmp_path / name, (6, 5), frames_per_position=2)
+    writer.set_metadata("stemstream", {"ledger": {"frames_expected": 60, "frames_complete": 60}})
+    writer.close()
+    before = (tmp_path / name).read_bytes()
+    spill = tmp_path / "spill"
+    shutil.copytree(simulated, spill)
+    result = stemstream("replay", spill, "-o", tmp_path, cwd=tmp_path, tmpdir=tmp_path)
+    assert_one_line_error(result, name, "already holds every frame of scan 1", "nothing to replay")
+    assert (tmp_path / name).read_bytes() == before
+    assert spill.exists() and sorted(p.name for p in spill.iterdir()) == sorted(p.name for p in simulated.iterdir())

@@ -137,6 +137,9 @@ def replay(
     cfg.pipeline.output_dir = str(output.resolve())
     validated(cfg)
     target = replay_target(spill_dir, Path(cfg.pipeline.output_dir))
+    if target.whole:
+        raise UserError(f"{target.file} already holds every frame of scan {target.scan.number}: nothing to "
+                        f"replay into it ({spill_dir} is left as it is)")
     if target.file is not None:
         console.print(f"replaying {spill_dir} into {target.file}")
     ok = stream_locally(cfg, ProducerSource(replay=[spill_dir]), [target.scan], resume=target.file is not None,

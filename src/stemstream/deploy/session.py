@@ -23,7 +23,7 @@ from stemstream.deploy.local import LocalPipeline
 from stemstream.deploy.sources import ProducerSource
 from stemstream.formats.sparse_h5.layout import PARTIAL_SUFFIX
 from stemstream.pipeline.spill import spill_directory
-from stemstream.pipeline.writer.files import INCOMPLETE_SUFFIX, incomplete_path, whole_name
+from stemstream.pipeline.writer.files import INCOMPLETE_SUFFIX, incomplete_path, stemstream_metadata, whole_name
 from stemstream.transport.control_client import ControlUnavailable
 
 log = logging.getLogger(__name__)
@@ -279,6 +279,7 @@ class ReplayTarget:
 
     scan: PlannedScan
     file: Path | None
+    whole: bool = False  # the file already holds every frame of its scan: nothing to replay into it
 
     @property
     def file_name(self) -> str | None:
@@ -298,8 +299,11 @@ def replay_target(spill_dir: Path, output_dir: Path) -> ReplayTarget:
     existing = sorted((p for name in names for p in output_dir.glob(name)), key=lambda p: p.stat().st_mtime)
     if not existing:
         return ReplayTarget(scan, None)
-    fpp = max(scan.frames_per_position, read_counted(existing[-1]).frames_per_position)
-    return ReplayTarget(PlannedScan(scan.number, scan.shape, fpp), existing[-1])
+    ledger = stemstream_metadata(existing[-1]).get("ledger", {})
+    # our files say it in their ledger (reading every frame of a big scan would take minutes)
+    fpp = int(ledger.get("frames_per_position") or read_counted(existing[-1]).frames_per_position)
+    whole = ledger.get("frames_expected") is not None and ledger.get("frames_complete") == ledger.get("frames_expected")
+    return ReplayTarget(PlannedScan(scan.number, scan.shape, max(scan.frames_per_position, fpp)), existing[-1], whole)
 
 
 def mark_replayed(spill_dir: Path) -> Path:
