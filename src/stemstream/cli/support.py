@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -158,16 +159,18 @@ def compiling_notice(message: str) -> Iterator[Callable[[], None]]:
     """Yields ``show()``: the first call shows ``message`` with a spinner (a plain line when
     stdout is not a terminal) until the block ends; without a call nothing is shown."""
     shown: list = []
+    once = threading.Lock()  # called from the compiling threads: shown once
 
     def show() -> None:
-        if shown:
-            return
-        if console.is_terminal:
-            shown.append(console.status(message))
-            shown[0].start()
-        else:
-            shown.append(None)
-            console.print(message)
+        with once:
+            if shown:
+                return
+            if console.is_terminal:
+                shown.append(console.status(message))
+                shown[0].start()
+            else:
+                shown.append(None)
+                console.print(message)
 
     try:
         yield show

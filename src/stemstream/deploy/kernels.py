@@ -11,7 +11,9 @@ the cache too (about a second).
 
 from __future__ import annotations
 
+import multiprocessing
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from numba.core import event
 
-from stemstream.analysis import default_analyses
+from stemstream.analysis import default_analyses, warm_up
 from stemstream.core.config import PipelineConfig
 from stemstream.core.detector import FRAME_SHAPE
 from stemstream.deploy.sources import ProducerSource
@@ -31,15 +33,70 @@ def compile_kernels(config: PipelineConfig, source: ProducerSource,
     """Compile (or load from the cache) what the node groups, the writer and, when the producers
     simulate, the simulator run. ``on_compile`` is called once, when numba starts compiling a
     kernel its cache does not hold (never when everything loads from the cache), so that the
-    caller can say why this takes a while."""
-    with first_compile(on_compile):
-        load_kernels(default_analyses(FRAME_SHAPE, config.analysis))
+    caller can say why this takes a while.
+
+    Two processes share the work: this one the counting kernels (about half of the compile
+    time), a second one the analyses', the writer's and the simulator's, so the first run's wait
+    on a fresh install is about the longer half. Whatever the second process could not do (it
+    died, it could not start) the roles compile themselves."""
+    started = _start_compiling(_other_kernels, config, source)
+    compiling = started[1] if started is not None else None
+    with first_compile(on_compile), _told_when(compiling, on_compile):
+        load_kernels([])  # the counters and the calibration histogram
+        if started is not None:
+            started[0].join()
+
+
+def _other_kernels(config: PipelineConfig, source: ProducerSource, compiling) -> None:
+    """In the second process: the analyses', the writer's and the simulator's kernels;
+    ``compiling`` is set when numba compiles one."""
+    with first_compile(compiling.set):
+        warm_up(default_analyses(FRAME_SHAPE, config.analysis))
         _load_writer_kernels()
         if not source.replay:
             from stemstream.sources.simulator import DetectorSimulator, SimulationConfig
 
             simulator = DetectorSimulator(SimulationConfig(scan_shape=(1, 2), dose=source.dose, seed=source.seed))
             simulator.records(0, 2, 0)
+
+
+def _start_compiling(target, config: PipelineConfig, source: ProducerSource):
+    """(process, event) of ``target(config, source, event)`` in a child process; None if none can start.
+    Forked where the platform allows (no second import of numba), before this process compiles
+    anything or starts a thread."""
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    compiling = context.Event()
+    process = context.Process(target=target, args=(config, source, compiling), name="stemstream-compile", daemon=True)
+    try:
+        process.start()
+    except OSError:
+        return None
+    return process, compiling
+
+
+@contextmanager
+def _told_when(compiling, callback: Callable[[], None] | None) -> Iterator[None]:
+    """Within the block, ``callback()`` when the child process sets ``compiling`` (at most once
+    with first_compile's own call: the callback must be idempotent, as compiling_notice's is)."""
+    if compiling is None or callback is None:
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            if compiling.wait(0.1):
+                callback()
+                return
+
+    watcher = threading.Thread(target=watch, name="compile-notice", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
 
 
 @contextmanager
