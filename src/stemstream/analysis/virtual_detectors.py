@@ -100,6 +100,16 @@ def _pattern_kernel(low, high, events, offsets):
             low[e] = v + 1
 
 
+@njit(nogil=True, cache=True)
+def _merge_pattern_kernel(low, high, other_low, other_high):
+    # One pass, no temporaries: the writer merges a node group's whole pattern (331,776 pixels)
+    # several times a second, and numpy's five passes over it were a tenth of its CPU.
+    for i in range(low.shape[0]):
+        total = np.uint32(low[i]) + np.uint32(other_low[i])
+        low[i] = np.uint8(total & np.uint32(0xFF))
+        high[i] += other_high[i] + (total >> np.uint32(8))
+
+
 class VirtualDetectors(Analysis):
     """Annular virtual detectors and the counts image, one pass over the events.
 
@@ -209,9 +219,7 @@ class SummedPattern(Analysis):
 
     def merge(self, into, other):
         # Not a plain sum: the low bytes carry into high.
-        total = into["low"].astype(np.uint32) + other["low"]
-        into["low"][...] = total & 0xFF
-        into["high"] += other["high"] + (total >> 8)
+        _merge_pattern_kernel(into["low"], into["high"], other["low"], other["high"])
 
     def finish(self, partial, scan_shape):
         total = partial["high"].astype(np.int64) * 256 + partial["low"]
