@@ -17,13 +17,18 @@ from chaos_support import ChaosSession, summarize
 
 pytestmark = pytest.mark.slow
 
-# The fault classes the benchmark showed to keep every scan exact; the others still break
-# (docs/reliability.md, "Chaos", says how) and stay in benchmarks/bench_chaos.py only.
+# The fault classes whose trials are exact without a replay; kill and stop of producers and the
+# gateway spill, and a replay takes 20-30 s: they stay in benchmarks/bench_chaos.py (docs/reliability.md,
+# "Chaos", has the figures of every class).
 CI_CLASSES = ("kill:node", "stop:node", "kill:writer", "stop:writer", "kill:control", "stop:control",
-              "forge:node", "garbage:node", "garbage:gateway", "garbage:writer")
-# Seed 361's three schedules hold 8 faults of 7 classes (roles killed and stopped mid-scan, garbage
-# at the gateway and the writer); CHAOS_SEED=S draws others.
-SEED = int(os.environ.get("CHAOS_SEED", "361"))
+              "forge:node", "garbage:node", "garbage:gateway", "garbage:writer", "forge:control",
+              "kill_at_close:writer")
+# Seed 481's three schedules hold 9 faults of 8 classes: a node group stopped 0.02 s into a scan
+# (failed over), then the writer killed the moment the file appears (this hung the scan until the
+# restarted writer's report of the file could travel); control killed 2.2 s in; forged control
+# requests and node messages; garbage at the gateway, a node group and the writer. CHAOS_SEED=S
+# draws others.
+SEED = int(os.environ.get("CHAOS_SEED", "481"))
 TRIALS = 3
 
 

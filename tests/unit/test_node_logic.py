@@ -24,6 +24,7 @@ from stemstream.pipeline.node.assembly import NodePorts, NodeScan
 from stemstream.pipeline.node.role import NodeGroup
 from stemstream.pipeline.spill import spill_directory
 from stemstream.sources.simulator import DetectorSimulator, SimulationConfig
+from stemstream.transport.control_client import ControlUnavailable
 
 SCAN = 5
 SHAPE = (2, 4)  # rows, cols: 8 positions
@@ -264,6 +265,32 @@ def test_an_unsettled_block_waits_until_the_node_group_gives_up_on_it(outside, s
     assert msg.block == 0 and msg.present.tolist() == [0b0101] * 4
     assert scan.oldest_unsettled() is None and not scan.pending
 
+
+
+def test_a_block_counted_while_a_producer_was_silent_is_spilled_with_the_late_part(outside, scan_data, tmp_path):
+    """Finding (chaos: a producer stopped longer than silent_after_s): its blocks were counted
+    without it (incomplete frames, named in the ledger), and its sectors, when it resumed, were
+    refused as late: a replay of the spill could not complete those frames. The parts counted are
+    spilled too, and the late part beside them: the spill holds every module of those frames."""
+    _, records = scan_data
+    scan = NodeScan(outside.ports, spec())
+    for module in (0, 2, 3):
+        scan.add_sectors(sectors(block_records(records, module, 0), module, 0))
+    scan.step(give_up_oldest=True)  # producer 1 silent: counted as it stands
+    (msg,) = events_of(outside.take())
+    assert msg.block == 0 and msg.present.tolist() == [ALL & ~0b10] * BLOCK_FRAMES
+    scan.add_sectors(sectors(block_records(records, 1, 0), 1, 0))  # producer 1 resumed
+    assert not outside.rejected and not scan.pending
+    scan.add_sectors(sectors(block_records(records, 0, 0), 0, 0))  # a duplicate of a part counted: refused
+    assert outside.rejected == Counter(late_sector=1)
+    for module in MODULES:
+        scan.add_sectors(sectors(block_records(records, module, 1), module, 1))
+        scan.add_end(end(module, sent=N_FRAMES))
+    scan.step()  # block 1 is whole: counted, not spilled; the spill files are closed
+    out = spill_directory(tmp_path / "spill", SCAN)
+    for module in MODULES:
+        data = (out / raw_file_name(SCAN, module, dst=100)).read_bytes()
+        assert data == block_records(records, module, 0).tobytes()
 
 def test_a_block_a_producer_spilled_is_spilled_whole_not_counted(outside, scan_data, tmp_path):
     _, records = scan_data
@@ -607,3 +634,60 @@ def test_a_message_for_a_stream_that_finished_here_is_refused_not_opened_again(n
     assert not node_group.scans and (SCAN, 0) in node_group.streams_done
     node_group.handle(wire.encode_end(SCAN, 2, 0, sent=N_FRAMES), 2)
     assert not node_group.scans and node_group.rejected == Counter(stream_finished=1)
+
+
+class AwayControl:
+    """Stands in for control: no answer (as when it was killed) until ``up``; then heartbeat
+    replies carry ``specs``."""
+
+    def __init__(self, *specs):
+        self.up = False
+        self.specs = specs
+
+    def request(self, op, timeout_s=None, **fields):
+        if not self.up:
+            raise ControlUnavailable("control is away")
+        return {"ok": True, "instance": "control-1", "scans": [s.to_wire() for s in self.specs], "acks": {}, "ages": {}}
+
+
+def test_messages_of_a_scan_not_known_yet_are_held_while_control_is_away_then_counted(node_group, scan_data):
+    """Finding (chaos): control killed 0.1 s after a scan started, before this node group's
+    heartbeat brought the spec: its sectors were rejected as unknown_scan (frames incomplete).
+    They are held, in order and bounded, until control answers; then counted as offline."""
+    frames, records = scan_data
+    node_group.control = AwayControl(spec())
+    for block in (0, 1):
+        for module in MODULES:
+            node_group.handle(sectors_parts(block_records(records, module, block), module, block, stream=0), module)
+    for module in MODULES:
+        node_group.handle(wire.encode_end(SCAN, module, 0, sent=N_FRAMES), module)
+    assert not node_group.rejected and not node_group.scans
+    assert len(node_group.held) == 3 * N_MODULES and node_group.counters["messages_held"] == 3 * N_MODULES
+    node_group.release_held(node_group.handle)  # control still away: still held
+    assert len(node_group.held) == 3 * N_MODULES
+    node_group.control.up = True
+    node_group.tick(force=True)
+    node_group.release_held(node_group.handle)
+    assert not node_group.held and not node_group.held_bytes and not node_group.rejected
+    node_group.step_scans()
+    assert (SCAN, 0) in node_group.streams_done
+    sent = [wire.decode_events(p, FRAME_PIXELS) for p in node_group.sent if wire.kind_of(p) == wire.EVENTS]
+    assert sum(len(m.frame_numbers) for m in sent) == N_FRAMES and all((m.present == ALL).all() for m in sent)
+    expected = offline(frames)
+    for msg in sent:
+        for i, number in enumerate(msg.frame_numbers):
+            np.testing.assert_array_equal(frame_events(msg, i), expected[number])
+
+
+def test_held_messages_are_bounded_and_a_scan_control_does_not_know_is_still_rejected(node_group, scan_data):
+    _, records = scan_data
+    node_group.control = AwayControl()
+    node_group.held_limit = 2
+    for module in (0, 1, 2):
+        node_group.handle(sectors_parts(block_records(records, module, 0), module, 0, stream=0), module)
+    assert len(node_group.held) == 2 and node_group.module_gated(3)  # full: no input is read
+    assert node_group.rejected == Counter(unknown_scan=1) and node_group.counters["held_overflow"] == 1
+    node_group.control.up = True  # back, and it has no such scan (a forged one)
+    node_group.tick(force=True)
+    node_group.release_held(node_group.handle)
+    assert node_group.rejected == Counter(unknown_scan=3) and not node_group.scans and not node_group.module_gated(3)

@@ -380,3 +380,21 @@ CLOSED = {"ok": True, "scan": RUN, "state": "closed"}
 def test_how_a_scan_ended_decides_whether_what_is_not_committed_is_spilled(reply, shutting_down, expected):
     stopped = how_it_ended(reply, 1, shutting_down)
     assert (stopped if stopped is None else (stopped.why, stopped.keep, stopped.whole)) == expected
+
+
+def test_a_block_committed_before_its_part_went_out_is_spilled_not_sent(rig):
+    """Finding (chaos: a producer stopped longer than silent_after_s): the node groups counted its
+    blocks without it, and what it sent once resumed was refused as late; a replay could not
+    complete those frames. A block the writer committed before this module's part went out is
+    spilled instead (beside the node group's spill of the other parts)."""
+    r = rig()
+    producer, out = r.producer, r.start(shape=(16, 16))
+    r.beat("committed", scan=1, ranges=[[0, 1]], fenced=0, done=[])
+    producer.tick(force=True)
+    assert producer._send_block(out, 0, records(0), patience=1.0)
+    assert producer._send_block(out, 1, records(1), patience=1.0)
+    assert r.received(1, 1) == [(1, 1, 0, 100)] and not r.inputs[0].poll(200)
+    assert out.spilled == {0} and sorted(out.retained) == [1]
+    files = sorted(spill_directory(r.config.pipeline.spill_dir, 1).iterdir())
+    on_disk = np.fromfile(files[0], RECORD_DTYPE)
+    assert np.array_equal(on_disk["header"]["frame_number"], records(0)["header"]["frame_number"])

@@ -33,11 +33,11 @@ def frame_events(frame: int) -> np.ndarray:
 
 
 def events(spec, frames, node: int = 0, block: int = wire.NO_BLOCK, stream: int = 0, present=None,
-           ledger: dict | None = None) -> wire.EventsMessage:
-    """An EVENTS message of ``frames`` (each at position frame // frames_per_position), encoded
-    and decoded as on the wire."""
+           ledger: dict | None = None, lists=None) -> wire.EventsMessage:
+    """An EVENTS message of ``frames`` (each at position frame // frames_per_position; events
+    ``lists``, default frame_events), encoded and decoded as on the wire."""
     frames = list(frames)
-    lists = [frame_events(f) for f in frames]
+    lists = [frame_events(f) for f in frames] if lists is None else lists
     offsets = np.zeros(len(frames) + 1, np.int64)
     np.cumsum([len(e) for e in lists], out=offsets[1:])
     present = np.full(len(frames), ALL, np.uint8) if present is None else np.asarray(present, np.uint8)
@@ -347,3 +347,176 @@ def test_a_restarted_writer_reports_the_file_its_predecessor_finished_instead_of
         writer.events_in.close(0)
         writer.live.close()
     assert (tmp_path / summary["path"]).read_bytes() == before
+
+
+def computed_partials(spec, *messages) -> list:
+    """The partials a node group sends after counting ``messages``' frames."""
+    computed = ScanAnalyses(ANALYSES, spec.shape)
+    for msg in messages:
+        computed.accumulate(msg.positions, msg.events, msg.offsets)
+    return computed.take_partials()
+
+
+def test_partials_of_a_block_already_committed_are_not_merged_again(tmp_path):
+    """Finding (chaos seed 1014): after a failover the producers resent a block the writer had
+    already committed from the old generation (their commits lag); the new stream counted it again
+    (here with a module missing: the restarted producer's part alone) and its partials were merged
+    with the fresh block's. Events right, analyses up to 1.5x: partials are merged only when they
+    cover exactly the frames the commit writes; otherwise those frames' analyses are computed here."""
+    clean_dir = tmp_path / "clean"
+    clean_dir.mkdir()
+    spec = make_spec(shape=(2, 2), nodes=[0, 1], block_frames=2)
+    whole = stream(open_scan(clean_dir, spec)[0], spec, [0, 1, 2, 3])
+
+    scan, _ = open_scan(tmp_path, spec)
+    first = events(spec, [0, 1], node=0, block=0)
+    scan.receive_events(first)
+    assert scan.receive_partials(0, 0, computed_partials(spec, first))  # block 0 committed, generation 0
+    newer = copy.deepcopy(spec)
+    newer.new_generation([1], "node group 0 restarted", at=0.0, committed_blocks=1)
+    scan.follow(newer)
+    again = events(spec, [0, 1], node=0, block=0, stream=1, present=[ALL & ~0b10] * 2)
+    fresh = events(spec, [2, 3], node=0, block=1, stream=1)
+    scan.receive_events(again)
+    scan.receive_events(fresh)
+    assert scan.receive_partials(0, 1, computed_partials(spec, again, fresh))
+    assert scan.duplicate_blocks == 1
+    assert scan.receive_done(done(spec, node=0, stream=1))
+    summary = scan.close()
+    assert slot_frames(summary["path"]) == [[0], [1], [2], [3]]
+    expected, got = analysis_arrays(whole["path"]), analysis_arrays(summary["path"])
+    assert expected.keys() == got.keys() and expected
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def test_a_writer_holds_the_events_of_a_scan_it_has_not_heard_of_while_control_is_away(tmp_path):
+    """Finding (chaos): control killed 0.1 s after a scan started, before the writer's heartbeat
+    brought the spec: the node groups' events were rejected as unknown_scan. They are held until
+    control answers, then written."""
+    from pipeline_support import test_config
+    from stemstream.pipeline.writer.role import Writer
+    from stemstream.transport.control_client import ControlUnavailable
+
+    spec = make_spec(shape=(2, 2))
+    up = []
+
+    def control(op, timeout_s=None, **fields):
+        if not up:
+            raise ControlUnavailable("control is away")
+        return {"ok": True, "instance": "control-1", "scans": [spec.to_wire()], "acks": {}, "ages": {}}
+
+    writer = Writer(test_config(tmp_path))
+    try:
+        writer.control.request = control
+        msg = [bytes(memoryview(p)) for p in wire.encode_events(
+            spec.number, 0, np.arange(4, dtype=np.uint32), np.arange(4, dtype=np.int64), np.full(4, ALL, np.uint8),
+            np.arange(0, 13, 3, dtype=np.int64), np.concatenate([frame_events(f) for f in range(4)]), block=0)]
+        for parts in (msg, wire.encode_analysis(spec.number, 0, partials(spec)), wire.encode_done(
+                spec.number, 0, sector_tally(), [0] * N_MODULES)):
+            writer.handle(parts)
+        assert not writer.rejected and not writer.scans and len(writer.held) == 3
+        up.append(True)
+        writer.tick(force=True)
+        writer.release_held(writer.handle)
+        assert not writer.rejected and not writer.held
+        scan = writer.scans[spec.number]
+        assert scan.frames_written == 4 and scan.should_close()
+    finally:
+        writer.events_in.close(0)
+        writer.live.close()
+
+
+def test_a_replay_completes_frames_the_file_holds_incomplete(tmp_path):
+    """Finding (chaos, a producer stopped longer than silent_after_s): its blocks were counted
+    without it, then a replay of the spill (every module's sectors of those frames) added nothing,
+    because the file already held a frame at each position. The file's ledger names its
+    incomplete frames; a replay puts a whole frame in place of an incomplete one (never an
+    incomplete one in place of another), and analyses and ledger follow."""
+    clean_dir = tmp_path / "clean"
+    clean_dir.mkdir()
+    spec = make_spec(shape=(2, 2))
+    whole = stream(open_scan(clean_dir, spec)[0], spec, [0, 1, 2, 3])
+
+    scan, _ = open_scan(tmp_path, spec)
+    partly = [frame_events(f)[:2] for f in (2, 3)]  # what counting without module 1 found
+    first = events(spec, [0, 1, 2, 3], block=0, present=[ALL, ALL, ALL & ~0b10, ALL & ~0b10],
+                   lists=[frame_events(0), frame_events(1), *partly])
+    scan.receive_events(first)
+    scan.receive_done(done(spec))
+    summary = scan.close()
+    assert summary["path"] == str(tmp_path / spec.file_name)  # no frame missing: the whole name
+    assert (summary["ledger"]["frames_complete"], summary["ledger"]["frames_incomplete"]) == (2, 2)
+
+    again = make_spec(shape=(2, 2), epoch=2, resume=True)
+    resumed, _ = open_scan(tmp_path, again)
+    replay = events(again, [1, 2, 3], block=0, present=[ALL, ALL, ALL & ~0b1])  # frame 3 still lacks a module
+    resumed.receive_events(replay)
+    resumed.receive_done(done(again))
+    summary = resumed.close()
+    ledger = read_counted(summary["path"]).metadata["stemstream"]["ledger"]
+    assert (ledger["frames_complete"], ledger["frames_incomplete"], ledger["frames_missing"]) == (3, 1, 0)
+    assert ledger["incomplete"].reshape(-1).tolist() == [0, 0, 0, 1]
+    assert ledger["frames_replayed_again"] == 2  # frame 1 (whole already) and frame 3 (not whole)
+    frames = read_counted(summary["path"]).frames.reshape(-1)
+    np.testing.assert_array_equal(frames[2], frame_events(2))  # completed
+    np.testing.assert_array_equal(frames[3], partly[1])  # kept as it was
+    expected = ScanAnalyses(ANALYSES, spec.shape)
+    offsets = np.zeros(5, np.int64)
+    np.cumsum([len(f) for f in frames], out=offsets[1:])
+    expected.accumulate(np.arange(4), np.concatenate(frames).astype(np.uint32), offsets)
+    got = analysis_arrays(summary["path"])
+    for name, arrays in expected.finish().items():
+        for key, value in arrays.items():
+            np.testing.assert_allclose(got[f"{name}/{key}"], value, rtol=1e-12, err_msg=f"{name}/{key}")
+    assert whole["events"] == 12
+
+
+def test_a_restarted_writer_reports_a_finished_file_whose_ledger_records_a_failover(tmp_path):
+    """Finding (chaos seed 481: a node group failed over, then the writer killed the moment the
+    file appeared): the ledger's ``failovers`` map read back from the file held numpy arrays, the
+    report to control could not be packed, and the scan hung. Every value travels as plain data."""
+    from pipeline_support import test_config
+    from stemstream.pipeline.writer.role import Writer
+
+    spec = make_spec(shape=(2, 2), nodes=[0, 1])
+    spec.new_generation([1], "node group 1 silent", at=0.0, committed_blocks=0)
+    out = tmp_path / "out"
+    out.mkdir()
+    scan, _ = open_scan(out, spec)
+    scan.receive_events(events(spec, [0, 1, 2, 3], block=0, stream=1))
+    scan.receive_partials(0, 1, computed_partials(spec, events(spec, [0, 1, 2, 3])))
+    scan.receive_done(done(spec, node=0, stream=1))
+    assert scan.close()["ledger"]["failovers"]
+    writer = Writer(test_config(tmp_path))
+    try:
+        writer.control.request = lambda *args, **kwargs: (_ for _ in ()).throw(TimeoutError("control away"))
+        assert writer._open(spec) is None
+        report = writer.unreported[spec.number]
+        assert list(report["summary"]["ledger"]["failovers"]["1"]["dead"]) == [1]
+        pack_control(report)  # what goes to control must travel
+    finally:
+        writer.events_in.close(0)
+        writer.live.close()
+
+
+def test_a_new_generations_stream_that_arrives_before_the_writer_follows_it_is_kept(tmp_path):
+    """Finding (chaos: a node group failed over twice in one scan): the survivor's stream of the
+    newest generation, DONE included, reached the writer before the heartbeat that told it of
+    that generation; following it then dropped that DONE (and would drop its pending events), and
+    the scan waited scan_timeout_s for a DONE that had come."""
+    spec = make_spec(shape=(2, 2), nodes=[0, 1], block_frames=2)
+    scan, _ = open_scan(tmp_path, spec)
+    newer = copy.deepcopy(spec)
+    newer.new_generation([1], "node group 1 silent", at=0.0, committed_blocks=0)
+    first = events(spec, [0, 1], node=0, block=0, stream=1)
+    scan.receive_events(first)
+    assert scan.receive_partials(0, 1, computed_partials(spec, first))
+    scan.receive_events(events(spec, [2, 3], node=0, block=1, stream=1))  # not committed yet
+    assert scan.receive_done(done(spec, node=0, stream=1)) and scan.frames_written == 4
+    scan.receive_events(events(spec, [2, 3], node=1, block=1, stream=0))  # the old stream's: fenced below
+    scan.follow(newer)
+    assert scan.should_close() and scan.frames_superseded == 2
+    summary = scan.close()
+    assert slot_frames(summary["path"]) == [[0], [1], [2], [3]]
+    assert list(summary["ledger"]["node_groups_missing"]) == []

@@ -22,9 +22,17 @@ import zmq
 
 from stemstream.core.scan_spec import ScanSpec
 from stemstream.formats import wire
-from stemstream.pipeline.role import Role
+from stemstream.pipeline.role import Role, message_size
 
 log = logging.getLogger(__name__)
+
+
+def _scan_of(parts: list) -> int:
+    """The scan number of a SECTORS or END message (MessageError for anything else)."""
+    kind = wire.kind_of(parts)
+    if kind not in (wire.SECTORS, wire.END):
+        raise wire.MessageError("unexpected_kind", repr(kind))
+    return (wire.sectors_envelope if kind == wire.SECTORS else wire.end_envelope)(parts)["scan"]
 
 
 class Gateway(Role):
@@ -79,10 +87,16 @@ class Gateway(Role):
         return node, scan, envelope["stream"]
 
     def accept(self, parts: list, module: int) -> None:
-        """Queue a message that came in on ``module``'s input for its node group, or count why not."""
+        """Queue a message that came in on ``module``'s input for its node group, or count why
+        not. One of a scan not known yet while control is away is held (Role.hold)."""
+        size = message_size(parts)
         try:
+            if self.held_scans and self.hold(_scan_of(parts), (parts, module), size):
+                return
             node, scan, stream = self.route(parts, module)
         except wire.MessageError as exc:
+            if exc.reason == "unknown_scan" and self.hold(_scan_of(parts), (parts, module), size, unknown=True):
+                return
             self.reject(exc.reason, str(exc))
             return
         if self._superseded(scan, stream):  # late: its blocks are being resent
@@ -146,10 +160,12 @@ class Gateway(Role):
                     self.index, sorted(self.open_scans))
 
     def _module_full(self, module: int) -> bool:
-        return any(len(row[module]) >= self.queue_limit for row in self.queues.values())
+        """A queue of this module is full, or so are the messages held for control's return."""
+        return self.held_full or any(len(row[module]) >= self.queue_limit for row in self.queues.values())
 
     def run(self) -> None:
         while not self.shutdown:
+            self.release_held(self.accept)
             self._flush()
             poller = zmq.Poller()
             for module, sock in self.inputs.items():

@@ -271,7 +271,8 @@ class Producer(Role):
                     retained_ok: bool = False, slot: int | None = None) -> bool:
         """Send one block to its node group, keeping it for resending; spill it if that cannot
         be done within ``patience``. ``slot``: the shared-memory slot the records are in, if any.
-        True if sent. ScanStopped: the block is held with the others not committed."""
+        True if sent (or spilled because the writer committed the block before it went out: it
+        was counted without this module). ScanStopped: the block is held with the others not committed."""
         try:
             while True:
                 self._check(out)
@@ -281,6 +282,11 @@ class Producer(Role):
                 # failover, so that wait may last dead_after_s longer than a slow consumer's.
                 if not retained_ok and not self._wait_for_room(out, patience + self.config.flow.dead_after_s):
                     break
+                if in_ranges(self.acks.get(out.number, []), block):  # counted without this module: it looked dead
+                    self._write_spill(out, block, records, f"block {block} was counted without this module")
+                    if slot is not None:
+                        self.ring.release(slot)
+                    return True  # (no stall) on disk beside the node group's spill of the others: a replay completes it
                 target = out.spec.route(block)
                 if target is None:
                     break

@@ -12,6 +12,7 @@ import psutil
 import zmq
 
 from stemstream.core.config import PipelineConfig
+from stemstream.core.detector import N_MODULES, RECORD_BYTES
 from stemstream.core.scan_spec import ScanSpec, SpecError
 from stemstream.transport.control_client import ControlClient, ControlUnavailable
 from stemstream.transport.curve import curve_for
@@ -19,6 +20,12 @@ from stemstream.transport.messages import MessageError
 from stemstream.transport.sockets import data_socket
 
 log = logging.getLogger(__name__)
+
+
+def message_size(parts: list) -> int:
+    """Bytes of a message's parts (zmq frames, bytes or arrays)."""
+    return sum(memoryview(p).nbytes for p in parts)
+
 
 class Role:
     """Base of producer, gateway, node group and writer. Subclasses call :meth:`tick` often."""
@@ -46,6 +53,13 @@ class Role:
         # This process's incarnation, in every heartbeat: a node group restarted under the same
         # index is failed over at once, not taken for the one that held the scan's blocks.
         self.instance = uuid.uuid4().hex
+        # Messages of scans this role has not heard of, held while control is away (see hold).
+        # Bounded like a node group's pending blocks: so many routing blocks of every module.
+        self.held: list[tuple] = []
+        self.held_scans: Counter = Counter()  # scan -> messages of it held
+        self.held_bytes = 0
+        self.held_limit = N_MODULES * config.flow.max_pending_blocks
+        self.held_bytes_limit = self.held_limit * config.pipeline.block_frames * RECORD_BYTES
         self._process = psutil.Process(os.getpid())
         self.peak_rss = 0
         self.peak_private = 0
@@ -170,6 +184,41 @@ class Role:
         if scan is None:
             raise MessageError("unknown_scan", f"scan {number}")
         return scan
+
+    def hold(self, number: int, message: tuple, nbytes: int, unknown: bool = False) -> bool:
+        """Keep ``message`` (the arguments the role's handler takes) of scan ``number`` to handle
+        later rather than now; True if held. Held: a message of a scan control has not told this
+        role of (``unknown``) while control does not answer (control saves a scan before it
+        replies to ``start_scan``, so a restarted one knows it; a killed one cannot tell), and
+        every later message of a scan with messages held, so that each module's blocks keep
+        their order. Not held beyond :attr:`held_full` (the role stops reading meanwhile: see
+        its loop); :meth:`release_held` hands them back once control answers."""
+        if not self.held_scans[number] and not (unknown and self._control_missing_since is not None):
+            return False
+        if self.held_full or self.held_bytes + nbytes > self.held_bytes_limit:
+            self.counters["held_overflow"] += unknown  # (counted once: the handler asks again with unknown)
+            return False
+        self.held.append(message)
+        self.held_scans[number] += 1
+        self.held_bytes += nbytes
+        self.counters["messages_held"] += 1
+        return True
+
+    @property
+    def held_full(self) -> bool:
+        return len(self.held) >= self.held_limit
+
+    def release_held(self, handle) -> None:
+        """Once control answers again, hand every held message to ``handle`` in the order they
+        came: the spec of their scan is here now, or control does not know it (then ``handle``
+        rejects them as it would have)."""
+        if not self.held or self._control_missing_since is not None:
+            return
+        held, self.held, self.held_bytes = self.held, [], 0
+        self.held_scans.clear()
+        log.info("%s %d: handling %d message(s) held while control was away", self.name, self.index, len(held))
+        for message in held:
+            handle(*message)
 
     def reject(self, reason: str, detail: str = "") -> None:
         """Count a rejected message; log the first few of each reason."""

@@ -12,11 +12,11 @@ earlier routing generation). An END cannot close a module ahead of its blocks, s
 settles nothing; a block a module never sends (the simulator sends every one, with no record when
 all were dropped; a replayed file may lack one) keeps it open until its producer is gone or
 ``scan_timeout_s``. A resumed scan (a replay of a spill) brings only what was spilled: its ENDs
-close at once. A settled block with all parts is counted;
-one with absent parts is counted with those sectors zero-filled (incomplete frames), unless the
-producer said it spilled that part (the next message of that module lists the blocks it
-spilled): then the parts present are spilled too, in the receivers' format, so that a replay of
-the spill directory counts those frames whole.
+close at once. A settled block with all parts is counted; one with absent parts is counted with
+those sectors zero-filled (incomplete frames), unless the producer said it spilled that part (the
+next message of that module lists the blocks it spilled): then the parts present are spilled
+too, in the receivers' format, so that a replay of the spill directory counts those frames whole
+(so is a block counted while a module's producer was silent: see _give_up).
 
 A stream finishes when every module is closed. After an END, the others are waited for only
 ``end_timeout_s`` when control stopped hearing from their producers: a live producer's blocks may
@@ -41,14 +41,14 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from stemstream.analysis import Analysis, ScanAnalyses
 from stemstream.core.config import FlowSettings
-from stemstream.core.detector import FRAME_SHAPE, MODULES, N_MODULES, sector_rows
+from stemstream.core.detector import FRAME_SHAPE, MODULES, N_MODULES
 from stemstream.core.scan_spec import ScanSpec
 from stemstream.core.thresholds import Thresholds
 from stemstream.counting.kernel import ElectronCounter
@@ -56,15 +56,18 @@ from stemstream.counting.sectors import count_from_sectors
 from stemstream.counting.thresholds import PixelHistogram, draw_sample_weights
 from stemstream.formats import wire
 from stemstream.formats.ledger import sector_tally
-from stemstream.formats.raw import RawModuleWriter
 from stemstream.pipeline.routing import in_ranges
-from stemstream.pipeline.spill import spill_directory
+from stemstream.pipeline.node.blocks import Block, IndexedBlock
+from stemstream.pipeline.spill import SpillFiles
 
 log = logging.getLogger(__name__)
 
 # How often a node group sends its analyses' partial results to the writer: live images, and the
 # writer's commit point (producers free their resend buffers once blocks are committed).
 _PARTIALS_INTERVAL_S = 0.2
+# Positions whose analysis partials a node group holds between two sends (~3 MB with the default
+# analyses); a block far from them sends them first (ScanAnalyses.fits).
+PARTIALS_WINDOW = 65536
 ALL_MODULES = (1 << N_MODULES) - 1  # a frame's ``present`` mask when every sector arrived
 
 
@@ -86,37 +89,6 @@ class NodePorts:
     producer_dead: Callable[[int], bool]  # module -> control has stopped hearing from its producer
     committed: Callable[[int], list]  # a scan's block ranges the writer has committed (routing.to_ranges)
     clock: Callable[[], float] = time.monotonic
-
-
-@dataclass
-class Block:
-    parts: dict[int, list[np.ndarray]] = field(default_factory=dict)  # module -> record arrays
-
-    @property
-    def modules(self) -> int:
-        return len(self.parts)
-
-
-@dataclass
-class IndexedBlock:
-    """A block's frames as references into the received records, without copying pixels."""
-
-    frame_numbers: np.ndarray  # (n,) uint32, ascending
-    positions: np.ndarray  # (n,) int64
-    present: np.ndarray  # (n,) uint8 bit mask of modules
-    buffers: list  # module -> RECORD_DTYPE array of the records kept (or None)
-    records: np.ndarray  # (n, 4) int64 index into buffers[module], -1 where the sector is missing
-    tally: dict | None = None  # the block's sector counts (stemstream.formats.ledger.sector_tally), if counted
-
-    def frames(self, out: np.ndarray) -> np.ndarray:
-        """The frames assembled into ``out`` (at least n x 576 x 576 uint16); missing sectors zero."""
-        frames = out[: len(self.frame_numbers)]
-        for module in MODULES:
-            rows = sector_rows(module)
-            data = self.buffers[module]["data"] if self.buffers[module] is not None else None
-            for i, k in enumerate(self.records[:, module].tolist()):
-                frames[i, rows] = data[k] if k >= 0 else 0
-        return frames
 
 
 class NodeScan:
@@ -150,10 +122,12 @@ class NodeScan:
         self.owed: dict[int, set[int]] = {}  # module that sent END -> blocks routed here still to come from it
         self._owed_acks: list | None = None  # the commits the owed blocks were last checked against
         self.spilled_parts: set[tuple[int, int]] = set()  # (block, module) a producer spilled
-        self._spill_writers: dict[int, RawModuleWriter] = {}
+        self.given_up: set[tuple[int, int]] = set()  # (block, module) counted without, its producer silent
+        self._spill = SpillFiles(ports.spill_dir, self.number, dst=100 + ports.index)
         self._frames = np.empty((self.block_frames, *FRAME_SHAPE), np.uint16)  # calibration only
         self.counter: ElectronCounter | None = None
-        self.live = ScanAnalyses(ports.analyses, (self.rows, self.cols))
+        # the positions of the partials not yet sent, at most PARTIALS_WINDOW: memory flat in the scan's size
+        self.live = ScanAnalyses(ports.analyses, (self.rows, self.cols), window=PARTIALS_WINDOW)
         self._next_partials = 0.0
         self._calibration_sent = False
         self._histogram = PixelHistogram()
@@ -231,8 +205,11 @@ class NodeScan:
         self.highest_block[msg.module] = max(self.highest_block[msg.module], msg.block)
         self.arrived[msg.module].add(msg.block)
         self.owed.get(msg.module, set()).discard(msg.block)
-        if msg.block in self.done_blocks:
-            self._reject("late_sector", msg.module, len(msg.records))
+        if msg.block in self.done_blocks:  # late: spilled beside the other parts if the block was given up on
+            if (msg.block, msg.module) in self.given_up:
+                self._spill.write({msg.module: [msg.records]})
+            else:
+                self._reject("late_sector", msg.module, len(msg.records))
             return
         block = self.pending.setdefault(msg.block, Block())
         block.parts.setdefault(msg.module, []).append(msg.records)
@@ -378,6 +355,8 @@ class NodeScan:
             return
         # counted where the sectors were received: no frame is assembled
         counted = count_from_sectors(self.counter, assembled.buffers, assembled.records)
+        if not self.live.fits(assembled.positions):  # far from the pending partials: send those first
+            self._send_partials()
         self._send_events(number, assembled.frame_numbers, assembled.positions, assembled.present,
                           counted.offsets, counted.events, assembled.tally)
         self.live.accumulate(assembled.positions, counted.events, counted.offsets)
@@ -385,28 +364,29 @@ class NodeScan:
         self.ports.counters["events"] += len(counted.events)
 
     def _spill_block(self, number: int, block: Block) -> None:
-        """Write an incomplete block's records to the spill directory (receivers' format), under
-        dst 100 + node index so that they never collide with a producer's spill files."""
-        out = spill_directory(self.ports.spill_dir, self.number)
-        out.mkdir(parents=True, exist_ok=True)
-        frames = set()
-        for module, arrays in block.parts.items():
-            writer = self._spill_writers.get(module)
-            if writer is None:
-                writer = RawModuleWriter(out, self.number, module, dst=100 + self.ports.index)
-                self._spill_writers[module] = writer
-            for records in arrays:
-                writer.write(records)
-                frames.update(records["header"]["frame_number"].tolist())
+        """Write a block a producer spilled part of to the spill directory (receivers' format)."""
+        frames = self._spill.write(block.parts)
         self._done(number)
         tally = sector_tally()
         tally["frames_spilled"] = len(frames)
         self._send_empty(number, tally)
 
+    def _give_up(self, number: int, block: Block) -> None:
+        """A block counted without modules that may yet send it (their producer silent): its parts
+        are spilled too, and theirs if they come, so that a replay completes its frames."""
+        lacking = self._lacking(number, block)
+        if lacking:
+            self.given_up.update((number, m) for m in lacking)
+            self._spill.write(block.parts)
+
     # -- progress ----------------------------------------------------------------------------------
 
+    def _lacking(self, number: int, block: Block) -> list[int]:
+        """The modules that may yet send a part of block ``number`` in this stream."""
+        return [m for m in MODULES if m not in block.parts and self.highest_block[m] <= number and not self._closed(m)]
+
     def _settled(self, number: int, block: Block) -> bool:
-        return all(m in block.parts or self.highest_block[m] > number or self._closed(m) for m in MODULES)
+        return not self._lacking(number, block)
 
     def oldest_unsettled(self) -> tuple[list[int], list[int]] | None:
         """(modules it holds, modules it lacks) of the oldest block still waiting for parts that
@@ -444,12 +424,9 @@ class NodeScan:
         module not closed has a producer control stopped hearing from. A live producer's module
         is waited for: its blocks may be held up behind a dead node group's queue, and its
         failover resends them (superseding this stream) only after ``dead_after_s``."""
-        flow = self.ports.flow
-        idle = self.ports.clock() - self.last_activity
-        if idle > flow.scan_timeout_s:
-            return True
-        if self.first_end_at is None or idle <= flow.end_timeout_s:
-            return False
+        flow, idle = self.ports.flow, self.ports.clock() - self.last_activity
+        if idle > flow.scan_timeout_s or self.first_end_at is None or idle <= flow.end_timeout_s:
+            return idle > flow.scan_timeout_s
         return all(self.ports.producer_dead(m) for m in MODULES if not self._closed(m))
 
     def step(self, give_up_oldest: bool = False) -> None:
@@ -469,20 +446,25 @@ class NodeScan:
             if any((number, m) in self.spilled_parts for m in MODULES if m not in block.parts):
                 self._spill_block(number, block)
             else:
+                self._give_up(number, block)
                 self._count_block(number, block)
         now = self.ports.clock()
         if self._uncommitted and (now >= self._next_partials or (final and not self.pending)):
             # live images a few times a second, the writer's commit point; everything before DONE
-            self.ports.send(wire.encode_analysis(self.number, self.ports.index, self.live.take_partials(),
-                                                 stream=self.stream))
-            self._uncommitted = False
-            self._next_partials = now + _PARTIALS_INTERVAL_S
+            self._send_partials()
         if final and not self.pending:
             self._finish()
 
+    def _send_partials(self) -> None:
+        """The analyses' partials of the frames sent since the last ones: the writer commits the
+        blocks sent before them when they arrive."""
+        self.ports.send(wire.encode_analysis(self.number, self.ports.index, self.live.take_partials(),
+                                             stream=self.stream))
+        self._uncommitted = False
+        self._next_partials = self.ports.clock() + _PARTIALS_INTERVAL_S
+
     def _finish(self, failed: bool = False) -> None:
-        for writer in self._spill_writers.values():
-            writer.close()
+        self._spill.close()
         lost = [0] * N_MODULES
         for module, end in self.ends.items():
             lost[module] = max(end.sent - self.sectors_received[module] - self.sectors_rejected[module]

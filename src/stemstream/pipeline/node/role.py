@@ -38,7 +38,7 @@ from stemstream.counting.sectors import count_from_sectors
 from stemstream.counting.thresholds import PixelHistogram
 from stemstream.formats import wire
 from stemstream.pipeline.node.assembly import NodePorts, NodeScan
-from stemstream.pipeline.role import Role
+from stemstream.pipeline.role import Role, message_size
 from stemstream.transport.shared_memory import Attachments
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,10 @@ class NodeGroup(Role):
     # -- flow control ------------------------------------------------------------------------------
 
     def module_gated(self, module: int) -> bool:
-        """True when this module's input must wait for the others (or for calibration)."""
+        """True when this module's input must wait for the others (or for calibration, or for
+        control to come back and tell the scan whose messages are held)."""
+        if self.held_full:
+            return True
         limit = self.config.flow.max_pending_blocks
         for scan in self.scans.values():
             if scan.waiting_for_thresholds and scan.complete_pending() >= limit:
@@ -194,7 +197,9 @@ class NodeGroup(Role):
             raise wire.MessageError("wrong_module", f"module {msg.module} on module {module}'s input")
 
     def handle(self, parts: list, module: int) -> None:
-        """One message from ``module``'s input; bad ones are counted and logged, never raised."""
+        """One message from ``module``'s input; bad ones are counted and logged, never raised.
+        One of a scan not known yet while control is away is held (Role.hold)."""
+        msg = None
         try:
             kind = wire.kind_of(parts)
             if kind == wire.SECTORS:
@@ -203,20 +208,23 @@ class NodeGroup(Role):
                 if msg.shm is not None:
                     self.shared.validate_name(msg.shm["name"])
                     msg.records = self.shared.records(msg.shm, msg.shm["nbytes"] // RECORD_BYTES)
-                scan = self._stream(msg.scan, msg.stream)
-                if scan is not None:
-                    scan.add_sectors(msg)
             elif kind == wire.END:
                 msg = wire.decode_end(parts)
                 self._check_route(msg, module)
-                scan = self._stream(msg.scan, msg.stream)
-                if scan is not None:
-                    scan.add_end(msg)
             else:
                 raise wire.MessageError("unexpected_kind", repr(kind))
+            if self.hold(msg.scan, (parts, module), message_size(parts)):
+                return
+            scan = self._stream(msg.scan, msg.stream)
             if scan is None:
                 self.counters["messages_superseded"] += 1
+            elif kind == wire.SECTORS:
+                scan.add_sectors(msg)
+            else:
+                scan.add_end(msg)
         except wire.MessageError as exc:
+            if exc.reason == "unknown_scan" and self.hold(msg.scan, (parts, module), message_size(parts), unknown=True):
+                return
             self.reject(exc.reason, str(exc))
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -255,6 +263,7 @@ class NodeGroup(Role):
     def run(self) -> None:
         """Serve until control says shut down (after :meth:`start`)."""
         while not self.shutdown:
+            self.release_held(self.handle)
             self._receive()
             self.step_scans()
             # While a scan awaits its thresholds, heartbeat often: the reply brings them.

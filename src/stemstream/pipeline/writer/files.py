@@ -14,8 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import h5py
+import numpy as np
 
 from stemstream.core.scan_spec import ScanSpec
+from stemstream.formats.sparse_h5 import read_counted
 from stemstream.formats.sparse_h5.metadata import read_metadata
 
 INCOMPLETE_SUFFIX = ".incomplete.h5"
@@ -57,18 +59,45 @@ def stemstream_metadata(path: Path) -> dict:
         return {}
 
 
+def _plain(value):
+    """A value read back from HDF5 as msgpack packs it: arrays as lists, numpy numbers as Python
+    numbers, maps (a ledger's ``failovers``, ``rejected_reasons``) all the way down."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
 def finished_summary(path: Path, spec: ScanSpec) -> dict | None:
     """The summary of ``path`` if a writer finished it for this very run of the scan (same scan
     number and epoch); None if it is another scan's or another run's file."""
     meta = stemstream_metadata(path)
     if meta.get("scan_number") != spec.number or meta.get("epoch") != spec.epoch:
         return None
-    # the file's mask of written frames stays in the file: a summary travels in control's messages
+    # the file's masks of written and incomplete frames stay in the file: a summary travels in control's messages
     # (as plain numbers and lists: HDF5 gives numpy values, msgpack packs neither)
-    ledger = {k: v.tolist() if hasattr(v, "tolist") else v for k, v in meta.get("ledger", {}).items()
-              if k != "written"}
+    ledger = {k: _plain(v) for k, v in meta.get("ledger", {}).items() if k not in ("written", "incomplete")}
     seconds = float(meta.get("seconds", 0.0))
     received = int(ledger.get("frames_received", 0))
     return {"scan": spec.number, "path": str(path), "ledger": ledger, "events": int(meta.get("events", 0)),
             "seconds": seconds, "frames_per_second": received / seconds if seconds > 0 else 0.0,
             "thresholds": None, "images": [], "recovered": True}
+
+
+def frames_to_resume(path: Path, one_per_position: bool) -> tuple[dict, np.ndarray, list, dict[int, np.ndarray]]:
+    """What a resume (a replay) carries over of the file at ``path``: (its ledger, the slots
+    written, their events, the incomplete frames set aside as slot -> events). Set aside (with
+    ``one_per_position``, when the file's ledger names its incomplete frames): a frame the replay
+    brings whole takes the place of such a frame (pipeline.writer.scan)."""
+    old = read_counted(path)
+    ledger = old.metadata.get("stemstream", {}).get("ledger", {})
+    frames = old.frames.reshape(-1)
+    written = old.written
+    mask = written.reshape(-1) if written is not None else np.ones(len(frames), bool)
+    incomplete = ledger.get("incomplete")
+    aside = {}
+    if one_per_position and incomplete is not None and np.size(incomplete) == len(frames):
+        slots = np.flatnonzero(mask & np.asarray(incomplete, bool).reshape(-1))
+        aside = {int(i): frames[i] for i in slots}
+        mask[slots] = False
+    slots = np.flatnonzero(mask)
+    return ledger, slots, [frames[i] for i in slots], aside

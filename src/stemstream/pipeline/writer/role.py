@@ -27,7 +27,7 @@ from stemstream.analysis import default_analyses
 from stemstream.core.detector import FRAME_SHAPE
 from stemstream.core.scan_spec import ScanSpec
 from stemstream.formats import wire
-from stemstream.pipeline.role import Role
+from stemstream.pipeline.role import Role, message_size
 from stemstream.pipeline.writer.files import existing_file, finished_summary
 from stemstream.pipeline.writer.journal import journal_path
 from stemstream.pipeline.writer.live import LiveService
@@ -201,7 +201,8 @@ class Writer(Role):
     # -- messages ----------------------------------------------------------------------------------
 
     def handle(self, parts: list) -> None:
-        """One message of a node group: decoded, checked, handed to its scan."""
+        """One message of a node group: decoded, checked, handed to its scan. One of a scan not
+        known yet while control is away is held (Role.hold)."""
         number = None
         try:
             kind = wire.kind_of(parts)
@@ -217,9 +218,13 @@ class Writer(Role):
                 number, apply = msg.scan, lambda scan: scan.receive_done(msg)
             else:
                 raise wire.MessageError("unexpected_kind", repr(kind))
+            if self.hold(number, (parts,), message_size(parts)):
+                return
             if not self._failed(number):
                 scan = self.known_scan(number)
         except wire.MessageError as exc:
+            if exc.reason == "unknown_scan" and self.hold(number, (parts,), message_size(parts), unknown=True):
+                return
             if number is None or not self._failed(number):
                 self.reject(exc.reason, str(exc))
                 return
@@ -305,7 +310,12 @@ class Writer(Role):
     # -- the loop ----------------------------------------------------------------------------------
 
     def _receive(self, poller: zmq.Poller) -> None:
-        """Handle what arrived within 20 ms, at most 64 messages (the loop's other duties wait)."""
+        """Handle what arrived within 20 ms, at most 64 messages (the loop's other duties wait);
+        nothing while the messages held for control's return fill their bound."""
+        self.release_held(self.handle)
+        if self.held_full:
+            time.sleep(0.02)
+            return
         if not poller.poll(20):
             return
         for _ in range(64):
@@ -314,6 +324,8 @@ class Writer(Role):
             except zmq.Again:
                 return
             self.handle(parts)
+            if self.held_full:
+                return
 
     def run(self) -> None:
         self.bind()

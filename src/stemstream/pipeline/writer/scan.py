@@ -38,11 +38,13 @@ from stemstream.core.thresholds import Thresholds
 from stemstream.core.version import SOFTWARE_VERSION
 from stemstream.formats import wire
 from stemstream.formats.ledger import ScanLedger
-from stemstream.formats.sparse_h5 import SparseCountsWriter, read_counted
+from stemstream.formats.partials import decode_partials
+from stemstream.formats.sparse_h5 import SparseCountsWriter
 from stemstream.pipeline.routing import to_ranges
-from stemstream.pipeline.writer.files import existing_file, scan_paths
+from stemstream.pipeline.writer.files import existing_file, frames_to_resume, scan_paths
 from stemstream.pipeline.writer.journal import Journal, journal_path, read_journal
 from stemstream.pipeline.writer.live import LiveImages
+from stemstream.transport.messages import MessageError
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,14 @@ class ScanHooks:
     node_heard: Callable[[int], bool]  # control has heard from node group n (it may yet fail it over)
     reject: Callable[[str, str], None]  # count a rejected message: (reason, detail)
     check_space: Callable[[], None]  # OSError(ENOSPC) when the disk has too little room for this scan to go on
+
+
+def _joined(events: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Frames' event lists as (flat uint32 events, offsets)."""
+    offsets = np.zeros(len(events) + 1, np.int64)
+    np.cumsum([len(e) for e in events], out=offsets[1:])
+    flat = np.concatenate(events).astype(np.uint32, copy=False) if events else np.empty(0, np.uint32)
+    return flat, offsets
 
 
 class WriterScan:
@@ -95,6 +105,10 @@ class WriterScan:
         self.replaces: Path | None = None  # resume: the incomplete file the resumed one replaces
         self.carried: np.ndarray | None = None  # resume: positions the file being resumed held whole
         self.frames_duplicate = 0  # frames a replay brought again, already in the resumed file
+        # One frame per position: positions holding an incomplete frame (in the file's ledger, for
+        # a replay to complete), and on resume the file's incomplete frames until replayed whole.
+        self.incomplete_at = np.zeros(spec.n_positions, bool) if self.fpp == 1 else None
+        self.provisional: dict[int, np.ndarray] = {}
         hooks.check_space()  # before any data is accepted
         earlier = existing_file(output_dir, spec)
         if earlier is not None and not spec.resume:  # never written over: see pipeline.writer.files
@@ -136,24 +150,17 @@ class WriterScan:
         add to the analyses into the new file. From here on the analyses follow the frames
         written, not the node groups' partials, so that frames the replay brings again (positions
         the file held whole) change nothing."""
-        old = read_counted(path)
-        written = old.written
-        ledger = old.metadata.get("stemstream", {}).get("ledger", {})
+        ledger, slots, events, self.provisional = frames_to_resume(path, self.incomplete_at is not None)
         if "frames_complete" in ledger:
             prior = ScanLedger.from_dict({**ledger, "scan_number": self.number, "scan_rows": self.shape[0],
                                           "scan_cols": self.shape[1], "frames_per_position": self.fpp})
             self.ledger.merge(prior)
+            self.ledger.frames_incomplete -= len(self.provisional)  # counted again once placed
             self.frames_spilled = int(ledger.get("frames_spilled", 0))
-        frames = old.frames.reshape(-1)
-        mask = written.reshape(-1) if written is not None else np.ones(len(frames), bool)
-        slots = np.flatnonzero(mask)
         if len(slots):
-            events = [frames[i] for i in slots]
             self.out.write(slots, events)
             np.add.at(self.rank, slots // self.fpp, 1)
-            offsets = np.zeros(len(events) + 1, np.int64)
-            np.cumsum([len(e) for e in events], out=offsets[1:])
-            flat = np.concatenate(events).astype(np.uint32, copy=False)
+            flat, offsets = _joined(events)
             self.analyses.accumulate(slots // self.fpp, flat, offsets)
             self.n_events += int(offsets[-1])
         self.carried = self.rank >= self.fpp
@@ -176,15 +183,11 @@ class WriterScan:
         return True
 
     def receive_partials(self, node: int, stream: int, parts: list) -> bool:
-        """The ANALYSIS message after a node group's events: commit them; False if superseded."""
+        """The ANALYSIS message after a node group's events: commit them with these (False: superseded)."""
         if not self._current(stream):
             return False
-        self._commit((node, stream))
+        self._commit((node, stream), parts)
         self.last_activity = time.monotonic()
-        if self.carried is None:  # a resumed scan's analyses follow the frames it writes
-            window = self.analyses.merge_parts(parts).window
-            if window is not None:
-                self.live.touched(*window)
         return True
 
     def receive_done(self, msg: wire.DoneMessage) -> bool:
@@ -195,32 +198,61 @@ class WriterScan:
         self._add_done(msg)
         return True
 
-    def _commit(self, key: tuple[int, int]) -> None:
-        fresh = []
+    def _commit(self, key: tuple[int, int], parts: list | None = None) -> None:
+        """Write a stream's pending events, each block once, and add them to the analyses: the
+        node group's ``parts`` if they cover exactly the frames written, else computed here. They
+        cover more when a block was committed already (resent after a failover while commits
+        lagged, counted again), fewer when events never came; at close there may be none."""
+        fresh, again = [], 0
         for msg in self.pending.pop(key, []):
             if msg.block >= 0:
                 if msg.block in self.committed:  # resent after a fence that came too late
                     self.duplicate_blocks += 1
+                    again += 1
                     continue
                 self.committed.add(msg.block)
                 self.commits_changed = True
             self.journal.add(msg)  # before control hears of the commit
             self._add_tally(msg.ledger)
             fresh.append(msg)
-        if fresh:  # the blocks of one commit written as one batch: the writer's cost is per call
-            self.add_events(wire.concat_events(fresh))
+        batch = wire.concat_events(fresh) if fresh else None
+        if batch is not None:  # the blocks of one commit written as one batch: the writer's cost is per call
+            self.add_events(batch)
+        if self.carried is not None:  # a resumed scan's analyses follow the frames it writes (add_events)
+            return
+        frames = 0 if batch is None else len(batch.frame_numbers)
+        if parts is not None and not again and self._merge(parts, frames):
+            return
+        if batch is not None:
+            self.analyses.accumulate(batch.positions, batch.events, batch.offsets)
+
+    def _merge(self, parts: list, frames: int) -> bool:
+        """Merge a node group's partials if they cover ``frames`` frames; False (nothing merged)
+        if not, or if they do not fit this scan's analyses (counted as rejected)."""
+        try:
+            info = decode_partials(parts).info
+            if info.get("frames", 0) + info.get("skipped", 0) != frames:
+                return False
+            window = self.analyses.merge_parts(parts).window
+        except MessageError as exc:
+            self.hooks.reject(exc.reason, str(exc))
+            return False
+        if window is not None:
+            self.live.touched(*window)
+        return True
 
     def follow(self, spec: ScanSpec) -> None:
         """Take a new routing generation: fence the older streams."""
         if spec.generation <= self.generation:
             return
-        dropped = sum(len(m.frame_numbers) for msgs in self.pending.values() for m in msgs)
+        stale = [key for key in self.pending if key[1] < spec.generation]  # (a newer stream's may be here already)
+        dropped = sum(len(m.frame_numbers) for key in stale for m in self.pending.pop(key))
         self.frames_superseded += dropped
-        self.pending.clear()
         self.spec = spec
         self.generation, self.alive = spec.generation, list(spec.alive)
-        self.done_nodes.clear()  # DONE of an older generation says nothing of the resent blocks
-        self.first_done_at = None
+        # a DONE of an older generation says nothing of the resent blocks; one of this one stands
+        self.done_nodes = {n: d for n, d in self.done_nodes.items() if d.stream >= spec.generation}
+        self.first_done_at = self.first_done_at if self.done_nodes else None
         self.commits_changed = True
         self.last_activity = time.monotonic()
         log.warning("scan %d: routing generation %d (node groups %s); %d uncommitted frame(s) dropped, to be resent",
@@ -246,13 +278,22 @@ class WriterScan:
         ok = (positions >= 0) & (positions < len(self.rank))
         if not ok.all():
             self.hooks.reject("position_out_of_bounds", f"{int((~ok).sum())} frame(s)")
+        complete = msg.present == _ALL_MODULES
         if self.carried is not None:  # a replay: what the resumed file held whole stays as it was
             again = np.zeros_like(ok)
             again[ok] = self.carried[positions[ok]]
+            if self.provisional:  # an incomplete frame of the resumed file: replaced only by a whole one
+                aside = np.array([int(p) in self.provisional for p in positions[ok]], bool)
+                again[ok] |= aside & ~complete[ok]
+                for p in positions[ok & ~again]:
+                    self.provisional.pop(int(p), None)
             self.frames_duplicate += int(again.sum())
             ok &= ~again
             self.analyses.accumulate(*select_frames(positions, msg.events, msg.offsets, ok))
-        complete = msg.present == _ALL_MODULES
+        if self.incomplete_at is not None:
+            first = ok.copy()
+            first[ok] = self.rank[positions[ok]] == 0
+            self.incomplete_at[positions[first & ~complete]] = True
         self.ledger.frames_complete += int(complete[ok].sum())
         self.ledger.frames_incomplete += int((~complete[ok]).sum())
         self.n_events += int(np.diff(msg.offsets)[ok].sum()) if len(msg.offsets) > 1 else 0
@@ -277,11 +318,21 @@ class WriterScan:
 
     def _release(self, p: int) -> None:
         held = sorted(self.held.pop(p), key=lambda item: item[0])
-        events = [e for _, e in held]
-        offsets = np.zeros(len(events) + 1, np.int64)
-        np.cumsum([len(e) for e in events], out=offsets[1:])
-        flat = np.concatenate(events) if events else np.empty(0, np.uint32)
-        self._write(np.full(len(events), p, np.int64), flat, offsets, np.arange(len(events)))
+        flat, offsets = _joined([e for _, e in held])
+        self._write(np.full(len(held), p, np.int64), flat, offsets, np.arange(len(held)))
+
+    def _restore_provisional(self) -> None:
+        """A resume: the resumed file's incomplete frames that the replay did not bring whole are
+        written back as they were."""
+        if not self.provisional:
+            return
+        positions = np.array(sorted(self.provisional), np.int64)
+        flat, offsets = _joined([self.provisional.pop(int(p)) for p in positions])
+        self.ledger.frames_incomplete += len(positions)
+        self.incomplete_at[positions] = True
+        self.n_events += int(offsets[-1])
+        self.analyses.accumulate(positions, flat, offsets)
+        self._write(positions, flat, offsets, np.arange(len(positions)))
 
     def _write(self, positions: np.ndarray, events: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> None:
         """Write frames ``index`` of (events, offsets) at ``positions`` (one per index), each at its
@@ -319,7 +370,7 @@ class WriterScan:
 
     def _add_done(self, msg: wire.DoneMessage) -> None:
         self.last_activity = time.monotonic()
-        if msg.node in self.done_nodes:
+        if msg.node in self.done_nodes and self.done_nodes[msg.node].stream >= msg.stream:
             return
         self.done_nodes[msg.node] = msg
         self.commits_changed = True
@@ -400,15 +451,17 @@ class WriterScan:
             self._commit(key)
         for p in sorted(self.held):  # positions that never got all their frames
             self._release(p)
+        self._restore_provisional()
         thresholds = self._thresholds()
         if thresholds is not None:
             self.out.set_metadata("electron_counting", thresholds.stempy_attributes())
         elapsed = time.time() - self.started
         ledger = self._final_ledger()
+        in_file = {**ledger, "incomplete": self.incomplete_at[:, None].astype(np.uint8)} if self.fpp == 1 else ledger
         self.out.set_metadata("stemstream", {
             "software": "stemstream", "software_version": SOFTWARE_VERSION, "mode": "stream",
             "scan_number": self.number, "epoch": self.spec.epoch, "node_groups": len(self.spec.nodes),
-            "seconds": elapsed, "events": self.n_events, "ledger": ledger,
+            "seconds": elapsed, "events": self.n_events, "ledger": in_file,
         })
         results = self.analyses.finish()
         store_results(self.out.h5file, self.analyses.analyses, results, info={**self.analyses.info(), "source": "stream"})
