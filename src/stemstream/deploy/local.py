@@ -147,7 +147,7 @@ class LocalPipeline:
                                     f"(see the logs in {self.log_dir})")
 
     def status(self) -> dict:
-        return self.control.request("status", timeout_s=2.0)
+        return self.control.request("status", timeout_s=5.0)  # a loaded machine: a restarted control answers late
 
     def run_scan(self, scan_number: int, scan_shape: tuple[int, int], frames_per_position: int = 1,
                  progress: Callable[[dict], None] | None = None, timeout_s: float = 600.0,
