@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from stemstream.cli import pipeline, run, scan, security, slurm, web
+from stemstream.cli import export, pipeline, run, scan, security, slurm, web
 from stemstream.cli.reports import count_summary, simulation_summary
 from stemstream.cli.support import UserError, console, guarded, parse_shape, progress_bar, setup_logging
 
@@ -77,6 +77,8 @@ def count(
     row_dark: Annotated[bool, typer.Option("--row-dark", help="Apply stempy's row-dark correction.")] = False,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Counting threads (default: all cores).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
+    method: Annotated[str, typer.Option("--method", help="maxima (stempy's strict 3x3 maxima) or clusters "
+                                        "(coincident electrons counted, sub-pixel positions kept; docs/counting.md).")] = "maxima",
 ) -> None:
     """Count electrons in a scan's raw files and write stempy's sparse HDF5 (format version 3)."""
     # Idle OpenMP threads sleep instead of spinning between batches: the spinning took CPU
@@ -94,7 +96,7 @@ def count(
         options = CountOptions(
             background=background_threshold, xray=xray_threshold,
             background_n_sigma=sigma, xray_n_sigma=xray_sigma, samples=samples,
-            dark=dark, gain=gain, row_dark=row_dark, workers=workers,
+            dark=dark, gain=gain, row_dark=row_dark, workers=workers, method=method,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from exc
@@ -121,6 +123,7 @@ COMMANDS = (
     ("serve", web.serve),
     ("analyze", web.analyze),
     ("show", web.show),
+    ("export", export.export),
     ("keys", security.keys),
     ("slurm-script", slurm.slurm_script),
 )

@@ -75,14 +75,14 @@ def read_counted(path: str | os.PathLike) -> CountedScan:
     non-HDF5 file or a wrong layout.
     """
     p = Path(path)
-    with _open(p) as f:
-        version = _version(p, f)
-        frames_ds, positions_ds = _event_datasets(p, f)
-        scan_shape, frame_shape = _shapes(p, frames_ds, positions_ds)
+    with open_counted(p) as f:
+        version = format_version(p, f)
+        frames_ds, positions_ds = event_datasets(p, f)
+        scan_shape, frame_shape = event_shapes(p, frames_ds, positions_ds)
         n_positions = scan_shape[0] * scan_shape[1]
         n_entries = frames_ds.shape[0]
         if version == FORMAT_VERSION and (n_entries == 0 or n_entries % n_positions):
-            raise _unreadable(
+            raise unreadable(
                 p, f"/electron_events/frames has {n_entries} entries, "
                 f"not a multiple of the {n_positions} scan positions",
             )
@@ -100,45 +100,45 @@ def read_counted(path: str | os.PathLike) -> CountedScan:
     )
 
 
-def _unreadable(path: Path, what: str) -> CountedFileError:
+def unreadable(path: Path, what: str) -> CountedFileError:
     return CountedFileError(f"{path} is not a readable counted file: {what}.")
 
 
-def _open(path: Path) -> h5py.File:
+def open_counted(path: Path) -> h5py.File:
     if not path.exists():
-        raise _unreadable(path, "it does not exist")
+        raise unreadable(path, "it does not exist")
     if not path.is_file():
-        raise _unreadable(path, "it is not a regular file")
+        raise unreadable(path, "it is not a regular file")
     try:
         return h5py.File(path, "r")
     except OSError as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise _unreadable(path, f"it cannot be opened as HDF5 ({reason})") from exc
+        raise unreadable(path, f"it cannot be opened as HDF5 ({reason})") from exc
 
 
-def _version(path: Path, f: h5py.File) -> int:
+def format_version(path: Path, f: h5py.File) -> int:
     """The root attribute ``version``; a file without one is version 1, as stempy reads it."""
     try:
         version = int(f.attrs.get("version", 1))
     except (TypeError, ValueError):
-        raise _unreadable(path, f"its root attribute 'version' is {f.attrs.get('version')!r}, not an integer") from None
+        raise unreadable(path, f"its root attribute 'version' is {f.attrs.get('version')!r}, not an integer") from None
     if version not in READABLE_VERSIONS:
-        raise _unreadable(path, f"format version {version} is not supported (only 1, 2 and 3)")
+        raise unreadable(path, f"format version {version} is not supported (only 1, 2 and 3)")
     return version
 
 
-def _event_datasets(path: Path, f: h5py.File) -> tuple[h5py.Dataset, h5py.Dataset]:
+def event_datasets(path: Path, f: h5py.File) -> tuple[h5py.Dataset, h5py.Dataset]:
     """``/electron_events/frames`` (checked to be 1-D vlen integers) and ``.../scan_positions``."""
     events = f.get("electron_events")
     if not isinstance(events, h5py.Group):
-        raise _unreadable(path, "it has no /electron_events group")
+        raise unreadable(path, "it has no /electron_events group")
     frames_ds = events.get("frames")
     positions_ds = events.get("scan_positions")
     if not isinstance(frames_ds, h5py.Dataset) or not isinstance(positions_ds, h5py.Dataset):
-        raise _unreadable(path, "it lacks the /electron_events/frames or /electron_events/scan_positions dataset")
+        raise unreadable(path, "it lacks the /electron_events/frames or /electron_events/scan_positions dataset")
     base = h5py.check_vlen_dtype(frames_ds.dtype)
     if base is None or np.dtype(base).kind not in "iu" or frames_ds.ndim != 1:
-        raise _unreadable(
+        raise unreadable(
             path,
             f"/electron_events/frames is {frames_ds.dtype} with shape {frames_ds.shape}, "
             "not a 1-D variable-length integer dataset",
@@ -146,15 +146,15 @@ def _event_datasets(path: Path, f: h5py.File) -> tuple[h5py.Dataset, h5py.Datase
     return frames_ds, positions_ds
 
 
-def _shapes(path: Path, frames_ds: h5py.Dataset, positions_ds: h5py.Dataset) -> tuple[tuple[int, int], tuple[int, int]]:
+def event_shapes(path: Path, frames_ds: h5py.Dataset, positions_ds: h5py.Dataset) -> tuple[tuple[int, int], tuple[int, int]]:
     """(scan_shape, frame_shape), each (rows, cols), from the datasets' Nx / Ny attributes."""
     try:
         scan_shape = (int(positions_ds.attrs["Ny"]), int(positions_ds.attrs["Nx"]))
         frame_shape = (int(frames_ds.attrs["Nx"]), int(frames_ds.attrs["Ny"]))  # stempy: Nx = rows
     except KeyError as exc:
-        raise _unreadable(path, f"the attribute {exc.args[0]!r} is missing on /electron_events") from None
+        raise unreadable(path, f"the attribute {exc.args[0]!r} is missing on /electron_events") from None
     if min(scan_shape) <= 0 or min(frame_shape) <= 0:
-        raise _unreadable(path, f"scan shape {scan_shape} or frame shape {frame_shape} is not positive")
+        raise unreadable(path, f"scan shape {scan_shape} or frame shape {frame_shape} is not positive")
     return scan_shape, frame_shape
 
 
@@ -182,10 +182,10 @@ def _old_positions(
     positions = np.asarray(positions_ds[()], dtype=np.int64).ravel()
     if len(positions) != n_entries:
         if version == 2:
-            raise _unreadable(path, f"it has {n_entries} frames but {len(positions)} scan positions")
+            raise unreadable(path, f"it has {n_entries} frames but {len(positions)} scan positions")
         positions = np.arange(n_entries, dtype=np.int64)  # stempy's fallback for v1
     if n_entries and (positions.min() < 0 or positions.max() >= scan_shape[0] * scan_shape[1]):
-        raise _unreadable(path, f"a scan position lies outside the {scan_shape[0]} x {scan_shape[1]} scan")
+        raise unreadable(path, f"a scan position lies outside the {scan_shape[0]} x {scan_shape[1]} scan")
     return positions
 
 
