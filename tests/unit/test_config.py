@@ -56,6 +56,8 @@ def test_several_gateways_share_the_modules_each_on_its_host():
         ({"network": {"gateway_hosts": ["a", "b", "c", "d", "e"]}}, "gateway_hosts names at most 4 gateways"),
         ({"network": {"gateway_hosts": ["a", ""]}}, "no empty name"),
         ({"network": {"gateway_hosts": "recv0"}}, "[network] gateway_hosts must be a list of strings"),
+        ({"counting": {"method": "peaks"}}, "[counting] method must be one of maxima, clusters"),
+        ({"counting": {"method": "clusters"}}, "not streamed yet"),
     ],
 )
 def test_each_mistake_gets_one_sentence_naming_the_setting(data, fragment):

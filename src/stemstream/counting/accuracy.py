@@ -5,6 +5,10 @@ Used by benchmarks/bench_accuracy.py and tests/test_accuracy.py with the detecto
 the same pixel; optionally, events still unmatched then match a still unmatched true electron among
 the 8 neighbours (one-to-one, so a split electron counted twice counts once). recall = matched /
 true electrons, precision = matched / events.
+
+:func:`compare_with_electrons` matches against every electron instead (sources.simulator.
+landed_electrons: a pixel where two landed is listed twice and can match two events), the truth
+for a method that counts coincident electrons (counting.clusters); one-to-one in the same way.
 """
 
 from __future__ import annotations
@@ -126,3 +130,53 @@ def compare_with_truth(events: np.ndarray, offsets: np.ndarray, true_events: lis
     )
     return Accuracy(events=int(offsets[-1] - offsets[0]), true=int(truth_offsets[-1]), matched=int(exact),
                     matched_within_1=int(exact + near), isolated=int(isolated), isolated_found=int(isolated_found))
+
+
+@njit(nogil=True, cache=True)
+def _match_electrons(events, event_offsets, truth, truth_offsets, rows, cols):
+    # left[p]: electrons of the current frame at pixel p not yet matched (reset after the frame).
+    left = np.zeros(rows * cols, np.int64)
+    exact = 0
+    near = 0
+    for i in range(event_offsets.shape[0] - 1):
+        for t in range(truth_offsets[i], truth_offsets[i + 1]):
+            left[truth[t]] += 1
+        pending = np.empty(event_offsets[i + 1] - event_offsets[i], np.int64)
+        n_pending = 0
+        for e in range(event_offsets[i], event_offsets[i + 1]):
+            p = events[e]
+            if left[p] > 0:
+                left[p] -= 1
+                exact += 1
+            else:
+                pending[n_pending] = p
+                n_pending += 1
+        for k in range(n_pending):
+            r, c = pending[k] // cols, pending[k] % cols
+            done = False
+            for rr in range(max(r - 1, 0), min(r + 2, rows)):
+                for cc in range(max(c - 1, 0), min(c + 2, cols)):
+                    if not done and left[rr * cols + cc] > 0:
+                        left[rr * cols + cc] -= 1
+                        near += 1
+                        done = True
+        for t in range(truth_offsets[i], truth_offsets[i + 1]):
+            left[truth[t]] = 0
+    return exact, near
+
+
+def compare_with_electrons(events: np.ndarray, offsets: np.ndarray, electrons: list[np.ndarray],
+                           frame_shape: tuple[int, int] = FRAME_SHAPE) -> Accuracy:
+    """Match counted events (as compare_with_truth) with every electron that landed, one entry
+    per electron (``electrons[i]``: flat pixel indices of frame i, repeats for electrons on one
+    pixel): ``true`` counts electrons, an event matches one electron, a pixel's electrons match as
+    many events."""
+    if len(electrons) != len(offsets) - 1:
+        raise ValueError(f"{len(offsets) - 1} counted frames but {len(electrons)} frames of truth")
+    truth_offsets = np.zeros(len(electrons) + 1, np.int64)
+    np.cumsum([len(t) for t in electrons], out=truth_offsets[1:])
+    truth = np.concatenate(electrons).astype(np.int64) if electrons else np.zeros(0, np.int64)
+    exact, near = _match_electrons(np.asarray(events, np.int64), np.asarray(offsets, np.int64), truth,
+                                   truth_offsets, *frame_shape)
+    return Accuracy(events=int(offsets[-1] - offsets[0]), true=int(truth_offsets[-1]), matched=int(exact),
+                    matched_within_1=int(exact + near))

@@ -20,7 +20,9 @@ from pathlib import Path
 import numba
 import numpy as np
 
+from stemstream.core.config import COUNTING_METHODS
 from stemstream.core.version import SOFTWARE_VERSION
+from stemstream.counting.cluster_counter import ClusterCounter, calibrate_cluster_model
 from stemstream.counting.from_files import RawFrameWorker
 from stemstream.counting.kernel import ElectronCounter
 from stemstream.counting.thresholds import (
@@ -31,6 +33,7 @@ from stemstream.counting.thresholds import (
     thresholds_from_histogram,
 )
 from stemstream.formats.raw import FRAME_SHAPE
+from stemstream.formats.raw_pread import raise_read_error
 from stemstream.formats.reference_images import load_reference_image
 from stemstream.formats.sparse_h5 import SparseCountsWriter
 from stemstream.formats.ledger import ScanLedger
@@ -44,7 +47,9 @@ class CountOptions:
     """How to count. Thresholds are fixed when both background and xray are given (ADU),
     otherwise calibrated from ``samples`` frames drawn from the first ``calibration_frames``
     complete frames, with ``background_n_sigma`` / ``xray_n_sigma`` (stempy's production
-    settings are the defaults)."""
+    settings are the defaults). ``method``: "maxima" (stempy's strict 3 x 3 maxima) or
+    "clusters" (counting.clusters: coincident electrons counted, sub-pixel positions written;
+    its single-electron model is calibrated from the first ``cluster_frames`` complete frames)."""
 
     background: float | None = None
     xray: float | None = None
@@ -58,8 +63,14 @@ class CountOptions:
     workers: int | None = None  # counting threads; None: all cores
     batch_size: int = 256  # frames per compiled call (a progress step); event rows of 331 kB each, only written pages resident
     seed: int | None = 0
+    method: str = "maxima"
+    cluster_frames: int = 64
 
     def __post_init__(self):
+        if self.method not in COUNTING_METHODS:
+            raise ValueError(f"--method must be one of {', '.join(COUNTING_METHODS)}, got {self.method!r}")
+        if self.method == "clusters" and (self.gain is not None or self.row_dark):
+            raise ValueError("--method clusters takes a dark reference but not --gain or --row-dark (yet)")
         if (self.background is None) != (self.xray is None):
             raise ValueError("give both --background-threshold and --xray-threshold, or neither (to calibrate)")
         if self.background is not None:
@@ -127,16 +138,24 @@ def count_raw_scan(
             thresholds = fixed_thresholds(options.background, options.xray)
         else:
             thresholds = calibrate_from_scan(scan, options, dark, worker)
-        seconds_calibrating = time.perf_counter() - t_cal
         log.info("thresholds: background %.2f ADU, X-ray %.1f ADU", thresholds.background, thresholds.xray)
-        counter = ElectronCounter(
-            thresholds.background, thresholds.xray, FRAME_SHAPE, dark, gain,
-            row_dark=options.row_dark, optimized_mean=thresholds.optimized_mean,
-        )
+        if options.method == "clusters":
+            model = calibrate_cluster_model(scan.read_frames(np.flatnonzero(scan.table.complete)[: options.cluster_frames]),
+                                            thresholds, dark)
+            log.info("one electron: %.1f ADU on average, gamma shape %.2f", model.mean, model.shape)
+            counter = _ClusterWorker(ClusterCounter(thresholds.background, thresholds.xray, model, FRAME_SHAPE, dark),
+                                     worker)
+        else:
+            counter = ElectronCounter(
+                thresholds.background, thresholds.xray, FRAME_SHAPE, dark, gain,
+                row_dark=options.row_dark, optimized_mean=thresholds.optimized_mean,
+            )
+        seconds_calibrating = time.perf_counter() - t_cal
         # Flushing every 1024 frames bounds the events held for the file to ~2.5 MB at 0.002 e/px
         # (twice that while h5py converts them), see benchmarks/bench_count_memory.py.
         writer = SparseCountsWriter(output, scan.scan_shape, FRAME_SHAPE, scan.frames_per_position,
-                                    overwrite=overwrite, flush_frames=1024)
+                                    overwrite=overwrite, flush_frames=1024,
+                                    subpixel_positions=options.method == "clusters")
         n_events = _count_all(scan, worker, counter, writer, thresholds, options, progress, t0)
     finally:
         numba.set_num_threads(previous_threads)
@@ -162,7 +181,7 @@ def _count_all(scan, worker, counter, writer, thresholds, options, progress, t0)
                 if stop.is_set():
                     continue  # drain, so that the counting thread never blocks on a full queue
                 slots, counted = item
-                writer.write_flat(slots, counted.events, counted.offsets)
+                writer.write_flat(slots, counted.events, counted.offsets, getattr(counted, "positions", None))
         except BaseException as exc:  # handed to the main thread
             failure.append(exc)
             stop.set()
@@ -177,7 +196,7 @@ def _count_all(scan, worker, counter, writer, thresholds, options, progress, t0)
             if stop.is_set():
                 break
             idx = np.arange(s, min(s + options.batch_size, n_total))
-            counted = worker.count(counter, idx)
+            counted = counter.count_indices(idx) if isinstance(counter, _ClusterWorker) else worker.count(counter, idx)
             n_events += len(counted.events)
             to_write.put((scan.table.slots[idx], counted))
             if progress:
@@ -208,11 +227,37 @@ def _count_all(scan, worker, counter, writer, thresholds, options, progress, t0)
         "seconds": elapsed,
         "frames_per_second": ledger.frames_received / elapsed if elapsed > 0 else 0.0,
         "events": n_events,
+        "counting_method": options.method,
         "row_dark": options.row_dark,
         "dark_reference": str(options.dark) if options.dark else "",
         "gain_map": str(options.gain) if options.gain else "",
         "source_files": [str(p) for p in scan.paths],
         "ledger": ledger.as_dict(),
     })
+    if isinstance(counter, _ClusterWorker):
+        writer.set_metadata("stemstream/cluster_model", counter.counter.model.attributes())
     writer.close()
     return n_events
+
+
+class _ClusterWorker:
+    """A ClusterCounter reading the scan's raw files as RawFrameWorker does for the maxima kernel
+    (one scratch frame per numba thread, read and counted in compiled code)."""
+
+    def __init__(self, counter: ClusterCounter, worker: RawFrameWorker):
+        self.counter = counter
+        self.scan = worker.scan
+        self._fds = worker.scan.file_descriptors()
+        self._frames = np.empty((worker.threads, *FRAME_SHAPE), np.uint16)
+
+    def count_indices(self, indices: np.ndarray):
+        """ClusteredFrames of the frames at FrameTable ``indices``; OSError when a read fails."""
+        indices = np.ascontiguousarray(indices, np.int64)
+        failed = np.empty(len(indices), np.int64)
+        table = self.scan.table
+        counted = self.counter.read_count(self._fds, table, indices, self._frames, failed)
+        bad = np.flatnonzero(failed >= 0)
+        if bad.size:
+            raise_read_error(self.scan.paths, self._fds, table.source_file, table.source_record,
+                             int(indices[bad[0]]), int(failed[bad[0]]))
+        return counted

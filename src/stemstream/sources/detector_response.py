@@ -6,7 +6,7 @@ pixels. The rendering kernel (sources.render) only copies and adds these tables'
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import gammaincinv, ndtr
+from scipy.special import erfcinv, gammaincinv, ndtr
 
 from stemstream.core.detector import FRAME_COLS, FRAME_PIXELS, FRAME_ROWS
 
@@ -48,10 +48,25 @@ def noise_pool(rng: np.random.Generator, read_noise: float, pedestal: float) -> 
     return np.concatenate([pool, pool[:FRAME_COLS]]), base
 
 
-def _charge_quantiles(mean: float, shape: float) -> np.ndarray:
-    """(_N_CHARGE_LEVELS,) float32 ADU: evenly spaced quantiles of the gamma charge distribution."""
+#: Distributions of one electron's deposited charge (SimulationConfig.charge_model).
+CHARGE_MODELS = ("gamma", "landau")
+_EULER_GAMMA = 0.5772156649015329
+
+
+def _charge_quantiles(mean: float, shape: float, model: str = "gamma") -> np.ndarray:
+    """(_N_CHARGE_LEVELS,) float32 ADU: evenly spaced quantiles of the charge distribution, of
+    mean ``mean`` and standard deviation ``mean / sqrt(shape)`` either way: "gamma" (shape
+    ``shape``), or "landau", Moyal's approximation of the Landau distribution of energy lost in a
+    thin layer (J. E. Moyal, Phil. Mag. 46 (1955) 263): skewed, with a long tail of large
+    deposits, location ``mean - width (gamma_E + ln 2)``, width ``std / (pi / sqrt 2)``."""
     q = (np.arange(_N_CHARGE_LEVELS) + 0.5) / _N_CHARGE_LEVELS
-    return (gammaincinv(shape, q) * mean / shape).astype(np.float32)
+    if model == "gamma":
+        return (gammaincinv(shape, q) * mean / shape).astype(np.float32)
+    width = mean / np.sqrt(shape) / (np.pi / np.sqrt(2.0))
+    location = mean - width * (_EULER_GAMMA + np.log(2.0))
+    # Moyal's quantile function: x = location - 2 width ln(sqrt(2) erfc^-1(q))
+    values = location - 2.0 * width * np.log(np.sqrt(2.0) * erfcinv(q))
+    return np.clip(values, 0.0, ADU_MAX).astype(np.float32)
 
 
 def _sharing_kernels(rng: np.random.Generator, sigma: float, n: int) -> np.ndarray:
@@ -76,16 +91,17 @@ def _sharing_kernels(rng: np.random.Generator, sigma: float, n: int) -> np.ndarr
     return np.concatenate(kept)[:n].astype(np.float32)
 
 
-def charge_stamps(rng: np.random.Generator, adu_mean: float, adu_shape: float, cloud_sigma: float) -> np.ndarray:
+def charge_stamps(rng: np.random.Generator, adu_mean: float, adu_shape: float, cloud_sigma: float,
+                  model: str = "gamma") -> np.ndarray:
     """(N_STAMPS, 9) uint16: what one electron adds to its 3x3 neighbourhood (row-major, landing
     pixel in the middle), ADU. Stamp i has charge level i // _KERNELS_PER_LEVEL (every quantile of
-    the gamma charge distribution of mean ``adu_mean`` and shape ``adu_shape`` as often) and a
+    the charge distribution (``model``, see _charge_quantiles) of mean ``adu_mean`` and shape ``adu_shape`` as often) and a
     sharing pattern of its own (charge cloud of width ``cloud_sigma`` px), drawn independently: an
     electron taking a uniformly random stamp gets exactly the charge distribution of the quantile
     table, and a sharing pattern from 16,384 draws of the charge cloud, independent of its charge.
     Precomputed so that depositing an electron is 9 integer additions, not 9 products and
     float-to-integer conversions (a third of the time an electron took)."""
-    adu = _charge_quantiles(adu_mean, adu_shape)
+    adu = _charge_quantiles(adu_mean, adu_shape, model)
     adu = np.repeat(adu, _KERNELS_PER_LEVEL)[:, None]
     shares = _sharing_kernels(rng, cloud_sigma, N_STAMPS).reshape(N_STAMPS, 9)
     return np.minimum(np.floor(adu * shares + np.float32(0.5)), ADU_MAX).astype(np.uint16)

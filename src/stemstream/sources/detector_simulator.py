@@ -32,6 +32,7 @@ from stemstream.core.detector import (
 )
 from stemstream.sources.detector_response import (
     ADU_MAX,
+    CHARGE_MODELS,
     N_STAMPS,
     NOISE_POOL_VALUES,
     NOISE_STRIDE_SPREAD,
@@ -63,7 +64,8 @@ class SimulationConfig:
 
     scan_shape: (rows, cols) of the scan. dose: mean electrons/pixel/frame over the whole frame.
     pedestal, read_noise: ADU. electron_adu_mean: mean total charge of one electron (ADU), gamma
-    distributed with shape electron_adu_shape (std = mean / sqrt(shape)). charge_cloud_sigma: px,
+    distributed with shape electron_adu_shape (std = mean / sqrt(shape)); charge_model "landau":
+    Moyal-distributed instead, same mean and std (docs/counting.md). charge_cloud_sigma: px,
     width of the charge cloud that spreads an electron over its 3x3 neighbourhood. xray_rate: X-ray
     hits per frame, each of xray_adu = (low, high) ADU (uniform) on one pixel. hot_adu: (low, high)
     ADU range of the hot pixels' constant values. drop_sector_probability: chance that one module's
@@ -87,6 +89,7 @@ class SimulationConfig:
     hot_adu: tuple[float, float] = (200.0, 500.0)
     n_dead_pixels: int = 5
     drop_sector_probability: float = 0.0
+    charge_model: str = "gamma"
 
     def __post_init__(self) -> None:
         try:
@@ -135,6 +138,8 @@ class SimulationConfig:
                 f"electron_adu_mean and electron_adu_shape must be > 0, got {self.electron_adu_mean}, "
                 f"{self.electron_adu_shape}"
             )
+        if self.charge_model not in CHARGE_MODELS:
+            raise ValueError(f"charge_model must be one of {', '.join(CHARGE_MODELS)}, got {self.charge_model!r}")
         if not 0 < self.charge_cloud_sigma <= 2:
             raise ValueError(f"charge_cloud_sigma must be in (0, 2] px, got {self.charge_cloud_sigma}")
         if not (math.isfinite(self.xray_rate) and self.xray_rate >= 0):
@@ -217,7 +222,8 @@ class DetectorSimulator:
         # The detector's tables, in this order from one generator (the order is part of the seed's frames).
         rng = np.random.default_rng([config.seed, DOMAIN_DETECTOR])
         self._noise_pool, self._noise_base = noise_pool(rng, config.read_noise, config.pedestal)
-        self._stamps = charge_stamps(rng, config.electron_adu_mean, config.electron_adu_shape, config.charge_cloud_sigma)
+        self._stamps = charge_stamps(rng, config.electron_adu_mean, config.electron_adu_shape, config.charge_cloud_sigma,
+                                     config.charge_model)
         self._corners, self._wide = corner_stamps(self._stamps)
         # Flat pixel indices (row * FRAME_COLS + col), sorted, and the hot pixels' values.
         self.hot_pixels, self.dead_pixels, self.hot_values = bad_pixels(

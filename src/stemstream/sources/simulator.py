@@ -37,11 +37,43 @@ The simulator's parts, one module each:
 - sources.random_streams: the counter-based random streams;
 - sources.specimen: the synthetic specimen's diffraction patterns.
 
-This module gathers their public names: other packages import them from here.
+This module gathers their public names: other packages import them from here, and adds
+:func:`landed_electrons`, the truth with multiplicity (two electrons on one pixel listed twice)
+that ``FrameBatch.true_events`` (distinct pixels) cannot give, for measuring counting methods
+that count coincident electrons (counting.accuracy).
 """
 
+import numpy as np
+
+from stemstream.core.detector import FRAME_COLS
 from stemstream.sources.detector_simulator import DetectorSimulator, FrameBatch, SectorBatch, SimulationConfig
+from stemstream.sources.electrons import BAND_EDGES, CANDIDATES, draw_counts, land_electrons
+from stemstream.sources.random_streams import stream_keys
 from stemstream.sources.receiver_files import SimulationSummary, simulate_to_directory
+
+
+def landed_electrons(simulator: DetectorSimulator, start: int, count: int) -> list[np.ndarray]:
+    """Where every electron of frames ``start .. start+count-1`` landed: per frame, sorted flat
+    pixel indices ``row * FRAME_COLS + col`` with repeats (one entry per electron). The same draws
+    as the rendering kernel's (sources.render.render_rows: the frames' streams, all bands), so
+    ``np.unique`` of a frame's array is ``batch(...).true_events`` of that frame."""
+    simulator._check_range(start, count)
+    indices = np.arange(start, start + count, dtype=np.int64)
+    comp_row, comp_col, comp_radius, comp_density = simulator._pattern_tables(
+        indices // simulator.config.frames_per_position)
+    last = len(BAND_EDGES) - 2
+    n_drawn, after, counts = draw_counts(stream_keys(simulator._frame_key, indices), BAND_EDGES, comp_row, comp_col,
+                                         comp_radius, comp_density, FRAME_COLS, 0, last)
+    most = int(counts.max()) if count else 0
+    hit_row, hit_col = np.empty(most, np.int64), np.empty(most, np.int64)
+    hit_stamp = np.empty(most, np.uint64)
+    work = (np.empty(CANDIDATES, np.uint64), np.empty(CANDIDATES), np.empty(CANDIDATES), np.empty(CANDIDATES, np.int64))
+    frames = []
+    for f in range(count):
+        n = land_electrons(f, n_drawn, after, 0, last, BAND_EDGES, comp_row, comp_col, comp_radius, 0, FRAME_COLS,
+                           hit_row, hit_col, hit_stamp, *work)
+        frames.append(np.sort(hit_row[:n] * FRAME_COLS + hit_col[:n]).astype(np.uint32))
+    return frames
 
 __all__ = [
     "DetectorSimulator",
@@ -49,5 +81,6 @@ __all__ = [
     "SectorBatch",
     "SimulationConfig",
     "SimulationSummary",
+    "landed_electrons",
     "simulate_to_directory",
 ]

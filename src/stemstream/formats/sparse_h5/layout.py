@@ -18,6 +18,12 @@ PARTIAL_SUFFIX = ".partial"
 #: ``/electron_events/frames``: one variable-length list of flat pixel indices per frame.
 VLEN_UINT32 = h5py.vlen_dtype(np.uint32)
 
+#: Optional sub-pixel positions of the events (counting methods that give them), outside
+#: ``/electron_events`` so that stempy never sees them: one variable-length float32 list per
+#: frame, ``row0, col0, row1, col1, ...`` for the frame's events in the order of its pixel list.
+SUBPIXEL_POSITIONS = "subpixel/positions"
+VLEN_FLOAT32 = h5py.vlen_dtype(np.float32)
+
 
 class CountedFileError(ValueError):
     """A file that is not a readable counted file; the message names the path and the problem."""

@@ -15,7 +15,9 @@ from numba import njit
 
 from stemstream.core.detector import FRAME_SHAPE
 from stemstream.core.version import SOFTWARE_VERSION
-from stemstream.formats.sparse_h5.layout import FORMAT_VERSION, PARTIAL_SUFFIX, VLEN_UINT32, check_shape
+from stemstream.formats.sparse_h5.layout import (
+    FORMAT_VERSION, PARTIAL_SUFFIX, SUBPIXEL_POSITIONS, VLEN_FLOAT32, VLEN_UINT32, check_shape,
+)
 from stemstream.formats.sparse_h5.metadata import deep_update, normalize_metadata, write_metadata
 from stemstream.formats.sparse_h5.writeback import Writeback, fsync_path
 
@@ -57,12 +59,14 @@ class SparseCountsWriter:
         flush_frames: int = 4096,
         *,
         overwrite: bool = False,
+        subpixel_positions: bool = False,
     ) -> None:
         """Open ``path + '.partial'`` for writing.
 
         scan_shape, frame_shape: (rows, cols). overwrite: if False (default), refuse to start when
         a file already exists at ``path`` (FileExistsError), so a re-run cannot silently replace
-        a finished scan; if True, close() replaces it.
+        a finished scan; if True, close() replaces it. subpixel_positions: also write each
+        event's sub-pixel position (layout.SUBPIXEL_POSITIONS; :meth:`write_flat` then needs them).
         """
         self.scan_shape = check_shape("scan_shape", scan_shape)
         self.frame_shape = check_shape("frame_shape", frame_shape)
@@ -85,7 +89,7 @@ class SparseCountsWriter:
         self._written = np.zeros(self.n_slots, dtype=np.uint8)
         self._slots_written = 0
         self._events_written = 0
-        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (slots, flat, offsets)
+        self._pending: list[tuple] = []  # (slots, flat, offsets, positions (flat's length, 2) or None)
         self._pending_frames = 0
         self._metadata: dict[str, Any] = {}
         self._created_utc = _utc_now()
@@ -105,6 +109,10 @@ class SparseCountsWriter:
             self._frames = events.create_dataset("frames", shape=(self.n_slots,), dtype=VLEN_UINT32)
             self._frames.attrs["Nx"] = self.frame_shape[0]  # stempy's convention: rows
             self._frames.attrs["Ny"] = self.frame_shape[1]
+            self._positions = None
+            if subpixel_positions:
+                self._positions = self._file.create_dataset(SUBPIXEL_POSITIONS, shape=(self.n_slots,), dtype=VLEN_FLOAT32)
+                self._positions.attrs["layout"] = "row, col of each event in /electron_events/frames, pixel centres at integers"
         except BaseException:
             self._file.close()
             self.tmp_path.unlink(missing_ok=True)
@@ -146,6 +154,8 @@ class SparseCountsWriter:
         event list is not strictly increasing or holds a pixel outside the frame.
         """
         self._check_open()
+        if self._positions is not None:
+            raise ValueError("a writer with subpixel_positions takes frames by write_flat, with their positions")
         slots = self._as_slots(slots)
         if len(events) != len(slots):
             raise ValueError(f"got {len(slots)} slots but {len(events)} event arrays")
@@ -159,11 +169,16 @@ class SparseCountsWriter:
         flat = np.concatenate(arrays) if arrays else np.empty(0, np.uint32)
         self._accept(slots, flat, offsets)
 
-    def write_flat(self, slots: np.ndarray, events_flat: np.ndarray, offsets: np.ndarray) -> None:
+    def write_flat(self, slots: np.ndarray, events_flat: np.ndarray, offsets: np.ndarray,
+                   positions: np.ndarray | None = None) -> None:
         """Like :meth:`write`, with frame ``i`` = ``events_flat[offsets[i]:offsets[i + 1]]``
         (``offsets`` has ``len(slots) + 1`` non-decreasing entries), the counting kernel's layout.
-        ``events_flat`` is copied, so the caller may reuse it."""
+        ``positions`` (events_flat's length, 2): the events' sub-pixel (row, col), given exactly
+        when the writer was opened with subpixel_positions. The arrays are copied, so the caller
+        may reuse them."""
         self._check_open()
+        if (positions is None) != (self._positions is None):
+            raise ValueError("give positions exactly when the writer was opened with subpixel_positions=True")
         slots = self._as_slots(slots)
         events_flat = np.asarray(events_flat)
         offsets = np.asarray(offsets)
@@ -180,7 +195,12 @@ class SparseCountsWriter:
             raise ValueError("offsets must be non-decreasing and within events_flat")
         start = offsets[0]
         flat = events_flat[start : offsets[-1]].copy()
-        self._accept(slots, flat, offsets - start)
+        if positions is not None:
+            positions = np.asarray(positions, np.float32)
+            if positions.shape != (events_flat.size, 2):
+                raise ValueError(f"positions must have shape ({events_flat.size}, 2), got {positions.shape}")
+            positions = positions[start : offsets[-1]].copy()
+        self._accept(slots, flat, offsets - start, positions)
 
     def _as_slots(self, slots: np.ndarray) -> np.ndarray:
         slots = np.asarray(slots)
@@ -188,7 +208,7 @@ class SparseCountsWriter:
             raise ValueError(f"slots must be a 1-D integer array, got dtype {slots.dtype} shape {slots.shape}")
         return slots.astype(np.int64)
 
-    def _accept(self, slots: np.ndarray, flat: np.ndarray, offsets: np.ndarray) -> None:
+    def _accept(self, slots: np.ndarray, flat: np.ndarray, offsets: np.ndarray, positions=None) -> None:
         """Validate a batch completely, then buffer it; nothing is changed if validation fails."""
         n = len(slots)
         if n == 0:
@@ -224,7 +244,7 @@ class SparseCountsWriter:
         self._written[slots] = 1
         self._slots_written += n
         self._events_written += int(flat.size)
-        self._pending.append((slots, flat, offsets))
+        self._pending.append((slots, flat, offsets, positions))
         self._pending_frames += n
         if self._pending_frames >= self.flush_frames:
             self._flush()
@@ -241,24 +261,30 @@ class SparseCountsWriter:
         # dtype carries h5py's vlen tag, so the low-level write knows the memory type.
         frames = np.empty(len(slots), dtype=VLEN_UINT32)
         i = 0
-        for _, flat, offsets in self._pending:
+        points = np.empty(len(slots), dtype=VLEN_FLOAT32) if self._positions is not None else None
+        for _, flat, offsets, positions in self._pending:
             # Element-wise on purpose: assigning a list of equal-length arrays to an object
             # array slice would make numpy build a 2-D array instead.
             for k in range(len(offsets) - 1):
                 frames[i] = flat[offsets[k] : offsets[k + 1]]
+                if points is not None:
+                    points[i] = positions[offsets[k] : offsets[k + 1]].reshape(-1)
                 i += 1
         order = np.argsort(slots, kind="stable")
         slots = slots[order]
         frames = frames[order]
+        points = points[order] if points is not None else None
         run_starts = np.flatnonzero(np.diff(slots) != 1) + 1
         bounds = np.concatenate(([0], run_starts, [len(slots)]))
         for a, b in zip(bounds[:-1], bounds[1:]):
-            self._write_run(int(slots[a]), frames[a:b])
+            self._write_run(self._frames, int(slots[a]), frames[a:b])
+            if points is not None:
+                self._write_run(self._positions, int(slots[a]), points[a:b])
         self._pending.clear()
         self._pending_frames = 0
 
-    def _write_run(self, start: int, frames: np.ndarray) -> None:
-        """Write consecutive slots ``start ..`` with h5py's low-level API.
+    def _write_run(self, dataset: h5py.Dataset, start: int, frames: np.ndarray) -> None:
+        """Write consecutive slots ``start ..`` of a vlen dataset with h5py's low-level API.
 
         Not ``dataset[a:b] = frames``: h5py 3.16's __setitem__ first re-packs an object array
         with np.array(..., dtype=object), which turns a run whose frames all have the same
@@ -266,10 +292,10 @@ class SparseCountsWriter:
         "Can't broadcast (n, k) -> (n,)"; it also copies every frame. stempy's own
         write_to_hdf5 goes through that path (see the tests' notes).
         """
-        fspace = self._frames.id.get_space()
+        fspace = dataset.id.get_space()
         fspace.select_hyperslab((start,), (len(frames),))
         mspace = h5py.h5s.create_simple((len(frames),))
-        self._frames.id.write(mspace, fspace, frames)
+        dataset.id.write(mspace, fspace, frames)
 
     def flush(self) -> None:
         """Write buffered frames now and ask HDF5 to push its buffers to the partial file."""

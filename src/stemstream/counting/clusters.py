@@ -1,0 +1,481 @@
+"""The compiled cluster-counting kernel: connected clusters above the background threshold, the
+number of electrons in each from its charge, each electron at a sub-pixel position.
+
+The second counting method (``[counting] method = "clusters"``; the default, "maxima", is
+counting.kernel, stempy's strict 3 x 3 maxima). Per frame, two passes over what is above the
+background threshold:
+
+1. **Clusters.** Pixels with ``lo <= value <= hi`` (the thresholds' integer window, as the maxima
+   kernel; X-ray pixels above ``hi`` count as empty) joined by 8-connectivity. Each cluster's
+   charge is ``sum(value - pedestal)`` over its pixels; its *peaks* are its pixels not smaller
+   than any 8-neighbour in the cluster (ties go to the lower flat index, so a plateau is one peak).
+2. **Electrons per cluster.** ``n`` maximises ``log p(charge | n) + log prior(n | peaks)``: the
+   charge of ``n`` electrons is gamma distributed with shape ``n * k`` and mean ``n * m`` (a sum of
+   gamma-distributed single charges; ``m``, ``k`` are calibrated from the data's isolated single
+   electrons, counting.cluster_model), and the number of electrons beyond the peaks (two on one
+   pixel, or too close to make two peaks) is Poisson with mean ``hidden * peaks``, where
+   ``hidden`` is estimated per frame from the frame's own total charge (``total / m - peaks``,
+   over peaks): a dense frame expects hidden electrons, a sparse one does not. Fewer electrons
+   than peaks costs a Poisson term of mean ``SPURIOUS_PEAKS * peaks`` (noise peaks on a tail). A
+   cluster with less charge than ``min_charge`` is noise (0 electrons).
+
+Positions: one electron sits at the charge-weighted centroid of its cluster; ``n > 1`` electrons
+go to the cluster's ``n`` highest peaks, each at the charge-weighted centroid of the cluster
+pixels in the peak's 3 x 3 window (the extra electrons of a cluster with fewer peaks than
+electrons go to its peaks again, highest first). Each electron's event is the pixel of its
+position; stempy's readers set ``dense[frame] += 1`` (numpy fancy indexing: a pixel listed twice
+counts once) and our writer keeps stempy's sorted unique lists, so a second electron on a pixel
+already taken gets the nearest free pixel within 2 px of its position. Dense counts per frame
+then equal the electrons counted; the sub-pixel positions keep the true centroids.
+
+All kernels release the GIL; each thread keeps a label image (uint16: at most 65,535 clusters a
+frame) and a used-pixel image (uint8) of its own, as small as the frame so that they stay in the
+cache, and clears only the pixels a frame set.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+from numba.cpython.unsafe.numbers import trailing_zeros
+
+from stemstream.counting.kernel import _BLOCK, _GATHER
+
+# Neighbours of a pixel, (row, col) offsets: the 8-connectivity of clusters and peaks.
+_DR = np.array([-1, -1, -1, 0, 0, 1, 1, 1], np.int64)
+_DC = np.array([-1, 0, 1, -1, 1, -1, 0, 1], np.int64)
+# Expected spurious peaks (noise on a tail making a second maximum) per peak: a prior for
+# clusters whose charge says fewer electrons than peaks.
+SPURIOUS_PEAKS = 0.02
+_LOG_SPURIOUS = math.log(SPURIOUS_PEAKS)
+# The per-frame rate of hidden electrons never goes below this (log of 0 is not a prior).
+_MIN_HIDDEN = 0.002
+# A calibration cluster has no other within this many pixels: far enough that it comes from
+# where the local dose is low, so that two electrons on one pixel (one peak, twice the charge)
+# are rare among them even in a bright-field disc.
+_ALONE = 6
+# Peaks of a cluster kept in order of value (see _grow).
+_SORTED_PEAKS = 16
+# Clusters per frame: labels are uint16, 0 meaning none.
+LABELS = 65535
+# Model fields as the kernels take them: (pedestal, mean, shape, min_charge), then the table of
+# log-normalisations of the n-electron charge density, n = 0, 1, ... (SingleElectronModel.params).
+N_MODEL = 4
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _log_norm(model, n):
+    # log of the gamma density's normalisation for n electrons: model's table, else computed
+    if N_MODEL + n < model.shape[0]:
+        return model[N_MODEL + n]
+    shape, scale = n * model[2], model[1] / model[2]
+    return math.lgamma(shape) + shape * math.log(scale)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _log_factorial(d):
+    return math.lgamma(d + 1.0) if d > 2 else (0.0 if d < 2 else 0.6931471805599453)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _score(charge, log_q, n, n_peaks, log_hidden, model):
+    """log p(charge | n electrons) + log prior(n | n_peaks), up to terms that do not depend on n
+    (the Poisson priors' exp(-mean) among them). The gamma densities' normalisations come from
+    the model's table (SingleElectronModel.params): a few multiplications, not a log-gamma."""
+    shape, scale = model[2], model[1] / model[2]
+    score = (n * shape - 1.0) * log_q - charge / scale - _log_norm(model, n)
+    d = n - n_peaks
+    if d > 0:
+        score += d * (log_hidden + math.log(n_peaks)) - _log_factorial(d)
+    elif d < 0:
+        score += -d * (_LOG_SPURIOUS + math.log(n_peaks)) - _log_factorial(-d)
+    return score
+
+
+@njit(nogil=True, cache=True)
+def electrons_in_cluster(charge, n_peaks, log_hidden, model):
+    """How many electrons a cluster of ``charge`` ADU with ``n_peaks`` peaks most probably holds
+    (see the module docstring); ``log_hidden`` the log of the frame's rate of hidden electrons
+    per peak."""
+    mean, min_charge = model[1], model[3]
+    if charge < min_charge:
+        return 0
+    log_q = math.log(charge)
+    # The score is concave in n (a log-concave density times log-concave priors): climb from the
+    # peaks towards the charge's count, a few steps, not a scan of every n in between (a bright
+    # cluster at high dose holds thousands).
+    best = max(n_peaks, 1)
+    best_score = _score(charge, log_q, best, n_peaks, log_hidden, model)
+    step = 1 if charge / mean > best else -1
+    while best + step >= 1:
+        score = _score(charge, log_q, best + step, n_peaks, log_hidden, model)
+        if score <= best_score:
+            break
+        best, best_score = best + step, score
+    return best
+
+
+@njit(nogil=True, cache=True)
+def _reconcile(tables, sums, n_clusters, missing, log_hidden, model, gains):
+    """Add (missing > 0) or take away (< 0) ``missing`` electrons, one per cluster and round,
+    where the score gains most or loses least: the clusters' most probable counts are biased
+    (a cluster's charge alone cannot tell one bright electron from two), while the frame's total
+    charge over the single-electron mean is an unbiased count of the whole frame
+    (docs/counting.md). Electrons are taken only from clusters with more than their peaks: a peak
+    is stronger evidence of an electron than the frame's total charge."""
+    min_charge = model[3]
+    for _ in range(8):  # rounds; a frame needs one or two
+        if missing == 0:
+            return
+        step = 1 if missing > 0 else -1
+        n_open = 0
+        for j in range(n_clusters):
+            n = tables[j, 3]
+            q = sums[j, 0]
+            if q < min_charge or n + step < max(tables[j, 2], 1):
+                gains[j] = -1e300
+                continue
+            log_q = math.log(q)
+            gains[j] = (_score(q, log_q, n + step, tables[j, 2], log_hidden, model)
+                        - _score(q, log_q, n, tables[j, 2], log_hidden, model))
+            n_open += 1
+        k = min(abs(missing), n_open)
+        if k == 0:
+            return
+        best = np.argsort(gains[:n_clusters])[n_clusters - k:]
+        for i in range(k):
+            tables[best[i], 3] += step
+        missing -= step * k
+
+
+@njit(nogil=True, cache=True)
+def one_electron_below(log_hidden, model):
+    """The charge (ADU) below which a one-peak cluster holds one electron: where the scores of 1
+    and 2 electrons in electrons_in_cluster cross (k log q = L(2) - L(1) - log hidden), so most
+    clusters need no logarithm at all."""
+    return math.exp((_log_norm(model, 2) - _log_norm(model, 1) - log_hidden) / model[2])
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _grow(flat, rows, cols, lo, hi, pedestal, label, tag, p, pixels, peaks, n_pix, sums):
+    """Label the cluster of pixel p ``tag``, appending its pixels to ``pixels`` from n_pix on
+    (breadth-first, the pixel list is the queue) and its peaks to ``peaks`` from n_pix on;
+    ``sums`` gets (charge, charge * row, charge * col). Returns (new n_pix, number of peaks).
+    A pixel's members among its 8 neighbours are exactly those with lo <= value <= hi (they are
+    connected to it), so the peak test needs no labels and costs no second pass."""
+    label[p] = tag
+    pixels[n_pix] = p
+    start = n_pix
+    n_pix += 1
+    k = start
+    n_peaks = 0
+    sums[0] = sums[1] = sums[2] = 0.0
+    while k < n_pix:
+        q = pixels[k]
+        k += 1
+        v = flat[q]
+        qr = q // cols
+        qc = q - qr * cols
+        w8 = np.float64(v) - pedestal
+        sums[0] += w8
+        sums[1] += w8 * qr
+        sums[2] += w8 * qc
+        peak = True
+        if 0 < qr < rows - 1 and 0 < qc < cols - 1:
+            # Inside the frame, branch-free: whether a neighbour is in the cluster is a coin toss
+            # to the branch predictor, and mispredicted branches were most of the fill's time.
+            # Every neighbour is written to the queue; only the new members advance it.
+            for d in range(8):
+                s = q + _DR[d] * cols + _DC[d]
+                w = flat[s]
+                member = (w >= lo) & (w <= hi)
+                new = member & (label[s] == 0)
+                peak &= not (member & ((w > v) | ((w == v) & (s < q))))
+                label[s] = label[s] | (tag * new)
+                pixels[n_pix] = s
+                n_pix += new
+        else:
+            for d in range(8):
+                rr, cc = qr + _DR[d], qc + _DC[d]
+                if rr < 0 or rr >= rows or cc < 0 or cc >= cols:
+                    continue
+                s = rr * cols + cc
+                w = flat[s]
+                if w < lo or w > hi:
+                    continue
+                if w > v or (w == v and s < q):
+                    peak = False
+                if label[s] == 0:
+                    label[s] = tag
+                    pixels[n_pix] = s
+                    n_pix += 1
+        if peak:
+            # Insertion by value, highest first, among the first _SORTED_PEAKS: a cluster of many
+            # peaks (a bright-field disc at high dose) gets an electron on every peak anyway, and
+            # sorting all of its thousands of peaks this way took most of a frame's time.
+            j = start + n_peaks
+            while j > start and n_peaks < _SORTED_PEAKS and flat[peaks[j - 1]] < v:
+                peaks[j] = peaks[j - 1]
+                j -= 1
+            peaks[j] = q
+            n_peaks += 1
+    return n_pix, n_peaks
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _add_cluster(flat, rows, cols, lo, hi, pedestal, label, p, pixels, peaks, n_pix, j, tables, sums):
+    """Cluster j from pixel p (see _label_clusters); returns the new n_pix."""
+    end, n_peaks = _grow(flat, rows, cols, lo, hi, pedestal, label, j + 1, p, pixels, peaks, n_pix, sums[j])
+    tables[j, 0], tables[j, 1], tables[j, 2] = n_pix, end - n_pix, n_peaks
+    return end
+
+
+@njit(nogil=True, cache=True)
+def _label_clusters(flat, rows, cols, lo, hi, pedestal, label, pixels, peaks, tables, sums):
+    """Pass 1: label the frame's clusters (flat uint16 frame, rows x cols) in ``label`` (all 0
+    on entry; cluster j gets label j + 1, see _clear). Cluster j's pixels are
+    ``pixels[start:start + size]`` (flat indices), its peaks ``peaks[start:start + n_peaks]``,
+    highest first, with (start, size, n_peaks) = ``tables[j]`` (int64) and ``sums[j]`` = (charge,
+    charge * row, charge * col) over its pixels. Returns the number of clusters (at most tables' size:
+    further clusters are dropped, which only a frame of 0.2 electrons per pixel reaches).
+
+    The scan is the maxima kernel's (counting.kernel.count_frame_int): a block of _BLOCK pixels
+    whose maximum is below lo is skipped after one vectorised pass; in a hit block a vectorised
+    byte mask of the pixels >= lo, gathered into bits, says which pixels to visit."""
+    n_clusters = 0
+    n_pix = 0
+    if lo > 65535:
+        return 0
+    lo16 = np.uint16(lo)
+    mask = np.zeros(_BLOCK, np.uint8)
+    mwords = mask.view(np.uint64)
+    block = np.uint64(_BLOCK)
+    ucols = np.uint64(cols)
+    n_blocks = ucols // block
+    tail_start = np.int64(n_blocks * block)
+    for r in range(rows):
+        row_base = np.uint64(r) * ucols
+        for b in range(n_blocks):
+            base = row_base + b * block
+            m = np.uint16(0)
+            for j in range(block):
+                m = max(m, flat[base + j])
+            if m < lo16:
+                continue
+            for j in range(block):
+                mask[j] = np.uint8(flat[base + j] >= lo16)
+            for h in range((_BLOCK + 63) // 64):
+                bits = np.uint64(0)
+                for k in range(min(8, _BLOCK // 8 - 8 * h)):
+                    bits |= ((mwords[8 * h + k] * _GATHER) >> np.uint64(56)) << np.uint64(8 * k)
+                while bits != 0:
+                    p = np.int64(base) + 64 * h + np.int64(trailing_zeros(bits))
+                    bits &= bits - np.uint64(1)
+                    if flat[p] > hi or label[p] != 0:
+                        continue
+                    if n_clusters == tables.shape[0]:
+                        return n_clusters
+                    n_pix = _add_cluster(flat, rows, cols, lo, hi, pedestal, label, p, pixels, peaks, n_pix,
+                                         n_clusters, tables, sums)
+                    n_clusters += 1
+        for c in range(tail_start, cols):
+            p = r * cols + c
+            v = flat[p]
+            if v < lo or v > hi or label[p] != 0:
+                continue
+            if n_clusters == tables.shape[0]:
+                return n_clusters
+            n_pix = _add_cluster(flat, rows, cols, lo, hi, pedestal, label, p, pixels, peaks, n_pix, n_clusters, tables, sums)
+            n_clusters += 1
+    return n_clusters
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _centroid(flat, cols, label, tag, pixels, start, size, around, pedestal, where):
+    """Charge-weighted centroid (row, col) into ``where``: of the whole cluster (around < 0) or of
+    its pixels in the 3 x 3 window of pixel ``around``."""
+    rows = label.shape[0] // cols
+    wsum = 0.0
+    ysum = 0.0
+    xsum = 0.0
+    if around < 0:
+        for i in range(start, start + size):
+            p = pixels[i]
+            w = max(np.float64(flat[p]) - pedestal, 0.0)
+            wsum += w
+            ysum += w * (p // cols)
+            xsum += w * (p % cols)
+    else:
+        ar, ac = around // cols, around % cols
+        for rr in range(max(ar - 1, 0), min(ar + 2, rows)):
+            for cc in range(max(ac - 1, 0), min(ac + 2, cols)):
+                s = rr * cols + cc
+                if label[s] == tag:
+                    w = max(np.float64(flat[s]) - pedestal, 0.0)
+                    wsum += w
+                    ysum += w * rr
+                    xsum += w * cc
+    if wsum > 0:
+        where[0] = ysum / wsum
+        where[1] = xsum / wsum
+    else:
+        p = pixels[start] if around < 0 else around
+        where[0] = p // cols
+        where[1] = p % cols
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _place(used, rows, cols, y, x):
+    """The pixel of an electron at (y, x): its own, or the nearest one not yet used by this frame
+    (``used[p] != 0``) within 2 px; -1 when all 25 are taken."""
+    r0 = min(max(int(y + 0.5), 0), rows - 1)
+    c0 = min(max(int(x + 0.5), 0), cols - 1)
+    if used[r0 * cols + c0] == 0:
+        return r0 * cols + c0
+    best, best_d = -1, 1e300
+    for rr in range(max(r0 - 2, 0), min(r0 + 3, rows)):
+        for cc in range(max(c0 - 2, 0), min(c0 + 3, cols)):
+            s = rr * cols + cc
+            if used[s] != 0:
+                continue
+            d = (rr - y) ** 2 + (cc - x) ** 2
+            if d < best_d:
+                best, best_d = s, d
+    return best
+
+
+@njit(nogil=True, cache=True)
+def _clear(label, pixels, tables, n_clusters):
+    # Back to all 0 for the next frame: only the labelled pixels, not the whole image.
+    if n_clusters:
+        for i in range(tables[n_clusters - 1, 0] + tables[n_clusters - 1, 1]):
+            label[pixels[i]] = 0
+
+
+@njit(nogil=True, cache=True)
+def _sort_events(out, positions, n):
+    # Sorted as stempy's frames are. Events come cluster by cluster in raster order of each
+    # cluster's first pixel, so insertion sort moves most a few places (a quarter of the time of
+    # a full sort); a large cluster's events come in the order of its peaks' values, scattered
+    # over many rows, and past 8 moves an event on average a full sort takes over.
+    moves = 0
+    for i in range(1, n):
+        p, y, x = out[i], positions[i, 0], positions[i, 1]
+        j = i
+        while j > 0 and out[j - 1] > p:
+            out[j] = out[j - 1]
+            positions[j, 0] = positions[j - 1, 0]
+            positions[j, 1] = positions[j - 1, 1]
+            j -= 1
+        out[j], positions[j, 0], positions[j, 1] = p, y, x
+        moves += i - j
+        if moves > 8 * n:
+            order = np.argsort(out[:n])
+            pixels = out[:n].copy()
+            points = positions[:n].copy()
+            for k in range(n):
+                out[k] = pixels[order[k]]
+                positions[k, 0] = points[order[k], 0]
+                positions[k, 1] = points[order[k], 1]
+            return
+
+
+@njit(nogil=True, cache=True)
+def _electrons(flat, rows, cols, model, label, used, pixels, peaks, tables, sums, gains, n_clusters, out, positions,
+               where):
+    """Pass 2: the electrons of the labelled clusters into out / positions; returns how many."""
+    pedestal, mean, min_charge = model[0], model[1], model[3]
+    charge, n_peaks = 0.0, 0
+    for j in range(n_clusters):
+        if sums[j, 0] >= min_charge:
+            charge += sums[j, 0]
+            n_peaks += tables[j, 2]
+    log_hidden = math.log(max(max(charge / mean - n_peaks, 0.0) / max(n_peaks, 1), _MIN_HIDDEN))
+    single = one_electron_below(log_hidden, model)
+    counted = 0
+    for j in range(n_clusters):
+        q = sums[j, 0]
+        if tables[j, 2] == 1 and min_charge <= q < single:
+            tables[j, 3] = 1
+        else:
+            tables[j, 3] = electrons_in_cluster(q, tables[j, 2], log_hidden, model)
+        counted += tables[j, 3]
+    _reconcile(tables, sums, n_clusters, int(charge / mean + 0.5) - counted, log_hidden, model, gains)
+    n_out = 0
+    for j in range(n_clusters):
+        q = sums[j, 0]
+        start, size, n_peaks, n = tables[j, 0], tables[j, 1], tables[j, 2], tables[j, 3]
+        for e in range(n):
+            if n_out == out.shape[0]:
+                return n_out
+            if n == 1:
+                where[0], where[1] = sums[j, 1] / q, sums[j, 2] / q
+            else:
+                # Electrons beyond the peaks share a peak (or sit next to it, too close to make
+                # one of their own): they go to the peaks again, highest first; _place then
+                # moves each to the nearest free pixel.
+                _centroid(flat, cols, label, j + 1, pixels, start, size, peaks[start + e % n_peaks], pedestal, where)
+            p = _place(used, rows, cols, where[0], where[1])
+            if p < 0:
+                continue  # 25 electrons already within 2 px: a frame of pure charge
+            used[p] = 1
+            out[n_out] = p
+            positions[n_out, 0] = where[0]
+            positions[n_out, 1] = where[1]
+            n_out += 1
+    return n_out
+
+
+@njit(nogil=True, cache=True)
+def count_clusters_frame(frame, lo, hi, model, scratch, out, positions):
+    """Electrons of one C-contiguous uint16 frame (rows, cols): their pixels (flat indices
+    ``row * cols + col``, ascending and unique) into ``out`` and their sub-pixel positions
+    (row, col) into ``positions`` (out's size, 2) in the same order; returns how many (at most
+    out's size). ``model``: SingleElectronModel.params (counting.cluster_model); ``scratch``:
+    the thread's arrays (counting.cluster_counter)."""
+    label, used, pixels, peaks, tables, sums, gains, where = scratch
+    rows, cols = frame.shape
+    flat = frame.reshape(-1)
+    n_clusters = _label_clusters(flat, rows, cols, lo, hi, model[0], label, pixels, peaks, tables, sums)
+    n_out = _electrons(flat, rows, cols, model, label, used, pixels, peaks, tables, sums, gains, n_clusters, out,
+                       positions, where)
+    _clear(label, pixels, tables, n_clusters)
+    for i in range(n_out):
+        used[out[i]] = 0
+    _sort_events(out, positions, n_out)
+    return n_out
+
+
+@njit(nogil=True, cache=True)
+def single_electron_charges(frame, lo, hi, pedestal, scratch, charges):
+    """Charges (ADU) of the frame's clusters that look like one isolated electron: one peak, no
+    pixel on the frame's edge, no other cluster within _ALONE px of the cluster's bounding box.
+    Written to ``charges``; returns how many (at most its size)."""
+    label, used, pixels, peaks, tables, sums, gains, where = scratch
+    rows, cols = frame.shape
+    flat = frame.reshape(-1)
+    n_clusters = _label_clusters(flat, rows, cols, lo, hi, pedestal, label, pixels, peaks, tables, sums)
+    n = 0
+    for j in range(n_clusters):
+        if tables[j, 2] != 1 or n == charges.shape[0]:
+            continue
+        r0, r1, c0, c1 = rows, -1, cols, -1
+        for i in range(tables[j, 0], tables[j, 0] + tables[j, 1]):
+            p = pixels[i]
+            r0, r1 = min(r0, p // cols), max(r1, p // cols)
+            c0, c1 = min(c0, p % cols), max(c1, p % cols)
+        if r0 == 0 or c0 == 0 or r1 == rows - 1 or c1 == cols - 1:
+            continue
+        alone = True
+        for rr in range(max(r0 - _ALONE, 0), min(r1 + _ALONE + 1, rows)):
+            for cc in range(max(c0 - _ALONE, 0), min(c1 + _ALONE + 1, cols)):
+                s = label[rr * cols + cc]
+                if s != 0 and s != j + 1:
+                    alone = False
+        if alone:
+            charges[n] = sums[j, 0]
+            n += 1
+    _clear(label, pixels, tables, n_clusters)
+    return n
