@@ -49,11 +49,11 @@ _AWAITING_HEARTBEAT_S = 0.05
 
 
 def load_kernels(analyses) -> None:
-    """Compile, or load from numba's cache, every kernel a node group runs: the counter on frames
-    and on sectors (writable and read-only buffers are two variants), the calibration histogram
-    and the analyses."""
+    """Compile, or load from numba's cache, every kernel a node group runs: the counter on sectors
+    (writable and read-only buffers are two variants; a node group never counts whole frames, whose
+    kernel would double the compile time of a first run), the calibration histogram and the
+    analyses."""
     counter = ElectronCounter(28.0, 1000.0, FRAME_SHAPE)
-    counter.count(np.zeros((1, *FRAME_SHAPE), np.uint16))
     for writable in (True, False):  # received buffers are read-only (another compiled variant)
         blank = np.zeros(1, RECORD_DTYPE)
         blank.flags.writeable = writable
