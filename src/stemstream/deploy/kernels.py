@@ -4,7 +4,7 @@ Every role that counts or simulates runs numba kernels, compiled on first use an
 (``cache=True``). On a fresh install the first ``run``/``demo`` would have each of its processes
 (2 node groups, 4 producers, the writer) compile the same kernels at once on the same cores: over
 a minute of CPU on a 2-core laptop, during which the roles cannot check in with control. Compiling
-them here first, in one process, fills numba's cache; the roles then load it in a second or two,
+them here first (each kernel once, two processes sharing the kernels) fills numba's cache; the roles then load it in a second or two,
 and no scan's time (nor the rate its summary gives) includes compiling. On later runs this loads
 the cache too (about a second).
 """
