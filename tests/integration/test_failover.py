@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline_support import assert_same_events, test_config, wait_until_closed, wait_until_counted
+from pipeline_support import assert_same_events, test_config, wait_for, wait_until_closed, wait_until_counted
 from stemstream.deploy.local import LocalPipeline, ProducerSource
 
 pytestmark = pytest.mark.slow
@@ -219,7 +219,8 @@ def test_writer_killed_and_restarted_mid_scan_completes_the_scan_from_its_journa
 
     complete(summary)
     assert summary["path"] == str(final) and final.exists()
-    assert not (out / (final.name + ".journal")).exists() and not (out / (final.name + ".partial")).exists()
+    assert not (out / (final.name + ".partial")).exists()
+    wait_for(lambda: not (out / (final.name + ".journal")).exists(), 10, "the journal removed after the close")
     failovers = summary["ledger"]["failovers"]
     assert [f["reason"] for f in failovers.values()] == ["writer restarted"], failovers
     assert resent > 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,10 +64,19 @@ class Journal:
         self._file.flush()
         os.fsync(self._file.fileno())
 
-    def close(self, delete: bool = True) -> None:
+    def close(self, delete: bool = True) -> threading.Thread | None:
+        """Close the journal; with ``delete``, remove it in a thread of its own and return that
+        thread. Unlinking the journal of a 1024 x 1024 scan (2.5 GB) took 2.3 s here, between the
+        last frame and the file reported closed; the file in place holds everything by then, and a
+        writer that dies before the unlink leaves a journal its successor removes
+        (pipeline.writer.role: a finished file wins over a journal). Not a daemon thread: the
+        process does not exit before the unlink is done."""
         self._file.close()
-        if delete:
-            self.path.unlink(missing_ok=True)
+        if not delete:
+            return None
+        remover = threading.Thread(target=self.path.unlink, kwargs={"missing_ok": True}, name="journal-unlink")
+        remover.start()
+        return remover
 
 
 def _records(path: Path) -> Iterator[dict]:
