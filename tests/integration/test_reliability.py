@@ -253,6 +253,27 @@ def test_too_little_free_space_fails_the_scan_before_any_data_is_accepted(tmp_pa
         assert writer.counters["messages_of_failed_scans"] == 2 and not writer.rejected  # events, analysis
 
 
+def test_a_scan_too_large_for_the_writers_memory_fails_in_one_sentence_and_the_writer_goes_on(tmp_path):
+    """65535 x 65535 positions (the largest shape control accepts) would need ~0.8 TB of
+    per-position results in the writer: the scan fails before any data is written, saying how
+    much it needs, instead of the writer dying of a MemoryError; the next scan is written."""
+    with writer_in_process(tmp_path) as (writer, control):
+        reply = control.handle({"op": "start_scan", "scan_number": 1, "scan_shape": [65535, 65535], "nodes": [0]})
+        assert reply["ok"], reply
+        commit(writer, 1, range(0, 8))
+        state = control.scans[1]
+        assert state.state == "failed", state.state
+        error = state.summary["error"]
+        assert "a scan of 65535 x 65535 positions needs ~" in error and "GB of memory in the writer" in error, error
+        assert not list(Path(writer.config.pipeline.output_dir).iterdir())
+        start_scan(control, 2)
+        commit(writer, 2, range(0, 16))
+        writer.handle(done_message(2))
+        assert writer.scans[2].should_close()
+        writer._close(writer.scans[2])
+        assert control.scans[2].state == "closed", control.scans[2].state
+
+
 @pytest.mark.slow
 def test_stemstream_run_onto_a_nearly_full_disk_says_so_and_leaves_no_file(tmp_path):
     with mounted_tmpfs(tmp_path / "small", "8m") as output:

@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import zmq
 
 from stemstream.analysis import default_analyses
@@ -48,6 +49,34 @@ _COMMIT_REPORT_S = 0.1
 # what close() writes: the /analysis images and the ledger's mask, a few bytes per position.
 RESERVE_BYTES = 64 * 1024 * 1024
 RESERVE_BYTES_PER_POSITION = 64
+
+
+# -- memory check --------------------------------------------------------------------------------
+# Beyond its analyses' sums the writer holds a few bytes per position (frame ranks, flags) and,
+# while it closes, the results and the DPC's Fourier arrays (complex, several at once): ~128 bytes.
+CLOSE_BYTES_PER_POSITION = 128
+
+
+def bytes_per_position(analyses, frames_per_position: int) -> int:
+    """What the writer holds per scan position at most: the analyses' per-position sums (their
+    partial for two positions less that for one: summed patterns and the like cost the same
+    whatever the scan), a rank and a written flag per frame, and what close() computes."""
+    def nbytes(shape: tuple[int, int]) -> int:  # shape: (rows, cols) of positions
+        return sum(a.nbytes for an in analyses for a in an.new_partial(shape).values() if hasattr(a, "nbytes"))
+
+    return nbytes((1, 2)) - nbytes((1, 1)) + 4 + 2 * frames_per_position + CLOSE_BYTES_PER_POSITION
+
+
+def check_memory(analyses, spec: ScanSpec) -> None:
+    """OSError(ENOMEM) for a scan whose per-position results could not fit in this machine's
+    available memory (a 65535 x 65535 scan needs ~0.8 TB): the scan fails with that sentence
+    instead of the writer dying of a MemoryError, or of the kernel's OOM killer, mid-scan."""
+    need = spec.n_positions * bytes_per_position(analyses, spec.frames_per_position)
+    available = psutil.virtual_memory().available
+    if need > available:
+        rows, cols = spec.shape
+        raise OSError(errno.ENOMEM, f"a scan of {rows} x {cols} positions needs ~{need / 1e9:.1f} GB of memory in "
+                                    f"the writer for its per-position results, {available / 1e9:.1f} GB is available")
 
 
 class OutputDirError(OSError):
@@ -132,7 +161,11 @@ class Writer(Role):
         if self._finished_before(spec):
             return None
         try:
+            check_memory(self.analyses, spec)
             scan = WriterScan(spec, self.output_dir, self.analyses, self.config.flow, self._hooks(spec))
+        except MemoryError:  # the estimate's margin was not enough: the scan fails, not the writer
+            self._fail(spec, OSError(errno.ENOMEM, "not enough memory to open the scan's results"))
+            return None
         except OSError as exc:
             self._fail(spec, exc)
             return None
