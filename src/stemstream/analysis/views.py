@@ -43,7 +43,8 @@ class Shows(Protocol):
 
 def render_png(array: np.ndarray, path: str | os.PathLike, kind: str = "sequential") -> Path:
     """Write a 2-D array as a PNG (stemstream.formats.png.image_png: colour-scaled, small images
-    enlarged to 256 pixels on the longer side). The file appears atomically. Returns the path."""
+    enlarged to 256 pixels on the longer side, large ones shrunk to 1024). The file appears
+    atomically. Returns the path."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(image_png(array, kind))

@@ -26,7 +26,7 @@ import numpy as np
 import zmq
 
 from stemstream.analysis.scan import ScanAnalyses
-from stemstream.formats.png import png_bytes, scale_image
+from stemstream.formats.png import block_sums, png_bytes, scale_image, shrink
 from stemstream.transport.messages import MessageError, pack_control, unpack_control
 
 log = logging.getLogger(__name__)
@@ -130,13 +130,6 @@ class LiveService:
         self.socket.close(0)
 
 
-def _block_sums(array: np.ndarray, factor: int) -> np.ndarray:
-    """Float64 sums over blocks of ``factor`` x ``factor`` along the first two axes (blocks at the
-    far edges may be smaller)."""
-    rows = np.add.reduceat(array, np.arange(0, array.shape[0], factor), axis=0, dtype=np.float64)
-    return np.add.reduceat(rows, np.arange(0, array.shape[1], factor), axis=1)
-
-
 def _binning(side: int) -> int:
     """The block side that brings ``side`` pixels within LIVE_SIDE."""
     return -(-side // LIVE_SIDE)
@@ -206,12 +199,12 @@ class LiveImages:
         first, last = lo // cols // f, (hi - 1) // cols // f + 1  # block rows
         r0, r1 = first * f, min(last * f, rows)  # position rows
         band = slice(r0 * cols, r1 * cols)
-        self.scanned[first:last] = _block_sums((frames[band] > 0).reshape(r1 - r0, cols), f)
+        self.scanned[first:last] = block_sums((frames[band] > 0).reshape(r1 - r0, cols), f)
         for a in analyses.analyses:
             for key in a.per_position:
                 array = analyses.partials[a.name][key]
                 sums = self._sums(a.name, key, array)
-                sums[first:last] = _block_sums(array[band].reshape(r1 - r0, cols, *array.shape[1:]), f)
+                sums[first:last] = block_sums(array[band].reshape(r1 - r0, cols, *array.shape[1:]), f)
 
     def _sums(self, name: str, key: str, array: np.ndarray) -> np.ndarray:
         """The block sums of partial array ``key`` of analysis ``name`` (zeros at first)."""
@@ -225,5 +218,4 @@ class LiveImages:
         image = np.asarray(image, np.float64)
         if image.shape == self.coarse_shape:
             return np.where(self.scanned > 0, image, np.nan)
-        f = _binning(max(image.shape))
-        return image if f == 1 else _block_sums(image, f) / _block_sums(np.ones(image.shape), f)
+        return shrink(image, LIVE_SIDE)
