@@ -9,24 +9,22 @@ background threshold:
    kernel; X-ray pixels above ``hi`` count as empty) joined by 8-connectivity. Each cluster's
    charge is ``sum(value - pedestal)`` over its pixels; its *peaks* are its pixels not smaller
    than any 8-neighbour in the cluster (ties go to the lower flat index, so a plateau is one peak).
-2. **Electrons per cluster.** ``n`` maximises ``log p(charge | n) + log prior(n | peaks)``: the
-   charge of ``n`` electrons is gamma distributed with shape ``n * k`` and mean ``n * m`` (a sum of
-   gamma-distributed single charges; ``m``, ``k`` are calibrated from the data's isolated single
-   electrons, counting.cluster_model), and the number of electrons beyond the peaks (two on one
-   pixel, or too close to make two peaks) is Poisson with mean ``hidden * peaks``, where
-   ``hidden`` is estimated per frame from the frame's own total charge (``total / m - peaks``,
-   over peaks): a dense frame expects hidden electrons, a sparse one does not. Fewer electrons
-   than peaks costs a Poisson term of mean ``SPURIOUS_PEAKS * peaks`` (noise peaks on a tail). A
-   cluster with less charge than ``min_charge`` is noise (0 electrons).
+2. **Electrons per cluster.** ``n`` maximises ``log p(charge | n) + log prior(n | peaks)``
+   (counting.cluster_model.electrons_in_cluster: the charge of ``n`` electrons is gamma
+   distributed with shape ``n * k`` and mean ``n * m``, the electrons beyond the peaks are Poisson
+   with a per-frame rate from the frame's own total charge); then the frame's total charge over
+   ``m``, an unbiased count, puts right the clusters' biased most probable counts
+   (counting.cluster_model.reconcile). A cluster with less charge than ``min_charge`` is noise.
 
 Positions: one electron sits at the charge-weighted centroid of its cluster; ``n > 1`` electrons
 go to the cluster's ``n`` highest peaks, each at the charge-weighted centroid of the cluster
-pixels in the peak's 3 x 3 window (the extra electrons of a cluster with fewer peaks than
-electrons go to its peaks again, highest first). Each electron's event is the pixel of its
-position; stempy's readers set ``dense[frame] += 1`` (numpy fancy indexing: a pixel listed twice
-counts once) and our writer keeps stempy's sorted unique lists, so a second electron on a pixel
-already taken gets the nearest free pixel within 2 px of its position. Dense counts per frame
-then equal the electrons counted; the sub-pixel positions keep the true centroids.
+pixels in the peak's 3 x 3 window. Electrons beyond the peaks (two on one pixel, or too close
+to make a peak each) go, one at a time, to the cluster pixel whose charge is least explained
+(its charge less ``m`` for each electron already on it; _extras). Each electron's event is the
+pixel of its position; stempy's readers set ``dense[frame] += 1`` (numpy fancy indexing: a pixel
+listed twice counts once) and our writer keeps stempy's sorted unique lists, so a second
+electron on a pixel already taken gets the nearest free pixel within 2 px of its position.
+Dense counts per frame then equal the electrons counted.
 
 All kernels release the GIL; each thread keeps a label image (uint16: at most 65,535 clusters a
 frame) and a used-pixel image (uint8) of its own, as small as the frame so that they stay in the
@@ -41,15 +39,12 @@ import numpy as np
 from numba import njit
 from numba.cpython.unsafe.numbers import trailing_zeros
 
+from stemstream.counting.cluster_model import electrons_in_cluster, one_electron_below, reconcile
 from stemstream.counting.kernel import _BLOCK, _GATHER
 
 # Neighbours of a pixel, (row, col) offsets: the 8-connectivity of clusters and peaks.
 _DR = np.array([-1, -1, -1, 0, 0, 1, 1, 1], np.int64)
 _DC = np.array([-1, 0, 1, -1, 1, -1, 0, 1], np.int64)
-# Expected spurious peaks (noise on a tail making a second maximum) per peak: a prior for
-# clusters whose charge says fewer electrons than peaks.
-SPURIOUS_PEAKS = 0.02
-_LOG_SPURIOUS = math.log(SPURIOUS_PEAKS)
 # The per-frame rate of hidden electrons never goes below this (log of 0 is not a prior).
 _MIN_HIDDEN = 0.002
 # A calibration cluster has no other within this many pixels: far enough that it comes from
@@ -60,102 +55,6 @@ _ALONE = 6
 _SORTED_PEAKS = 16
 # Clusters per frame: labels are uint16, 0 meaning none.
 LABELS = 65535
-# Model fields as the kernels take them: (pedestal, mean, shape, min_charge), then the table of
-# log-normalisations of the n-electron charge density, n = 0, 1, ... (SingleElectronModel.params).
-N_MODEL = 4
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _log_norm(model, n):
-    # log of the gamma density's normalisation for n electrons: model's table, else computed
-    if N_MODEL + n < model.shape[0]:
-        return model[N_MODEL + n]
-    shape, scale = n * model[2], model[1] / model[2]
-    return math.lgamma(shape) + shape * math.log(scale)
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _log_factorial(d):
-    return math.lgamma(d + 1.0) if d > 2 else (0.0 if d < 2 else 0.6931471805599453)
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _score(charge, log_q, n, n_peaks, log_hidden, model):
-    """log p(charge | n electrons) + log prior(n | n_peaks), up to terms that do not depend on n
-    (the Poisson priors' exp(-mean) among them). The gamma densities' normalisations come from
-    the model's table (SingleElectronModel.params): a few multiplications, not a log-gamma."""
-    shape, scale = model[2], model[1] / model[2]
-    score = (n * shape - 1.0) * log_q - charge / scale - _log_norm(model, n)
-    d = n - n_peaks
-    if d > 0:
-        score += d * (log_hidden + math.log(n_peaks)) - _log_factorial(d)
-    elif d < 0:
-        score += -d * (_LOG_SPURIOUS + math.log(n_peaks)) - _log_factorial(-d)
-    return score
-
-
-@njit(nogil=True, cache=True)
-def electrons_in_cluster(charge, n_peaks, log_hidden, model):
-    """How many electrons a cluster of ``charge`` ADU with ``n_peaks`` peaks most probably holds
-    (see the module docstring); ``log_hidden`` the log of the frame's rate of hidden electrons
-    per peak."""
-    mean, min_charge = model[1], model[3]
-    if charge < min_charge:
-        return 0
-    log_q = math.log(charge)
-    # The score is concave in n (a log-concave density times log-concave priors): climb from the
-    # peaks towards the charge's count, a few steps, not a scan of every n in between (a bright
-    # cluster at high dose holds thousands).
-    best = max(n_peaks, 1)
-    best_score = _score(charge, log_q, best, n_peaks, log_hidden, model)
-    step = 1 if charge / mean > best else -1
-    while best + step >= 1:
-        score = _score(charge, log_q, best + step, n_peaks, log_hidden, model)
-        if score <= best_score:
-            break
-        best, best_score = best + step, score
-    return best
-
-
-@njit(nogil=True, cache=True)
-def _reconcile(tables, sums, n_clusters, missing, log_hidden, model, gains):
-    """Add (missing > 0) or take away (< 0) ``missing`` electrons, one per cluster and round,
-    where the score gains most or loses least: the clusters' most probable counts are biased
-    (a cluster's charge alone cannot tell one bright electron from two), while the frame's total
-    charge over the single-electron mean is an unbiased count of the whole frame
-    (docs/counting.md). Electrons are taken only from clusters with more than their peaks: a peak
-    is stronger evidence of an electron than the frame's total charge."""
-    min_charge = model[3]
-    for _ in range(8):  # rounds; a frame needs one or two
-        if missing == 0:
-            return
-        step = 1 if missing > 0 else -1
-        n_open = 0
-        for j in range(n_clusters):
-            n = tables[j, 3]
-            q = sums[j, 0]
-            if q < min_charge or n + step < max(tables[j, 2], 1):
-                gains[j] = -1e300
-                continue
-            log_q = math.log(q)
-            gains[j] = (_score(q, log_q, n + step, tables[j, 2], log_hidden, model)
-                        - _score(q, log_q, n, tables[j, 2], log_hidden, model))
-            n_open += 1
-        k = min(abs(missing), n_open)
-        if k == 0:
-            return
-        best = np.argsort(gains[:n_clusters])[n_clusters - k:]
-        for i in range(k):
-            tables[best[i], 3] += step
-        missing -= step * k
-
-
-@njit(nogil=True, cache=True)
-def one_electron_below(log_hidden, model):
-    """The charge (ADU) below which a one-peak cluster holds one electron: where the scores of 1
-    and 2 electrons in electrons_in_cluster cross (k log q = L(2) - L(1) - log hidden), so most
-    clusters need no logarithm at all."""
-    return math.exp((_log_norm(model, 2) - _log_norm(model, 1) - log_hidden) / model[2])
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -293,37 +192,35 @@ def _label_clusters(flat, rows, cols, lo, hi, pedestal, label, pixels, peaks, ta
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _centroid(flat, cols, label, tag, pixels, start, size, around, pedestal, where):
-    """Charge-weighted centroid (row, col) into ``where``: of the whole cluster (around < 0) or of
-    its pixels in the 3 x 3 window of pixel ``around``."""
-    rows = label.shape[0] // cols
+def _row(p, inv_cols):
+    # p // cols without a 64-bit division (tens of cycles): (p + 0.5) / cols is at least
+    # 0.5 / cols from an integer, far more than the product's rounding error.
+    return np.int64((p + 0.5) * inv_cols)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _centroid(flat, rows, cols, lo, hi, around, pedestal, where):
+    """Charge-weighted centroid (row, col) into ``where`` of the cluster's pixels in the 3 x 3
+    window of pixel ``around``: those with lo <= value <= hi (next to ``around``, so in its
+    cluster; no label image to read)."""
+    ar = _row(around, 1.0 / cols)
+    ac = around - ar * cols
     wsum = 0.0
     ysum = 0.0
     xsum = 0.0
-    if around < 0:
-        for i in range(start, start + size):
-            p = pixels[i]
-            w = max(np.float64(flat[p]) - pedestal, 0.0)
-            wsum += w
-            ysum += w * (p // cols)
-            xsum += w * (p % cols)
-    else:
-        ar, ac = around // cols, around % cols
-        for rr in range(max(ar - 1, 0), min(ar + 2, rows)):
-            for cc in range(max(ac - 1, 0), min(ac + 2, cols)):
-                s = rr * cols + cc
-                if label[s] == tag:
-                    w = max(np.float64(flat[s]) - pedestal, 0.0)
-                    wsum += w
-                    ysum += w * rr
-                    xsum += w * cc
+    for rr in range(max(ar - 1, 0), min(ar + 2, rows)):
+        for cc in range(max(ac - 1, 0), min(ac + 2, cols)):
+            v = flat[rr * cols + cc]
+            if lo <= v <= hi:
+                w = max(np.float64(v) - pedestal, 0.0)
+                wsum += w
+                ysum += w * rr
+                xsum += w * cc
     if wsum > 0:
         where[0] = ysum / wsum
         where[1] = xsum / wsum
     else:
-        p = pixels[start] if around < 0 else around
-        where[0] = p // cols
-        where[1] = p % cols
+        where[0], where[1] = ar, ac
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -355,35 +252,90 @@ def _clear(label, pixels, tables, n_clusters):
 
 
 @njit(nogil=True, cache=True)
-def _sort_events(out, positions, n):
-    # Sorted as stempy's frames are. Events come cluster by cluster in raster order of each
-    # cluster's first pixel, so insertion sort moves most a few places (a quarter of the time of
-    # a full sort); a large cluster's events come in the order of its peaks' values, scattered
-    # over many rows, and past 8 moves an event on average a full sort takes over.
-    moves = 0
-    for i in range(1, n):
-        p, y, x = out[i], positions[i, 0], positions[i, 1]
-        j = i
-        while j > 0 and out[j - 1] > p:
+def _sort_events(out, positions, n, rows, cols):
+    # Sorted as stempy's frames are: a counting sort by row, then insertion by column within a
+    # row (a few events each). Events come cluster by cluster, a large cluster's in the order
+    # of its peaks' values, so a sort of the whole list would move most of them far.
+    inv_cols = 1.0 / cols
+    first = np.zeros(rows + 1, np.int64)
+    for i in range(n):
+        first[_row(out[i], inv_cols) + 1] += 1
+    for r in range(rows):
+        first[r + 1] += first[r]
+    filled = first[:rows].copy()
+    pixels = out[:n].copy()
+    points = positions[:n].copy()
+    for i in range(n):
+        p = pixels[i]
+        r = _row(p, inv_cols)
+        j = filled[r]
+        filled[r] = j + 1
+        while j > first[r] and out[j - 1] > p:
             out[j] = out[j - 1]
             positions[j, 0] = positions[j - 1, 0]
             positions[j, 1] = positions[j - 1, 1]
             j -= 1
-        out[j], positions[j, 0], positions[j, 1] = p, y, x
-        moves += i - j
-        if moves > 8 * n:
-            order = np.argsort(out[:n])
-            pixels = out[:n].copy()
-            points = positions[:n].copy()
-            for k in range(n):
-                out[k] = pixels[order[k]]
-                positions[k, 0] = points[order[k], 0]
-                positions[k, 1] = points[order[k], 1]
-            return
+        out[j], positions[j, 0], positions[j, 1] = p, points[i, 0], points[i, 1]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _emit(used, rows, cols, where, out, positions, n_out):
+    """The event of an electron at ``where`` (see _place); returns the new number of events."""
+    if n_out == out.shape[0]:
+        return n_out
+    p = _place(used, rows, cols, where[0], where[1])
+    if p < 0:
+        return n_out  # 25 electrons already within 2 px: a frame of pure charge
+    used[p] = 1
+    out[n_out] = p
+    positions[n_out, 0] = where[0]
+    positions[n_out, 1] = where[1]
+    return n_out + 1
 
 
 @njit(nogil=True, cache=True)
-def _electrons(flat, rows, cols, model, label, used, pixels, peaks, tables, sums, gains, n_clusters, out, positions,
+def _sift_down(key, index, size, i):
+    # Restore a max-heap (key, index) below i.
+    while True:
+        top = i
+        for child in (2 * i + 1, 2 * i + 2):
+            if child < size and key[child] > key[top]:
+                top = child
+        if top == i:
+            return
+        key[i], key[top] = key[top], key[i]
+        index[i], index[top] = index[top], index[i]
+        i = top
+
+
+@njit(nogil=True, cache=True)
+def _extras(flat, rows, cols, pedestal, mean, used, members, extra, out, positions, n_out, where):
+    """The electrons of a cluster beyond its peaks (two on one pixel, or too close to make a peak
+    each): each at the cluster pixel (``members``, flat indices) with the most charge not yet
+    explained, a pixel's charge less the single-electron mean for each electron already there
+    (its peak's, then extras'): where the charge says the hidden electrons are, not at the
+    highest peak again. Their positions are the pixels' centres (sharing a pixel, their
+    centroids are one point). Returns the new number of events."""
+    size = members.shape[0]
+    key = np.empty(size, np.float64)
+    index = np.arange(size)
+    for i in range(size):
+        p = members[i]
+        key[i] = np.float64(flat[p]) - pedestal - mean * used[p]
+    for i in range(size // 2 - 1, -1, -1):
+        _sift_down(key, index, size, i)
+    for _ in range(extra):
+        p = members[index[0]]
+        row = p // cols
+        where[0], where[1] = row, p - row * cols
+        n_out = _emit(used, rows, cols, where, out, positions, n_out)
+        key[0] -= mean
+        _sift_down(key, index, size, 0)
+    return n_out
+
+
+@njit(nogil=True, cache=True)
+def _electrons(flat, rows, cols, lo, hi, model, used, pixels, peaks, tables, sums, gains, n_clusters, out, positions,
                where):
     """Pass 2: the electrons of the labelled clusters into out / positions; returns how many."""
     pedestal, mean, min_charge = model[0], model[1], model[3]
@@ -402,29 +354,22 @@ def _electrons(flat, rows, cols, model, label, used, pixels, peaks, tables, sums
         else:
             tables[j, 3] = electrons_in_cluster(q, tables[j, 2], log_hidden, model)
         counted += tables[j, 3]
-    _reconcile(tables, sums, n_clusters, int(charge / mean + 0.5) - counted, log_hidden, model, gains)
+    reconcile(tables, sums, n_clusters, int(charge / mean + 0.5) - counted, log_hidden, model, gains)
     n_out = 0
     for j in range(n_clusters):
         q = sums[j, 0]
         start, size, n_peaks, n = tables[j, 0], tables[j, 1], tables[j, 2], tables[j, 3]
-        for e in range(n):
+        for e in range(min(n, n_peaks)):
             if n_out == out.shape[0]:
                 return n_out
             if n == 1:
                 where[0], where[1] = sums[j, 1] / q, sums[j, 2] / q
             else:
-                # Electrons beyond the peaks share a peak (or sit next to it, too close to make
-                # one of their own): they go to the peaks again, highest first; _place then
-                # moves each to the nearest free pixel.
-                _centroid(flat, cols, label, j + 1, pixels, start, size, peaks[start + e % n_peaks], pedestal, where)
-            p = _place(used, rows, cols, where[0], where[1])
-            if p < 0:
-                continue  # 25 electrons already within 2 px: a frame of pure charge
-            used[p] = 1
-            out[n_out] = p
-            positions[n_out, 0] = where[0]
-            positions[n_out, 1] = where[1]
-            n_out += 1
+                _centroid(flat, rows, cols, lo, hi, peaks[start + e], pedestal, where)
+            n_out = _emit(used, rows, cols, where, out, positions, n_out)
+        if n > n_peaks:
+            n_out = _extras(flat, rows, cols, pedestal, mean, used, pixels[start : start + size], n - n_peaks, out,
+                            positions, n_out, where)
     return n_out
 
 
@@ -439,12 +384,12 @@ def count_clusters_frame(frame, lo, hi, model, scratch, out, positions):
     rows, cols = frame.shape
     flat = frame.reshape(-1)
     n_clusters = _label_clusters(flat, rows, cols, lo, hi, model[0], label, pixels, peaks, tables, sums)
-    n_out = _electrons(flat, rows, cols, model, label, used, pixels, peaks, tables, sums, gains, n_clusters, out,
+    n_out = _electrons(flat, rows, cols, lo, hi, model, used, pixels, peaks, tables, sums, gains, n_clusters, out,
                        positions, where)
     _clear(label, pixels, tables, n_clusters)
     for i in range(n_out):
         used[out[i]] = 0
-    _sort_events(out, positions, n_out)
+    _sort_events(out, positions, n_out, rows, cols)
     return n_out
 
 
