@@ -57,7 +57,6 @@ def test_several_gateways_share_the_modules_each_on_its_host():
         ({"network": {"gateway_hosts": ["a", ""]}}, "no empty name"),
         ({"network": {"gateway_hosts": "recv0"}}, "[network] gateway_hosts must be a list of strings"),
         ({"counting": {"method": "peaks"}}, "[counting] method must be one of maxima, clusters"),
-        ({"counting": {"method": "clusters"}}, "not streamed yet"),
     ],
 )
 def test_each_mistake_gets_one_sentence_naming_the_setting(data, fragment):
@@ -65,6 +64,12 @@ def test_each_mistake_gets_one_sentence_naming_the_setting(data, fragment):
         config_from_dict(data)
     assert fragment in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_both_counting_methods_are_accepted_by_a_pipeline_config():
+    # streamed as well as offline (docs/counting.md): clusters is no longer refused
+    for method in ("maxima", "clusters"):
+        assert config_from_dict({"counting": {"method": method}}).counting.method == method
 
 
 def test_unreadable_or_invalid_toml_is_a_config_error(tmp_path):

@@ -126,6 +126,28 @@ def test_get_scan_says_how_each_earlier_run_of_a_scan_number_ended(make_control)
     pack_control(reply)
 
 
+def test_a_producer_learns_the_blocks_of_scans_closed_lately_that_the_file_holds_without_its_module(make_control):
+    """For a producer started again after its node groups counted its blocks without it (issue 12):
+    only closed scans, of the last scan_timeout_s, blocks of its own module within the scan."""
+    control = make_control(pipeline__block_frames=4)  # a 4x4 scan: 4 blocks
+    register(control, 0)
+    lacking = {"1": [3, 1, 99, -1, "2", True], "2": [0]}
+    for number, summary, ended_ok in ((1, {"ledger": {"blocks_lacking": lacking}}, True),
+                                      (2, {"ledger": {"blocks_lacking": {"1": [0]}}}, False),
+                                      (3, {"ledger": {"blocks_lacking": "nonsense"}}, True),
+                                      (4, {"ledger": {"blocks_lacking": {"1": [2]}}}, True)):
+        ok(control, "start_scan", scan_number=number, scan_shape=[4, 4])
+        ok(control, "scan_done", scan=number, ok=ended_ok, summary=summary)
+    control.scans[4].ended_at -= control.config.flow.scan_timeout_s + 1  # closed too long ago
+    ok(control, "start_scan", scan_number=5, scan_shape=[4, 4])  # running
+    reply = ok(control, "missed_blocks", module=1)
+    assert [(ScanSpec.from_wire(s["scan"]).number, s["blocks"]) for s in reply["scans"]] == [(1, [1, 3])]
+    assert [s["blocks"] for s in ok(control, "missed_blocks", module=2)["scans"]] == [[0]]
+    assert ok(control, "missed_blocks", module=0)["scans"] == []
+    for bad in ({}, {"module": 4}, {"module": -1}, {"module": "1"}):
+        assert control.handle({"op": "missed_blocks", **bad})["ok"] is False
+
+
 # -- calibration -------------------------------------------------------------------------------------
 
 

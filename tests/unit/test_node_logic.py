@@ -292,6 +292,24 @@ def test_a_block_counted_while_a_producer_was_silent_is_spilled_with_the_late_pa
         data = (out / raw_file_name(SCAN, module, dst=100)).read_bytes()
         assert data == block_records(records, module, 0).tobytes()
 
+def test_the_frames_spilled_of_a_block_counted_without_a_silent_producer_are_in_its_ledger(outside, scan_data):
+    """Finding: the file named those frames incomplete but the ledger's frames_spilled did not
+    count them (only blocks a producer spilled were)."""
+    _, records = scan_data
+    scan = NodeScan(outside.ports, spec())
+    for module in (0, 2, 3):
+        scan.add_sectors(sectors(block_records(records, module, 0), module, 0))
+    scan.step(give_up_oldest=True)  # producer 1 silent: counted as it stands, its parts spilled
+    (msg,) = events_of(outside.take())
+    assert msg.block == 0 and msg.ledger["frames_spilled"] == BLOCK_FRAMES
+    for module in MODULES:
+        scan.add_sectors(sectors(block_records(records, module, 1), module, 1))
+        scan.add_end(end(module, sent=N_FRAMES))
+    scan.step()
+    counted = events_of(outside.take())
+    assert [m.block for m in counted] == [1] and counted[0].ledger["frames_spilled"] == 0
+
+
 def test_a_block_a_producer_spilled_is_spilled_whole_not_counted(outside, scan_data, tmp_path):
     _, records = scan_data
     scan = NodeScan(outside.ports, spec())
@@ -636,6 +654,36 @@ def test_a_message_for_a_stream_that_finished_here_is_refused_not_opened_again(n
     assert not node_group.scans and node_group.rejected == Counter(stream_finished=1)
 
 
+def test_a_silent_producers_part_that_comes_after_the_stream_finished_is_spilled_beside_the_others(node_group,
+                                                                                                    scan_data):
+    """Finding: a silent producer's parts sent before the writer committed their blocks, but
+    arriving after the node group finished the stream, were refused as stream_finished (then
+    freed by the commit): a replay could not complete those frames. They are spilled beside the
+    other parts; any other message for the finished stream is still refused."""
+    _, records = scan_data
+    node_group.scan_specs[SCAN] = spec()
+    node_group._next_heartbeat = float("inf")  # no control here to heartbeat to
+    node_group.config.flow.end_timeout_s = 0.0
+    node_group.role_ages, node_group.role_ages_at = {"producer-1": 3600.0}, time.monotonic()
+    for block in (0, 1):
+        for module in (0, 2, 3):
+            node_group.handle(sectors_parts(block_records(records, module, block), module, block, stream=0), module)
+    for module in (0, 2, 3):
+        node_group.handle(wire.encode_end(SCAN, module, 0, sent=N_FRAMES), module)
+    time.sleep(0.01)
+    node_group.step_scans()  # producer 1 silent: both blocks counted without it, the others' parts spilled
+    assert not node_group.scans and (SCAN, 0) in node_group.streams_done
+    for block in (0, 1):  # producer 1 resumed: what it had sent comes now
+        node_group.handle(sectors_parts(block_records(records, 1, block), 1, block, stream=0), 1)
+    assert not node_group.rejected and node_group.counters["late_parts_spilled"] == 2
+    node_group.handle(sectors_parts(block_records(records, 0, 0), 0, 0, stream=0), 0)  # not given up on: refused
+    assert node_group.rejected == Counter(stream_finished=1)
+    out = spill_directory(node_group.config.pipeline.spill_dir, SCAN)
+    for module in MODULES:
+        spilled = np.concatenate([np.fromfile(f, records[module].dtype) for f in sorted(out.glob(f"*module{module}_*"))])
+        assert spilled.tobytes() == records[module].tobytes(), module
+
+
 class AwayControl:
     """Stands in for control: no answer (as when it was killed) until ``up``; then heartbeat
     replies carry ``specs``."""
@@ -691,3 +739,50 @@ def test_held_messages_are_bounded_and_a_scan_control_does_not_know_is_still_rej
     node_group.tick(force=True)
     node_group.release_held(node_group.handle)
     assert node_group.rejected == Counter(unknown_scan=3) and not node_group.scans and not node_group.module_gated(3)
+
+
+def test_the_cluster_method_counts_each_frame_as_offline_with_the_node_groups_own_model(outside, scan_data):
+    """[counting] method = "clusters" on the stream: the node group calibrates the single-electron
+    model from its complete frames once the thresholds are known, counts each frame as
+    ClusterCounter counts the whole frame offline, and its DONE says how it counted."""
+    from stemstream.counting.cluster_counter import ClusterCounter, calibrate_cluster_model
+
+    frames, records = scan_data
+    scan = NodeScan(replace(outside.ports, method="clusters"), spec())
+    for block in range(N_FRAMES // BLOCK_FRAMES):
+        for m in MODULES:
+            scan.add_sectors(sectors(block_records(records, m, block), m, block))
+    assert scan.counter is None  # the model's frames: the stream's first CLUSTER_FRAMES, or all it has at its end
+    scan.step()
+    assert scan.counter is None and not outside.sent  # blocks settled, but not the 64 frames nor the end yet
+    for m in MODULES:
+        scan.add_end(end(m, N_FRAMES))
+    scan.step()
+    model = calibrate_cluster_model(frames, THRESHOLDS)
+    expected = ClusterCounter(THRESHOLDS.background, THRESHOLDS.xray, model).count(frames)
+    messages = outside.take()
+    got = {}
+    for msg in events_of(messages):
+        for i, number in enumerate(msg.frame_numbers):
+            got[int(number)] = msg.events[msg.offsets[i]:msg.offsets[i + 1]]
+    assert sorted(got) == list(range(N_FRAMES))
+    for i in range(N_FRAMES):
+        np.testing.assert_array_equal(got[i], np.sort(expected.frame(i)))
+    done = [m for kind, m in messages if kind == wire.DONE]
+    assert done[0].counting == {"method": "clusters", "model": model.attributes()}
+    assert not done[0].ledger["failed"]
+
+
+def test_a_cluster_model_that_cannot_be_fitted_fails_the_stream_and_says_so(outside, scan_data, caplog):
+    _, records = scan_data
+    scan = NodeScan(replace(outside.ports, method="clusters"), spec())
+    for m in MODULES:
+        for block in range(N_FRAMES // BLOCK_FRAMES):
+            blank = block_records(records, m, block).copy()
+            blank["data"] = 0  # no electron: no single-electron cluster to calibrate from
+            scan.add_sectors(sectors(blank, m, block))
+        scan.add_end(end(m, N_FRAMES))
+    scan.step()
+    done = [m for kind, m in outside.take() if kind == wire.DONE]
+    assert scan.finished and done[0].ledger["failed"]
+    assert "single-electron" in caplog.text and "cannot count" in caplog.text

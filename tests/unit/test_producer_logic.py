@@ -21,7 +21,7 @@ from stemstream.formats import wire
 from stemstream.pipeline.control.service import Control
 from stemstream.pipeline.producer import OutgoingScan, Producer
 from stemstream.pipeline.scan_ending import how_it_ended
-from stemstream.pipeline.spill import spill_directory
+from stemstream.pipeline.spill import spill_directory, spill_writer
 from stemstream.sources.modules import ReplayModule
 from stemstream.sources.protocol import SourceError
 from stemstream.sources.simulator import SimulationConfig, simulate_to_directory
@@ -398,3 +398,40 @@ def test_a_block_committed_before_its_part_went_out_is_spilled_not_sent(rig):
     files = sorted(spill_directory(r.config.pipeline.spill_dir, 1).iterdir())
     on_disk = np.fromfile(files[0], RECORD_DTYPE)
     assert np.array_equal(on_disk["header"]["frame_number"], records(0)["header"]["frame_number"])
+
+
+def test_a_producer_started_after_its_blocks_were_counted_without_it_spills_them_from_its_source(rig):
+    """Finding (chaos, loaded VM: a producer killed and started again later than silent_after_s):
+    its node groups counted its blocks without it and the scan closed before the new process
+    checked in, which never streams a scan control has ended: its module's sectors of those
+    frames were in no spill, and a replay could not complete them. The new process asks control
+    which blocks of the scans it closed lately lack its module, and spills them from its source."""
+    r = rig()
+    for number, lacking in ((1, {"1": [2, 5], "0": [7]}), (2, {"0": [1]})):
+        r.beat("start_scan", scan_number=number, scan_shape=[16, 16], nodes=list(NODES))
+        ledger = {"frames_expected": 256, "frames_complete": 192, "blocks_lacking": lacking}
+        r.beat("scan_done", scan=number, ok=True, summary={"ledger": ledger})
+    producer = r.producer  # a process that streamed none of them
+    sources = []
+    producer.source_factory = lambda spec: sources.append(Source(8)) or sources[-1]
+    producer.tick(force=True)
+    producer._service()
+    assert spilled_blocks(r.config, scan=1) == [2, 5] and spilled_blocks(r.config, scan=2) == []
+    assert len(sources) == 1 and producer._next_scan() is None
+    producer._service()  # asked once: nothing spilled twice
+    assert len(sources) == 1 and producer.counters["records_spilled"] == 2 * 2
+
+
+def test_a_spill_started_again_for_a_scan_never_writes_over_the_one_already_there(tmp_path):
+    """A producer started again (its spill of the scan under the same epoch), or a node group's
+    next stream of a scan, opened the same file names with truncation: the earlier spill was lost."""
+    directory = spill_directory(tmp_path, 1)
+    first = spill_writer(directory, 1, MODULE, dst=3)
+    first.write(records(0))
+    first.close()
+    second = spill_writer(directory, 1, MODULE, dst=3)
+    second.write(records(1))
+    second.close()
+    assert (first.dst, second.dst) == (3, 4)
+    frames = sorted(int(f) for p in directory.iterdir() for f in np.fromfile(p, RECORD_DTYPE)["header"]["frame_number"])
+    assert frames == [0, 1, 100, 101]

@@ -520,3 +520,71 @@ def test_a_new_generations_stream_that_arrives_before_the_writer_follows_it_is_k
     summary = scan.close()
     assert slot_frames(summary["path"]) == [[0], [1], [2], [3]]
     assert list(summary["ledger"]["node_groups_missing"]) == []
+
+
+def test_the_ledger_lists_per_module_the_blocks_whose_frames_lack_its_sectors(tmp_path):
+    """What a producer started again after its node groups counted its blocks without it needs
+    (issue 12: the closed scan's ledger says which of its blocks the file lacks; control tells
+    the new process, which spills them for a replay), and what frames_spilled counts."""
+    spec = make_spec(shape=(4, 4), block_frames=4)
+    scan, _ = open_scan(tmp_path, spec)
+    for block, missing_module in ((0, None), (1, 1), (2, 3), (3, 1)):
+        tally = sector_tally()
+        present = [ALL] * 4
+        if missing_module is not None:
+            tally["sectors_missing"][missing_module] = 4
+            tally["frames_spilled"] = 4
+            present = [ALL & ~(1 << missing_module)] * 4
+        scan.receive_events(events(spec, range(4 * block, 4 * block + 4), block=block, present=present, ledger=tally))
+    scan.receive_partials(0, 0, partials(spec))
+    scan.receive_done(done(spec))
+    summary = scan.close()
+    assert summary["ledger"]["blocks_lacking"] == {"1": [1, 3], "3": [2]}
+    assert summary["ledger"]["frames_spilled"] == 12
+    pack_control(summary)
+    on_file = read_counted(summary["path"]).metadata["stemstream"]["ledger"]
+    assert {k: list(v) for k, v in on_file["blocks_lacking"].items()} == {"1": [1, 3], "3": [2]}
+
+
+def test_with_several_frames_per_position_the_ledger_names_incomplete_frames_and_a_replay_completes_them(tmp_path):
+    """Issue 12: with frames_per_position > 1 the file did not name its incomplete frames, so a
+    replay of the spill (every module's sectors of them) could not complete them. The ledger
+    flags each slot and lists the flagged frames' numbers; a replay puts a whole frame in its
+    slot (never an incomplete one in the place of another), and analyses and ledger follow."""
+    spec = make_spec(shape=(2, 2), frames_per_position=2)  # frame f at position f // 2, slot f
+    scan, _ = open_scan(tmp_path, spec)
+    partly = {f: frame_events(f)[:2] for f in (5, 6)}  # what counting without module 1 found
+    present = [ALL & ~0b10 if f in partly else ALL for f in range(8)]
+    lists = [partly.get(f, frame_events(f)) for f in range(8)]
+    scan.receive_events(events(spec, [4, 5, 6, 7, 0, 1, 2, 3], block=0, present=present[4:] + present[:4],
+                               lists=lists[4:] + lists[:4]))
+    scan.receive_done(done(spec))
+    summary = scan.close()
+    ledger = read_counted(summary["path"]).metadata["stemstream"]["ledger"]
+    assert (ledger["frames_complete"], ledger["frames_incomplete"]) == (6, 2)
+    assert ledger["incomplete"].tolist() == [[0, 0], [0, 0], [0, 1], [1, 0]]
+    assert ledger["incomplete_frames"].tolist() == [5, 6]
+    assert "incomplete_frames" not in summary["ledger"]
+
+    again = make_spec(shape=(2, 2), frames_per_position=2, epoch=2, resume=True)
+    resumed, _ = open_scan(tmp_path, again)
+    resumed.receive_events(events(again, [4, 5, 6], block=0, present=[ALL, ALL, ALL & ~0b1]))  # 6: still not whole
+    resumed.receive_done(done(again))
+    summary = resumed.close()
+    ledger = read_counted(summary["path"]).metadata["stemstream"]["ledger"]
+    assert (ledger["frames_complete"], ledger["frames_incomplete"], ledger["frames_missing"]) == (7, 1, 0)
+    assert ledger["incomplete"].tolist() == [[0, 0], [0, 0], [0, 0], [1, 0]]
+    assert ledger["incomplete_frames"].tolist() == [6]
+    assert ledger["frames_replayed_again"] == 2  # frame 4 (whole already) and frame 6 (not whole)
+    assert slot_frames(summary["path"]) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    frames = read_counted(summary["path"]).frames.reshape(-1)
+    np.testing.assert_array_equal(frames[5], frame_events(5))  # completed in its slot
+    np.testing.assert_array_equal(frames[6], partly[6])  # kept as it was
+    expected = ScanAnalyses(ANALYSES, spec.shape)
+    offsets = np.zeros(9, np.int64)
+    np.cumsum([len(f) for f in frames], out=offsets[1:])
+    expected.accumulate(np.arange(8) // 2, np.concatenate(frames).astype(np.uint32), offsets)
+    got = analysis_arrays(summary["path"])
+    for name, arrays in expected.finish().items():
+        for key, value in arrays.items():
+            np.testing.assert_allclose(got[f"{name}/{key}"], value, rtol=1e-12, err_msg=f"{name}/{key}")

@@ -21,6 +21,8 @@ from stemstream.cli.support import (
 # watch the images form, short enough to wait for.
 DEMO_SCAN_S = 25.0
 
+METHOD = typer.Option("--method", help="Counting method: maxima (stempy's strict 3x3 maxima) or clusters "
+                      "(coincident electrons counted; docs/counting.md). Default: the config's, maxima.")
 KEEP_LOGS = typer.Option("--keep-logs", help="Keep the run's logs (kept anyway, and named, when it fails).")
 
 if TYPE_CHECKING:
@@ -42,6 +44,7 @@ def run(
     sigma: Annotated[Optional[float], typer.Option("--sigma")] = None,
     xray_sigma: Annotated[Optional[float], typer.Option("--xray-sigma")] = None,
     samples: Annotated[Optional[int], typer.Option("--samples")] = None,
+    method: Annotated[Optional[str], METHOD] = None,
     dose: Annotated[float, typer.Option(help="Simulator dose, electrons/pixel/frame.")] = 0.002,
     seed: Annotated[int, typer.Option(help="Simulator seed.")] = 0,
     no_gateway: Annotated[bool, typer.Option("--no-gateway", help="Producers send straight to node groups.")] = False,
@@ -62,7 +65,7 @@ def run(
     if no_gateway:
         cfg.pipeline.gateway = False
     for name, value in (("background_threshold", background_threshold), ("xray_threshold", xray_threshold),
-                        ("sigma", sigma), ("xray_sigma", xray_sigma), ("samples", samples)):
+                        ("sigma", sigma), ("xray_sigma", xray_sigma), ("samples", samples), ("method", method)):
         if value is not None:
             setattr(cfg.counting, name, value)
     output.mkdir(parents=True, exist_ok=True)
@@ -123,6 +126,7 @@ def replay(
     config: ConfigOption = None,
 ) -> None:
     """Stream spilled records again, into the same scan's counted file."""
+    from stemstream.core.config import COUNTING_METHODS
     from stemstream.deploy.session import mark_replayed, replay_target
     from stemstream.deploy.sources import ProducerSource
 
@@ -142,6 +146,8 @@ def replay(
                         f"replay into it ({spill_dir} is left as it is)")
     if target.file is not None:
         console.print(f"replaying {spill_dir} into {target.file}")
+    if target.method in COUNTING_METHODS:  # the frames added are counted as the file's were
+        cfg.counting.method = target.method
     ok = stream_locally(cfg, ProducerSource(replay=[spill_dir]), [target.scan], resume=target.file is not None,
                         file_name=target.file_name, keep_logs=keep_logs)
     if not ok:

@@ -32,7 +32,7 @@ xray_sigma = 175.0
 samples = 1200
 calibration_frames = 640
 workers = 1                 # counting threads per node group
-method = "maxima"           # stempy's strict 3x3 maxima (the only one streamed; `count --method clusters` offline)
+method = "maxima"           # stempy's strict 3x3 maxima, or "clusters" (docs/counting.md)
 
 [flow]
 send_hwm = 4                # messages (blocks of sectors, ~5 MB each) queued per socket
@@ -242,9 +242,6 @@ class PipelineConfig:
             (c.workers >= 1, f"[counting] workers must be at least 1, got {c.workers}"),
             (c.method in COUNTING_METHODS,
              f"[counting] method must be one of {', '.join(COUNTING_METHODS)}, got {c.method!r}"),
-            # the node groups count by maxima only so far: refused rather than silently ignored
-            (c.method != "clusters", '[counting] method = "clusters" is not streamed yet; count files with '
-                                     '`stemstream count --method clusters` (docs/counting.md)'),
             (f.send_hwm >= 1, f"[flow] send_hwm must be at least 1, got {f.send_hwm}"),
             (f.max_pending_blocks >= 2, f"[flow] max_pending_blocks must be at least 2, got {f.max_pending_blocks}"),
         ]

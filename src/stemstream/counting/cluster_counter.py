@@ -1,6 +1,7 @@
 """Cluster counting as its callers use it: :class:`ClusterCounter` counts batches of frames
 (in memory, from sector records on the stream, or read from raw files) with the compiled kernel
-of counting.clusters, and :func:`calibrate_cluster_model` fits its single-electron model.
+of counting.clusters, and :func:`calibrate_cluster_model` fits its single-electron model (from
+frames in hand, or gathered block by block on the stream by :class:`ClusterSample`).
 
 Its results are :class:`ClusteredFrames`: the events of counting.kernel.CountedFrames (one pixel
 per electron, stempy's layout) plus each electron's sub-pixel position.
@@ -16,7 +17,12 @@ from numba import njit, prange
 
 from stemstream.core.detector import FRAME_SHAPE
 from stemstream.core.thresholds import Thresholds
-from stemstream.counting.cluster_model import SingleElectronModel, model_from_charges, pedestal_of
+from stemstream.counting.cluster_model import (
+    ClusterCalibrationError,
+    SingleElectronModel,
+    model_from_charges,
+    pedestal_of,
+)
 from stemstream.counting.clusters import LABELS, count_clusters_frame, single_electron_charges
 from stemstream.counting.kernel import CountedFrames, _compact, _integer_window, _sparse_rows, max_events_per_frame
 from stemstream.formats.raw import FRAME_COLS, HEADER_BYTES, N_MODULES, RECORD_BYTES, SECTOR_PIXELS
@@ -24,6 +30,9 @@ from stemstream.formats.raw_pread import fetch_add, read_frame
 
 _RECORD_WORDS = RECORD_BYTES // 2
 _HEADER_WORDS = HEADER_BYTES // 2
+# Complete frames whose isolated clusters calibrate the single-electron model: the scan's first
+# ones offline, the first ones of its share on each node group (pipeline.node.assembly).
+CLUSTER_FRAMES = 64
 
 
 @dataclass
@@ -174,6 +183,7 @@ class ClusterCounter:
         if self._use_dark:
             raise ValueError("counting from sectors supports plain thresholds only (no dark reference)")
         empty = np.zeros(0, np.uint16)
+        empty.flags.writeable = False  # as received buffers are: one compiled variant when a module is absent
         words = [empty if b is None or len(b) == 0 else np.ascontiguousarray(b).view(np.uint16) for b in buffers]
         n = len(records)
         out, positions, counts = self.buffers(n)
@@ -224,3 +234,34 @@ def calibrate_cluster_model(frames: np.ndarray, thresholds: Thresholds,
         n = single_electron_charges(np.ascontiguousarray(frame), lo, hi, pedestal, scratch, charges)
         found.append(charges[:n])
     return model_from_charges(np.concatenate(found), pedestal, thresholds.background)
+
+
+class ClusterSample:
+    """The frames a node group calibrates the single-electron model from, gathered a block at a
+    time as they arrive: the first ``size`` complete frames it is given."""
+
+    def __init__(self, frame_shape: tuple[int, int] = FRAME_SHAPE, size: int = CLUSTER_FRAMES):
+        self.frame_shape, self.size = tuple(frame_shape), size
+        self.n = 0
+        self._frames: np.ndarray | None = None  # (size, rows, cols), allocated at the first frames
+
+    @property
+    def full(self) -> bool:
+        return self.n >= self.size
+
+    def add(self, frames: np.ndarray) -> None:
+        """Keep the first of (n, rows, cols) uint16 ``frames`` that fit."""
+        if self._frames is None:
+            self._frames = np.empty((self.size, *self.frame_shape), np.uint16)
+        take = frames[: self.size - self.n]
+        self._frames[self.n : self.n + len(take)] = take
+        self.n += len(take)
+
+    def counter(self, thresholds: Thresholds) -> ClusterCounter:
+        """A counter with the model the frames gathered give (calibrate_cluster_model); the frames
+        are let go. Raises ClusterCalibrationError when they hold too few single electrons."""
+        frames, self._frames = self._frames, None
+        if not self.n:
+            raise ClusterCalibrationError("no complete frame came to calibrate the single-electron model from")
+        model = calibrate_cluster_model(frames[: self.n], thresholds)
+        return ClusterCounter(thresholds.background, thresholds.xray, model, self.frame_shape)

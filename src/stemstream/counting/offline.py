@@ -22,7 +22,7 @@ import numpy as np
 
 from stemstream.core.config import COUNTING_METHODS
 from stemstream.core.version import SOFTWARE_VERSION
-from stemstream.counting.cluster_counter import ClusterCounter, calibrate_cluster_model
+from stemstream.counting.cluster_counter import CLUSTER_FRAMES, ClusterCounter, calibrate_cluster_model
 from stemstream.counting.from_files import RawFrameWorker
 from stemstream.counting.kernel import ElectronCounter
 from stemstream.counting.thresholds import (
@@ -64,7 +64,7 @@ class CountOptions:
     batch_size: int = 256  # frames per compiled call (a progress step); event rows of 331 kB each, only written pages resident
     seed: int | None = 0
     method: str = "maxima"
-    cluster_frames: int = 64
+    cluster_frames: int = CLUSTER_FRAMES
 
     def __post_init__(self):
         if self.method not in COUNTING_METHODS:

@@ -43,7 +43,7 @@ def compile_kernels(config: PipelineConfig, source: ProducerSource,
     started = _start_compiling(_other_kernels, source)
     compiling = started[1] if started is not None else None
     with first_compile(on_compile), _told_when(compiling, on_compile):
-        load_kernels(default_analyses(FRAME_SHAPE, config.analysis))
+        load_kernels(default_analyses(FRAME_SHAPE, config.analysis), config.counting.method)
         if started is not None:
             started[0].join()
 

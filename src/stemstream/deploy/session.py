@@ -19,11 +19,12 @@ from pathlib import Path
 
 from stemstream.core.config import PipelineConfig, PipelineSettings
 from stemstream.core.detector import N_MODULES
+from stemstream.core.scan_spec import ScanSpec, SpecError
 from stemstream.deploy.local import LocalPipeline
 from stemstream.deploy.sources import ProducerSource
 from stemstream.formats.sparse_h5.layout import PARTIAL_SUFFIX
 from stemstream.pipeline.spill import spill_directory
-from stemstream.pipeline.writer.files import INCOMPLETE_SUFFIX, incomplete_path, stemstream_metadata, whole_name
+from stemstream.pipeline.writer.files import INCOMPLETE_SUFFIX, incomplete_path, run_summary, stemstream_metadata, whole_name
 from stemstream.transport.control_client import ControlUnavailable
 
 log = logging.getLogger(__name__)
@@ -31,9 +32,10 @@ log = logging.getLogger(__name__)
 # One Ctrl-C: every role gone within 2 s (the writer closes the running scan's file in that time);
 # the rest of the 2 s is for killing the roles still running then.
 STOP_GRACE_S = 1.5
-# ... except a writer still closing that scan's file on a loaded machine: killed, it would leave
-# the frames it had in a file no command can finish.
-WRITER_GRACE_S = 15.0
+# ... except a writer still closing that scan's file: killed, it would leave the frames it had in
+# a file no command can finish. Closing a 4096 x 4096 scan (its analyses and images) took 13-33 s
+# on the loaded 2-core VM, so 15 s lost it; a second Ctrl-C still kills the writer at once.
+WRITER_GRACE_S = 120.0
 # The Unix domain sockets' folder in a session's work directory: removed whatever happens.
 SOCKETS_DIR = "sockets"
 
@@ -185,6 +187,9 @@ class LocalSession:
         killed = sorted(key for key, proc in self.pipeline.processes.items() if proc.returncode == -signal.SIGKILL)
         summary = watch.summary
         left = None if summary or watch.file_name is None else self._left_file(watch.file_name)
+        if left is not None and watch.epoch is not None:  # closed, but control was gone before it heard
+            summary = run_summary(left, scan.number, watch.epoch)
+            left = None if summary else left
         return Stopped(scan, summary, left, killed, time.monotonic() - t0,
                        spill_directory(self.spill_dir, scan.number) if scan else None)
 
@@ -251,6 +256,7 @@ class _ScanWatch:
         self.number = number
         self.summary: dict | None = None
         self.file_name: str | None = None
+        self.epoch: int | None = None  # the scan's run (its file says which run wrote it)
         self._next = 0.0
 
     def __call__(self) -> None:
@@ -264,7 +270,12 @@ class _ScanWatch:
             state = self.pipeline.control.request("status", timeout_s=0.2)["scans"].get(str(self.number), {})
         except (ControlUnavailable, KeyError):
             return
-        self.file_name = (state.get("spec") or {}).get("file_name", self.file_name)
+        if state.get("spec") is not None:
+            try:
+                spec = ScanSpec.from_wire(state["spec"])
+            except SpecError:
+                return
+            self.file_name, self.epoch = spec.file_name, spec.epoch
         summary = state.get("summary") or {}
         if state.get("state") == "closed" and "path" in summary:
             self.summary = summary
@@ -280,6 +291,7 @@ class ReplayTarget:
     scan: PlannedScan
     file: Path | None
     whole: bool = False  # the file already holds every frame of its scan: nothing to replay into it
+    method: str | None = None  # how the file was counted ([counting] method), if it says
 
     @property
     def file_name(self) -> str | None:
@@ -299,11 +311,13 @@ def replay_target(spill_dir: Path, output_dir: Path) -> ReplayTarget:
     existing = sorted((p for name in names for p in output_dir.glob(name)), key=lambda p: p.stat().st_mtime)
     if not existing:
         return ReplayTarget(scan, None)
-    ledger = stemstream_metadata(existing[-1]).get("ledger", {})
+    meta = stemstream_metadata(existing[-1])
+    ledger = meta.get("ledger", {})
     # our files say it in their ledger (reading every frame of a big scan would take minutes)
     fpp = int(ledger.get("frames_per_position") or read_counted(existing[-1]).frames_per_position)
     whole = ledger.get("frames_expected") is not None and ledger.get("frames_complete") == ledger.get("frames_expected")
-    return ReplayTarget(PlannedScan(scan.number, scan.shape, max(scan.frames_per_position, fpp)), existing[-1], whole)
+    return ReplayTarget(PlannedScan(scan.number, scan.shape, max(scan.frames_per_position, fpp)), existing[-1], whole,
+                        meta.get("counting_method"))
 
 
 def mark_replayed(spill_dir: Path) -> Path:

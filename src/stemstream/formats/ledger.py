@@ -44,6 +44,9 @@ class ScanLedger:
     sectors_duplicate: list[int] = field(default_factory=_per_module)
     sectors_rejected: list[int] = field(default_factory=_per_module)
     rejected_reasons: Counter = field(default_factory=Counter)
+    # module -> routing blocks holding frames without its sectors (for a producer that was dead
+    # then: it spills them for a replay); not carried over by merge or from_dict
+    blocks_lacking: dict[int, set[int]] = field(default_factory=dict)
 
     @property
     def frames_expected(self) -> int:
@@ -76,12 +79,17 @@ class ScanLedger:
         if module is not None and 0 <= module < N_MODULES:
             self.sectors_rejected[module] += count
 
-    def add_sector_tally(self, tally: dict) -> None:
-        """Add a node group's sector counts (see sector_tally; missing keys count as zero)."""
+    def add_sector_tally(self, tally: dict, block: int = -1) -> None:
+        """Add a node group's sector counts (see sector_tally; missing keys count as zero), those
+        of routing block ``block`` if it is one (>= 0)."""
         for name in SECTOR_COUNTS:
             theirs = tally.get(name)
             if theirs:  # (once per block: kept to one list comprehension)
                 setattr(self, name, [a + int(b) for a, b in zip(getattr(self, name), theirs)])
+        missing = tally.get("sectors_missing")
+        if block >= 0 and missing and any(missing):
+            for module in (m for m, n in enumerate(missing) if n):
+                self.blocks_lacking.setdefault(module, set()).add(block)
         reasons = tally.get("rejected_reasons")
         if reasons:
             self.rejected_reasons.update({str(k): int(v) for k, v in reasons.items()})
@@ -116,6 +124,8 @@ class ScanLedger:
             "sectors_duplicate": list(self.sectors_duplicate),
             "sectors_rejected": list(self.sectors_rejected),
             "rejected_reasons": dict(self.rejected_reasons),
+            **({"blocks_lacking": {str(m): sorted(b) for m, b in sorted(self.blocks_lacking.items())}}
+               if self.blocks_lacking else {}),
         }
 
     @classmethod

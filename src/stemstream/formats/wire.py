@@ -22,7 +22,9 @@ as raw frames, never inside msgpack, so they travel zero-copy.
   :mod:`stemstream.formats.partials`'s (a header and raw arrays).
 - ``DONE``     node group -> writer: ``[b"D", envelope]``: the node group finished the scan;
   envelope: scan, node, ledger (the sector counts no EVENTS message carried, e.g. late
-  sectors), lost (sectors a producer reported sent to this node group that never arrived).
+  sectors), lost (sectors a producer reported sent to this node group that never arrived),
+  counting (optional: how it counted, ``{method, model}``, the cluster method's single-electron
+  model as counting.cluster_model.SingleElectronModel.attributes gives it; see counting_metadata).
 
 Decoding validates everything a peer could get wrong and raises MessageError with a short reason
 (used as the rejection counter's key); it never trusts sizes or counts from the envelope.
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stemstream.core.config import COUNTING_METHODS
 from stemstream.core.detector import MAX_NODE_ID, N_MODULES, RECORD_BYTES, RECORD_DTYPE
 from stemstream.formats.ledger import SECTOR_COUNTS
 from stemstream.transport.messages import MAX_ENVELOPE_BYTES, MessageError, pack_map, unpack_map  # noqa: F401
@@ -312,9 +315,13 @@ def concat_events(messages: list[EventsMessage]) -> EventsMessage:
 # -- a node group's end of scan ---------------------------------------------------------------------
 
 
-def encode_done(scan: int, node: int, ledger: dict, lost: list[int], stream: int = 0) -> list:
-    return [DONE, _pack({"scan": scan, "node": node, "ledger": ledger, "lost": [int(x) for x in lost],
-                         "stream": stream})]
+def encode_done(scan: int, node: int, ledger: dict, lost: list[int], stream: int = 0,
+                counting: dict | None = None) -> list:
+    """A DONE message; ``counting``: ``{"method": ..., "model": {...} or None}``, how ``node`` counted."""
+    envelope = {"scan": scan, "node": node, "ledger": ledger, "lost": [int(x) for x in lost], "stream": stream}
+    if counting is not None:
+        envelope["counting"] = counting
+    return [DONE, _pack(envelope)]
 
 
 @dataclass
@@ -324,6 +331,7 @@ class DoneMessage:
     ledger: dict
     lost: list[int]
     stream: int = 0
+    counting: dict | None = None  # {"method": str, "model": {name: number} or None}
 
 
 def decode_done(parts: list) -> DoneMessage:
@@ -334,7 +342,41 @@ def decode_done(parts: list) -> DoneMessage:
             isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32 for x in lost):
         raise MessageError("bad_envelope", "ledger must be a map and lost a list of counts per module")
     return DoneMessage(_int_field(envelope, "scan"), _int_field(envelope, "node", 0, MAX_NODE_ID), ledger,
-                       [int(x) for x in lost], _stream_field(envelope))
+                       [int(x) for x in lost], _stream_field(envelope), _counting_field(envelope))
+
+
+def _counting_field(envelope: dict) -> dict | None:
+    """A DONE message's ``counting``, checked: a known method and a small map of numbers (or none)."""
+    counting = envelope.get("counting")
+    if counting is None:
+        return None
+    if not isinstance(counting, dict) or set(counting) - {"method", "model"} or \
+            counting.get("method") not in COUNTING_METHODS:
+        raise MessageError("bad_envelope", f"counting must name one of the methods {', '.join(COUNTING_METHODS)}")
+    model = counting.get("model")
+    if model is not None and not (isinstance(model, dict) and len(model) <= 8 and all(
+            isinstance(k, str) and len(k) <= 64 and type(v) in (int, float) for k, v in model.items())):
+        raise MessageError("bad_envelope", "a counting model must be a small map of numbers")
+    return {"method": counting["method"], "model": model}
+
+
+def counting_metadata(done: dict[int, DoneMessage]) -> dict:
+    """How a streamed scan was counted, as ``/metadata/stemstream`` attributes, from its node
+    groups' DONE messages (node group -> message): ``counting_method`` (theirs, joined by "+" if
+    they differed), and, for the cluster method, ``cluster_model`` as the offline count writes it
+    (the lowest node group's, with ``node_group`` saying which) plus ``cluster_models`` (each
+    node group's, ``node_<n>``) when several calibrated their own. {} when none said."""
+    reports = {n: msg.counting for n, msg in sorted(done.items()) if msg.counting is not None}
+    if not reports:
+        return {}
+    found = {"counting_method": "+".join(sorted({r["method"] for r in reports.values()}))}
+    models = {n: r["model"] for n, r in reports.items() if r["model"]}
+    if models:
+        first = min(models)
+        found["cluster_model"] = {**models[first], "node_group": first}
+        if len(models) > 1:
+            found["cluster_models"] = {f"node_{n}": model for n, model in models.items()}
+    return found
 
 
 # -- partial analyses -------------------------------------------------------------------------------

@@ -41,8 +41,8 @@ from stemstream.formats.raw import RawModuleWriter
 from stemstream.formats.raw import RawFormatError
 from stemstream.pipeline.role import Role
 from stemstream.pipeline.routing import in_ranges
-from stemstream.pipeline.scan_ending import ScanStopped, how_it_ended
-from stemstream.pipeline.spill import spill_directory
+from stemstream.pipeline.scan_ending import ScanStopped, how_it_ended, missed_blocks
+from stemstream.pipeline.spill import spill_directory, spill_writer
 from stemstream.sources.protocol import SourceError
 from stemstream.transport.control_client import ControlUnavailable
 from stemstream.transport.shared_memory import SlotRing, segment_prefix
@@ -93,6 +93,7 @@ class Producer(Role):
         self.ring: SlotRing | None = None
         self._filling: int | None = None  # the slot handed to the source for the block it renders
         self._current: OutgoingScan | None = None
+        self._missed_asked = False  # asked control which blocks of closed scans it missed (_spill_missed)
         net = config.network
         if net.shared_memory:
             self.ring = SlotRing(net.shm_dir, f"{segment_prefix(net.control_port)}p{module}-{os.getpid()}",
@@ -331,8 +332,7 @@ class Producer(Role):
         """Append a block to this scan's spill files (opened, and said so, on first use)."""
         if out.spill_writer is None:
             directory = spill_directory(self.config.pipeline.spill_dir, out.number)
-            directory.mkdir(parents=True, exist_ok=True)
-            out.spill_writer = RawModuleWriter(directory, out.number, self.module, dst=out.spec.epoch)
+            out.spill_writer = spill_writer(directory, out.number, self.module, dst=out.spec.epoch)
             log.warning("producer %d: %s; spilling scan %d to %s", self.module, why, out.number, directory)
         out.spill_writer.write(records)
         out.spilled.add(block)
@@ -428,7 +428,9 @@ class Producer(Role):
 
     def _service(self) -> None:
         """Scans already sent: free what the writer committed, carry out a late failover, wind up
-        the scans that are over."""
+        the scans that are over. At this process's first word with control: spill what it missed."""
+        if not self._missed_asked and self.control_instance is not None:
+            self._spill_missed()
         for out in list(self.outgoing.values()):
             try:
                 self._check(out)
@@ -437,6 +439,32 @@ class Producer(Role):
                     self._follow(out)
             except ScanStopped as stopped:
                 self._wind_up(out, stopped)
+
+    def _spill_missed(self) -> None:
+        """Spill what the source has of the blocks that scans control closed lately counted
+        without this module, unless this process streamed them (pipeline.scan_ending.missed_blocks),
+        so that ``stemstream replay`` completes those frames. Asked once, when control answers."""
+        try:
+            reply = self.control.request("missed_blocks", timeout_s=1.0, module=self.module)
+        except ControlUnavailable:
+            return  # asked again at the next turn
+        self._missed_asked = True
+        for spec, blocks in missed_blocks(reply):
+            if not self.is_finished(spec) and spec.number not in self.outgoing:
+                self._spill_blocks(spec, blocks)
+                self.mark_finished(spec)
+
+    def _spill_blocks(self, spec: ScanSpec, blocks: set[int]) -> None:
+        """Spill this module's part of ``blocks`` of ``spec``'s scan from the source."""
+        def wanted():
+            for block, records in self._blocks(spec):
+                self.tick(interval_s=0.1)  # a simulator renders (and paces) the blocks skipped too
+                if block in blocks:
+                    yield block, records
+
+        out = self.outgoing[spec.number] = OutgoingScan(spec)
+        why = f"it was closed without this module's part of {len(blocks)} block(s)"
+        self._wind_up(out, ScanStopped(why, keep=True), wanted())
 
     def _forget(self, number: int) -> None:
         out = self.outgoing.pop(number)

@@ -1,5 +1,6 @@
 """How a run of a scan ended, as a producer learns it from control, and so what becomes of what the
-writer has not committed of it: spilled (a replay can complete the file), or dropped."""
+writer has not committed of it: spilled (a replay can complete the file), or dropped; and which
+blocks of scans closed without it a producer that has just started should spill."""
 
 from __future__ import annotations
 
@@ -54,3 +55,18 @@ def _earlier_run_ended(earlier_runs, epoch: int) -> ScanStopped:
     if outcome == "failed":
         return ScanStopped("it failed", keep=False)
     return ScanStopped(f"a later run of it started ({outcome or 'how this one ended is not known'})", keep=True)
+
+
+def missed_blocks(reply: dict) -> list[tuple[ScanSpec, set[int]]]:
+    """The scans and blocks of control's ``missed_blocks`` reply: scans closed lately whose file
+    holds frames of those blocks without the asking producer's module. A producer that did not
+    stream them (killed, and started again after its node groups counted its blocks without it;
+    a scan control ended is never streamed) spills its part of them from its source, beside the
+    node groups' spill of the other parts. Anything malformed in the reply is left out."""
+    found = []
+    for item in reply.get("scans", []) if reply.get("ok") and isinstance(reply.get("scans"), list) else []:
+        try:
+            found.append((ScanSpec.from_wire(item.get("scan")), {int(b) for b in item.get("blocks")}))
+        except (SpecError, AttributeError, TypeError, ValueError):
+            continue
+    return found

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stemstream.core.detector import MAX_FRAME_NUMBER, MAX_NODE_ID, MAX_SCAN_NUMBER
+from stemstream.core.detector import MAX_FRAME_NUMBER, MAX_NODE_ID, MAX_SCAN_NUMBER, N_MODULES
 from stemstream.core.scan_spec import MAX_INSTANCE_CHARS, SpecError, check_scan_shape
 
 # Role names are a short word ("node", "writer", "dashboard"); a host is a name or an address.
@@ -184,6 +184,11 @@ def scan_ok(req: dict) -> bool:
     return flag(req, "ok", True)
 
 
+def module(req: dict) -> int:
+    """A detector module (a producer's)."""
+    return integer(req, "module", 0, N_MODULES - 1)
+
+
 def summary(req: dict) -> dict | None:
     return optional_mapping(req, "summary")
 
@@ -247,6 +252,7 @@ SCHEMAS: dict[str, Schema] = {
     "gateway_restarted": Schema((gateway_id,)),
     "calibration": Schema((scan_number, node, histogram)),
     "scan_done": Schema((scan_number, scan_ok, summary)),
+    "missed_blocks": Schema((module,), reads_only=True),
     "shutdown": Schema(),
 }
 

@@ -126,6 +126,7 @@ class ScanState:
     # still holds blocks of one when the next run starts (not in the state file: a producer that
     # cannot learn it keeps its blocks, pipeline.scan_ending)
     earlier_runs: dict[int, str] = field(default_factory=dict)
+    ended_at: float | None = None  # Unix time the run closed or failed (not in the state file)
 
     @property
     def running(self) -> bool:
@@ -144,12 +145,25 @@ class ScanState:
     def fail(self, error: str) -> None:
         self.state = "failed"
         self.summary = {"error": error}
+        self.ended_at = time.time()
 
     def finish(self, ok: bool, summary: dict | None) -> None:
         """The writer's report of the scan's end."""
         self.state = "closed" if ok else "failed"
         self.summary = summary
         self.histogram = None  # 1 MB a scan; a session runs hundreds
+        self.ended_at = time.time()
+
+    def blocks_lacking(self, module: int) -> list[int]:
+        """The blocks of which the closed file holds frames without ``module``'s sectors, as the
+        writer's ledger lists them (``blocks_lacking``; whatever else a summary holds is ignored)."""
+        ledger = (self.summary or {}).get("ledger") if self.state == "closed" else None
+        lacking = ledger.get("blocks_lacking") if isinstance(ledger, dict) else None
+        blocks = lacking.get(str(module)) if isinstance(lacking, dict) else None
+        if not isinstance(blocks, list):
+            return []
+        n = self.spec.n_blocks
+        return sorted({b for b in blocks if type(b) is int and 0 <= b < n})
 
     # -- the writer's commits, routing generations ----------------------------------------------
 

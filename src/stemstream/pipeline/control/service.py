@@ -27,6 +27,8 @@ be missed by a late joiner. Requests:
   (``stemstream scan``); roles read specs from heartbeat replies only.
 - ``calibration {scan, node, values, counts, n_frames}``: a node group's pixel histogram.
 - ``scan_done {scan, ok, summary}`` from the writer; ``status {}``; ``shutdown {}``.
+- ``missed_blocks {module}`` -> ``{scans: [{scan: spec, blocks}]}``: the blocks of scans closed
+  lately that the file holds without that module's sectors, for a producer that just started.
 - Control restarted keeps its scans: see pipeline.control.state ([pipeline] state_file).
 - Specs travel as core.scan_spec.ScanSpec.to_wire() maps. Live images are not control's: the
   dashboard asks the writer for them (pipeline.writer.live).
@@ -245,6 +247,20 @@ class Control:
             return {"ok": False, "error": f"unknown scan {number}"}
         return {"ok": True, "scan": state.spec.to_wire(), "state": state.state, "summary": state.summary,
                 "earlier_runs": {str(epoch): outcome for epoch, outcome in state.earlier_runs.items()}}
+
+    def _op_missed_blocks(self, req: dict) -> dict:
+        """For a producer process that has just checked in: the scans closed in the last
+        ``scan_timeout_s`` with blocks counted without its module (it was dead then: killed, and
+        started again later than silent_after_s), and those blocks, which it spills from its
+        source so that a replay completes their frames (pipeline.producer)."""
+        module = fields.module(req)
+        since = time.time() - self.config.flow.scan_timeout_s
+        scans = []
+        for state in self.scans.values():
+            blocks = state.blocks_lacking(module) if (state.ended_at or 0.0) >= since else []
+            if blocks:
+                scans.append({"scan": state.spec.to_wire(), "blocks": blocks})
+        return {"ok": True, "scans": scans}
 
     def _op_calibration(self, req: dict) -> dict:
         state = self._running(req)

@@ -31,13 +31,13 @@ flight is either wholly committed or wholly resent.
 
 Until the scan's spec carries thresholds, the first complete blocks are sampled into a pixel
 histogram; it goes to control once this node group's share of the calibration frames is met (or
-the scan ended), and counting starts when a spec with thresholds is visible.
+the scan ended), and counting starts when a spec with thresholds is visible. The cluster method
+then calibrates its single-electron model from this node group's first complete frames, its own.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -48,17 +48,17 @@ import numpy as np
 
 from stemstream.analysis import Analysis, ScanAnalyses
 from stemstream.core.config import FlowSettings
-from stemstream.core.detector import FRAME_SHAPE, MODULES, N_MODULES
+from stemstream.core.detector import MODULES, N_MODULES
 from stemstream.core.scan_spec import ScanSpec
-from stemstream.core.thresholds import Thresholds
+from stemstream.counting.cluster_counter import ClusterCalibrationError, ClusterCounter
 from stemstream.counting.kernel import ElectronCounter
 from stemstream.counting.sectors import count_from_sectors
-from stemstream.counting.thresholds import PixelHistogram, draw_sample_weights
 from stemstream.formats import wire
 from stemstream.formats.ledger import sector_tally
 from stemstream.pipeline.routing import in_ranges
 from stemstream.pipeline.node.blocks import Block, IndexedBlock
-from stemstream.pipeline.spill import SpillFiles
+from stemstream.pipeline.node.calibration import StreamCalibration
+from stemstream.pipeline.spill import LateParts, SpillFiles
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,6 @@ _PARTIALS_INTERVAL_S = 0.2
 # Positions whose analysis partials a node group holds between two sends (~3 MB with the default
 # analyses); a block far from them sends them first (ScanAnalyses.fits).
 PARTIALS_WINDOW = 65536
-ALL_MODULES = (1 << N_MODULES) - 1  # a frame's ``present`` mask when every sector arrived
 
 
 @dataclass(frozen=True)
@@ -89,6 +88,7 @@ class NodePorts:
     producer_dead: Callable[[int], bool]  # module -> control has stopped hearing from its producer
     committed: Callable[[int], list]  # a scan's block ranges the writer has committed (routing.to_ranges)
     clock: Callable[[], float] = time.monotonic
+    method: str = "maxima"  # [counting] method: "maxima" or "clusters" (docs/counting.md)
 
 
 class NodeScan:
@@ -123,70 +123,44 @@ class NodeScan:
         self._owed_acks: list | None = None  # the commits the owed blocks were last checked against
         self.spilled_parts: set[tuple[int, int]] = set()  # (block, module) a producer spilled
         self.given_up: set[tuple[int, int]] = set()  # (block, module) counted without, its producer silent
+        self.frames_spilled: dict[int, int] = {}  # block given up on -> its frames spilled, until its events go
         self._spill = SpillFiles(ports.spill_dir, self.number, dst=100 + ports.index)
-        self._frames = np.empty((self.block_frames, *FRAME_SHAPE), np.uint16)  # calibration only
-        self.counter: ElectronCounter | None = None
+        self.calibration = StreamCalibration(spec, ports.index, ports.method)
         # the positions of the partials not yet sent, at most PARTIALS_WINDOW: memory flat in the scan's size
         self.live = ScanAnalyses(ports.analyses, (self.rows, self.cols), window=PARTIALS_WINDOW)
         self._next_partials = 0.0
-        self._calibration_sent = False
-        self._histogram = PixelHistogram()
-        n_nodes = len(spec.nodes)
-        cal = spec.calibration
-        self._quota = math.ceil(cal.calibration_frames / n_nodes)
-        self._weights = draw_sample_weights(self._quota, math.ceil(cal.samples / n_nodes), seed=1000 + ports.index)
-        self._sampled = 0
-        self._sampled_blocks: set[int] = set()
-        if spec.thresholds is not None:
-            self._set_thresholds(spec.thresholds)
 
     # -- thresholds --------------------------------------------------------------------------------
 
-    def _set_thresholds(self, thresholds: Thresholds) -> None:
-        self.counter = ElectronCounter(thresholds.background, thresholds.xray, FRAME_SHAPE)
-
-    def _take_thresholds(self) -> None:
-        """Control's thresholds arrive in this scan's spec, in a heartbeat reply (the node group
-        heartbeats often while a scan awaits them: see NodeGroup.run)."""
-        spec = self.ports.latest_spec(self.number)
-        if spec is not None and spec.epoch == self.spec.epoch and spec.thresholds is not None:
-            self._set_thresholds(spec.thresholds)
+    @property
+    def counter(self) -> ElectronCounter | ClusterCounter | None:
+        """What counts the stream's frames, once calibrated (pipeline.node.calibration)."""
+        return self.calibration.counter
 
     @property
     def awaiting_thresholds(self) -> bool:
         """True once this node group sent its histogram, until control's thresholds came."""
-        return self.counter is None and self._calibration_sent
+        return self.calibration.awaiting_thresholds
 
     @property
     def waiting_for_thresholds(self) -> bool:
         return self.counter is None
 
-    def _sample_for_calibration(self, number: int, block: Block) -> None:
-        indexed = self._index(number, block, count_ledger=False)
-        frames = indexed.frames(self._frames)
-        for i in np.flatnonzero(indexed.present == ALL_MODULES):
-            if self._sampled >= self._quota:
-                break
-            w = int(self._weights[self._sampled])
-            if w:
-                self._histogram.add(frames[i], weight=w)
-            self._sampled += 1
-        self._sampled_blocks.add(number)
-
     def _calibrate(self, final: bool) -> bool:
-        """Sample the first complete blocks, send the histogram once the quota is met (or the
-        scan ended), then look for control's thresholds. True once they are here."""
-        for number in sorted(self.pending):
-            if self._sampled >= self._quota:
-                break
-            if number not in self._sampled_blocks and (self.pending[number].modules == N_MODULES or final):
-                self._sample_for_calibration(number, self.pending[number])
-        if not self._calibration_sent and (self._sampled >= self._quota or final):
-            self.ports.send_calibration(self.number, self._histogram.to_wire())
-            self._calibration_sent = True
-        if self._calibration_sent:
-            self._take_thresholds()
-        return self.counter is not None
+        """Calibrate from the pending blocks (thresholds through control, whose spec brings them
+        in a heartbeat reply: the node group heartbeats often meanwhile, see NodeGroup.run; then
+        the cluster method's model). True once counting can start; a model that cannot be
+        fitted fails this node group's stream."""
+        try:
+            return self.calibration.step(
+                sorted(self.pending.items()), lambda n, b: self._index(n, b, count_ledger=False), self._settled,
+                final, self.complete_pending() >= self.ports.flow.max_pending_blocks,
+                lambda histogram: self.ports.send_calibration(self.number, histogram),
+                lambda: self.ports.latest_spec(self.number))
+        except ClusterCalibrationError as exc:
+            log.error("scan %d: %s; node group %d cannot count its frames", self.number, exc, self.ports.index)
+            self._finish(failed=True)
+            return False
 
     # -- input -------------------------------------------------------------------------------------
 
@@ -332,6 +306,7 @@ class NodeScan:
         return IndexedBlock(all_numbers.astype(np.uint32), positions, present, buffers, index, tally)
 
     def _send_events(self, number: int, frame_numbers, positions, present, offsets, events, tally: dict) -> None:
+        tally["frames_spilled"] += self.frames_spilled.pop(number, 0)  # (counted, and spilled by _give_up)
         self.ports.send(wire.encode_events(self.number, self.ports.index, frame_numbers, positions, present,
                                            offsets, events, block=number, stream=self.stream, ledger=tally))
         self._uncommitted = True
@@ -353,8 +328,10 @@ class NodeScan:
         if len(assembled.frame_numbers) == 0:
             self._send_empty(number, assembled.tally)
             return
-        # counted where the sectors were received: no frame is assembled
-        counted = count_from_sectors(self.counter, assembled.buffers, assembled.records)
+        if isinstance(self.counter, ClusterCounter):  # clusters cross sectors: it assembles each frame
+            counted = self.counter.count_sectors(assembled.buffers, assembled.records)
+        else:  # counted where the sectors were received: no frame is assembled
+            counted = count_from_sectors(self.counter, assembled.buffers, assembled.records)
         if not self.live.fits(assembled.positions):  # far from the pending partials: send those first
             self._send_partials()
         self._send_events(number, assembled.frame_numbers, assembled.positions, assembled.present,
@@ -373,11 +350,12 @@ class NodeScan:
 
     def _give_up(self, number: int, block: Block) -> None:
         """A block counted without modules that may yet send it (their producer silent): its parts
-        are spilled too, and theirs if they come, so that a replay completes its frames."""
+        are spilled too, and theirs if they come, so that a replay completes its frames (counted
+        in the ledger's frames_spilled with the block's events)."""
         lacking = self._lacking(number, block)
         if lacking:
             self.given_up.update((number, m) for m in lacking)
-            self._spill.write(block.parts)
+            self.frames_spilled[number] = len(self._spill.write(block.parts))
 
     # -- progress ----------------------------------------------------------------------------------
 
@@ -436,7 +414,7 @@ class NodeScan:
         self._settle_owed()
         final = self.ended or self.timed_out()
         if self.counter is None and not self._calibrate(final):
-            if final and self.ports.clock() - self.last_activity > self.ports.flow.scan_timeout_s:
+            if final and not self.finished and self.ports.clock() - self.last_activity > self.ports.flow.scan_timeout_s:
                 log.error("scan %d: no thresholds from control; the scan's frames cannot be counted", self.number)
                 self._finish(failed=True)
             return
@@ -463,6 +441,11 @@ class NodeScan:
         self._uncommitted = False
         self._next_partials = self.ports.clock() + _PARTIALS_INTERVAL_S
 
+    def late_parts(self) -> LateParts | None:
+        """What the node group keeps once this stream finished, for the parts of blocks it counted
+        without them (None: none)."""
+        return LateParts(self.given_up, self._spill) if self.given_up else None
+
     def _finish(self, failed: bool = False) -> None:
         self._spill.close()
         lost = [0] * N_MODULES
@@ -475,6 +458,8 @@ class NodeScan:
             "sectors_spilled_by_producers": [self.ends[m].spilled if m in self.ends else 0 for m in MODULES],
             "failed": failed,
         }
-        self.ports.send(wire.encode_done(self.number, self.ports.index, ledger, lost, stream=self.stream))
+        model = self.counter.model.attributes() if isinstance(self.counter, ClusterCounter) else None
+        self.ports.send(wire.encode_done(self.number, self.ports.index, ledger, lost, stream=self.stream,
+                                         counting={"method": self.ports.method, "model": model}))
         self.finished = True
         log.info("node %d finished scan %d (stream %d)", self.ports.index, self.number, self.stream)

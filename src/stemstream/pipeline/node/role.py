@@ -26,6 +26,8 @@ import gc
 import logging
 import time
 from collections.abc import Callable
+from contextlib import suppress
+from functools import partial
 
 import numba
 import numpy as np
@@ -33,12 +35,15 @@ import zmq
 
 from stemstream.analysis import default_analyses, warm_up
 from stemstream.core.detector import FRAME_SHAPE, MODULES, N_MODULES, RECORD_BYTES, RECORD_DTYPE
+from stemstream.counting.cluster_counter import ClusterCalibrationError, ClusterCounter, calibrate_cluster_model
+from stemstream.counting.cluster_model import SingleElectronModel
 from stemstream.counting.kernel import ElectronCounter
 from stemstream.counting.sectors import count_from_sectors
-from stemstream.counting.thresholds import PixelHistogram
+from stemstream.counting.thresholds import PixelHistogram, fixed_thresholds
 from stemstream.formats import wire
 from stemstream.pipeline.node.assembly import NodePorts, NodeScan
 from stemstream.pipeline.role import Role, message_size
+from stemstream.pipeline.spill import LateParts
 from stemstream.transport.shared_memory import Attachments
 
 log = logging.getLogger(__name__)
@@ -46,19 +51,30 @@ log = logging.getLogger(__name__)
 # How often a node group heartbeats while a scan awaits control's thresholds (their spec comes in the
 # reply): the scan's frames wait uncounted meanwhile.
 _AWAITING_HEARTBEAT_S = 0.05
+# Finished streams whose silent producers' parts are still spilled when they come (the latest).
+_LATE_STREAMS_KEPT = 16
 
 
-def load_kernels(analyses) -> None:
+def load_kernels(analyses, method: str = "maxima") -> None:
     """Compile, or load from numba's cache, every kernel a node group runs: the counter on sectors
-    (writable and read-only buffers are two variants; a node group never counts whole frames, whose
-    kernel would double the compile time of a first run), the calibration histogram and the
-    analyses."""
-    counter = ElectronCounter(28.0, 1000.0, FRAME_SHAPE)
+    of ``method`` (writable and read-only buffers are two variants; a node group never counts whole
+    frames, whose kernel would double the compile time of a first run), the calibration histogram,
+    the cluster method's calibration when it is the one, and the analyses."""
+    if method == "clusters":
+        model = SingleElectronModel(pedestal=20.0, mean=120.0, shape=4.0, min_charge=16.0)
+        counter = ClusterCounter(28.0, 1000.0, model, FRAME_SHAPE)
+        count = counter.count_sectors
+    else:  # the default's first use pays for its own kernel only
+        counter = ElectronCounter(28.0, 1000.0, FRAME_SHAPE)
+        count = partial(count_from_sectors, counter)
     for writable in (True, False):  # received buffers are read-only (another compiled variant)
         blank = np.zeros(1, RECORD_DTYPE)
         blank.flags.writeable = writable
-        count_from_sectors(counter, [blank] * N_MODULES, np.zeros((1, N_MODULES), np.int64))
+        count([blank] * N_MODULES, np.zeros((1, N_MODULES), np.int64))
     PixelHistogram().add(np.zeros(FRAME_SHAPE, np.uint16), weight=1)
+    if method == "clusters":
+        with suppress(ClusterCalibrationError):  # a blank frame holds no electron: its kernel is what is wanted
+            calibrate_cluster_model(np.zeros((1, *FRAME_SHAPE), np.uint16), fixed_thresholds(28.0, 1000.0))
     warm_up(analyses)
 
 
@@ -80,6 +96,7 @@ class NodeGroup(Role):
         self.events_out: zmq.Socket | None = None
         self.scans: dict[tuple[int, int], NodeScan] = {}  # (scan, stream) -> its state
         self.streams_done: set[tuple[int, int]] = set()  # (scan, stream) finished here
+        self.late_parts: dict[tuple[int, int], LateParts] = {}  # finished streams that gave up on parts
         self.shared = Attachments(config.network.shm_dir)  # producers' segments, on one host
         self.analyses = default_analyses(FRAME_SHAPE, config.analysis)
         self.ports = NodePorts(
@@ -87,7 +104,7 @@ class NodeGroup(Role):
             counters=self.counters, send=send or self._send_to_writer, send_calibration=self._send_calibration,
             latest_spec=lambda number: self.scan_specs.get(number), reject=self.reject, keepalive=self.tick,
             producer_dead=lambda module: self.role_is_dead(f"producer-{module}"),
-            committed=lambda number: self.acks.get(number, []),
+            committed=lambda number: self.acks.get(number, []), method=config.counting.method,
         )
 
     def start(self) -> NodeGroup:
@@ -107,7 +124,7 @@ class NodeGroup(Role):
         """Load (on a fresh machine: compile, seconds each) every kernel a scan uses now, not when
         the first scan's frames wait: a node group busy compiling mid-scan stalls past the
         producers' patience, and they spill."""
-        load_kernels(self.analyses)
+        load_kernels(self.analyses, self.config.counting.method)
 
     def close(self) -> None:
         for sock in self.inputs:
@@ -215,6 +232,8 @@ class NodeGroup(Role):
                 raise wire.MessageError("unexpected_kind", repr(kind))
             if self.hold(msg.scan, (parts, module), message_size(parts)):
                 return
+            if kind == wire.SECTORS and self._spill_late_part(msg):
+                return
             scan = self._stream(msg.scan, msg.stream)
             if scan is None:
                 self.counters["messages_superseded"] += 1
@@ -226,6 +245,16 @@ class NodeGroup(Role):
             if exc.reason == "unknown_scan" and self.hold(msg.scan, (parts, module), message_size(parts), unknown=True):
                 return
             self.reject(exc.reason, str(exc))
+
+    def _spill_late_part(self, msg: wire.SectorsMessage) -> bool:
+        """A part of a block that a finished stream counted without it (its producer was silent,
+        and sent it before the writer committed the block): spilled beside the block's other
+        parts, not refused, so that a replay completes those frames. False: not such a part."""
+        late = self.late_parts.get((msg.scan, msg.stream))
+        if late is None or not late.take(msg.block, msg.module, msg.records):
+            return False
+        self.counters["late_parts_spilled"] += 1
+        return True
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -257,8 +286,16 @@ class NodeGroup(Role):
             if scan.finished:
                 del self.scans[key]
                 self.streams_done.add(key)
+                self._keep_late_parts(key, scan.late_parts())
                 self.mark_finished(scan.spec)
                 gc.collect()  # the scan's buffers go now, not at some later scan's expense
+
+    def _keep_late_parts(self, key: tuple[int, int], late: LateParts | None) -> None:
+        """Keep what a finished stream needs for its late parts (of the most recent few streams)."""
+        if late is not None:
+            self.late_parts[key] = late
+            while len(self.late_parts) > _LATE_STREAMS_KEPT:
+                del self.late_parts[next(iter(self.late_parts))]
 
     def run(self) -> None:
         """Serve until control says shut down (after :meth:`start`)."""

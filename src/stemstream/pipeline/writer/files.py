@@ -19,6 +19,7 @@ import numpy as np
 from stemstream.core.scan_spec import ScanSpec
 from stemstream.formats.sparse_h5 import read_counted
 from stemstream.formats.sparse_h5.metadata import read_metadata
+from stemstream.pipeline.writer.incomplete import SetAside
 
 INCOMPLETE_SUFFIX = ".incomplete.h5"
 
@@ -70,34 +71,44 @@ def _plain(value):
 def finished_summary(path: Path, spec: ScanSpec) -> dict | None:
     """The summary of ``path`` if a writer finished it for this very run of the scan (same scan
     number and epoch); None if it is another scan's or another run's file."""
+    return run_summary(path, spec.number, spec.epoch)
+
+
+def run_summary(path: Path, number: int, epoch: int) -> dict | None:
+    """:func:`finished_summary` for the run ``epoch`` of scan ``number``."""
     meta = stemstream_metadata(path)
-    if meta.get("scan_number") != spec.number or meta.get("epoch") != spec.epoch:
+    if meta.get("scan_number") != number or meta.get("epoch") != epoch:
         return None
     # the file's masks of written and incomplete frames stay in the file: a summary travels in control's messages
     # (as plain numbers and lists: HDF5 gives numpy values, msgpack packs neither)
-    ledger = {k: _plain(v) for k, v in meta.get("ledger", {}).items() if k not in ("written", "incomplete")}
+    in_file_only = ("written", "incomplete", "incomplete_frames")
+    ledger = {k: _plain(v) for k, v in meta.get("ledger", {}).items() if k not in in_file_only}
     seconds = float(meta.get("seconds", 0.0))
     received = int(ledger.get("frames_received", 0))
-    return {"scan": spec.number, "path": str(path), "ledger": ledger, "events": int(meta.get("events", 0)),
+    return {"scan": number, "path": str(path), "ledger": ledger, "events": int(meta.get("events", 0)),
             "seconds": seconds, "frames_per_second": received / seconds if seconds > 0 else 0.0,
             "thresholds": None, "images": [], "recovered": True}
 
 
-def frames_to_resume(path: Path, one_per_position: bool) -> tuple[dict, np.ndarray, list, dict[int, np.ndarray]]:
+def frames_to_resume(path: Path, frames_per_position: int) -> tuple[dict, np.ndarray, list, SetAside]:
     """What a resume (a replay) carries over of the file at ``path``: (its ledger, the slots
-    written, their events, the incomplete frames set aside as slot -> events). Set aside (with
-    ``one_per_position``, when the file's ledger names its incomplete frames): a frame the replay
-    brings whole takes the place of such a frame (pipeline.writer.scan)."""
+    written, their events, the incomplete frames set aside). Set aside when the file's ledger names
+    them (pipeline.writer.incomplete): a frame the replay brings whole takes the place of such a
+    frame (pipeline.writer.scan)."""
     old = read_counted(path)
     ledger = old.metadata.get("stemstream", {}).get("ledger", {})
     frames = old.frames.reshape(-1)
     written = old.written
     mask = written.reshape(-1) if written is not None else np.ones(len(frames), bool)
-    incomplete = ledger.get("incomplete")
-    aside = {}
-    if one_per_position and incomplete is not None and np.size(incomplete) == len(frames):
-        slots = np.flatnonzero(mask & np.asarray(incomplete, bool).reshape(-1))
-        aside = {int(i): frames[i] for i in slots}
-        mask[slots] = False
+    flags, numbers = ledger.get("incomplete"), ledger.get("incomplete_frames")
+    aside = SetAside()
+    if flags is not None and np.size(flags) == len(frames):
+        flagged = np.flatnonzero(np.asarray(flags, bool).reshape(-1))
+        held = mask[flagged]  # (a flagged slot is a written one)
+        numbers = None if numbers is None else np.asarray(numbers, np.int64).reshape(-1)
+        numbers = numbers[held] if numbers is not None and len(numbers) == len(flagged) else None
+        if frames_per_position == 1 or numbers is not None:  # one frame per position: its position names it
+            aside = SetAside(flagged[held], [frames[i] for i in flagged[held]], numbers, frames_per_position == 1)
+        mask[aside.slots()] = False
     slots = np.flatnonzero(mask)
     return ledger, slots, [frames[i] for i in slots], aside

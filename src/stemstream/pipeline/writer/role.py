@@ -60,11 +60,12 @@ CLOSE_BYTES_PER_POSITION = 128
 def bytes_per_position(analyses, frames_per_position: int) -> int:
     """What the writer holds per scan position at most: the analyses' per-position sums (their
     partial for two positions less that for one: summed patterns and the like cost the same
-    whatever the scan), a rank and a written flag per frame, and what close() computes."""
+    whatever the scan), a rank, per frame a written and an incomplete flag and a frame number
+    (pipeline.writer.incomplete), and what close() computes."""
     def nbytes(shape: tuple[int, int]) -> int:  # shape: (rows, cols) of positions
         return sum(a.nbytes for an in analyses for a in an.new_partial(shape).values() if hasattr(a, "nbytes"))
 
-    return nbytes((1, 2)) - nbytes((1, 1)) + 4 + 2 * frames_per_position + CLOSE_BYTES_PER_POSITION
+    return nbytes((1, 2)) - nbytes((1, 1)) + 4 + 6 * frames_per_position + CLOSE_BYTES_PER_POSITION
 
 
 def check_memory(analyses, spec: ScanSpec) -> None:

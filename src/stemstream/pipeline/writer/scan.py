@@ -42,6 +42,7 @@ from stemstream.formats.partials import decode_partials
 from stemstream.formats.sparse_h5 import SparseCountsWriter
 from stemstream.pipeline.routing import to_ranges
 from stemstream.pipeline.writer.files import existing_file, frames_to_resume, scan_paths
+from stemstream.pipeline.writer.incomplete import IncompleteFrames, SetAside
 from stemstream.pipeline.writer.journal import Journal, journal_path, read_journal
 from stemstream.pipeline.writer.live import LiveImages
 from stemstream.transport.messages import MessageError
@@ -105,10 +106,10 @@ class WriterScan:
         self.replaces: Path | None = None  # resume: the incomplete file the resumed one replaces
         self.carried: np.ndarray | None = None  # resume: positions the file being resumed held whole
         self.frames_duplicate = 0  # frames a replay brought again, already in the resumed file
-        # One frame per position: positions holding an incomplete frame (in the file's ledger, for
-        # a replay to complete), and on resume the file's incomplete frames until replayed whole.
-        self.incomplete_at = np.zeros(spec.n_positions, bool) if self.fpp == 1 else None
-        self.provisional: dict[int, np.ndarray] = {}
+        # Slots holding an incomplete frame (named in the file's ledger, for a replay to complete),
+        # and on resume the file's incomplete frames, set aside until replayed whole.
+        self.incomplete = IncompleteFrames(spec.n_positions * self.fpp)
+        self.provisional = SetAside()
         hooks.check_space()  # before any data is accepted
         earlier = existing_file(output_dir, spec)
         if earlier is not None and not spec.resume:  # never written over: see pipeline.writer.files
@@ -150,7 +151,7 @@ class WriterScan:
         add to the analyses into the new file. From here on the analyses follow the frames
         written, not the node groups' partials, so that frames the replay brings again (positions
         the file held whole) change nothing."""
-        ledger, slots, events, self.provisional = frames_to_resume(path, self.incomplete_at is not None)
+        ledger, slots, events, self.provisional = frames_to_resume(path, self.fpp)
         if "frames_complete" in ledger:
             prior = ScanLedger.from_dict({**ledger, "scan_number": self.number, "scan_rows": self.shape[0],
                                           "scan_cols": self.shape[1], "frames_per_position": self.fpp})
@@ -163,6 +164,7 @@ class WriterScan:
             flat, offsets = _joined(events)
             self.analyses.accumulate(slots // self.fpp, flat, offsets)
             self.n_events += int(offsets[-1])
+        np.add.at(self.rank, self.provisional.slots() // self.fpp, 1)  # kept: replayed whole, or written back
         self.carried = self.rank >= self.fpp
         log.info("scan %d: resuming %s with %d frames already counted", self.number, path, len(slots))
         if path != self.path:
@@ -213,7 +215,7 @@ class WriterScan:
                 self.committed.add(msg.block)
                 self.commits_changed = True
             self.journal.add(msg)  # before control hears of the commit
-            self._add_tally(msg.ledger)
+            self._add_tally(msg.ledger, msg.block)
             fresh.append(msg)
         batch = wire.concat_events(fresh) if fresh else None
         if batch is not None:  # the blocks of one commit written as one batch: the writer's cost is per call
@@ -270,7 +272,7 @@ class WriterScan:
     def add_events(self, msg: wire.EventsMessage) -> None:
         """Write a committed message's frames (or hold them until their position is complete)."""
         self.last_activity = time.monotonic()
-        self._add_tally(msg.ledger)
+        self._add_tally(msg.ledger, msg.block)
         if len(msg.frame_numbers) == 0:  # a block finished without frames to write (spilled, or all lost)
             return
         self.hooks.check_space()  # one statvfs call, ~2 us
@@ -280,20 +282,20 @@ class WriterScan:
             self.hooks.reject("position_out_of_bounds", f"{int((~ok).sum())} frame(s)")
         complete = msg.present == _ALL_MODULES
         if self.carried is not None:  # a replay: what the resumed file held whole stays as it was
-            again = np.zeros_like(ok)
-            again[ok] = self.carried[positions[ok]]
-            if self.provisional:  # an incomplete frame of the resumed file: replaced only by a whole one
-                aside = np.array([int(p) in self.provisional for p in positions[ok]], bool)
-                again[ok] |= aside & ~complete[ok]
-                for p in positions[ok & ~again]:
-                    self.provisional.pop(int(p), None)
+            # an incomplete frame of the resumed file is replaced by that frame whole only, in its slot
+            taken, slots = self.provisional.take(msg.frame_numbers, positions, ok & complete)
+            again = ok & ~taken & self.carried[np.where(ok, positions, 0)]
             self.frames_duplicate += int(again.sum())
             ok &= ~again
             self.analyses.accumulate(*select_frames(positions, msg.events, msg.offsets, ok))
-        if self.incomplete_at is not None:
+            self.out.write(slots, [msg.events[msg.offsets[i]:msg.offsets[i + 1]] for i in np.flatnonzero(taken)])
+            self.ledger.frames_complete += len(slots)
+            self.n_events += int(np.diff(msg.offsets)[taken].sum())
+            ok &= ~taken
+        if self.fpp == 1:  # (several frames per position: marked when written, _release)
             first = ok.copy()
             first[ok] = self.rank[positions[ok]] == 0
-            self.incomplete_at[positions[first & ~complete]] = True
+            self.incomplete.mark(positions[first & ~complete], msg.frame_numbers[first & ~complete])
         self.ledger.frames_complete += int(complete[ok].sum())
         self.ledger.frames_incomplete += int((~complete[ok]).sum())
         self.n_events += int(np.diff(msg.offsets)[ok].sum()) if len(msg.offsets) > 1 else 0
@@ -306,33 +308,31 @@ class WriterScan:
         for i in np.flatnonzero(ok):
             p = int(positions[i])
             held = self.held.setdefault(p, [])
-            held.append((int(msg.frame_numbers[i]), msg.events[msg.offsets[i]:msg.offsets[i + 1]].copy()))
+            held.append((int(msg.frame_numbers[i]), msg.events[msg.offsets[i]:msg.offsets[i + 1]].copy(), complete[i]))
             if len(held) + self.rank[p] >= self.fpp:
                 self._release(p)
 
-    def _add_tally(self, tally: dict | None) -> None:
+    def _add_tally(self, tally: dict | None, block: int) -> None:
         """A block's sector counts: added once, when it is committed."""
         if tally is not None:
-            self.ledger.add_sector_tally(tally)
+            self.ledger.add_sector_tally(tally, block)
             self.frames_spilled += int(tally.get("frames_spilled", 0))
 
     def _release(self, p: int) -> None:
         held = sorted(self.held.pop(p), key=lambda item: item[0])
-        flat, offsets = _joined([e for _, e in held])
+        self.incomplete.mark_in_order(p * self.fpp + int(self.rank[p]), (p + 1) * self.fpp, held)  # as _write puts them
+        flat, offsets = _joined([e for _, e, _ in held])
         self._write(np.full(len(held), p, np.int64), flat, offsets, np.arange(len(held)))
 
     def _restore_provisional(self) -> None:
-        """A resume: the resumed file's incomplete frames that the replay did not bring whole are
-        written back as they were."""
-        if not self.provisional:
-            return
-        positions = np.array(sorted(self.provisional), np.int64)
-        flat, offsets = _joined([self.provisional.pop(int(p)) for p in positions])
-        self.ledger.frames_incomplete += len(positions)
-        self.incomplete_at[positions] = True
+        """A resume: the file's incomplete frames that the replay did not bring whole, back in their slots."""
+        slots, events, numbers = self.provisional.rest()
+        flat, offsets = _joined(events)
+        self.ledger.frames_incomplete += len(slots)
+        self.incomplete.mark(slots, numbers)
         self.n_events += int(offsets[-1])
-        self.analyses.accumulate(positions, flat, offsets)
-        self._write(positions, flat, offsets, np.arange(len(positions)))
+        self.analyses.accumulate(slots // self.fpp, flat, offsets)
+        self.out.write(slots, events)
 
     def _write(self, positions: np.ndarray, events: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> None:
         """Write frames ``index`` of (events, offsets) at ``positions`` (one per index), each at its
@@ -457,12 +457,12 @@ class WriterScan:
             self.out.set_metadata("electron_counting", thresholds.stempy_attributes())
         elapsed = time.time() - self.started
         ledger = self._final_ledger()
-        in_file = {**ledger, "incomplete": self.incomplete_at[:, None].astype(np.uint8)} if self.fpp == 1 else ledger
+        in_file = {**ledger, **self.incomplete.ledger(self.fpp)}
         self.out.set_metadata("stemstream", {
             "software": "stemstream", "software_version": SOFTWARE_VERSION, "mode": "stream",
             "scan_number": self.number, "epoch": self.spec.epoch, "node_groups": len(self.spec.nodes),
             "seconds": elapsed, "events": self.n_events, "ledger": in_file,
-        })
+            **wire.counting_metadata(self.done_nodes)})
         results = self.analyses.finish()
         store_results(self.out.h5file, self.analyses.analyses, results, info={**self.analyses.info(), "source": "stream"})
         # frames missing: the name says so (pipeline.writer.files); a replay completes it

@@ -1,0 +1,50 @@
+"""The cluster counting method on the stream (docs/counting.md): a scan streamed through real
+roles on loopback with ``[counting] method = "clusters"`` gives the events of the offline
+``count --method clusters`` of the same raw files, and its file says how it was counted; an
+unknown method is one sentence on the command line."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline_support import assert_same_events, test_config
+from stemstream.counting.offline import CountOptions, count_raw_scan
+from stemstream.deploy.local import LocalPipeline, ProducerSource
+from stemstream.formats.sparse_h5 import read_counted
+from stemstream.sources.simulator import SimulationConfig, simulate_to_directory
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_scan_streamed_with_clusters_equals_its_offline_cluster_count(tmp_path):
+    # One node group calibrates its single-electron model from the scan's first 64 complete
+    # frames, as the offline count does: the same model, so the same events (with several node
+    # groups each fits its own from its share, docs/counting.md "Limits").
+    raw = tmp_path / "raw"
+    simulate_to_directory(raw, SimulationConfig(scan_shape=(8, 8), seed=4))
+    offline = count_raw_scan([raw], tmp_path / "offline.h5", CountOptions(background=28.0, xray=1000.0,
+                                                                           method="clusters"))
+    config = test_config(tmp_path, nodes=1, gateway=False)
+    config.counting.method = "clusters"
+    with LocalPipeline(config, tmp_path / "work", ProducerSource(replay=[raw])) as pipeline:
+        pipeline.start(timeout_s=180)  # a fresh machine compiles the cluster kernels at the node group's start
+        summary = pipeline.run_scan(1, (8, 8), 1, timeout_s=120)
+    assert summary["state"] == "closed"
+    assert_same_events(summary["path"], offline.output)
+    streamed = read_counted(summary["path"]).metadata["stemstream"]
+    expected = read_counted(offline.output).metadata["stemstream"]
+    assert streamed["counting_method"] == expected["counting_method"] == "clusters"
+    assert streamed["cluster_model"] == {**expected["cluster_model"], "node_group": 0}
+    assert "cluster_models" not in streamed  # one node group, one model
+
+
+def test_run_refuses_an_unknown_counting_method_in_one_sentence(tmp_path):
+    from typer.testing import CliRunner
+
+    from stemstream.cli.app import app
+
+    result = CliRunner().invoke(app, ["run", "--simulate", "2x2", "--method", "peaks", "-o", str(tmp_path),
+                                      "--no-dashboard"])
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == ["error: [counting] method must be one of maxima, clusters, got 'peaks'"]
