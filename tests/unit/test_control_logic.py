@@ -131,11 +131,12 @@ def test_a_producer_learns_the_blocks_of_scans_closed_lately_that_the_file_holds
     only closed scans, of the last scan_timeout_s, blocks of its own module within the scan."""
     control = make_control(pipeline__block_frames=4)  # a 4x4 scan: 4 blocks
     register(control, 0)
-    lacking = {"1": [3, 1, 99, -1, "2", True], "2": [0]}
+    # as the writer tells them (pipeline.writer.role.summary_for_control): half-open block ranges
+    lacking = {"1": [[3, 4], [1, 2], [99, 100], [-5, -1], ["2", 3], [True, 2], 7], "2": [[0, 1]]}
     for number, summary, ended_ok in ((1, {"ledger": {"blocks_lacking": lacking}}, True),
-                                      (2, {"ledger": {"blocks_lacking": {"1": [0]}}}, False),
+                                      (2, {"ledger": {"blocks_lacking": {"1": [[0, 1]]}}}, False),
                                       (3, {"ledger": {"blocks_lacking": "nonsense"}}, True),
-                                      (4, {"ledger": {"blocks_lacking": {"1": [2]}}}, True)):
+                                      (4, {"ledger": {"blocks_lacking": {"1": [[2, 3]]}}}, True)):
         ok(control, "start_scan", scan_number=number, scan_shape=[4, 4])
         ok(control, "scan_done", scan=number, ok=ended_ok, summary=summary)
     control.scans[4].ended_at -= control.config.flow.scan_timeout_s + 1  # closed too long ago

@@ -407,7 +407,7 @@ def test_a_producer_started_after_its_blocks_were_counted_without_it_spills_them
     frames were in no spill, and a replay could not complete them. The new process asks control
     which blocks of the scans it closed lately lack its module, and spills them from its source."""
     r = rig()
-    for number, lacking in ((1, {"1": [2, 5], "0": [7]}), (2, {"0": [1]})):
+    for number, lacking in ((1, {"1": [[2, 3], [5, 6]], "0": [[7, 8]]}), (2, {"0": [[1, 2]]})):
         r.beat("start_scan", scan_number=number, scan_shape=[16, 16], nodes=list(NODES))
         ledger = {"frames_expected": 256, "frames_complete": 192, "blocks_lacking": lacking}
         r.beat("scan_done", scan=number, ok=True, summary={"ledger": ledger})

@@ -19,7 +19,8 @@ from stemstream.formats import wire
 from stemstream.formats.ledger import sector_tally
 from stemstream.formats.sparse_h5 import read_counted
 from stemstream.pipeline.writer.scan import ScanHooks, WriterScan
-from stemstream.transport.messages import pack_control
+from stemstream.pipeline.writer.role import summary_for_control
+from stemstream.transport.messages import MAX_ENVELOPE_BYTES, pack_control
 
 ALL = (1 << N_MODULES) - 1
 N_PIXELS = FRAME_SHAPE[0] * FRAME_SHAPE[1]
@@ -544,6 +545,24 @@ def test_the_ledger_lists_per_module_the_blocks_whose_frames_lack_its_sectors(tm
     pack_control(summary)
     on_file = read_counted(summary["path"]).metadata["stemstream"]["ledger"]
     assert {k: list(v) for k, v in on_file["blocks_lacking"].items()} == {"1": [1, 3], "3": [2]}
+    told = summary_for_control(1, summary)  # what control hears: ranges
+    assert told["ledger"]["blocks_lacking"] == {"1": [[1, 2], [3, 4]], "3": [[2, 3]]}
+
+
+def test_the_blocks_lacking_a_module_reach_control_as_ranges_within_its_message_limit(caplog):
+    """A producer dead for most of a 1024 x 1024 scan leaves 30,000 blocks lacking its module:
+    as a list that is ~90 kB, beyond control's 64 KiB messages, and the writer's report of the
+    scan's end would be refused for ever. As ranges it is one; scattered past MAX_LACKING_RANGES
+    they are left out (the file names them), and the report still fits."""
+    ledger = {"frames_expected": 1 << 20, "blocks_lacking": {"2": list(range(2000, 32768))}}
+    assert len(pack_control({"summary": {"ledger": ledger}})) > MAX_ENVELOPE_BYTES  # as a list
+    told = summary_for_control(7, {"ledger": ledger, "path": "x.h5"})
+    assert told["ledger"]["blocks_lacking"] == {"2": [[2000, 32768]]} and told["path"] == "x.h5"
+    scattered = {"ledger": {"blocks_lacking": {"0": list(range(0, 60000, 2)), "1": [5]}}}
+    told = summary_for_control(7, scattered)
+    assert "blocks_lacking" not in told["ledger"] and "too scattered" in caplog.text
+    assert len(pack_control({"op": "scan_done", "scan": 7, "ok": True, "summary": told})) < MAX_ENVELOPE_BYTES
+    assert len(pack_control({"summary": scattered})) > MAX_ENVELOPE_BYTES  # what the report was
 
 
 def test_with_several_frames_per_position_the_ledger_names_incomplete_frames_and_a_replay_completes_them(tmp_path):

@@ -156,14 +156,19 @@ class ScanState:
 
     def blocks_lacking(self, module: int) -> list[int]:
         """The blocks of which the closed file holds frames without ``module``'s sectors, as the
-        writer's ledger lists them (``blocks_lacking``; whatever else a summary holds is ignored)."""
+        writer's summary gives them (``blocks_lacking``: module -> half-open block ranges,
+        pipeline.writer.role.summary_for_control; whatever else a summary holds is ignored)."""
         ledger = (self.summary or {}).get("ledger") if self.state == "closed" else None
         lacking = ledger.get("blocks_lacking") if isinstance(ledger, dict) else None
-        blocks = lacking.get(str(module)) if isinstance(lacking, dict) else None
-        if not isinstance(blocks, list):
+        ranges = lacking.get(str(module)) if isinstance(lacking, dict) else None
+        if not isinstance(ranges, list):
             return []
         n = self.spec.n_blocks
-        return sorted({b for b in blocks if type(b) is int and 0 <= b < n})
+        blocks: set[int] = set()
+        for r in ranges:
+            if isinstance(r, list) and len(r) == 2 and all(type(b) is int for b in r):
+                blocks.update(range(max(r[0], 0), min(r[1], n)))
+        return sorted(blocks)
 
     # -- the writer's commits, routing generations ----------------------------------------------
 

@@ -29,6 +29,7 @@ from stemstream.core.detector import FRAME_SHAPE
 from stemstream.core.scan_spec import ScanSpec
 from stemstream.formats import wire
 from stemstream.pipeline.role import Role, message_size
+from stemstream.pipeline.routing import to_ranges
 from stemstream.pipeline.writer.files import existing_file, finished_summary
 from stemstream.pipeline.writer.journal import journal_path
 from stemstream.pipeline.writer.live import LiveService
@@ -78,6 +79,29 @@ def check_memory(analyses, spec: ScanSpec) -> None:
         rows, cols = spec.shape
         raise OSError(errno.ENOMEM, f"a scan of {rows} x {cols} positions needs ~{need / 1e9:.1f} GB of memory in "
                                     f"the writer for its per-position results, {available / 1e9:.1f} GB is available")
+
+
+# -- the summary control hears -------------------------------------------------------------------
+# Control's messages are small (transport.messages.MAX_ENVELOPE_BYTES, 64 KiB): the ledger's blocks
+# lacking a module travel as ranges, and not at all beyond this many (the file's ledger names them).
+MAX_LACKING_RANGES = 2048
+
+
+def summary_for_control(number: int, summary: dict) -> dict:
+    """``summary`` as control takes it: the ledger's ``blocks_lacking`` (module -> blocks) as
+    module -> block ranges (pipeline.routing), left out past MAX_LACKING_RANGES ranges (a producer
+    started again late then cannot learn what to spill of this scan; said in the log)."""
+    ledger = summary.get("ledger")
+    lacking = ledger.get("blocks_lacking") if isinstance(ledger, dict) else None
+    if not lacking:
+        return summary
+    ranges = {module: to_ranges(int(b) for b in blocks) for module, blocks in lacking.items()}
+    if sum(len(r) for r in ranges.values()) > MAX_LACKING_RANGES:
+        log.warning("scan %d: the blocks lacking a module are too scattered to tell control (%d ranges); "
+                    "the file's ledger names them", number, sum(len(r) for r in ranges.values()))
+        ranges = {}
+    ledger = {k: v for k, v in ledger.items() if k != "blocks_lacking"}
+    return {**summary, "ledger": {**ledger, "blocks_lacking": ranges} if ranges else ledger}
 
 
 class OutputDirError(OSError):
@@ -288,7 +312,7 @@ class Writer(Role):
     def _report_done(self, number: int, ok: bool, summary: dict) -> None:
         """Tell control a scan ended; while control is away, keep telling it (every heartbeat):
         the scan's client waits for this, and a restarted control has the scan still running."""
-        self.unreported[number] = {"scan": number, "ok": ok, "summary": summary}
+        self.unreported[number] = {"scan": number, "ok": ok, "summary": summary_for_control(number, summary)}
         self._report_unreported(first=True)
 
     def _report_unreported(self, first: bool = False) -> None:
