@@ -25,6 +25,7 @@ from stemstream.counting.cluster_model import (
 )
 from stemstream.counting.clusters import LABELS, count_clusters_frame, single_electron_charges
 from stemstream.counting.kernel import CountedFrames, _compact, _integer_window, _sparse_rows, max_events_per_frame
+from stemstream.counting.sectors import sector_words
 from stemstream.formats.raw import FRAME_COLS, HEADER_BYTES, N_MODULES, RECORD_BYTES, SECTOR_PIXELS
 from stemstream.formats.raw_pread import fetch_add, read_frame
 
@@ -182,9 +183,7 @@ class ClusterCounter:
         them: ``buffers[k]`` module k's RECORD_DTYPE array (or None), ``records`` (n, 4)."""
         if self._use_dark:
             raise ValueError("counting from sectors supports plain thresholds only (no dark reference)")
-        empty = np.zeros(0, np.uint16)
-        empty.flags.writeable = False  # as received buffers are: one compiled variant when a module is absent
-        words = [empty if b is None or len(b) == 0 else np.ascontiguousarray(b).view(np.uint16) for b in buffers]
+        words = sector_words(buffers)
         n = len(records)
         out, positions, counts = self.buffers(n)
         if n:

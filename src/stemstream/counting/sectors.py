@@ -69,6 +69,24 @@ def _count_from_sectors(b0, b1, b2, b3, records, lo, hi, out, counts, scratch):
 
 
 _EMPTY = np.zeros(0, np.uint16)
+_EMPTY.flags.writeable = False
+
+
+def sector_words(buffers: list) -> list:
+    """Module k's records ``buffers[k]`` (RECORD_DTYPE, or None) as uint16 words, every one
+    read-only. numba compiles a kernel once per combination of writable and read-only arguments
+    (received buffers are read-only, a missing module's stand-in or a test's arrays are not): 16
+    variants of 6-8 s each, one compiled mid-scan when a module goes missing. Read-only views
+    make it one."""
+    words = []
+    for b in buffers:
+        if b is None or len(b) == 0:
+            words.append(_EMPTY)
+            continue
+        view = np.ascontiguousarray(b).view(np.uint16)
+        view.flags.writeable = False  # the view only: the caller's array stays as it was
+        words.append(view)
+    return words
 
 
 def count_from_sectors(counter: ElectronCounter, buffers: list, records: np.ndarray):
@@ -77,7 +95,7 @@ def count_from_sectors(counter: ElectronCounter, buffers: list, records: np.ndar
     Returns CountedFrames, equal to ``counter.count`` of the assembled frames."""
     if counter.params[7] != 0:
         raise ValueError("counting from sectors supports plain thresholds only (no dark, gain or row-dark)")
-    words = [_EMPTY if b is None or len(b) == 0 else np.ascontiguousarray(b).view(np.uint16) for b in buffers]
+    words = sector_words(buffers)
     n = len(records)
     out, counts = counter.event_buffers(n)
     if n:

@@ -35,29 +35,28 @@ def compile_kernels(config: PipelineConfig, source: ProducerSource,
     kernel its cache does not hold (never when everything loads from the cache), so that the
     caller can say why this takes a while.
 
-    Two processes share the work (measured cold on 2 cores: counting on sectors 17 s, analyses
-    4 s, simulator 19 s, writer 2 s): this one the node groups' kernels, a second one the
-    writer's and the simulator's, so the first run's wait on a fresh install is about the longer
-    half. Whatever the second process could not do (it died, it could not start) the roles
-    compile themselves."""
-    started = _start_compiling(_other_kernels, source)
+    Two processes share the work (CPU seconds measured cold on 2 cores: counting on sectors
+    11-13, analyses 3-5, writer 1.5, simulator 20-23): this one the node groups' and the writer's
+    kernels, a second one the simulator's, so the first run's wait on a fresh install is about
+    the longer half. Whatever the second process could not do (it died, it could not start) the
+    roles compile themselves."""
+    started = _start_compiling(_simulator_kernels, source) if not source.replay else None
     compiling = started[1] if started is not None else None
     with first_compile(on_compile), _told_when(compiling, on_compile):
         load_kernels(default_analyses(FRAME_SHAPE, config.analysis), config.counting.method)
+        _load_writer_kernels()
         if started is not None:
             started[0].join()
 
 
-def _other_kernels(source: ProducerSource, compiling) -> None:
-    """In the second process: the writer's and the simulator's kernels; ``compiling`` is set
-    when numba compiles one."""
-    with first_compile(compiling.set):
-        _load_writer_kernels()
-        if not source.replay:
-            from stemstream.sources.simulator import DetectorSimulator, SimulationConfig
+def _simulator_kernels(source: ProducerSource, compiling) -> None:
+    """In the second process: the simulator's kernels; ``compiling`` is set when numba compiles
+    one."""
+    from stemstream.sources.simulator import DetectorSimulator, SimulationConfig
 
-            simulator = DetectorSimulator(SimulationConfig(scan_shape=(1, 2), dose=source.dose, seed=source.seed))
-            simulator.records(0, 2, 0)
+    with first_compile(compiling.set):
+        simulator = DetectorSimulator(SimulationConfig(scan_shape=(1, 2), dose=source.dose, seed=source.seed))
+        simulator.records(0, 2, 0)
 
 
 def _start_compiling(target, source: ProducerSource):

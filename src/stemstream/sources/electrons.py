@@ -45,14 +45,17 @@ _STAMP_SHIFT = np.uint64(2 * _POS_BITS)
 CANDIDATES = 64  # rejection-sampling candidates computed at a time
 
 
-@njit(inline="always")
+# _segment and _quadrant are called, not inlined into disk_rect_area (16 copies of the
+# arithmetic): inlined they took 3-5 s of a fresh install's compiling, for a kernel that runs per
+# scan position (not per pixel). Its results are bit for bit the same.
+@njit(nogil=True)
 def _segment(radius, y):
     """Integral of the half-chord sqrt(radius**2 - t**2) for t from 0 to y (y clamped to +-radius)."""
     y = min(max(y, -radius), radius)
     return 0.5 * (y * math.sqrt(max(radius * radius - y * y, 0.0)) + radius * radius * math.asin(y / radius))
 
 
-@njit(inline="always")
+@njit(nogil=True)
 def _quadrant(radius, x, y):
     """Area of the disk of ``radius`` centred at the origin where t_col <= x and t_row <= y."""
     if x <= -radius or y <= -radius:

@@ -57,8 +57,8 @@ _LATE_STREAMS_KEPT = 16
 
 def load_kernels(analyses, method: str = "maxima") -> None:
     """Compile, or load from numba's cache, every kernel a node group runs: the counter on sectors
-    of ``method`` (writable and read-only buffers are two variants; a node group never counts whole
-    frames, whose kernel would double the compile time of a first run), the calibration histogram,
+    of ``method`` (one variant: it counts read-only views of any buffer; a node group never counts
+    whole frames, whose kernel would double the compile time of a first run), the calibration histogram,
     the cluster method's calibration when it is the one, and the analyses."""
     if method == "clusters":
         model = SingleElectronModel(pedestal=20.0, mean=120.0, shape=4.0, min_charge=16.0)
@@ -67,10 +67,7 @@ def load_kernels(analyses, method: str = "maxima") -> None:
     else:  # the default's first use pays for its own kernel only
         counter = ElectronCounter(28.0, 1000.0, FRAME_SHAPE)
         count = partial(count_from_sectors, counter)
-    for writable in (True, False):  # received buffers are read-only (another compiled variant)
-        blank = np.zeros(1, RECORD_DTYPE)
-        blank.flags.writeable = writable
-        count([blank] * N_MODULES, np.zeros((1, N_MODULES), np.int64))
+    count([np.zeros(1, RECORD_DTYPE)] * N_MODULES, np.zeros((1, N_MODULES), np.int64))  # read-only inside
     PixelHistogram().add(np.zeros(FRAME_SHAPE, np.uint16), weight=1)
     if method == "clusters":
         with suppress(ClusterCalibrationError):  # a blank frame holds no electron: its kernel is what is wanted
