@@ -1,19 +1,28 @@
 """The cluster counting method on the stream (docs/counting.md): a scan streamed through real
 roles on loopback with ``[counting] method = "clusters"`` gives the events of the offline
-``count --method clusters`` of the same raw files, and its file says how it was counted; an
-unknown method is one sentence on the command line."""
+``count --method clusters`` of the same raw files, with the same sub-pixel positions, and its file
+says how it was counted; an unknown method is one sentence on the command line."""
 
 from __future__ import annotations
 
+import h5py
+import numpy as np
 import pytest
 
 from pipeline_support import assert_same_events, test_config
 from stemstream.counting.offline import CountOptions, count_raw_scan
 from stemstream.deploy.local import LocalPipeline, ProducerSource
 from stemstream.formats.sparse_h5 import read_counted
+from stemstream.formats.sparse_h5.layout import SUBPIXEL_POSITIONS
 from stemstream.sources.simulator import SimulationConfig, simulate_to_directory
 
 pytestmark = pytest.mark.slow
+
+
+def subpixel_positions(path) -> list[np.ndarray]:
+    """The file's sub-pixel positions, one flat (row, col, ...) float32 array per slot."""
+    with h5py.File(path, "r") as f:
+        return list(f[SUBPIXEL_POSITIONS][()])
 
 
 def test_a_scan_streamed_with_clusters_equals_its_offline_cluster_count(tmp_path):
@@ -31,11 +40,16 @@ def test_a_scan_streamed_with_clusters_equals_its_offline_cluster_count(tmp_path
         summary = pipeline.run_scan(1, (8, 8), 1, timeout_s=120)
     assert summary["state"] == "closed"
     assert_same_events(summary["path"], offline.output)
+    streamed_points, offline_points = subpixel_positions(summary["path"]), subpixel_positions(offline.output)
+    assert len(streamed_points) == len(offline_points) == 64 and sum(map(len, offline_points)) > 0
+    for slot, (got, expected) in enumerate(zip(streamed_points, offline_points)):
+        np.testing.assert_array_equal(got, expected, err_msg=f"slot {slot}")
     streamed = read_counted(summary["path"]).metadata["stemstream"]
     expected = read_counted(offline.output).metadata["stemstream"]
     assert streamed["counting_method"] == expected["counting_method"] == "clusters"
     assert streamed["cluster_model"] == {**expected["cluster_model"], "node_group": 0}
     assert "cluster_models" not in streamed  # one node group, one model
+    assert streamed["ledger"]["frames_at_pixel_centres"] == 0  # every frame came with its positions
 
 
 def test_run_refuses_an_unknown_counting_method_in_one_sentence(tmp_path):

@@ -142,6 +142,7 @@ def test_a_blocks_four_parts_in_any_order_make_one_events_message_counted_as_off
     assert msg.frame_numbers.tolist() == [0, 1, 2, 3]
     assert msg.positions.tolist() == [0, 1, 2, 3]
     assert msg.present.tolist() == [ALL] * 4
+    assert msg.subpixel is None  # the maxima method's message is as it always was: no sub-pixel part
     expected = offline(frames[:4])
     for i in range(4):
         assert np.array_equal(frame_events(msg, i), expected[i]), f"frame {i}"
@@ -744,7 +745,8 @@ def test_held_messages_are_bounded_and_a_scan_control_does_not_know_is_still_rej
 def test_the_cluster_method_counts_each_frame_as_offline_with_the_node_groups_own_model(outside, scan_data):
     """[counting] method = "clusters" on the stream: the node group calibrates the single-electron
     model from its complete frames once the thresholds are known, counts each frame as
-    ClusterCounter counts the whole frame offline, and its DONE says how it counted."""
+    ClusterCounter counts the whole frame offline, sends each event's sub-pixel position with
+    it, and its DONE says how it counted."""
     from stemstream.counting.cluster_counter import ClusterCounter, calibrate_cluster_model
 
     frames, records = scan_data
@@ -761,13 +763,15 @@ def test_the_cluster_method_counts_each_frame_as_offline_with_the_node_groups_ow
     model = calibrate_cluster_model(frames, THRESHOLDS)
     expected = ClusterCounter(THRESHOLDS.background, THRESHOLDS.xray, model).count(frames)
     messages = outside.take()
-    got = {}
+    got, points = {}, {}
     for msg in events_of(messages):
         for i, number in enumerate(msg.frame_numbers):
             got[int(number)] = msg.events[msg.offsets[i]:msg.offsets[i + 1]]
+            points[int(number)] = msg.subpixel[msg.offsets[i]:msg.offsets[i + 1]]
     assert sorted(got) == list(range(N_FRAMES))
     for i in range(N_FRAMES):
         np.testing.assert_array_equal(got[i], np.sort(expected.frame(i)))
+        np.testing.assert_array_equal(points[i], expected.frame_positions(i))
     done = [m for kind, m in messages if kind == wire.DONE]
     assert done[0].counting == {"method": "clusters", "model": model.attributes()}
     assert not done[0].ledger["failed"]

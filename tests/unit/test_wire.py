@@ -67,6 +67,40 @@ def test_events_with_inconsistent_offsets_are_refused():
         wire.decode_events(as_bytes(parts), 576 * 576)
 
 
+def _events_with_subpixel(subpixel) -> list:
+    return as_bytes(wire.encode_events(3, 1, [10, 11], [0, 1], [15, 15], [0, 2, 3], np.array([5, 9, 4], np.uint32),
+                                       subpixel=subpixel))
+
+
+def test_events_carry_their_sub_pixel_positions_when_sent_and_a_merge_keeps_them():
+    points = np.array([[0.1, 5.2], [0.0, 8.7], [-0.5, 575.5]], np.float32)
+    msg = wire.decode_events(_events_with_subpixel(points), 576 * 576)
+    np.testing.assert_array_equal(msg.subpixel, points)
+    plain = wire.decode_events(as_bytes(wire.encode_events(3, 1, [12], [2], [15], [0, 1], np.array([7], np.uint32))),
+                               576 * 576)
+    assert plain.subpixel is None and len(_events_with_subpixel(None)) == 7  # optional: the maxima method's stay as they were
+    empty = wire.decode_events(as_bytes(wire.encode_events(3, 1, [], [], [], [0], np.empty(0, np.uint32))), 576 * 576)
+    merged = wire.concat_events([msg, empty, msg])  # a block without events may come without positions
+    np.testing.assert_array_equal(merged.subpixel, np.concatenate([points, points]))
+    assert wire.concat_events([plain, empty]).subpixel is None
+    assert wire.concat_events([msg, plain]).subpixel is None  # not every event has one: none
+
+
+@pytest.mark.parametrize("subpixel", [
+    np.zeros((2, 2), np.float32),  # 3 events, 2 positions
+    np.zeros(7, np.float32),  # half a position
+    np.array([[0, 1], [np.nan, 2], [3, 4]], np.float32),
+    np.array([[0, 1], [np.inf, 2], [3, 4]], np.float32),
+    np.array([[0, 1], [2, 2], [576, 4]], np.float32),  # below the last row
+    np.array([[0, -0.6], [2, 2], [3, 4]], np.float32),  # left of the first column
+])
+def test_events_with_malformed_sub_pixel_positions_are_refused(subpixel):
+    parts = _events_with_subpixel(None) + [bytes(memoryview(np.ascontiguousarray(subpixel)))]
+    with pytest.raises(wire.MessageError) as info:
+        wire.decode_events(parts, 576 * 576)
+    assert info.value.reason in ("bad_subpixel", "wrong_payload_size")
+
+
 def _events_with_ledger(ledger) -> list:
     return as_bytes(wire.encode_events(3, 1, [10], [0], [15], [0, 1], np.array([5], np.uint32), block=4, ledger=ledger))
 

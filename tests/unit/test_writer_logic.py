@@ -607,3 +607,98 @@ def test_with_several_frames_per_position_the_ledger_names_incomplete_frames_and
     for name, arrays in expected.finish().items():
         for key, value in arrays.items():
             np.testing.assert_allclose(got[f"{name}/{key}"], value, rtol=1e-12, err_msg=f"{name}/{key}")
+
+
+# -- sub-pixel positions (the cluster method's) ------------------------------------------------------
+
+
+def frame_points(frame: int) -> np.ndarray:
+    """Sub-pixel positions of frame_events(frame) that name their frame too: a quarter pixel off
+    each event's centre, shifted by frame / 1000."""
+    pixels = frame_events(frame).astype(np.int64)
+    return np.stack([pixels // FRAME_SHAPE[1] + 0.25, pixels % FRAME_SHAPE[1] - frame / 1000], axis=1).astype(np.float32)
+
+
+def clustered(spec, frames, block: int, node: int = 0) -> wire.EventsMessage:
+    """An EVENTS message of ``frames`` with their sub-pixel positions, encoded and decoded."""
+    msg = events(spec, frames, node=node, block=block)
+    points = np.concatenate([frame_points(f) for f in frames])
+    parts = wire.encode_events(msg.scan, node, msg.frame_numbers, msg.positions, msg.present, msg.offsets,
+                               msg.events, block=block, subpixel=points)
+    return wire.decode_events([bytes(memoryview(np.ascontiguousarray(p))) for p in parts], N_PIXELS)
+
+
+def open_clusters_scan(directory, spec) -> WriterScan:
+    return WriterScan(spec, directory, ANALYSES, FlowSettings(), Host(latest=spec).hooks(), subpixel_positions=True)
+
+
+def slot_points(path) -> list[np.ndarray]:
+    import h5py
+
+    from stemstream.formats.sparse_h5.layout import SUBPIXEL_POSITIONS
+
+    with h5py.File(path, "r") as f:
+        return [np.asarray(p).reshape(-1, 2) for p in f[SUBPIXEL_POSITIONS][()]]
+
+
+def test_a_restarted_writer_rewrites_the_sub_pixel_positions_its_journal_kept(tmp_path):
+    """A clusters scan whose writer died after committing a block: the next writer rewrites that
+    block's events with their sub-pixel positions from the journal (frames held for their
+    position's second frame too), and the file has every frame's own positions."""
+    spec = make_spec(shape=(2, 2), frames_per_position=2)
+    first = open_clusters_scan(tmp_path, spec)
+    first.receive_events(clustered(spec, [0, 1, 2], block=0))  # frame 2 waits for frame 3 (position 1)
+    assert first.receive_partials(0, 0, partials(spec))
+    first.commit_report()  # the journal is on disk before control hears of the commit
+    first.out.abort()  # the writer dies: its HDF5 file is lost, the journal stays
+    first.journal.close(delete=False)
+
+    second = open_clusters_scan(tmp_path, spec)
+    assert second.recovered and second.committed == {0}
+    second.receive_events(clustered(spec, [3, 4, 5, 6, 7], block=1))
+    assert second.receive_done(done(spec))
+    summary = second.close()
+    assert slot_frames(summary["path"]) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    points = slot_points(summary["path"])
+    for frame in range(8):
+        np.testing.assert_array_equal(points[frame], frame_points(frame), err_msg=f"frame {frame}")
+    assert read_counted(summary["path"]).metadata["stemstream"]["ledger"]["frames_at_pixel_centres"] == 0
+
+
+def test_a_replay_into_a_clusters_file_keeps_the_positions_it_had_and_frames_without_get_pixel_centres(tmp_path):
+    spec = make_spec(shape=(2, 2))
+    scan = open_clusters_scan(tmp_path, spec)
+    scan.receive_events(clustered(spec, [0, 1], block=0))
+    scan.receive_done(done(spec))
+    assert scan.close()["ledger"]["frames_missing"] == 2
+    again = make_spec(shape=(2, 2), epoch=2, resume=True)
+    resumed = open_clusters_scan(tmp_path, again)
+    resumed.receive_events(clustered(again, [1, 2], block=0))
+    resumed.receive_events(events(again, [3], block=1))  # came without positions (counted by maxima)
+    resumed.receive_done(done(again))
+    summary = resumed.close()
+    assert summary["path"] == str(tmp_path / spec.file_name)
+    points = slot_points(summary["path"])
+    for frame in range(3):
+        np.testing.assert_array_equal(points[frame], frame_points(frame), err_msg=f"frame {frame}")
+    pixels = frame_events(3).astype(np.int64)
+    np.testing.assert_array_equal(points[3], np.stack([pixels // FRAME_SHAPE[1], pixels % FRAME_SHAPE[1]], axis=1))
+    assert summary["ledger"]["frames_at_pixel_centres"] == 1
+
+
+def test_a_writer_counts_an_events_message_with_malformed_positions_as_rejected(tmp_path):
+    from pipeline_support import test_config
+    from stemstream.pipeline.writer.role import Writer
+
+    spec = make_spec(shape=(2, 2))
+    msg = clustered(spec, [0], block=0)
+    parts = wire.encode_events(spec.number, 0, msg.frame_numbers, msg.positions, msg.present, msg.offsets,
+                               msg.events, block=0, subpixel=np.full((len(msg.events), 2), np.nan, np.float32))
+    writer = Writer(test_config(tmp_path))
+    try:
+        writer.handle([bytes(memoryview(np.ascontiguousarray(p))) for p in parts])
+        writer.handle([bytes(memoryview(np.ascontiguousarray(p))) for p in parts[:-1] + [parts[-1][:-1]]])
+        assert writer.rejected == {"bad_subpixel": 2} and not writer.scans and not writer.held
+    finally:
+        writer.events_in.close(0)
+        writer.live.close()

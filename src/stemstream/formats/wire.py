@@ -14,7 +14,9 @@ as raw frames, never inside msgpack, so they travel zero-copy.
   (records the module spilled to disk instead of sending, all node groups together),
   spilled_blocks (this node group's blocks spilled since the module's last message to it).
 - ``EVENTS``   node group -> writer: ``[b"V", envelope, frame_numbers u32, positions i64,
-  present u8, offsets i64, events u32]``; present is a bit mask of the modules that arrived.
+  present u8, offsets i64, events u32 (, subpixel f32)]``; present is a bit mask of the modules
+  that arrived; subpixel (optional: counting methods that give it) is each event's sub-pixel
+  (row, col) in its frame, pixel centres at integers, 2 floats an event in the events' order.
   envelope: scan, node, n (frames), block, stream, and ledger: the block's sector counts
   (stemstream.formats.ledger.sector_tally), which the writer adds when it commits the block.
 - ``ANALYSIS`` node group -> writer: ``[b"A", envelope, *partials]``: live analyses' partial
@@ -37,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stemstream.core.config import COUNTING_METHODS
-from stemstream.core.detector import MAX_NODE_ID, N_MODULES, RECORD_BYTES, RECORD_DTYPE
+from stemstream.core.detector import FRAME_SHAPE, MAX_NODE_ID, N_MODULES, RECORD_BYTES, RECORD_DTYPE
 from stemstream.formats.ledger import SECTOR_COUNTS
 from stemstream.transport.messages import MAX_ENVELOPE_BYTES, MessageError, pack_map, unpack_map  # noqa: F401
 
@@ -206,13 +208,14 @@ def decode_end(parts: list) -> EndMessage:
 
 
 def encode_events(scan: int, node: int, frame_numbers, positions, present, offsets, events,
-                  block: int = NO_BLOCK, stream: int = 0, ledger: dict | None = None) -> list:
+                  block: int = NO_BLOCK, stream: int = 0, ledger: dict | None = None, subpixel=None) -> list:
     """An EVENTS message: the counted frames of routing ``block`` (NO_BLOCK: not tied to one),
-    counted by ``node`` in routing generation ``stream``, with the block's sector counts."""
+    counted by ``node`` in routing generation ``stream``, with the block's sector counts and,
+    when given, ``subpixel`` (events, 2): each event's sub-pixel (row, col)."""
     envelope = {"scan": scan, "node": node, "n": len(frame_numbers), "block": block, "stream": stream}
     if ledger is not None:
         envelope["ledger"] = ledger
-    return [
+    parts = [
         EVENTS,
         _pack(envelope),
         np.ascontiguousarray(frame_numbers, np.uint32),
@@ -221,6 +224,9 @@ def encode_events(scan: int, node: int, frame_numbers, positions, present, offse
         np.ascontiguousarray(offsets, np.int64),
         np.ascontiguousarray(events, np.uint32),
     ]
+    if subpixel is not None:
+        parts.append(np.ascontiguousarray(subpixel, np.float32).reshape(-1))
+    return parts
 
 
 @dataclass
@@ -235,6 +241,7 @@ class EventsMessage:
     block: int = -1
     stream: int = 0
     ledger: dict | None = None  # the block's sector counts (stemstream.formats.ledger.sector_tally)
+    subpixel: np.ndarray | None = None  # (events, 2) float32 sub-pixel (row, col) of each event, if sent
 
 
 def _tally_field(envelope: dict, others: tuple[str, ...] = ()) -> dict | None:
@@ -273,9 +280,14 @@ def _array(part, dtype, what: str) -> np.ndarray:
     return np.frombuffer(buf, dtype)
 
 
-def decode_events(parts: list, n_pixels: int) -> EventsMessage:
-    """Validate an EVENTS message: consistent lengths, monotonic offsets, pixels inside the frame."""
-    envelope = _envelope_of(parts, 7, "EVENTS")
+def decode_events(parts: list, n_pixels: int, frame_shape: tuple[int, int] = FRAME_SHAPE) -> EventsMessage:
+    """Validate an EVENTS message: consistent lengths, monotonic offsets, pixels inside the frame
+    (``n_pixels`` of them), sub-pixel positions (if sent) finite and inside the (rows, cols)
+    ``frame_shape``."""
+    if len(parts) != 8:  # without the optional sub-pixel positions
+        envelope = _envelope_of(parts, 7, "EVENTS")
+    else:
+        envelope = _unpack_envelope(parts[1])
     scan = _int_field(envelope, "scan")
     node = _int_field(envelope, "node", 0, MAX_NODE_ID)
     n = _int_field(envelope, "n", 0, 1 << 24)
@@ -294,22 +306,43 @@ def decode_events(parts: list, n_pixels: int) -> EventsMessage:
         raise MessageError("bad_offsets")
     if len(events) and int(events.max()) >= n_pixels:
         raise MessageError("pixel_outside_frame")
-    return EventsMessage(scan, node, frame_numbers, positions, present, offsets, events, block, stream, tally)
+    subpixel = _subpixel(parts[7], len(events), frame_shape) if len(parts) == 8 else None
+    return EventsMessage(scan, node, frame_numbers, positions, present, offsets, events, block, stream, tally,
+                         subpixel)
+
+
+def _subpixel(part, n_events: int, frame_shape: tuple[int, int]) -> np.ndarray:
+    """An EVENTS message's sub-pixel positions as (n_events, 2), checked: one (row, col) an
+    event, finite, within the frame's pixels (whose centres are at integers)."""
+    values = _array(part, np.float32, "sub-pixel positions")
+    if len(values) != 2 * n_events:
+        raise MessageError("bad_subpixel", f"{len(values)} values for {n_events} events")
+    points = values.reshape(n_events, 2)
+    if n_events and not (np.isfinite(points).all() and points.min() >= -0.5
+                         and points[:, 0].max() <= frame_shape[0] - 0.5 and points[:, 1].max() <= frame_shape[1] - 0.5):
+        raise MessageError("bad_subpixel", "a position is not a number or lies outside the frame")
+    return points
 
 
 def concat_events(messages: list[EventsMessage]) -> EventsMessage:
     """One message of the frames of several decoded EVENTS messages of one node group's stream,
-    in their order (block NO_BLOCK, no sector counts: the caller keeps those per block)."""
+    in their order (block NO_BLOCK, no sector counts: the caller keeps those per block). Their
+    sub-pixel positions come along when every message with events has them."""
+    first = messages[0]
     if len(messages) == 1:
-        first = messages[0]
         return EventsMessage(first.scan, first.node, first.frame_numbers, first.positions, first.present,
-                             first.offsets, first.events, NO_BLOCK, first.stream)
+                             first.offsets, first.events, NO_BLOCK, first.stream, subpixel=first.subpixel)
     bases = np.cumsum([0] + [int(m.offsets[-1]) for m in messages[:-1]])
     offsets = np.concatenate([np.zeros(1, np.int64)] + [m.offsets[1:] + base for m, base in zip(messages, bases)])
-    first = messages[0]
+    events = np.concatenate([m.events for m in messages])
+    subpixel = None
+    with_events = [m for m in messages if len(m.events)]  # (a block without events may lack them)
+    if any(m.subpixel is not None for m in messages) and all(m.subpixel is not None for m in with_events):
+        subpixel = np.concatenate([np.empty((0, 2), np.float32)] +
+                                  [m.subpixel for m in messages if m.subpixel is not None]).reshape(-1, 2)
     return EventsMessage(first.scan, first.node, *(np.concatenate([getattr(m, name) for m in messages])
                                                    for name in ("frame_numbers", "positions", "present")),
-                         offsets, np.concatenate([m.events for m in messages]), NO_BLOCK, first.stream)
+                         offsets, events, NO_BLOCK, first.stream, subpixel=subpixel)
 
 
 # -- a node group's end of scan ---------------------------------------------------------------------

@@ -305,10 +305,12 @@ class NodeScan:
                 tally["sectors_missing"][module] += missing
         return IndexedBlock(all_numbers.astype(np.uint32), positions, present, buffers, index, tally)
 
-    def _send_events(self, number: int, frame_numbers, positions, present, offsets, events, tally: dict) -> None:
+    def _send_events(self, number: int, frame_numbers, positions, present, offsets, events, tally: dict,
+                     subpixel: np.ndarray | None = None) -> None:
         tally["frames_spilled"] += self.frames_spilled.pop(number, 0)  # (counted, and spilled by _give_up)
         self.ports.send(wire.encode_events(self.number, self.ports.index, frame_numbers, positions, present,
-                                           offsets, events, block=number, stream=self.stream, ledger=tally))
+                                           offsets, events, block=number, stream=self.stream, ledger=tally,
+                                           subpixel=subpixel))
         self._uncommitted = True
 
     def _send_empty(self, number: int, tally: dict) -> None:
@@ -328,14 +330,16 @@ class NodeScan:
         if len(assembled.frame_numbers) == 0:
             self._send_empty(number, assembled.tally)
             return
+        subpixel = None  # the maxima method's events are pixels: no sub-pixel positions go
         if isinstance(self.counter, ClusterCounter):  # clusters cross sectors: it assembles each frame
             counted = self.counter.count_sectors(assembled.buffers, assembled.records)
+            subpixel = counted.positions
         else:  # counted where the sectors were received: no frame is assembled
             counted = count_from_sectors(self.counter, assembled.buffers, assembled.records)
         if not self.live.fits(assembled.positions):  # far from the pending partials: send those first
             self._send_partials()
         self._send_events(number, assembled.frame_numbers, assembled.positions, assembled.present,
-                          counted.offsets, counted.events, assembled.tally)
+                          counted.offsets, counted.events, assembled.tally, subpixel)
         self.live.accumulate(assembled.positions, counted.events, counted.offsets)
         self.ports.counters["frames_counted"] += len(assembled.frame_numbers)
         self.ports.counters["events"] += len(counted.events)

@@ -18,6 +18,7 @@ import numpy as np
 
 from stemstream.core.scan_spec import ScanSpec
 from stemstream.formats.sparse_h5 import read_counted
+from stemstream.formats.sparse_h5.layout import SUBPIXEL_POSITIONS
 from stemstream.formats.sparse_h5.metadata import read_metadata
 from stemstream.pipeline.writer.incomplete import SetAside
 
@@ -90,14 +91,29 @@ def run_summary(path: Path, number: int, epoch: int) -> dict | None:
             "thresholds": None, "images": [], "recovered": True}
 
 
-def frames_to_resume(path: Path, frames_per_position: int) -> tuple[dict, np.ndarray, list, SetAside]:
+def subpixel_of(path: Path) -> np.ndarray | None:
+    """A counted file's sub-pixel positions (formats.sparse_h5.layout.SUBPIXEL_POSITIONS), a
+    (k, 2) float32 array per slot in slot order; None when the file has none."""
+    with h5py.File(path, "r") as f:
+        found = f.get(SUBPIXEL_POSITIONS)
+        if not isinstance(found, h5py.Dataset):
+            return None
+        out = np.empty(found.shape[0], object)
+        for i, points in enumerate(found[()]):  # one by one: an object array of arrays, whatever their lengths
+            out[i] = np.asarray(points, np.float32).reshape(-1, 2)
+        return out
+
+
+def frames_to_resume(path: Path, frames_per_position: int) -> tuple[dict, np.ndarray, list, list | None, SetAside]:
     """What a resume (a replay) carries over of the file at ``path``: (its ledger, the slots
-    written, their events, the incomplete frames set aside). Set aside when the file's ledger names
-    them (pipeline.writer.incomplete): a frame the replay brings whole takes the place of such a
-    frame (pipeline.writer.scan)."""
+    written, their events, their sub-pixel positions (None: the file has none), the incomplete
+    frames set aside). Set aside when the file's ledger names them (pipeline.writer.incomplete):
+    a frame the replay brings whole takes the place of such a frame (pipeline.writer.scan)."""
     old = read_counted(path)
     ledger = old.metadata.get("stemstream", {}).get("ledger", {})
     frames = old.frames.reshape(-1)
+    points = subpixel_of(path)
+    points = points if points is not None and len(points) == len(frames) else None
     written = old.written
     mask = written.reshape(-1) if written is not None else np.ones(len(frames), bool)
     flags, numbers = ledger.get("incomplete"), ledger.get("incomplete_frames")
@@ -108,7 +124,8 @@ def frames_to_resume(path: Path, frames_per_position: int) -> tuple[dict, np.nda
         numbers = None if numbers is None else np.asarray(numbers, np.int64).reshape(-1)
         numbers = numbers[held] if numbers is not None and len(numbers) == len(flagged) else None
         if frames_per_position == 1 or numbers is not None:  # one frame per position: its position names it
-            aside = SetAside(flagged[held], [frames[i] for i in flagged[held]], numbers, frames_per_position == 1)
+            aside = SetAside(flagged[held], [frames[i] for i in flagged[held]], numbers, frames_per_position == 1,
+                             None if points is None else list(points[flagged[held]]))
         mask[aside.slots()] = False
     slots = np.flatnonzero(mask)
-    return ledger, slots, [frames[i] for i in slots], aside
+    return ledger, slots, [frames[i] for i in slots], None if points is None else list(points[slots]), aside

@@ -41,21 +41,23 @@ class IncompleteFrames:
 class SetAside:
     """The incomplete frames of a file a replay resumes, kept out of the new file until the replay
     brings one of them whole (it takes that frame's slot) or the scan closes (the others are
-    written back as they were). Known by frame number, or ``by_position`` (= slot: one frame per
-    position)."""
+    written back as they were, with their sub-pixel positions ``subpixel``, a (k, 2) array a
+    frame, when the file had them). Known by frame number, or ``by_position`` (= slot: one frame
+    per position)."""
 
     def __init__(self, slots: np.ndarray = (), events: list = (), numbers: np.ndarray | None = None,
-                 by_position: bool = False):
+                 by_position: bool = False, subpixel: list | None = None):
         self.by_number = not by_position
         numbers = np.zeros(len(slots), np.int64) if numbers is None else numbers  # (not listed: unknown)
         keys = numbers if self.by_number else slots
-        self.frames = {int(k): (int(s), e, int(n)) for k, s, e, n in zip(keys, slots, events, numbers)}
+        subpixel = [None] * len(slots) if subpixel is None else subpixel
+        self.frames = {int(k): (int(s), e, int(n), p) for k, s, e, n, p in zip(keys, slots, events, numbers, subpixel)}
 
     def __len__(self) -> int:
         return len(self.frames)
 
     def slots(self) -> np.ndarray:
-        return np.array([slot for slot, _, _ in self.frames.values()], np.int64)
+        return np.array([item[0] for item in self.frames.values()], np.int64)
 
     def take(self, frame_numbers: np.ndarray, positions: np.ndarray, whole: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Of a message's frames, those (a mask) that are ``whole`` and were set aside, no longer
@@ -69,10 +71,10 @@ class SetAside:
                 slots.append(found[0])
         return taken, np.array(slots, np.int64)
 
-    def rest(self) -> tuple[np.ndarray, list, np.ndarray]:
+    def rest(self) -> tuple[np.ndarray, list, np.ndarray, list]:
         """The frames still set aside, in slot order: (slots, events, frame numbers (0: not
-        known)); none is set aside after."""
+        known), sub-pixel positions (None: not in the file)); none is set aside after."""
         items = sorted(self.frames.values(), key=lambda item: item[0])
         self.frames = {}
-        return (np.array([s for s, _, _ in items], np.int64), [e for _, e, _ in items],
-                np.array([n for _, _, n in items], np.int64))
+        return (np.array([s for s, _, _, _ in items], np.int64), [e for _, e, _, _ in items],
+                np.array([n for _, _, n, _ in items], np.int64), [p for _, _, _, p in items])

@@ -9,7 +9,8 @@ in the producers' buffers and will be resent, so losing it loses nothing. A rest
 and asks control for a new routing generation, so that everything else is streamed again.
 
 Layout: records of an 8-byte little-endian length and a msgpack map. The first record names the
-scan and its epoch (a resumed scan is another epoch); a torn last record is ignored.
+scan and its epoch (a resumed scan is another epoch); a torn last record is ignored. A message's
+sub-pixel positions (the cluster method's), when it had them, are in its record's ``subpixel``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class Journal:
         record = {"block": msg.block, "node": msg.node, "ledger": msg.ledger}
         for name, dtype in _FIELDS:  # msgpack packs the arrays' memory as it is, without a copy first
             record[name] = memoryview(np.ascontiguousarray(getattr(msg, name), dtype)).cast("B")
+        if msg.subpixel is not None:  # (the cluster method's: the file keeps them too)
+            record["subpixel"] = memoryview(np.ascontiguousarray(msg.subpixel, np.float32)).cast("B")
         self._append(record)
 
     def sync(self) -> None:
@@ -106,6 +109,7 @@ def read_journal(path: Path, scan: int, epoch: int) -> list[wire.EventsMessage] 
     messages = []
     for r in records:
         arrays = {name: np.frombuffer(r[name], dtype) for name, dtype in _FIELDS}
+        subpixel = np.frombuffer(r["subpixel"], np.float32).reshape(-1, 2) if "subpixel" in r else None
         messages.append(wire.EventsMessage(scan, int(r["node"]), block=int(r["block"]), stream=0,
-                                           ledger=r.get("ledger"), **arrays))
+                                           ledger=r.get("ledger"), subpixel=subpixel, **arrays))
     return messages

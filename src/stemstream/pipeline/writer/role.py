@@ -187,7 +187,8 @@ class Writer(Role):
             return None
         try:
             check_memory(self.analyses, spec)
-            scan = WriterScan(spec, self.output_dir, self.analyses, self.config.flow, self._hooks(spec))
+            scan = WriterScan(spec, self.output_dir, self.analyses, self.config.flow, self._hooks(spec),
+                              subpixel_positions=self.config.counting.method == "clusters")
         except MemoryError:  # the estimate's margin was not enough: the scan fails, not the writer
             self._fail(spec, OSError(errno.ENOMEM, "not enough memory to open the scan's results"))
             return None

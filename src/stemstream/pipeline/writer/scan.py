@@ -42,6 +42,7 @@ from stemstream.formats.partials import decode_partials
 from stemstream.formats.sparse_h5 import SparseCountsWriter
 from stemstream.pipeline.routing import to_ranges
 from stemstream.pipeline.writer.files import existing_file, frames_to_resume, scan_paths
+from stemstream.pipeline.writer.frames import Frames, first_frames_in_order, next_slots, with_subpixel
 from stemstream.pipeline.writer.incomplete import IncompleteFrames, SetAside
 from stemstream.pipeline.writer.journal import Journal, journal_path, read_journal
 from stemstream.pipeline.writer.live import LiveImages
@@ -63,19 +64,12 @@ class ScanHooks:
     check_space: Callable[[], None]  # OSError(ENOSPC) when the disk has too little room for this scan to go on
 
 
-def _joined(events: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Frames' event lists as (flat uint32 events, offsets)."""
-    offsets = np.zeros(len(events) + 1, np.int64)
-    np.cumsum([len(e) for e in events], out=offsets[1:])
-    flat = np.concatenate(events).astype(np.uint32, copy=False) if events else np.empty(0, np.uint32)
-    return flat, offsets
-
-
 class WriterScan:
-    """One scan's file and state. ``shape`` is (rows, cols) of scan positions."""
+    """One scan's file and state. ``shape`` is (rows, cols) of scan positions. With
+    ``subpixel_positions`` the file keeps each event's sub-pixel position (pipeline.writer.frames)."""
 
     def __init__(self, spec: ScanSpec, output_dir: Path, analyses: Sequence[Analysis], flow: FlowSettings,
-                 hooks: ScanHooks):
+                 hooks: ScanHooks, subpixel_positions: bool = False):
         self.spec = spec
         self.number = spec.number
         self.shape = spec.shape  # (rows, cols)
@@ -102,7 +96,7 @@ class WriterScan:
         # frames so far per position (uint16 unless a position takes more frames: memory per position)
         self.rank = np.zeros(spec.n_positions, np.uint16 if self.fpp <= 65535 else np.uint32)
         self.live = LiveImages(self.shape)  # the dashboard's images, binned as frames arrive
-        self.held: dict[int, list] = {}  # position -> [(frame number, events)] not yet written
+        self.held: dict[int, list] = {}  # position -> [(frame number, events, whole, sub-pixel)] not yet written
         self.replaces: Path | None = None  # resume: the incomplete file the resumed one replaces
         self.carried: np.ndarray | None = None  # resume: positions the file being resumed held whole
         self.frames_duplicate = 0  # frames a replay brought again, already in the resumed file
@@ -114,7 +108,10 @@ class WriterScan:
         earlier = existing_file(output_dir, spec)
         if earlier is not None and not spec.resume:  # never written over: see pipeline.writer.files
             raise FileExistsError(errno.EEXIST, f"{earlier} already exists and is not replaced")
-        self.out = SparseCountsWriter(self.path, self.shape, FRAME_SHAPE, self.fpp, overwrite=spec.resume)
+        self.subpixel = subpixel_positions
+        self.frames_at_pixel_centres = 0  # frames of a file with sub-pixel positions that came without
+        self.out = SparseCountsWriter(self.path, self.shape, FRAME_SHAPE, self.fpp, overwrite=spec.resume,
+                                      subpixel_positions=subpixel_positions)
         self.analyses = ScanAnalyses(analyses, self.shape)
         try:
             if earlier is not None:
@@ -139,7 +136,7 @@ class WriterScan:
         for msg in messages:
             if msg.block >= 0:
                 self.committed.add(msg.block)
-            self.add_events(msg)
+            self.add_events(self._positioned(msg))
             if self.carried is None:  # (a resumed scan's add_events accumulates them itself)
                 self.analyses.accumulate(msg.positions, msg.events, msg.offsets)
         log.warning("scan %d: a previous writer died mid-scan; %d committed block(s) recovered from %s",
@@ -151,7 +148,7 @@ class WriterScan:
         add to the analyses into the new file. From here on the analyses follow the frames
         written, not the node groups' partials, so that frames the replay brings again (positions
         the file held whole) change nothing."""
-        ledger, slots, events, self.provisional = frames_to_resume(path, self.fpp)
+        ledger, slots, events, points, self.provisional = frames_to_resume(path, self.fpp)
         if "frames_complete" in ledger:
             prior = ScanLedger.from_dict({**ledger, "scan_number": self.number, "scan_rows": self.shape[0],
                                           "scan_cols": self.shape[1], "frames_per_position": self.fpp})
@@ -159,11 +156,12 @@ class WriterScan:
             self.ledger.frames_incomplete -= len(self.provisional)  # counted again once placed
             self.frames_spilled = int(ledger.get("frames_spilled", 0))
         if len(slots):
-            self.out.write(slots, events)
+            frames = Frames.joined(events, points)
+            self.frames_at_pixel_centres += len(slots) if self.subpixel and points is None else 0
+            self._put(slots, frames)
             np.add.at(self.rank, slots // self.fpp, 1)
-            flat, offsets = _joined(events)
-            self.analyses.accumulate(slots // self.fpp, flat, offsets)
-            self.n_events += int(offsets[-1])
+            self.analyses.accumulate(slots // self.fpp, frames.events, frames.offsets)
+            self.n_events += int(frames.offsets[-1])
         np.add.at(self.rank, self.provisional.slots() // self.fpp, 1)  # kept: replayed whole, or written back
         self.carried = self.rank >= self.fpp
         log.info("scan %d: resuming %s with %d frames already counted", self.number, path, len(slots))
@@ -216,7 +214,7 @@ class WriterScan:
                 self.commits_changed = True
             self.journal.add(msg)  # before control hears of the commit
             self._add_tally(msg.ledger, msg.block)
-            fresh.append(msg)
+            fresh.append(self._positioned(msg))
         batch = wire.concat_events(fresh) if fresh else None
         if batch is not None:  # the blocks of one commit written as one batch: the writer's cost is per call
             self.add_events(batch)
@@ -227,6 +225,13 @@ class WriterScan:
             return
         if batch is not None:
             self.analyses.accumulate(batch.positions, batch.events, batch.offsets)
+
+    def _positioned(self, msg: wire.EventsMessage) -> wire.EventsMessage:
+        """``msg`` with the sub-pixel positions a file that keeps them needs (counted when they are
+        its pixel centres), so that those of a batch of several messages stay with their events."""
+        msg, centred = with_subpixel(msg) if self.subpixel else (msg, 0)
+        self.frames_at_pixel_centres += centred
+        return msg
 
     def _merge(self, parts: list, frames: int) -> bool:
         """Merge a node group's partials if they cover ``frames`` frames; False (nothing merged)
@@ -281,6 +286,7 @@ class WriterScan:
         if not ok.all():
             self.hooks.reject("position_out_of_bounds", f"{int((~ok).sum())} frame(s)")
         complete = msg.present == _ALL_MODULES
+        frames = Frames(msg.events, msg.offsets, msg.subpixel)
         if self.carried is not None:  # a replay: what the resumed file held whole stays as it was
             # an incomplete frame of the resumed file is replaced by that frame whole only, in its slot
             taken, slots = self.provisional.take(msg.frame_numbers, positions, ok & complete)
@@ -288,7 +294,7 @@ class WriterScan:
             self.frames_duplicate += int(again.sum())
             ok &= ~again
             self.analyses.accumulate(*select_frames(positions, msg.events, msg.offsets, ok))
-            self.out.write(slots, [msg.events[msg.offsets[i]:msg.offsets[i + 1]] for i in np.flatnonzero(taken)])
+            self._put(slots, frames.select(np.flatnonzero(taken)))
             self.ledger.frames_complete += len(slots)
             self.n_events += int(np.diff(msg.offsets)[taken].sum())
             ok &= ~taken
@@ -300,7 +306,7 @@ class WriterScan:
         self.ledger.frames_incomplete += int((~complete[ok]).sum())
         self.n_events += int(np.diff(msg.offsets)[ok].sum()) if len(msg.offsets) > 1 else 0
         if self.fpp == 1:
-            self._write(positions[ok], msg.events, msg.offsets, np.flatnonzero(ok))
+            self._write(positions[ok], frames, np.flatnonzero(ok))
             return
         # Several frames per position: a position's frames may come from two node groups (when
         # a routing block ends between them); hold them until all are in, then write them in
@@ -308,7 +314,8 @@ class WriterScan:
         for i in np.flatnonzero(ok):
             p = int(positions[i])
             held = self.held.setdefault(p, [])
-            held.append((int(msg.frame_numbers[i]), msg.events[msg.offsets[i]:msg.offsets[i + 1]].copy(), complete[i]))
+            events, subpixel = frames.frame(i)
+            held.append((int(msg.frame_numbers[i]), events, complete[i], subpixel))
             if len(held) + self.rank[p] >= self.fpp:
                 self._release(p)
 
@@ -321,52 +328,39 @@ class WriterScan:
     def _release(self, p: int) -> None:
         held = sorted(self.held.pop(p), key=lambda item: item[0])
         self.incomplete.mark_in_order(p * self.fpp + int(self.rank[p]), (p + 1) * self.fpp, held)  # as _write puts them
-        flat, offsets = _joined([e for _, e, _ in held])
-        self._write(np.full(len(held), p, np.int64), flat, offsets, np.arange(len(held)))
+        frames = Frames.joined([e for _, e, _, _ in held], [s for _, _, _, s in held] if self.subpixel else None)
+        self._write(np.full(len(held), p, np.int64), frames, np.arange(len(held)))
 
     def _restore_provisional(self) -> None:
         """A resume: the file's incomplete frames that the replay did not bring whole, back in their slots."""
-        slots, events, numbers = self.provisional.rest()
-        flat, offsets = _joined(events)
+        slots, events, numbers, points = self.provisional.rest()
+        self.frames_at_pixel_centres += sum(p is None for p in points) if self.subpixel else 0
+        frames = Frames.joined(events, points if self.subpixel else None)
         self.ledger.frames_incomplete += len(slots)
         self.incomplete.mark(slots, numbers)
-        self.n_events += int(offsets[-1])
-        self.analyses.accumulate(slots // self.fpp, flat, offsets)
-        self.out.write(slots, events)
+        self.n_events += int(frames.offsets[-1])
+        self.analyses.accumulate(slots // self.fpp, frames.events, frames.offsets)
+        self._put(slots, frames)
 
-    def _write(self, positions: np.ndarray, events: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> None:
-        """Write frames ``index`` of (events, offsets) at ``positions`` (one per index), each at its
-        position's next free slot; frames beyond frames_per_position are counted, not written.
-        Vectorised, in int64: slot numbers pass 65,535 as soon as a scan has more positions."""
+    def _write(self, positions: np.ndarray, frames: Frames, index: np.ndarray) -> None:
+        """Write ``frames`` ``index`` at ``positions`` (one per index), each at its position's
+        next free slot (frames.next_slots); frames beyond frames_per_position are counted, not written."""
         positions = np.asarray(positions, np.int64)
         if len(positions):
             self.live.touched(int(positions.min()), int(positions.max()) + 1)
-        if self._first_frames_in_order(positions, index, offsets):  # the usual block: one call, no sorting
+        if first_frames_in_order(self.rank, self.fpp, positions, len(index) == len(frames)):  # the usual block
             self.rank[positions] = 1
-            self.out.write_flat(positions, events, offsets)
+            self._put(positions, frames)
             return
-        order = np.argsort(positions, kind="stable")  # frames of one position keep their order
-        by_position = positions[order]
-        first = np.r_[True, by_position[1:] != by_position[:-1]] if len(by_position) else np.empty(0, bool)
-        starts = np.maximum.accumulate(np.where(first, np.arange(len(by_position)), 0))
-        rank = np.empty(len(positions), np.int64)
-        rank[order] = self.rank[by_position].astype(np.int64) + np.arange(len(by_position)) - starts
-        over = rank >= self.fpp
+        slots, over = next_slots(self.rank, self.fpp, positions)
         self.ledger.frames_over_capacity += int(over.sum())
-        touched, counts = np.unique(by_position, return_counts=True)
-        self.rank[touched] = np.minimum(self.rank[touched].astype(np.int64) + counts, self.fpp)
-        slots = positions * self.fpp + rank
         keep = np.flatnonzero(~over)
-        if len(keep) == len(index) and np.array_equal(index, np.arange(len(offsets) - 1)):
-            self.out.write_flat(slots, events, offsets)
-        elif len(keep):
-            self.out.write(slots[keep], [events[offsets[index[k]]:offsets[index[k] + 1]] for k in keep])
+        if len(keep):
+            self._put(slots[keep], frames.select(index[keep]))
 
-    def _first_frames_in_order(self, positions: np.ndarray, index: np.ndarray, offsets: np.ndarray) -> bool:
-        """True for the common batch: one frame per position, a whole message's frames, at
-        increasing positions none of which has a frame yet; each frame's slot is its position."""
-        return (self.fpp == 1 and len(index) == len(offsets) - 1 and len(positions) > 0
-                and bool(np.all(positions[1:] > positions[:-1])) and not self.rank[positions].any())
+    def _put(self, slots: np.ndarray, frames: Frames) -> None:
+        """Write ``frames`` in ``slots``, with their sub-pixel positions when the file keeps them."""
+        self.out.write_flat(slots, frames.events, frames.offsets, frames.points() if self.subpixel else None)
 
     def _add_done(self, msg: wire.DoneMessage) -> None:
         self.last_activity = time.monotonic()
@@ -441,6 +435,8 @@ class WriterScan:
             ledger["duplicate_blocks"] = self.duplicate_blocks
         if self.carried is not None:
             ledger["frames_replayed_again"] = self.frames_duplicate
+        if self.subpixel:
+            ledger["frames_at_pixel_centres"] = self.frames_at_pixel_centres
         return ledger
 
     def close(self) -> dict:
