@@ -136,6 +136,19 @@ def test_replay_resumes_the_scans_incomplete_file_under_its_whole_name(simulated
     assert target.scan.shape == (6, 5) and target.scan.frames_per_position == 2
 
 
+def test_replay_beside_a_dead_writers_journal_is_refused_until_it_is_recovered(simulated, tmp_path):
+    """The replay's writer (a new epoch of the scan) would delete the journal as stale, and with it
+    every block the dead writer had committed and no file holds."""
+    journal = tmp_path / "FOURD_261204_0551_00001_00001.h5.journal"
+    journal.write_bytes(b"committed blocks")
+    spill = tmp_path / "spill"
+    shutil.copytree(simulated, spill)
+    result = stemstream("replay", spill, "-o", tmp_path, cwd=tmp_path, tmpdir=tmp_path)
+    assert_one_line_error(result, journal.name, "stemstream recover", "first")
+    assert journal.read_bytes() == b"committed blocks"
+    assert spill.exists() and not list(tmp_path.glob("FOURD_*.h5"))
+
+
 def test_replay_into_a_file_that_holds_every_frame_is_refused_and_changes_nothing(simulated, tmp_path):
     from stemstream.formats.sparse_h5 import SparseCountsWriter
 

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from stemstream.cli import export, pipeline, run, scan, security, slurm, web
+from stemstream.cli import export, pipeline, recover, run, scan, security, slurm, web
 from stemstream.cli.reports import count_summary, simulation_summary
 from stemstream.cli.support import UserError, console, guarded, parse_shape, progress_bar, setup_logging
 
@@ -119,6 +119,7 @@ COMMANDS = (
     ("run", run.run),
     ("demo", run.demo),
     ("replay", run.replay),
+    ("recover", recover.recover),
     ("scan", scan.scan),
     ("serve", web.serve),
     ("analyze", web.analyze),

@@ -129,6 +129,7 @@ def replay(
     from stemstream.core.config import COUNTING_METHODS
     from stemstream.deploy.session import mark_replayed, replay_target
     from stemstream.deploy.sources import ProducerSource
+    from stemstream.pipeline.writer.journal import JOURNAL_SUFFIX
 
     cfg = read_config(config)
     if nodes is not None:
@@ -141,6 +142,10 @@ def replay(
     cfg.pipeline.output_dir = str(output.resolve())
     validated(cfg)
     target = replay_target(spill_dir, Path(cfg.pipeline.output_dir))
+    orphaned = sorted(Path(cfg.pipeline.output_dir).glob(f"*_{target.scan.number:05d}.h5{JOURNAL_SUFFIX}"))
+    if orphaned:  # a replay's writer would take it for a stale journal and delete what it holds
+        raise UserError(f"{orphaned[0]} holds frames a writer of scan {target.scan.number} committed before it "
+                        f"died: run `stemstream recover {output}` first, then replay ({spill_dir} is left as it is)")
     if target.whole:
         raise UserError(f"{target.file} already holds every frame of scan {target.scan.number}: nothing to "
                         f"replay into it ({spill_dir} is left as it is)")
@@ -229,6 +234,8 @@ def _stream(session: LocalSession, cfg: PipelineConfig, source: ProducerSource, 
 
 def _print_stopped(stopped: Stopped, output_dir: Path) -> None:
     """What one Ctrl-C left: how long the stop took, where the scan's file is and what it lacks."""
+    from stemstream.formats.sparse_h5.layout import PARTIAL_SUFFIX
+
     console.print(f"stopped every role in {stopped.seconds:.1f} s"
                   + (f" (killed: {', '.join(stopped.killed)})" if stopped.killed else ""), highlight=False)
     if stopped.scan is None:
@@ -241,8 +248,9 @@ def _print_stopped(stopped: Stopped, output_dir: Path) -> None:
                       f"{expected:,} frames complete, {ledger.get('frames_missing', 0):,} missing, "
                       f"{ledger.get('frames_incomplete', 0):,} incomplete", highlight=False, soft_wrap=True)
     elif stopped.left is not None:
-        console.print(f"scan {number}: the writer did not finish its file: {stopped.left} is what it left",
-                      highlight=False, soft_wrap=True)
+        console.print(f"scan {number}: the writer did not finish its file: {stopped.left} is what it left"
+                      + (f"; `stemstream recover {output_dir}` makes the counted file of what it had committed"
+                         if stopped.left.name.endswith(PARTIAL_SUFFIX) else ""), highlight=False, soft_wrap=True)
     else:
         console.print(f"scan {number}: no file was written", highlight=False)
     if stopped.spilled:

@@ -9,8 +9,11 @@ in the producers' buffers and will be resent, so losing it loses nothing. A rest
 and asks control for a new routing generation, so that everything else is streamed again.
 
 Layout: records of an 8-byte little-endian length and a msgpack map. The first record names the
-scan and its epoch (a resumed scan is another epoch); a torn last record is ignored. A message's
-sub-pixel positions (the cluster method's), when it had them, are in its record's ``subpixel``.
+scan and its epoch (a resumed scan is another epoch) and holds what ``stemstream recover`` needs
+to rebuild the file once no writer will (pipeline.writer.recover): the scan's spec
+(``ScanSpec.to_wire``) and whether the file keeps sub-pixel positions. A torn last record is
+ignored. A message's sub-pixel positions (the cluster method's), when it had them, are in its
+record's ``subpixel``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
+from stemstream.core.scan_spec import ScanSpec
 from stemstream.formats import wire
 
 log = logging.getLogger(__name__)
@@ -39,14 +43,25 @@ def journal_path(h5_path: Path) -> Path:
     return h5_path.with_name(h5_path.name + JOURNAL_SUFFIX)
 
 
-class Journal:
-    """Append-only record of one scan's committed events."""
+class JournalError(ValueError):
+    """A journal that cannot be read as a whole; the message is one sentence."""
 
-    def __init__(self, path: Path, scan: int, epoch: int):
+
+class Journal:
+    """Append-only record of one scan's committed events. ``header``: more of the first record
+    (what recovery needs, :meth:`for_scan`)."""
+
+    def __init__(self, path: Path, scan: int, epoch: int, header: dict | None = None):
         self.path = path
         self._file = open(path, "ab")
         if self._file.tell() == 0:
-            self._append({"scan": scan, "epoch": epoch})
+            self._append({**(header or {}), "scan": scan, "epoch": epoch})
+
+    @classmethod
+    def for_scan(cls, path: Path, spec: ScanSpec, subpixel_positions: bool) -> Journal:
+        """The journal of a writer's scan of ``spec``, its first record holding what a later
+        ``stemstream recover`` needs to rebuild the file as that writer would."""
+        return cls(path, spec.number, spec.epoch, {"spec": spec.to_wire(), "subpixel_positions": subpixel_positions})
 
     def _append(self, record: dict) -> None:
         data = msgpack.packb(record, use_bin_type=True)
@@ -82,21 +97,60 @@ class Journal:
         return remover
 
 
-def _records(path: Path) -> Iterator[dict]:
+def _records(path: Path, strict: bool = False) -> Iterator[dict]:
+    """The records of ``path``; a torn last record is ignored (a warning, unless ``strict``: a
+    check before the reading that says it). An unreadable record ends the journal there (a
+    warning), or with ``strict`` raises JournalError."""
     data = path.read_bytes()
     at = 0
     while at + _LENGTH.size <= len(data):
         (length,) = _LENGTH.unpack_from(data, at)
         if at + _LENGTH.size + length > len(data):
-            log.warning("%s: torn last record ignored (the writer died while appending it)", path)
+            if not strict:
+                log.warning("%s: torn last record ignored (the writer died while appending it)", path)
             return
         try:
             record = msgpack.unpackb(data[at + _LENGTH.size: at + _LENGTH.size + length], raw=False)
+            if not isinstance(record, dict):
+                raise ValueError("not a map")
         except Exception:
+            if strict:
+                raise JournalError(f"{path} is corrupt: its record at byte {at} is unreadable") from None
             log.warning("%s: unreadable record at byte %d; the rest is ignored", path, at)
             return
         yield record
         at += _LENGTH.size + length
+
+
+def _message(scan: int, r: dict) -> wire.EventsMessage:
+    arrays = {name: np.frombuffer(r[name], dtype) for name, dtype in _FIELDS}
+    subpixel = np.frombuffer(r["subpixel"], np.float32).reshape(-1, 2) if "subpixel" in r else None
+    return wire.EventsMessage(scan, int(r["node"]), block=int(r["block"]), stream=0,
+                              ledger=r.get("ledger"), subpixel=subpixel, **arrays)
+
+
+def check_journal(path: Path) -> tuple[dict, int]:
+    """(the first record of ``path``, the frames of every committed block in it), a torn last
+    record ignored. The first record names scan and epoch and, from writers that record it, holds
+    ``spec`` and ``subpixel_positions``. JournalError, as one sentence, when the journal has no
+    whole record, or a record is unreadable or not a block's events."""
+    frames = 0
+    records = _records(path, strict=True)
+    header = next(records, None)
+    if header is None:
+        raise JournalError(f"{path} holds no whole record (its writer died as it created it): nothing to recover")
+    for r in records:
+        try:
+            msg = _message(0, r)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise JournalError(f"{path} is corrupt: a record is not a block's events ({type(exc).__name__})") from None
+        n, offsets = len(msg.frame_numbers), msg.offsets
+        if not (len(msg.positions) == len(msg.present) == n and len(offsets) == n + 1 and offsets[0] == 0
+                and offsets[-1] == len(msg.events) and (np.diff(offsets) >= 0).all()
+                and (msg.subpixel is None or len(msg.subpixel) == len(msg.events))):
+            raise JournalError(f"{path} is corrupt: the arrays of block {msg.block}'s record do not agree")
+        frames += n
+    return header, frames
 
 
 def read_journal(path: Path, scan: int, epoch: int) -> list[wire.EventsMessage] | None:
@@ -106,10 +160,4 @@ def read_journal(path: Path, scan: int, epoch: int) -> list[wire.EventsMessage] 
     header = next(records, None)
     if not header or header.get("scan") != scan or header.get("epoch") != epoch:
         return None
-    messages = []
-    for r in records:
-        arrays = {name: np.frombuffer(r[name], dtype) for name, dtype in _FIELDS}
-        subpixel = np.frombuffer(r["subpixel"], np.float32).reshape(-1, 2) if "subpixel" in r else None
-        messages.append(wire.EventsMessage(scan, int(r["node"]), block=int(r["block"]), stream=0,
-                                           ledger=r.get("ledger"), subpixel=subpixel, **arrays))
-    return messages
+    return [_message(scan, r) for r in records]

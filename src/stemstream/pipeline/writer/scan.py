@@ -117,7 +117,7 @@ class WriterScan:
             if earlier is not None:
                 self._carry_over(earlier)
             self.recovered = self._recover()
-            self.journal = Journal(journal_path(self.path), self.number, spec.epoch)
+            self.journal = Journal.for_scan(journal_path(self.path), spec, subpixel_positions)
         except OSError:
             self.out.abort()  # no partial file left behind by a scan that never opened
             raise
