@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import replace
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from stemstream.analysis import ScanAnalyses, default_analyses
 from stemstream.cli.app import app
 from stemstream.core.config import FlowSettings
 from stemstream.core.detector import FRAME_SHAPE, N_MODULES
+from stemstream.counting.thresholds import fixed_thresholds
 from stemstream.formats import wire
 from stemstream.formats.sparse_h5 import read_counted
 from stemstream.pipeline.writer.journal import Journal, journal_path
@@ -35,6 +37,7 @@ CONFIG = '[analysis]\nenabled = ["virtual_detectors"]\n'
 SCAN_1 = {"number": 1, "shape": (4, 4), "block_frames": 4, "nodes": [0, 1]}
 SCAN_2 = {"number": 2, "shape": (2, 4), "block_frames": 4, "frames_per_position": 2}
 LACKING = 5
+CALIBRATED = fixed_thresholds(31.5, 990.0)  # what control calibrated for scan 1 after it started
 
 
 def frame_events(frame: int) -> np.ndarray:
@@ -57,8 +60,9 @@ def hooks(spec) -> ScanHooks:
                      reject=lambda reason, detail: None, check_space=lambda: None)
 
 
-def open_scan(directory: Path, spec) -> WriterScan:
-    return WriterScan(spec, directory, ANALYSES, FlowSettings(), hooks(spec))
+def open_scan(directory: Path, spec, latest=None) -> WriterScan:
+    """A writer's scan of ``spec``; control's newest spec of it ``latest`` (default: ``spec``)."""
+    return WriterScan(spec, directory, ANALYSES, FlowSettings(), hooks(latest or spec))
 
 
 def feed(scan: WriterScan, spec, committed: list[int], uncommitted: list[int]) -> None:
@@ -75,8 +79,9 @@ def feed(scan: WriterScan, spec, committed: list[int], uncommitted: list[int]) -
 def writer_dies(directory: str) -> None:
     """In a process of its own: the writer of scans 1 and 2 commits blocks, then is killed."""
     for fields, committed, uncommitted in ((SCAN_1, [0, 1, 3], [2]), (SCAN_2, [0, 1, 2, 3], [])):
-        spec = make_spec(**fields)
-        feed(open_scan(Path(directory), spec), spec, committed, uncommitted)
+        spec = make_spec(**fields)  # (thresholds to be calibrated: none yet)
+        calibrated = replace(spec, thresholds=CALIBRATED) if spec.number == 1 else None
+        feed(open_scan(Path(directory), spec, calibrated), spec, committed, uncommitted)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -118,6 +123,8 @@ def test_recover_makes_the_files_of_a_killed_writers_journals(tmp_path):
     assert counted.written.reshape(-1).tolist() == [f not in range(8, 12) for f in range(16)]
     assert list(ledger["incomplete_frames"]) == [LACKING]
     assert counted.metadata["stemstream"]["epoch"] == one.epoch
+    # the thresholds the scan's frames were counted with, calibrated after the writer opened it
+    assert counted.metadata["electron_counting"]["background_threshold"] == CALIBRATED.background
     # scan 2: nothing missing, so the whole name; slot j of position p holds frame 2p + j
     assert slot_frames(whole) == [[2 * p, 2 * p + 1] for p in range(8)]
     ledger = read_counted(whole).metadata["stemstream"]["ledger"]

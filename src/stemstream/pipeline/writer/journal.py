@@ -54,6 +54,7 @@ class Journal:
     def __init__(self, path: Path, scan: int, epoch: int, header: dict | None = None):
         self.path = path
         self._file = open(path, "ab")
+        self._thresholds = None  # those of the newest spec journaled (see add)
         if self._file.tell() == 0:
             self._append({**(header or {}), "scan": scan, "epoch": epoch})
 
@@ -61,14 +62,22 @@ class Journal:
     def for_scan(cls, path: Path, spec: ScanSpec, subpixel_positions: bool) -> Journal:
         """The journal of a writer's scan of ``spec``, its first record holding what a later
         ``stemstream recover`` needs to rebuild the file as that writer would."""
-        return cls(path, spec.number, spec.epoch, {"spec": spec.to_wire(), "subpixel_positions": subpixel_positions})
+        journal = cls(path, spec.number, spec.epoch, {"spec": spec.to_wire(), "subpixel_positions": subpixel_positions})
+        journal._thresholds = spec.thresholds
+        return journal
 
     def _append(self, record: dict) -> None:
         data = msgpack.packb(record, use_bin_type=True)
         self._file.write(_LENGTH.pack(len(data)))
         self._file.write(data)
 
-    def add(self, msg: wire.EventsMessage) -> None:
+    def add(self, msg: wire.EventsMessage, spec: ScanSpec | None = None) -> None:
+        """Journal a committed block's events; and before them ``spec`` (control's newest of the
+        scan) when its thresholds are not those journaled yet: calibrated thresholds come after
+        the scan starts, and a recovered file names the thresholds its frames were counted with."""
+        if spec is not None and spec.thresholds is not None and spec.thresholds != self._thresholds:
+            self._append({"spec": spec.to_wire()})
+            self._thresholds = spec.thresholds
         record = {"block": msg.block, "node": msg.node, "ledger": msg.ledger}
         for name, dtype in _FIELDS:  # msgpack packs the arrays' memory as it is, without a copy first
             record[name] = memoryview(np.ascontiguousarray(getattr(msg, name), dtype)).cast("B")
@@ -132,14 +141,18 @@ def _message(scan: int, r: dict) -> wire.EventsMessage:
 def check_journal(path: Path) -> tuple[dict, int]:
     """(the first record of ``path``, the frames of every committed block in it), a torn last
     record ignored. The first record names scan and epoch and, from writers that record it, holds
-    ``spec`` and ``subpixel_positions``. JournalError, as one sentence, when the journal has no
-    whole record, or a record is unreadable or not a block's events."""
+    ``spec`` (here the newest journaled: see Journal.add) and ``subpixel_positions``.
+    JournalError, as one sentence, when the journal has no whole record, or a record is
+    unreadable or not a block's events."""
     frames = 0
     records = _records(path, strict=True)
     header = next(records, None)
     if header is None:
         raise JournalError(f"{path} holds no whole record (its writer died as it created it): nothing to recover")
     for r in records:
+        if _is_spec(r):
+            header = {**header, "spec": r["spec"]}
+            continue
         try:
             msg = _message(0, r)
         except (KeyError, TypeError, ValueError) as exc:
@@ -160,4 +173,9 @@ def read_journal(path: Path, scan: int, epoch: int) -> list[wire.EventsMessage] 
     header = next(records, None)
     if not header or header.get("scan") != scan or header.get("epoch") != epoch:
         return None
-    return [_message(scan, r) for r in records]
+    return [_message(scan, r) for r in records if not _is_spec(r)]
+
+
+def _is_spec(record: dict) -> bool:
+    """A record of a newer spec of the scan (Journal.add), not a block's events."""
+    return "spec" in record and "block" not in record

@@ -212,7 +212,7 @@ class WriterScan:
                     continue
                 self.committed.add(msg.block)
                 self.commits_changed = True
-            self.journal.add(msg)  # before control hears of the commit
+            self.journal.add(msg, self.hooks.latest_spec())  # before control hears of the commit
             self._add_tally(msg.ledger, msg.block)
             fresh.append(self._positioned(msg))
         batch = wire.concat_events(fresh) if fresh else None
