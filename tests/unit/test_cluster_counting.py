@@ -13,12 +13,14 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
+from scipy import ndimage
 from scipy.special import ndtr
 
 from stemstream.core.config import config_from_dict
 from stemstream.core.detector import FRAME_COLS, FRAME_SHAPE, N_MODULES, SECTOR_ROWS
 from stemstream.core.thresholds import fixed_thresholds
 from stemstream.counting.cluster_counter import ClusterCounter, calibrate_cluster_model
+from stemstream.counting.cluster_labels import label_clusters
 from stemstream.counting.cluster_model import ClusterCalibrationError
 from stemstream.formats.raw import make_sector_records
 from stemstream.formats.sparse_h5 import SparseCountsWriter
@@ -170,6 +172,66 @@ def test_electrons_at_frame_edges_and_corners(counter):
     events, positions = count(counter, frame)
     assert sorted(events.tolist()) == sorted(int(round(y)) * cols + int(round(x)) for y, x in planted)
     assert positions.min() >= 0 and positions[:, 0].max() <= rows - 1 and positions[:, 1].max() <= cols - 1
+
+
+def _labels_against_scipy(frame: np.ndarray, lo: int, hi: int, pedestal: float = 20.3) -> int:
+    """Cluster labelling (counting.cluster_labels) against scipy's 8-connected labelling: the
+    same clusters in the same order (raster order of their first pixel), their pixels in raster
+    order, peaks (members not smaller than any member neighbour, ties to the lower index) and
+    charge sums. Returns the number of clusters."""
+    rows, cols = frame.shape
+    pixels, records = np.empty(frame.size + 8, np.int64), np.empty(frame.size, np.int64)
+    tables, sums = np.empty((min(frame.size, 65535), 4), np.int64), np.empty((min(frame.size, 65535), 3))
+    n = label_clusters(frame.reshape(-1), rows, cols, lo, hi, pedestal, pixels, records, tables, sums)
+    member = (frame >= lo) & (frame <= hi)
+    want, n_want = ndimage.label(member, structure=np.ones((3, 3)))
+    assert n == n_want
+    kept = np.pad(np.where(member, frame.astype(np.int64), -1), 1, constant_values=-1)
+    index = np.pad(np.arange(frame.size).reshape(rows, cols), 1)
+    peak = member.copy()
+    for dr, dc in [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc]:
+        w = kept[1 + dr : 1 + dr + rows, 1 + dc : 1 + dc + cols]
+        s = index[1 + dr : 1 + dr + rows, 1 + dc : 1 + dc + cols]
+        peak &= ~((w > frame) | ((w == frame) & (s < index[1:-1, 1:-1])))
+    order = np.argsort(want.reshape(-1), kind="stable")
+    bounds = np.searchsorted(want.reshape(-1)[order], np.arange(1, n + 2))
+    for j in range(n):
+        start, size, n_peaks = tables[j, :3]
+        mine = pixels[start : start + size]
+        assert np.array_equal(mine, order[bounds[j] : bounds[j + 1]]), f"cluster {j}"
+        assert n_peaks == peak.reshape(-1)[mine].sum(), f"cluster {j}"
+        q = frame.reshape(-1)[mine] - pedestal
+        assert sums[j] == pytest.approx([q.sum(), (q * (mine // cols)).sum(), (q * (mine % cols)).sum()], rel=1e-12)
+    return n
+
+
+def test_cluster_labels_match_scipy_across_blocks_rows_and_edges():
+    """The run-based labelling joins runs across the scan's 64-pixel words and 96-pixel blocks,
+    across rows (diagonal touches too), merges clusters that meet only further down (a U), and
+    keeps clusters at the frame's edges and corners and in the columns after the last block."""
+    lo, hi = 30, 2000
+    frame = np.full((40, 200), 20, np.uint16)  # 200 columns: two blocks of 96 and 8 columns after
+    for c0, c1 in ((60, 70), (90, 100), (150, 170), (185, 199)):  # across words, blocks, the tail
+        frame[5, c0:c1] = 50
+    frame[6, 100] = frame[7, 101] = frame[8, 95] = 40  # diagonal touches, a cluster from below
+    frame[9, 94:96] = 40
+    frame[12:20, 10] = frame[12:20, 14] = 45  # a U closed at the bottom, plateaus for the peaks
+    frame[20, 10:15] = 45
+    frame[12, 12] = 60  # a lone peak between its arms
+    frame[0, 0:3] = frame[39, 197:200] = frame[0, 199] = frame[39, 0] = 60  # edges and corners
+    frame[1:40, 199] = 35
+    frame[25, 40:50] = 55
+    frame[25, 45] = 5000  # an X-ray pixel splits a run in two
+    frame[30, 96] = frame[31, 95] = frame[32, 96] = frame[33, 191] = frame[34, 192] = 70
+    assert _labels_against_scipy(frame, lo, hi) == 13
+    rng = np.random.default_rng(9)
+    for shape in ((40, 200), (7, 96), (1, 1), (3, 5), FRAME_SHAPE):
+        for density in (0.01, 0.3, 0.7):
+            frame = rng.integers(0, lo, shape).astype(np.uint16)
+            on = rng.random(shape) < density
+            frame[on] = rng.integers(lo, lo + 20, on.sum())  # many ties between neighbours
+            frame[rng.random(shape) < 0.01] = 3000
+            _labels_against_scipy(frame, lo, hi)
 
 
 def test_sector_boundaries_count_as_the_assembled_frame(counter):

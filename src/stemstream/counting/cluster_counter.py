@@ -48,14 +48,14 @@ class ClusteredFrames(CountedFrames):
 
 
 def _scratch(frame_shape: tuple[int, int]) -> tuple:
-    """One thread's arrays for the kernel (see clusters.count_clusters_frame): label and used
-    images, pixel and peak lists, per-cluster tables (start, size, peaks, electrons; charge sums;
-    score gains), a position."""
+    """One thread's arrays for the kernel (see clusters.count_clusters_frame): the label image
+    (written by the calibration only) and the used image, the pixel list (clusters' pixels, by
+    cluster), run records then a cluster's peaks (counting.cluster_labels), per-cluster tables
+    (start, size, peaks, electrons; charge sums; score gains), a position."""
     pixels = frame_shape[0] * frame_shape[1]
     most = max_events_per_frame(frame_shape)  # clusters are never adjacent, as strict maxima
     most = min(most, LABELS)
-    # The pixel list has 8 spare entries: the fill writes every neighbour to it (clusters.py, _grow).
-    return (np.zeros(pixels, np.uint16), np.zeros(pixels, np.uint8), np.empty(pixels + 8, np.int64),
+    return (np.zeros(pixels, np.uint16), np.zeros(pixels, np.uint8), np.empty(pixels, np.int64),
             np.empty(pixels, np.int64), np.empty((most, 4), np.int64), np.empty((most, 3), np.float64),
             np.empty(most, np.float64), np.empty(2, np.float64))
 

@@ -6,9 +6,10 @@ counting.kernel, stempy's strict 3 x 3 maxima). Per frame, two passes over what 
 background threshold:
 
 1. **Clusters.** Pixels with ``lo <= value <= hi`` (the thresholds' integer window, as the maxima
-   kernel; X-ray pixels above ``hi`` count as empty) joined by 8-connectivity. Each cluster's
-   charge is ``sum(value - pedestal)`` over its pixels; its *peaks* are its pixels not smaller
-   than any 8-neighbour in the cluster (ties go to the lower flat index, so a plateau is one peak).
+   kernel; X-ray pixels above ``hi`` count as empty) joined by 8-connectivity, labelled from the
+   runs of the block scan (counting.cluster_labels). Each cluster's charge is
+   ``sum(value - pedestal)`` over its pixels; its *peaks* are its pixels not smaller than any
+   8-neighbour in the cluster (ties go to the lower flat index, so a plateau is one peak).
 2. **Electrons per cluster.** ``n`` maximises ``log p(charge | n) + log prior(n | peaks)``
    (counting.cluster_model.electrons_in_cluster: the charge of ``n`` electrons is gamma
    distributed with shape ``n * k`` and mean ``n * m``, the electrons beyond the peaks are Poisson
@@ -26,9 +27,9 @@ listed twice counts once) and our writer keeps stempy's sorted unique lists, so 
 electron on a pixel already taken gets the nearest free pixel within 2 px of its position.
 Dense counts per frame then equal the electrons counted.
 
-All kernels release the GIL; each thread keeps a label image (uint16: at most 65,535 clusters a
-frame) and a used-pixel image (uint8) of its own, as small as the frame so that they stay in the
-cache, and clears only the pixels a frame set.
+All kernels release the GIL; each thread keeps a used-pixel image (uint8) of its own and clears
+only the pixels a frame set, and a label image (uint16: at most 65,535 clusters a frame) that only
+the calibration's test of isolation writes.
 """
 
 from __future__ import annotations
@@ -37,158 +38,21 @@ import math
 
 import numpy as np
 from numba import njit
-from numba.cpython.unsafe.numbers import trailing_zeros
 
+from stemstream.counting.cluster_labels import is_peak, label_clusters
 from stemstream.counting.cluster_model import electrons_in_cluster, one_electron_below, reconcile
-from stemstream.counting.kernel import _BLOCK, _GATHER
+from stemstream.counting.kernel import _kept
 
-# Neighbours of a pixel, (row, col) offsets: the 8-connectivity of clusters and peaks.
-_DR = np.array([-1, -1, -1, 0, 0, 1, 1, 1], np.int64)
-_DC = np.array([-1, 0, 1, -1, 1, -1, 0, 1], np.int64)
 # The per-frame rate of hidden electrons never goes below this (log of 0 is not a prior).
 _MIN_HIDDEN = 0.002
 # A calibration cluster has no other within this many pixels: far enough that it comes from
 # where the local dose is low, so that two electrons on one pixel (one peak, twice the charge)
 # are rare among them even in a bright-field disc.
 _ALONE = 6
-# Peaks of a cluster kept in order of value (see _grow).
+# Peaks of a cluster kept in order of value (see _top_peaks).
 _SORTED_PEAKS = 16
 # Clusters per frame: labels are uint16, 0 meaning none.
 LABELS = 65535
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _grow(flat, rows, cols, lo, hi, pedestal, label, tag, p, pixels, peaks, n_pix, sums):
-    """Label the cluster of pixel p ``tag``, appending its pixels to ``pixels`` from n_pix on
-    (breadth-first, the pixel list is the queue) and its peaks to ``peaks`` from n_pix on;
-    ``sums`` gets (charge, charge * row, charge * col). Returns (new n_pix, number of peaks).
-    A pixel's members among its 8 neighbours are exactly those with lo <= value <= hi (they are
-    connected to it), so the peak test needs no labels and costs no second pass."""
-    label[p] = tag
-    pixels[n_pix] = p
-    start = n_pix
-    n_pix += 1
-    k = start
-    n_peaks = 0
-    sums[0] = sums[1] = sums[2] = 0.0
-    while k < n_pix:
-        q = pixels[k]
-        k += 1
-        v = flat[q]
-        qr = q // cols
-        qc = q - qr * cols
-        w8 = np.float64(v) - pedestal
-        sums[0] += w8
-        sums[1] += w8 * qr
-        sums[2] += w8 * qc
-        peak = True
-        if 0 < qr < rows - 1 and 0 < qc < cols - 1:
-            # Inside the frame, branch-free: whether a neighbour is in the cluster is a coin toss
-            # to the branch predictor, and mispredicted branches were most of the fill's time.
-            # Every neighbour is written to the queue; only the new members advance it.
-            for d in range(8):
-                s = q + _DR[d] * cols + _DC[d]
-                w = flat[s]
-                member = (w >= lo) & (w <= hi)
-                new = member & (label[s] == 0)
-                peak &= not (member & ((w > v) | ((w == v) & (s < q))))
-                label[s] = label[s] | (tag * new)
-                pixels[n_pix] = s
-                n_pix += new
-        else:
-            for d in range(8):
-                rr, cc = qr + _DR[d], qc + _DC[d]
-                if rr < 0 or rr >= rows or cc < 0 or cc >= cols:
-                    continue
-                s = rr * cols + cc
-                w = flat[s]
-                if w < lo or w > hi:
-                    continue
-                if w > v or (w == v and s < q):
-                    peak = False
-                if label[s] == 0:
-                    label[s] = tag
-                    pixels[n_pix] = s
-                    n_pix += 1
-        if peak:
-            # Insertion by value, highest first, among the first _SORTED_PEAKS: a cluster of many
-            # peaks (a bright-field disc at high dose) gets an electron on every peak anyway, and
-            # sorting all of its thousands of peaks this way took most of a frame's time.
-            j = start + n_peaks
-            while j > start and n_peaks < _SORTED_PEAKS and flat[peaks[j - 1]] < v:
-                peaks[j] = peaks[j - 1]
-                j -= 1
-            peaks[j] = q
-            n_peaks += 1
-    return n_pix, n_peaks
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _add_cluster(flat, rows, cols, lo, hi, pedestal, label, p, pixels, peaks, n_pix, j, tables, sums):
-    """Cluster j from pixel p (see _label_clusters); returns the new n_pix."""
-    end, n_peaks = _grow(flat, rows, cols, lo, hi, pedestal, label, j + 1, p, pixels, peaks, n_pix, sums[j])
-    tables[j, 0], tables[j, 1], tables[j, 2] = n_pix, end - n_pix, n_peaks
-    return end
-
-
-@njit(nogil=True, cache=True)
-def _label_clusters(flat, rows, cols, lo, hi, pedestal, label, pixels, peaks, tables, sums):
-    """Pass 1: label the frame's clusters (flat uint16 frame, rows x cols) in ``label`` (all 0
-    on entry; cluster j gets label j + 1, see _clear). Cluster j's pixels are
-    ``pixels[start:start + size]`` (flat indices), its peaks ``peaks[start:start + n_peaks]``,
-    highest first, with (start, size, n_peaks) = ``tables[j]`` (int64) and ``sums[j]`` = (charge,
-    charge * row, charge * col) over its pixels. Returns the number of clusters (at most tables' size:
-    further clusters are dropped, which only a frame of 0.2 electrons per pixel reaches).
-
-    The scan is the maxima kernel's (counting.kernel.count_frame_int): a block of _BLOCK pixels
-    whose maximum is below lo is skipped after one vectorised pass; in a hit block a vectorised
-    byte mask of the pixels >= lo, gathered into bits, says which pixels to visit."""
-    n_clusters = 0
-    n_pix = 0
-    if lo > 65535:
-        return 0
-    lo16 = np.uint16(lo)
-    mask = np.zeros(_BLOCK, np.uint8)
-    mwords = mask.view(np.uint64)
-    block = np.uint64(_BLOCK)
-    ucols = np.uint64(cols)
-    n_blocks = ucols // block
-    tail_start = np.int64(n_blocks * block)
-    for r in range(rows):
-        row_base = np.uint64(r) * ucols
-        for b in range(n_blocks):
-            base = row_base + b * block
-            m = np.uint16(0)
-            for j in range(block):
-                m = max(m, flat[base + j])
-            if m < lo16:
-                continue
-            for j in range(block):
-                mask[j] = np.uint8(flat[base + j] >= lo16)
-            for h in range((_BLOCK + 63) // 64):
-                bits = np.uint64(0)
-                for k in range(min(8, _BLOCK // 8 - 8 * h)):
-                    bits |= ((mwords[8 * h + k] * _GATHER) >> np.uint64(56)) << np.uint64(8 * k)
-                while bits != 0:
-                    p = np.int64(base) + 64 * h + np.int64(trailing_zeros(bits))
-                    bits &= bits - np.uint64(1)
-                    if flat[p] > hi or label[p] != 0:
-                        continue
-                    if n_clusters == tables.shape[0]:
-                        return n_clusters
-                    n_pix = _add_cluster(flat, rows, cols, lo, hi, pedestal, label, p, pixels, peaks, n_pix,
-                                         n_clusters, tables, sums)
-                    n_clusters += 1
-        for c in range(tail_start, cols):
-            p = r * cols + c
-            v = flat[p]
-            if v < lo or v > hi or label[p] != 0:
-                continue
-            if n_clusters == tables.shape[0]:
-                return n_clusters
-            n_pix = _add_cluster(flat, rows, cols, lo, hi, pedestal, label, p, pixels, peaks, n_pix, n_clusters, tables, sums)
-            n_clusters += 1
-    return n_clusters
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -253,9 +117,29 @@ def _clear(label, pixels, tables, n_clusters):
 
 @njit(nogil=True, cache=True)
 def _sort_events(out, positions, n, rows, cols):
-    # Sorted as stempy's frames are: a counting sort by row, then insertion by column within a
-    # row (a few events each). Events come cluster by cluster, a large cluster's in the order
-    # of its peaks' values, so a sort of the whole list would move most of them far.
+    # Sorted as stempy's frames are. Events come cluster by cluster in raster order of the
+    # clusters' first pixels, so most are a row or two from their place: an insertion sort moves
+    # a few events each. A large cluster's come in the order of its peaks' values and charge,
+    # which would move most of them far: after 8 moves an event, sort by rows instead.
+    limit = 8 * n + 64
+    for i in range(1, n):
+        p, y, x = out[i], positions[i, 0], positions[i, 1]
+        j = i
+        while j > 0 and out[j - 1] > p:
+            out[j] = out[j - 1]
+            positions[j, 0] = positions[j - 1, 0]
+            positions[j, 1] = positions[j - 1, 1]
+            j -= 1
+        out[j], positions[j, 0], positions[j, 1] = p, y, x
+        limit -= i - j
+        if limit < 0:
+            _sort_by_rows(out, positions, n, rows, cols)
+            return
+
+
+@njit(nogil=True, cache=True)
+def _sort_by_rows(out, positions, n, rows, cols):
+    # A counting sort by row, then insertion by column within a row (a few events each).
     inv_cols = 1.0 / cols
     first = np.zeros(rows + 1, np.int64)
     for i in range(n):
@@ -309,29 +193,63 @@ def _sift_down(key, index, size, i):
 
 
 @njit(nogil=True, cache=True)
-def _extras(flat, rows, cols, pedestal, mean, used, members, extra, out, positions, n_out, where):
+def _extras(flat, rows, cols, pedestal, mean, used, members, extra, out, positions, n_out, where, key, index):
     """The electrons of a cluster beyond its peaks (two on one pixel, or too close to make a peak
     each): each at the cluster pixel (``members``, flat indices) with the most charge not yet
     explained, a pixel's charge less the single-electron mean for each electron already there
     (its peak's, then extras'): where the charge says the hidden electrons are, not at the
     highest peak again. Their positions are the pixels' centres (sharing a pixel, their
-    centroids are one point). Returns the new number of events."""
+    centroids are one point). ``key``, ``index``: float64 and int64 scratch for the heap, the
+    cluster's size (an allocation per cluster cost more than the heap). Returns the new number
+    of events."""
     size = members.shape[0]
-    key = np.empty(size, np.float64)
-    index = np.arange(size)
     for i in range(size):
         p = members[i]
         key[i] = np.float64(flat[p]) - pedestal - mean * used[p]
+        index[i] = i
     for i in range(size // 2 - 1, -1, -1):
         _sift_down(key, index, size, i)
     for _ in range(extra):
         p = members[index[0]]
-        row = p // cols
+        row = _row(p, 1.0 / cols)
         where[0], where[1] = row, p - row * cols
         n_out = _emit(used, rows, cols, where, out, positions, n_out)
         key[0] -= mean
         _sift_down(key, index, size, 0)
     return n_out
+
+
+@njit(nogil=True, cache=True)
+def _top_peaks(flat, rows, cols, hi, pixels, start, size, peaks):
+    """The peaks of a cluster (``pixels[start:start + size]``, raster order) into ``peaks``, the first
+    _SORTED_PEAKS by value, highest first (ties in raster order), the rest in raster order: a
+    cluster of many peaks (a bright-field disc at high dose) gets an electron on every peak
+    anyway, and sorting all of its thousands of peaks took most of a frame's time. Only clusters
+    of several electrons need them, so the labelling counts peaks and this finds them."""
+    n = 0
+    inv_cols = 1.0 / cols
+    for i in range(start, start + size):
+        p = pixels[i]
+        v = flat[p]
+        r = _row(p, inv_cols)
+        c = p - r * cols
+        if 0 < r < rows - 1 and 0 < c < cols - 1:
+            # is_peak written out for pixels off the frame's edge: as a call it was most of the time
+            before = max(max(_kept(flat[p - 1], hi), _kept(flat[p - cols - 1], hi)),
+                         max(_kept(flat[p - cols], hi), _kept(flat[p - cols + 1], hi)))
+            after = max(max(_kept(flat[p + 1], hi), _kept(flat[p + cols - 1], hi)),
+                        max(_kept(flat[p + cols], hi), _kept(flat[p + cols + 1], hi)))
+            if before >= v or after > v:
+                continue
+        elif not is_peak(flat, rows, cols, p, hi):
+            continue
+        j = n
+        while j > 0 and n < _SORTED_PEAKS and flat[peaks[j - 1]] < v:
+            peaks[j] = peaks[j - 1]
+            j -= 1
+        peaks[j] = p
+        n += 1
+    return n
 
 
 @njit(nogil=True, cache=True)
@@ -359,17 +277,21 @@ def _electrons(flat, rows, cols, lo, hi, model, used, pixels, peaks, tables, sum
     for j in range(n_clusters):
         q = sums[j, 0]
         start, size, n_peaks, n = tables[j, 0], tables[j, 1], tables[j, 2], tables[j, 3]
+        if n > 1:
+            _top_peaks(flat, rows, cols, hi, pixels, start, size, peaks)
         for e in range(min(n, n_peaks)):
             if n_out == out.shape[0]:
                 return n_out
             if n == 1:
                 where[0], where[1] = sums[j, 1] / q, sums[j, 2] / q
             else:
-                _centroid(flat, rows, cols, lo, hi, peaks[start + e], pedestal, where)
+                _centroid(flat, rows, cols, lo, hi, peaks[e], pedestal, where)
             n_out = _emit(used, rows, cols, where, out, positions, n_out)
         if n > n_peaks:
+            # gains (reconcile's) and peaks (this cluster's, placed) are free for the heap
+            key = gains[:size] if size <= gains.shape[0] else np.empty(size, np.float64)
             n_out = _extras(flat, rows, cols, pedestal, mean, used, pixels[start : start + size], n - n_peaks, out,
-                            positions, n_out, where)
+                            positions, n_out, where, key, peaks[:size])
     return n_out
 
 
@@ -383,10 +305,9 @@ def count_clusters_frame(frame, lo, hi, model, scratch, out, positions):
     label, used, pixels, peaks, tables, sums, gains, where = scratch
     rows, cols = frame.shape
     flat = frame.reshape(-1)
-    n_clusters = _label_clusters(flat, rows, cols, lo, hi, model[0], label, pixels, peaks, tables, sums)
+    n_clusters = label_clusters(flat, rows, cols, lo, hi, model[0], pixels, peaks, tables, sums)
     n_out = _electrons(flat, rows, cols, lo, hi, model, used, pixels, peaks, tables, sums, gains, n_clusters, out,
                        positions, where)
-    _clear(label, pixels, tables, n_clusters)
     for i in range(n_out):
         used[out[i]] = 0
     _sort_events(out, positions, n_out, rows, cols)
@@ -401,7 +322,10 @@ def single_electron_charges(frame, lo, hi, pedestal, scratch, charges):
     label, used, pixels, peaks, tables, sums, gains, where = scratch
     rows, cols = frame.shape
     flat = frame.reshape(-1)
-    n_clusters = _label_clusters(flat, rows, cols, lo, hi, pedestal, label, pixels, peaks, tables, sums)
+    n_clusters = label_clusters(flat, rows, cols, lo, hi, pedestal, pixels, peaks, tables, sums)
+    for j in range(n_clusters):  # the label image, for the test of other clusters nearby
+        for i in range(tables[j, 0], tables[j, 0] + tables[j, 1]):
+            label[pixels[i]] = j + 1
     n = 0
     for j in range(n_clusters):
         if tables[j, 2] != 1 or n == charges.shape[0]:
