@@ -211,7 +211,7 @@ def _stream(session: LocalSession, cfg: PipelineConfig, source: ProducerSource, 
             resume: bool, file_name: str | None, linger: bool) -> bool:
     from stemstream.deploy.kernels import compile_kernels
 
-    with compiling_notice("compiling counting kernels, first run only (a minute or two)...") as notice:
+    with compiling_notice("compiling counting kernels, first run only (about half a minute on 2 cores)...") as notice:
         compile_kernels(cfg, source, on_compile=notice)
     with console.status("starting the roles..."):
         session.start()
