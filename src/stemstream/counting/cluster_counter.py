@@ -79,7 +79,7 @@ def _count_batch(frames, lo, hi, model, dark_int, use_dark, scratches, out, posi
         scratch_u16 = np.empty((rows, cols), np.uint16)
         for i in range(k, n, n_chunks):
             frame = _prepare(frames[i], dark_int, use_dark, scratch_u16)
-            counts[i] = count_clusters_frame(frame, lo, hi, model, scratches[k], out[i], positions[i])
+            counts[i] = count_clusters_frame(frame, lo, hi, model, scratches[np.int64(k)], out[i], positions[i])
 
 
 @njit(nogil=True, parallel=True, cache=True)
@@ -89,7 +89,7 @@ def _read_count(fds, source_file, source_record, indices, lo, hi, model, dark_in
     # counts it while it is in the thread's cache, taking the next frame when free.
     n = indices.shape[0]
     next_frame = np.zeros(1, np.int64)
-    for k in prange(n_chunks):
+    for k in prange(n_chunks):  # (k is unsigned in a prange: the typed list takes a signed index)
         frame = frames[k]
         scratch_u16 = np.empty(frame.shape, np.uint16)
         while True:
@@ -101,7 +101,7 @@ def _read_count(fds, source_file, source_record, indices, lo, hi, model, dark_in
                 counts[i] = 0
                 continue
             counts[i] = count_clusters_frame(_prepare(frame, dark_int, use_dark, scratch_u16), lo, hi, model,
-                                             scratches[k], out[i], positions[i])
+                                             scratches[np.int64(k)], out[i], positions[i])
 
 
 @njit(nogil=True, cache=True)
