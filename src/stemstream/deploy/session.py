@@ -22,7 +22,7 @@ from stemstream.core.detector import N_MODULES
 from stemstream.core.scan_spec import ScanSpec, SpecError
 from stemstream.deploy.local import LocalPipeline
 from stemstream.deploy.sources import ProducerSource
-from stemstream.formats.sparse_h5.layout import PARTIAL_SUFFIX
+from stemstream.formats.sparse_h5.layout import partial_path
 from stemstream.pipeline.spill import spill_directory
 from stemstream.pipeline.writer.files import INCOMPLETE_SUFFIX, incomplete_path, run_summary, stemstream_metadata, whole_name
 from stemstream.transport.control_client import ControlUnavailable
@@ -197,7 +197,7 @@ class LocalSession:
         """The file a scan left when its writer did not report closing it: closed (whole or
         incomplete), or still being written (partial), or none."""
         path = self.output_dir / file_name
-        for candidate in (path, incomplete_path(path), path.with_name(path.name + PARTIAL_SUFFIX)):
+        for candidate in (path, incomplete_path(path), partial_path(path)):
             if candidate.exists():
                 return candidate
         return None

@@ -3,6 +3,7 @@ itself is described in the package docstring, stemstream.formats.sparse_h5)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import h5py
@@ -14,6 +15,11 @@ READABLE_VERSIONS = (1, 2, 3)
 
 #: What the writer appends to the final name while the file is being written.
 PARTIAL_SUFFIX = ".partial"
+
+
+def partial_path(path: Path) -> Path:
+    """Where the writer of the file at ``path`` writes it until it is closed."""
+    return path.with_name(path.name + PARTIAL_SUFFIX)
 
 #: ``/electron_events/frames``: one variable-length list of flat pixel indices per frame.
 VLEN_UINT32 = h5py.vlen_dtype(np.uint32)

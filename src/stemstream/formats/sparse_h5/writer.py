@@ -16,7 +16,7 @@ from numba import njit
 from stemstream.core.detector import FRAME_SHAPE
 from stemstream.core.version import SOFTWARE_VERSION
 from stemstream.formats.sparse_h5.layout import (
-    FORMAT_VERSION, PARTIAL_SUFFIX, SUBPIXEL_POSITIONS, VLEN_FLOAT32, VLEN_UINT32, check_shape,
+    FORMAT_VERSION, SUBPIXEL_POSITIONS, VLEN_FLOAT32, VLEN_UINT32, check_shape, partial_path,
 )
 from stemstream.formats.sparse_h5.metadata import deep_update, normalize_metadata, write_metadata
 from stemstream.formats.sparse_h5.writeback import Writeback, fsync_path
@@ -78,7 +78,7 @@ class SparseCountsWriter:
             raise ValueError(f"flush_frames must be >= 1, got {flush_frames!r}")
 
         self.path = Path(path)
-        self.tmp_path = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        self.tmp_path = partial_path(self.path)
         if self.path.exists() and not overwrite:
             raise FileExistsError(f"{self.path} already exists (pass overwrite=True to replace it)")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from stemstream.analysis import Analysis
 from stemstream.core.config import FlowSettings
 from stemstream.core.scan_spec import ScanSpec, SpecError
-from stemstream.formats.sparse_h5.layout import PARTIAL_SUFFIX
+from stemstream.formats.sparse_h5.layout import partial_path
 from stemstream.pipeline.writer.files import existing_file, run_summary, scan_paths
 from stemstream.pipeline.writer.journal import JOURNAL_SUFFIX, JournalError, check_journal, journal_path
 from stemstream.pipeline.writer.role import check_free_space
@@ -100,14 +100,10 @@ def _check_target(spec: ScanSpec, output_dir: Path, journal: Path) -> None:
     if there is not None and run_summary(there, spec.number, spec.epoch) is not None:
         raise RecoveryError(f"{there} was finished by the writer of this journal, which died before removing it: "
                             f"{journal} is a leftover, nothing to recover")
-    if _held_open(_partial_of(whole)):
-        raise RecoveryError(f"a writer still has scan {spec.number}'s file open ({whole.name + PARTIAL_SUFFIX}): "
+    partial = partial_path(whole)
+    if _held_open(partial):
+        raise RecoveryError(f"a writer still has scan {spec.number}'s file open ({partial.name}): "
                             "it is not orphaned")
-
-
-def _partial_of(whole: Path) -> Path:
-    """Where a writer writes the file of ``whole``'s name until it is closed (formats.sparse_h5)."""
-    return whole.with_name(whole.name + PARTIAL_SUFFIX)
 
 
 def _held_open(partial: Path) -> bool:
@@ -131,7 +127,7 @@ def recover(journal: Path, analyses: Sequence[Analysis], flow: FlowSettings) -> 
     spec, subpixel = _spec_of(journal)
     output_dir = journal.parent
     _check_target(spec, output_dir, journal)
-    partial = _partial_of(scan_paths(output_dir, spec)[0])
+    partial = partial_path(scan_paths(output_dir, spec)[0])
     aside = partial.with_name(partial.name + ASIDE_SUFFIX)
     if partial.exists() and not aside.exists():  # (one there already is the dead writer's, from a recovery cut short)
         os.replace(partial, aside)
