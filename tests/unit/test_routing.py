@@ -10,7 +10,7 @@ import pytest
 from stemstream.formats import wire
 from stemstream.formats.raw import RECORD_BYTES, RECORD_DTYPE
 from stemstream.pipeline.writer.journal import Journal, read_journal
-from stemstream.pipeline.routing import in_ranges, to_ranges
+from stemstream.pipeline.routing import BlockRanges, in_ranges, to_ranges
 from scan_specs import make_spec
 from stemstream.transport.shared_memory import Attachments, SlotRing
 
@@ -34,6 +34,18 @@ def test_commit_ranges_round_trip():
     assert ranges == [[0, 3], [5, 7], [9, 10]]
     assert [b for b in range(12) if in_ranges(ranges, b)] == [0, 1, 2, 5, 6, 9]
     assert not in_ranges([], 0)
+
+
+def test_block_ranges_hold_what_a_set_holds_in_any_order():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        blocks = rng.integers(0, 60, size=int(rng.integers(0, 80))).tolist()
+        held, seen = BlockRanges(), set()
+        for block in blocks:
+            assert held.add(block) == (block not in seen)  # False: there already
+            seen.add(block)
+        assert held.ranges() == to_ranges(seen) and list(held) == sorted(seen) and len(held) == len(seen)
+        assert [b for b in range(-2, 62) if b in held] == sorted(seen)
 
 
 def _events(block: int, n: int) -> wire.EventsMessage:

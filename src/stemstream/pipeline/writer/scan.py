@@ -40,7 +40,7 @@ from stemstream.formats import wire
 from stemstream.formats.ledger import ScanLedger
 from stemstream.formats.partials import decode_partials
 from stemstream.formats.sparse_h5 import SparseCountsWriter
-from stemstream.pipeline.routing import to_ranges
+from stemstream.pipeline.routing import BlockRanges
 from stemstream.pipeline.writer.files import existing_file, frames_to_resume, scan_paths
 from stemstream.pipeline.writer.frames import Frames, first_frames_in_order, next_slots, with_subpixel
 from stemstream.pipeline.writer.incomplete import IncompleteFrames, SetAside
@@ -79,7 +79,7 @@ class WriterScan:
         self.flow = flow
         self.hooks = hooks
         self.pending: dict[tuple[int, int], list[wire.EventsMessage]] = {}  # (node, stream) -> not committed
-        self.committed: set[int] = set()  # blocks whose events are applied
+        self.committed = BlockRanges()  # blocks whose events are applied
         self.commits_changed = True  # control has not heard of the latest commits
         self.frames_superseded = 0  # frames of fenced streams, dropped (their blocks were resent)
         self.duplicate_blocks = 0
@@ -206,11 +206,10 @@ class WriterScan:
         fresh, again = [], 0
         for msg in self.pending.pop(key, []):
             if msg.block >= 0:
-                if msg.block in self.committed:  # resent after a fence that came too late
+                if not self.committed.add(msg.block):  # resent after a fence that came too late
                     self.duplicate_blocks += 1
                     again += 1
                     continue
-                self.committed.add(msg.block)
                 self.commits_changed = True
             self.journal.add(msg, self.hooks.latest_spec())  # before control hears of the commit
             self._add_tally(msg.ledger, msg.block)
@@ -269,7 +268,7 @@ class WriterScan:
         """What control is told (op ``committed``): blocks committed, generation fenced, DONEs."""
         self.journal.sync()  # what control hears of is on disk first
         self.commits_changed = False
-        return {"scan": self.number, "ranges": to_ranges(self.committed), "fenced": self.generation,
+        return {"scan": self.number, "ranges": self.committed.ranges(), "fenced": self.generation,
                 "done": sorted(self.done_nodes)}
 
     # -- applying ----------------------------------------------------------------------------------
