@@ -22,6 +22,38 @@ from stemstream.formats.sparse_h5.metadata import deep_update, normalize_metadat
 from stemstream.formats.sparse_h5.writeback import Writeback, fsync_path
 
 
+# HDF5's own in-memory variable-length element (hvl_t: a length, then a pointer to the values).
+# A batch of these, with the matching memory type, goes to H5Dwrite as it is; the object
+# array h5py takes otherwise costs a Python slice per frame and h5py's conversion of each
+# (1.3 us of the 5.3 us a frame that the write took, bench_writer's frames).
+_HVL_T = np.dtype([("len", np.uintp), ("p", np.uintp)])
+_MEMORY_UINT32 = h5py.h5t.vlen_create(h5py.h5t.NATIVE_UINT32)
+_MEMORY_FLOAT32 = h5py.h5t.vlen_create(h5py.h5t.NATIVE_FLOAT)
+
+
+def _vlen_records(values: np.ndarray, offsets: np.ndarray, per_event: int) -> np.ndarray:
+    """hvl_t records of the frames of C-contiguous ``values``, frame k being events
+    ``offsets[k]:offsets[k+1]`` of ``per_event`` values each. They point into ``values``,
+    which must outlive the write."""
+    if not values.flags.c_contiguous:  # (_accept keeps its arrays contiguous)
+        raise ValueError("vlen records need C-contiguous values")
+    records = np.empty(len(offsets) - 1, _HVL_T)
+    records["len"] = np.diff(offsets) * per_event
+    records["p"] = values.ctypes.data + offsets[:-1] * (per_event * values.itemsize)
+    return records
+
+
+def _write_run(dataset: h5py.Dataset, start: int, records: np.ndarray, memory_type: h5py.h5t.TypeID) -> None:
+    """Write hvl_t ``records`` to consecutive slots ``start ..`` of a vlen dataset, with h5py's
+    low-level API (not ``dataset[a:b] = ...``: h5py 3.16's __setitem__ re-packs an object
+    array with np.array(..., dtype=object), which turns a run of frames of one length into a
+    2-D array and fails with "Can't broadcast (n, k) -> (n,)"; stempy's own write_to_hdf5
+    goes through that path, see the tests' notes)."""
+    fspace = dataset.id.get_space()
+    fspace.select_hyperslab((start,), (len(records),))
+    dataset.id.write(h5py.h5s.create_simple((len(records),)), fspace, records, mtype=memory_type)
+
+
 def _utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
@@ -244,6 +276,8 @@ class SparseCountsWriter:
         self._written[slots] = 1
         self._slots_written += n
         self._events_written += int(flat.size)
+        flat = np.ascontiguousarray(flat)  # _flush points into it
+        positions = None if positions is None else np.ascontiguousarray(positions, np.float32)
         self._pending.append((slots, flat, offsets, positions))
         self._pending_frames += n
         if self._pending_frames >= self.flush_frames:
@@ -253,23 +287,15 @@ class SparseCountsWriter:
         return ValueError(f"an event lies outside the {self.frame_shape[0]} x {self.frame_shape[1]} frame")
 
     def _flush(self) -> None:
-        """Write the buffered frames: sorted by slot, one slice assignment per run of
-        consecutive slots (h5py's per-call overhead makes element-wise writes slow)."""
+        """Write the buffered frames: sorted by slot, one write per run of consecutive slots
+        (h5py's per-call overhead makes element-wise writes slow)."""
         if not self._pending:
             return
         slots = np.concatenate([p[0] for p in self._pending])
-        # dtype carries h5py's vlen tag, so the low-level write knows the memory type.
-        frames = np.empty(len(slots), dtype=VLEN_UINT32)
-        i = 0
-        points = np.empty(len(slots), dtype=VLEN_FLOAT32) if self._positions is not None else None
-        for _, flat, offsets, positions in self._pending:
-            # Element-wise on purpose: assigning a list of equal-length arrays to an object
-            # array slice would make numpy build a 2-D array instead.
-            for k in range(len(offsets) - 1):
-                frames[i] = flat[offsets[k] : offsets[k + 1]]
-                if points is not None:
-                    points[i] = positions[offsets[k] : offsets[k + 1]].reshape(-1)
-                i += 1
+        frames = np.concatenate([_vlen_records(flat, offsets, 1) for _, flat, offsets, _ in self._pending])
+        points = None
+        if self._positions is not None:  # (row, col) per event: two floats
+            points = np.concatenate([_vlen_records(pos, offsets, 2) for _, _, offsets, pos in self._pending])
         order = np.argsort(slots, kind="stable")
         slots = slots[order]
         frames = frames[order]
@@ -277,25 +303,11 @@ class SparseCountsWriter:
         run_starts = np.flatnonzero(np.diff(slots) != 1) + 1
         bounds = np.concatenate(([0], run_starts, [len(slots)]))
         for a, b in zip(bounds[:-1], bounds[1:]):
-            self._write_run(self._frames, int(slots[a]), frames[a:b])
+            _write_run(self._frames, int(slots[a]), frames[a:b], _MEMORY_UINT32)
             if points is not None:
-                self._write_run(self._positions, int(slots[a]), points[a:b])
-        self._pending.clear()
+                _write_run(self._positions, int(slots[a]), points[a:b], _MEMORY_FLOAT32)
+        self._pending.clear()  # (only now: the records point into these arrays)
         self._pending_frames = 0
-
-    def _write_run(self, dataset: h5py.Dataset, start: int, frames: np.ndarray) -> None:
-        """Write consecutive slots ``start ..`` of a vlen dataset with h5py's low-level API.
-
-        Not ``dataset[a:b] = frames``: h5py 3.16's __setitem__ first re-packs an object array
-        with np.array(..., dtype=object), which turns a run whose frames all have the same
-        length (one frame, all empty, all one event, ...) into a 2-D array and fails with
-        "Can't broadcast (n, k) -> (n,)"; it also copies every frame. stempy's own
-        write_to_hdf5 goes through that path (see the tests' notes).
-        """
-        fspace = dataset.id.get_space()
-        fspace.select_hyperslab((start,), (len(frames),))
-        mspace = h5py.h5s.create_simple((len(frames),))
-        dataset.id.write(mspace, fspace, frames)
 
     def flush(self) -> None:
         """Write buffered frames now and ask HDF5 to push its buffers to the partial file."""
