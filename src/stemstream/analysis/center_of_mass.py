@@ -108,14 +108,18 @@ def dpc_phase(
         x = g_r * cos - g_c * sin
         y = g_r * sin + g_c * cos
     rows, cols = g_r.shape
+    del g_r, g_c
     k_r = np.fft.fftfreq(rows)[:, None]
     k_c = np.fft.fftfreq(cols)[None, :]
     # scipy's FFT on every core: 4x numpy's for a 1024 x 1024 scan, which the writer closes with.
-    # In place where the arithmetic allows (the same operations in the same order): a 4096 x 4096
-    # scan's complex arrays are 268 MB each.
+    # In place where the arithmetic allows (the same operations in the same order), and each
+    # array dropped once used: a 4096 x 4096 scan's complex arrays are 268 MB each, and the
+    # writer runs this at the close, its peak of memory.
     numerator = scipy.fft.fft2(x, workers=-1)
+    del x
     numerator *= k_r
     spectrum_c = scipy.fft.fft2(y, workers=-1)
+    del y
     spectrum_c *= k_c
     numerator += spectrum_c
     del spectrum_c
@@ -123,6 +127,7 @@ def dpc_phase(
     numerator[0, 0] = 0
     denominator[0, 0] = 1
     numerator /= denominator
+    del denominator
     return np.real(scipy.fft.ifft2(numerator, workers=-1, overwrite_x=True))
 
 
@@ -226,8 +231,11 @@ class CenterOfMass(Analysis):
         valid = counts > 0
         # stempy's layout and arithmetic: float64 quotients stored in float32, NaN where empty
         com = np.full((2, len(counts)), np.nan, np.float32)
-        com[0, valid] = sums[valid, 1] / counts[valid]
-        com[1, valid] = sums[valid, 0] / counts[valid]
+        quotient = np.empty(len(counts))  # one float64 buffer: the close holds every result at once
+        for axis, column in ((0, 1), (1, 0)):
+            np.divide(sums[:, column], counts, out=quotient, where=valid)
+            com[axis, valid] = quotient[valid]
+        del quotient
         com = com.reshape((2, *scan_shape))
         if self.replace_nans and not valid.all():
             with warnings.catch_warnings():

@@ -64,19 +64,30 @@ def scale_image(array: np.ndarray, kind: str = "sequential") -> np.ndarray:
     for 'diverging', clipped to :func:`colour_limits`. NaN / inf pixels are mid grey; a flat image
     is mid grey (sequential, log) or white (diverging)."""
     a, finite, lo, hi = colour_limits(array, kind)
+    # In place, a colour channel at a time: the writer renders these after its close, holding the
+    # scan's results, and a 4096 x 4096 image is 134 MB per float64 copy.
     if kind == "diverging":
-        t = np.zeros(a.shape)
         if hi > lo:
             centre, limit = (lo + hi) / 2, (hi - lo) / 2
-            t = np.clip((np.where(finite, a, centre) - centre) / limit, -1.0, 1.0)
-        rgb = np.stack([np.interp(t, _DIVERGING_T, _DIVERGING_RGB[:, c]) for c in range(3)], axis=-1)
-        rgb = np.rint(rgb).astype(np.uint8)
+            t = np.where(finite, a, centre)
+            t -= centre
+            t /= limit
+            np.clip(t, -1.0, 1.0, out=t)
+        else:
+            t = np.zeros(a.shape)
+        rgb = np.empty((*a.shape, 3), np.uint8)
+        for c in range(3):
+            rgb[..., c] = np.rint(np.interp(t, _DIVERGING_T, _DIVERGING_RGB[:, c]))
         rgb[~finite] = _NAN_GREY
         return rgb
     out = np.full(a.shape, _NAN_GREY, np.uint8)
     if hi > lo:
-        scaled = np.clip((a - lo) / (hi - lo), 0.0, 1.0)
-        out[finite] = np.rint(scaled[finite] * 255).astype(np.uint8)
+        scaled = a - lo
+        scaled /= hi - lo
+        np.clip(scaled, 0.0, 1.0, out=scaled)
+        scaled *= 255
+        np.rint(scaled, out=scaled)
+        out[finite] = scaled[finite]
     return out
 
 
