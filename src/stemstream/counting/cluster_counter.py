@@ -18,6 +18,7 @@ from numba import njit, prange
 from stemstream.core.detector import FRAME_SHAPE
 from stemstream.core.thresholds import Thresholds
 from stemstream.counting.cluster_model import (
+    PATCH_HALF,
     ClusterCalibrationError,
     SingleElectronModel,
     model_from_charges,
@@ -51,12 +52,12 @@ def _scratch(frame_shape: tuple[int, int]) -> tuple:
     """One thread's arrays for the kernel (see clusters.count_clusters_frame): the label image
     (written by the calibration only) and the used image, the pixel list (clusters' pixels, by
     cluster), run records then a cluster's peaks (counting.cluster_labels), per-cluster tables
-    (start, size, peaks, electrons; charge sums; score gains), a position."""
+    (start, size, peaks, electrons; charge sums and spread bin; score gains), a position."""
     pixels = frame_shape[0] * frame_shape[1]
     most = max_events_per_frame(frame_shape)  # clusters are never adjacent, as strict maxima
     most = min(most, LABELS)
     return (np.zeros(pixels, np.uint16), np.zeros(pixels, np.uint8), np.empty(pixels, np.int64),
-            np.empty(pixels, np.int64), np.empty((most, 4), np.int64), np.empty((most, 3), np.float64),
+            np.empty(pixels, np.int64), np.empty((most, 4), np.int64), np.empty((most, 4), np.float64),
             np.empty(most, np.float64), np.empty(2, np.float64))
 
 
@@ -227,12 +228,15 @@ def calibrate_cluster_model(frames: np.ndarray, thresholds: Thresholds,
         frames = ((frames.astype(np.int64) - dark_int) & 0xFFFF).astype(np.uint16)
     pedestal = pedestal_of(thresholds, frames)
     scratch = _scratch(tuple(frames.shape[1:]))
-    found = []
+    charges = np.empty(len(scratch[4]), np.float64)
+    patches = np.empty((len(charges), 2 * PATCH_HALF + 1, 2 * PATCH_HALF + 1), np.float64)
+    found, found_patches = [], []
     for frame in frames:
-        charges = np.empty(len(scratch[4]), np.float64)
-        n = single_electron_charges(np.ascontiguousarray(frame), lo, hi, pedestal, scratch, charges)
-        found.append(charges[:n])
-    return model_from_charges(np.concatenate(found), pedestal, thresholds.background)
+        n = single_electron_charges(np.ascontiguousarray(frame), lo, hi, pedestal, scratch, charges, patches)
+        found.append(charges[:n].copy())
+        found_patches.append(patches[:n].copy())
+    return model_from_charges(np.concatenate(found), pedestal, thresholds.background, np.concatenate(found_patches),
+                              (lo - pedestal, hi - pedestal))
 
 
 class ClusterSample:

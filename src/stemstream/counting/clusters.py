@@ -13,7 +13,9 @@ background threshold:
 2. **Electrons per cluster.** ``n`` maximises ``log p(charge | n) + log prior(n | peaks)``
    (counting.cluster_model.electrons_in_cluster: the charge of ``n`` electrons is gamma
    distributed with shape ``n * k`` and mean ``n * m``, the electrons beyond the peaks are Poisson
-   with a per-frame rate from the frame's own total charge); then the frame's total charge over
+   with a per-frame rate from the frame's own total charge, and a one-peak cluster's spread, the
+   charge-weighted variance of its pixels' positions, is as likely for ``n`` electrons as the
+   calibration says, counting.cluster_model.spread_llr); then the frame's total charge over
    ``m``, an unbiased count, puts right the clusters' biased most probable counts
    (counting.cluster_model.reconcile). A cluster with less charge than ``min_charge`` is noise.
 
@@ -40,7 +42,12 @@ import numpy as np
 from numba import njit
 
 from stemstream.counting.cluster_labels import is_peak, label_clusters
-from stemstream.counting.cluster_model import electrons_in_cluster, one_electron_below, reconcile
+from stemstream.counting.cluster_model import (
+    electrons_in_cluster,
+    one_electron_below,
+    reconcile,
+    spread_bin,
+)
 from stemstream.counting.kernel import _kept
 
 # The per-frame rate of hidden electrons never goes below this (log of 0 is not a prior).
@@ -252,10 +259,25 @@ def _top_peaks(flat, rows, cols, hi, pixels, start, size, peaks):
     return n
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _spread(flat, cols, pedestal, pixels, start, size, charge, centre_row, centre_col):
+    """The charge-weighted variance of a cluster's pixel positions, rows plus cols (px^2), about
+    its centroid (as cluster_model._spreads_and_peaks computes it for the calibration patches)."""
+    if size == 1 or charge <= 0:
+        return 0.0
+    inv_cols = 1.0 / cols
+    total = 0.0
+    for i in range(start, start + size):
+        p = pixels[i]
+        r = _row(p, inv_cols)
+        total += (np.float64(flat[p]) - pedestal) * ((r - centre_row) ** 2 + (p - r * cols - centre_col) ** 2)
+    return total / charge
+
+
 @njit(nogil=True, cache=True)
-def _electrons(flat, rows, cols, lo, hi, model, used, pixels, peaks, tables, sums, gains, n_clusters, out, positions,
-               where):
-    """Pass 2: the electrons of the labelled clusters into out / positions; returns how many."""
+def _counts(flat, cols, model, pixels, tables, sums, gains, n_clusters):
+    """The electrons of each cluster into tables[:, 3]: the most probable count of its charge,
+    peaks and (one peak) spread, then put right to the frame's total charge."""
     pedestal, mean, min_charge = model[0], model[1], model[3]
     charge, n_peaks = 0.0, 0
     for j in range(n_clusters):
@@ -263,16 +285,34 @@ def _electrons(flat, rows, cols, lo, hi, model, used, pixels, peaks, tables, sum
             charge += sums[j, 0]
             n_peaks += tables[j, 2]
     log_hidden = math.log(max(max(charge / mean - n_peaks, 0.0) / max(n_peaks, 1), _MIN_HIDDEN))
-    single = one_electron_below(log_hidden, model)
+    # One-peak clusters below these charges hold one electron, per spread bin (the last: no
+    # spread bin, index -1), so that most need no logarithm.
+    n_bins = np.int64(model[5])
+    single = np.empty(n_bins + 1, np.float64)
+    for b in range(-1, n_bins):
+        single[b] = one_electron_below(log_hidden, b, model)
     counted = 0
     for j in range(n_clusters):
         q = sums[j, 0]
-        if tables[j, 2] == 1 and min_charge <= q < single:
+        b = -1
+        if tables[j, 2] == 1 and n_bins > 0 and q >= min_charge:
+            b = spread_bin(_spread(flat, cols, pedestal, pixels, tables[j, 0], tables[j, 1], q, sums[j, 1] / q,
+                                   sums[j, 2] / q), model)
+        sums[j, 3] = b
+        if tables[j, 2] == 1 and min_charge <= q < single[b]:
             tables[j, 3] = 1
         else:
-            tables[j, 3] = electrons_in_cluster(q, tables[j, 2], log_hidden, model)
+            tables[j, 3] = electrons_in_cluster(q, tables[j, 2], log_hidden, b, model)
         counted += tables[j, 3]
     reconcile(tables, sums, n_clusters, int(charge / mean + 0.5) - counted, log_hidden, model, gains)
+
+
+@njit(nogil=True, cache=True)
+def _electrons(flat, rows, cols, lo, hi, model, used, pixels, peaks, tables, sums, gains, n_clusters, out, positions,
+               where):
+    """Pass 2: the electrons of the labelled clusters into out / positions; returns how many."""
+    pedestal, mean = model[0], model[1]
+    _counts(flat, cols, model, pixels, tables, sums, gains, n_clusters)
     n_out = 0
     for j in range(n_clusters):
         q = sums[j, 0]
@@ -315,10 +355,29 @@ def count_clusters_frame(frame, lo, hi, model, scratch, out, positions):
 
 
 @njit(nogil=True, cache=True)
-def single_electron_charges(frame, lo, hi, pedestal, scratch, charges):
+def _patch(flat, rows, cols, pedestal, members, patch):
+    # The charge around a one-peak cluster's peak: its highest pixel (the first in raster order
+    # among equals, as peaks tie), the cluster's members in raster order.
+    top = members[0]
+    for p in members:
+        if flat[p] > flat[top]:
+            top = p
+    half = patch.shape[0] // 2
+    r0, c0 = top // cols - half, top % cols - half
+    for i in range(patch.shape[0]):
+        for k in range(patch.shape[1]):
+            r, c = r0 + i, c0 + k
+            inside = 0 <= r < rows and 0 <= c < cols
+            patch[i, k] = np.float64(flat[r * cols + c]) - pedestal if inside else 0.0
+
+
+@njit(nogil=True, cache=True)
+def single_electron_charges(frame, lo, hi, pedestal, scratch, charges, patches):
     """Charges (ADU) of the frame's clusters that look like one isolated electron: one peak, no
     pixel on the frame's edge, no other cluster within _ALONE px of the cluster's bounding box.
-    Written to ``charges``; returns how many (at most its size)."""
+    Written to ``charges``, and to ``patches`` (its size, s, s) the charge above the pedestal
+    (noise included) in the s x s pixels centred on each one's peak (0 off the frame); returns
+    how many (at most charges' size)."""
     label, used, pixels, peaks, tables, sums, gains, where = scratch
     rows, cols = frame.shape
     flat = frame.reshape(-1)
@@ -345,6 +404,7 @@ def single_electron_charges(frame, lo, hi, pedestal, scratch, charges):
                     alone = False
         if alone:
             charges[n] = sums[j, 0]
+            _patch(flat, rows, cols, pedestal, pixels[tables[j, 0] : tables[j, 0] + tables[j, 1]], patches[n])
             n += 1
     _clear(label, pixels, tables, n_clusters)
     return n
