@@ -12,13 +12,10 @@ the cache too (about a second).
 from __future__ import annotations
 
 import multiprocessing
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
-import numpy as np
 from numba.core import event
 
 from stemstream.analysis import default_analyses
@@ -26,6 +23,7 @@ from stemstream.core.config import PipelineConfig
 from stemstream.core.detector import FRAME_SHAPE
 from stemstream.deploy.sources import ProducerSource
 from stemstream.pipeline.node.role import load_kernels
+from stemstream.pipeline.writer.role import load_writer_kernels
 
 
 def compile_kernels(config: PipelineConfig, source: ProducerSource,
@@ -43,8 +41,9 @@ def compile_kernels(config: PipelineConfig, source: ProducerSource,
     started = _start_compiling(_simulator_kernels, source) if not source.replay else None
     compiling = started[1] if started is not None else None
     with first_compile(on_compile), _told_when(compiling, on_compile):
-        load_kernels(default_analyses(FRAME_SHAPE, config.analysis), config.counting.method)
-        _load_writer_kernels()
+        analyses = default_analyses(FRAME_SHAPE, config.analysis)
+        load_kernels(analyses, config.counting.method)
+        load_writer_kernels(analyses)
         if started is not None:
             started[0].join()
 
@@ -123,16 +122,3 @@ class _FirstCompile(event.Listener):
 
     def on_end(self, ev: event.Event) -> None:
         pass
-
-
-def _load_writer_kernels() -> None:
-    """The counted file's check of each batch of events (the writer's one kernel of its own): one
-    frame into a throw-away file, since the check runs as frames are written."""
-    from stemstream.formats.sparse_h5 import SparseCountsWriter
-
-    with tempfile.TemporaryDirectory(prefix="stemstream-kernels-") as tmp:
-        out = SparseCountsWriter(Path(tmp) / "warm.h5", (1, 1))
-        try:
-            out.write_flat(np.zeros(1, np.int64), np.zeros(1, np.uint32), np.array([0, 1], np.int64))
-        finally:
-            out.abort()
