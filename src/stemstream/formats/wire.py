@@ -302,7 +302,8 @@ def decode_events(parts: list, n_pixels: int, frame_shape: tuple[int, int] = FRA
     events = _array(parts[6], np.uint32, "events")
     if not (len(frame_numbers) == len(positions) == len(present) == n and len(offsets) == n + 1):
         raise MessageError("inconsistent_lengths")
-    if n and (offsets[0] != 0 or offsets[-1] != len(events) or np.any(np.diff(offsets) < 0)):
+    # slices, not np.diff: 2 us a call against 20, once a message
+    if n and (offsets[0] != 0 or offsets[-1] != len(events) or bool((offsets[1:] < offsets[:-1]).any())):
         raise MessageError("bad_offsets")
     if len(events) and int(events.max()) >= n_pixels:
         raise MessageError("pixel_outside_frame")
