@@ -44,6 +44,7 @@ _LIVE_INTERVAL_S = 0.4
 # Commits go to control at most this often (producers free their resend buffers from them).
 _COMMIT_REPORT_S = 0.1
 
+
 def load_writer_kernels(analyses) -> None:
     """Compile, or load from numba's cache, every kernel the writer runs: the analyses' merge and
     views, and the counted file's check of each batch of events (one frame into a throw-away
