@@ -25,6 +25,7 @@ from stemstream.core.thresholds import fixed_thresholds
 from stemstream.counting.cluster_counter import ClusterCounter, calibrate_cluster_model
 from stemstream.counting.cluster_labels import label_clusters
 from stemstream.counting.cluster_model import ClusterCalibrationError
+from stemstream.counting.clusters import _extras
 from stemstream.formats.raw import make_sector_records
 from stemstream.formats.sparse_h5 import SparseCountsWriter
 
@@ -146,6 +147,25 @@ def test_electrons_too_close_for_a_peak_each_are_placed_where_their_charge_is(co
     truth = {int(round(y)) * FRAME_COLS + int(round(x)) for y, x in planted}
     assert abs(len(events) - len(planted)) <= 0.05 * len(planted)
     assert len(truth & set(events.tolist())) >= 0.8 * len(planted)
+
+
+def test_an_electron_beyond_the_peaks_goes_to_a_free_pixel_before_a_bright_peak():
+    """A peak's own electron explains twice the single-electron mean of its pixel's charge
+    (clusters._EXPLAINED): a bright deposit (230 ADU above the pedestal, 1.9 means) leaves less
+    unexplained than a neighbour of 80 ADU, where the hidden electron is; with one mean
+    explained (before 2026-12-04) it went to the peak's pixel, then to its nearest free pixel
+    (the one above)."""
+    rows, cols, pedestal, mean = 5, 5, 20.0, 120.0
+    flat = np.full(rows * cols, 20, np.uint16)
+    peak, faint = 2 * cols + 2, 2 * cols + 3
+    flat[peak], flat[faint] = 250, 100
+    used = np.zeros(rows * cols, np.uint8)
+    used[peak] = 1
+    members = np.array([peak, faint], np.int64)
+    out, positions = np.zeros(4, np.uint32), np.zeros((4, 2), np.float32)
+    n = _extras(flat, rows, cols, pedestal, mean, used, members, 1, out, positions, 0, np.zeros(2),
+                np.zeros(2), np.zeros(2, np.int64))
+    assert n == 1 and out[0] == faint
 
 
 def test_a_one_peak_clusters_spread_tells_one_electron_from_two():

@@ -23,7 +23,7 @@ Positions: one electron sits at the charge-weighted centroid of its cluster; ``n
 go to the cluster's ``n`` highest peaks, each at the charge-weighted centroid of the cluster
 pixels in the peak's 3 x 3 window. Electrons beyond the peaks (two on one pixel, or too close
 to make a peak each) go, one at a time, to the cluster pixel whose charge is least explained
-(its charge less ``m`` for each electron already on it; _extras). Each electron's event is the
+(its charge less ``2 m`` for each electron already on it; _extras). Each electron's event is the
 pixel of its position; stempy's readers set ``dense[frame] += 1`` (numpy fancy indexing: a pixel
 listed twice counts once) and our writer keeps stempy's sorted unique lists, so a second
 electron on a pixel already taken gets the nearest free pixel within 2 px of its position.
@@ -58,6 +58,12 @@ _MIN_HIDDEN = 0.002
 _ALONE = 6
 # Peaks of a cluster kept in order of value (see _top_peaks).
 _SORTED_PEAKS = 16
+# What an electron already on a pixel explains of its charge, in single-electron means, when
+# the electrons beyond a cluster's peaks choose their pixels (_extras): twice the mean, not once,
+# as a bright electron (its charge spreads by ~50 %, Landau-like deposits further) leaves more than
+# the mean on its pixel, and a second electron there gets a neighbouring free pixel anyway (_place).
+# Recall at 0.005 e/px/frame with 1, 2 and other values: docs/counting.md section 2, step 4.
+_EXPLAINED = 2.0
 # Clusters per frame: labels are uint16, 0 meaning none.
 LABELS = 65535
 
@@ -203,8 +209,8 @@ def _sift_down(key, index, size, i):
 def _extras(flat, rows, cols, pedestal, mean, used, members, extra, out, positions, n_out, where, key, index):
     """The electrons of a cluster beyond its peaks (two on one pixel, or too close to make a peak
     each): each at the cluster pixel (``members``, flat indices) with the most charge not yet
-    explained, a pixel's charge less the single-electron mean for each electron already there
-    (its peak's, then extras'): where the charge says the hidden electrons are, not at the
+    explained, a pixel's charge less _EXPLAINED single-electron means for each electron already
+    there (its peak's, then extras'): where the charge says the hidden electrons are, not at the
     highest peak again. Their positions are the pixels' centres (sharing a pixel, their
     centroids are one point). ``key``, ``index``: float64 and int64 scratch for the heap, the
     cluster's size (an allocation per cluster cost more than the heap). Returns the new number
@@ -212,7 +218,7 @@ def _extras(flat, rows, cols, pedestal, mean, used, members, extra, out, positio
     size = members.shape[0]
     for i in range(size):
         p = members[i]
-        key[i] = np.float64(flat[p]) - pedestal - mean * used[p]
+        key[i] = np.float64(flat[p]) - pedestal - _EXPLAINED * mean * used[p]
         index[i] = i
     for i in range(size // 2 - 1, -1, -1):
         _sift_down(key, index, size, i)
@@ -221,7 +227,7 @@ def _extras(flat, rows, cols, pedestal, mean, used, members, extra, out, positio
         row = _row(p, 1.0 / cols)
         where[0], where[1] = row, p - row * cols
         n_out = _emit(used, rows, cols, where, out, positions, n_out)
-        key[0] -= mean
+        key[0] -= _EXPLAINED * mean
         _sift_down(key, index, size, 0)
     return n_out
 
