@@ -231,9 +231,8 @@ def _pattern(model, spread, n):
 def _score(charge, log_q, n, n_peaks, log_hidden, spread, model):
     """log p(charge, spread | n electrons) + log prior(n | n_peaks), up to terms that do not
     depend on n (the Poisson priors' exp(-mean) among them). ``spread``: a one-peak cluster's
-    spread bin (spread_bin; -1 for others) (0 for others), the same for every n > 1. The gamma densities'
-    normalisations come from the model's table (SingleElectronModel.params): a few
-    multiplications, not a log-gamma."""
+    spread bin (spread_bin; -1 for others). The gamma densities' normalisations come from the
+    model's table (SingleElectronModel.params): a few multiplications, not a log-gamma."""
     shape, scale = model[2], model[1] / model[2]
     score = (n * shape - 1.0) * log_q - charge / scale - _log_norm(model, n)
     score += _pattern(model, spread, n)
