@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.optimize import linear_sum_assignment
 
-from stemstream.counting.accuracy import compare_with_truth
+from stemstream.counting.accuracy import compare_with_electrons, compare_with_truth
 from stemstream.counting.kernel import ElectronCounter
 from stemstream.counting.thresholds import PixelHistogram, draw_sample_weights, thresholds_from_histogram
 from stemstream.sources.simulator import DetectorSimulator, SimulationConfig
@@ -58,3 +59,37 @@ def test_matching_is_exact_first_then_one_to_one_within_a_pixel():
     assert (acc.isolated, acc.isolated_found) == (4, 1)
     with pytest.raises(ValueError, match="frames of truth"):
         compare_with_truth(events, offsets, truth[:1], (10, 10))
+
+
+def test_maximum_matching_finds_the_pairs_greedy_misses():
+    cols = 10
+    # Electrons at (5, 5) and (5, 7); an event at (5, 6) next to both comes first and greedy gives
+    # it (5, 5), the only electron the event at (5, 4) can reach. Two at one pixel are two.
+    electrons = [np.array([5 * cols + 5, 5 * cols + 7], np.uint32), np.array([33, 33], np.uint32)]
+    events = np.array([5 * cols + 6, 5 * cols + 4, 34, 43, 99], np.uint32)
+    offsets = np.array([0, 2, 5])
+    greedy = compare_with_electrons(events, offsets, electrons, (10, 10), matching="greedy")
+    best = compare_with_electrons(events, offsets, electrons, (10, 10), matching="maximum")
+    assert (greedy.matched_within_1, best.matched_within_1) == (3, 4)
+    assert greedy.matched == best.matched == 0 and best.events == 5 and best.true == 4
+    with pytest.raises(ValueError, match="matching"):
+        compare_with_electrons(events, offsets, electrons, (10, 10), matching="best")
+
+
+def test_maximum_matching_equals_an_optimal_assignment():
+    # On random dense frames (where greedy and maximum differ), the pairs within 1 px equal those
+    # of scipy's optimal assignment with cost 0 within 1 px and 1 beyond: an independent solver.
+    rng = np.random.default_rng(5)
+    shape = (12, 12)
+    for _ in range(40):
+        truth = rng.integers(0, 144, rng.integers(0, 30))
+        events = rng.integers(0, 144, rng.integers(0, 30))
+        got = compare_with_electrons(events.astype(np.uint32), np.array([0, len(events)]), [truth.astype(np.uint32)],
+                                     shape, matching="maximum").matched_within_1
+        far = (np.abs(events[:, None] // 12 - truth[None, :] // 12) > 1) | (
+            np.abs(events[:, None] % 12 - truth[None, :] % 12) > 1)
+        i, j = linear_sum_assignment(far.astype(float)) if len(events) and len(truth) else ([], [])
+        assert got == int((~far[i, j]).sum()) if len(i) else got == 0
+        greedy = compare_with_electrons(events.astype(np.uint32), np.array([0, len(events)]), [truth.astype(np.uint32)],
+                                        shape).matched_within_1
+        assert greedy <= got
