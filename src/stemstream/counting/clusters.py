@@ -95,11 +95,12 @@ def _centroid(flat, rows, cols, lo, hi, around, pedestal, where):
     for rr in range(max(ar - 1, 0), min(ar + 2, rows)):
         for cc in range(max(ac - 1, 0), min(ac + 2, cols)):
             v = flat[rr * cols + cc]
-            if lo <= v <= hi:
-                w = max(np.float64(v) - pedestal, 0.0)
-                wsum += w
-                ysum += w * rr
-                xsum += w * cc
+            # Without a branch (which of the 9 pixels are members is random: a branch per pixel
+            # mispredicted): a non-member's weight is 0.0, which leaves the sums as they were.
+            w = max(np.float64(v) - pedestal, 0.0) * ((v >= lo) & (v <= hi))
+            wsum += w
+            ysum += w * rr
+            xsum += w * cc
     if wsum > 0:
         where[0] = ysum / wsum
         where[1] = xsum / wsum
