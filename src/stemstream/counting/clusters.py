@@ -138,49 +138,36 @@ def _clear(label, pixels, tables, n_clusters):
 
 @njit(nogil=True, cache=True)
 def _sort_events(out, positions, n, rows, cols):
-    # Sorted as stempy's frames are. Events come cluster by cluster in raster order of the
-    # clusters' first pixels, so most are a row or two from their place: an insertion sort moves
-    # a few events each. A large cluster's come in the order of its peaks' values and charge,
-    # which would move most of them far: after 8 moves an event, sort by rows instead.
-    limit = 8 * n + 64
-    for i in range(1, n):
-        p, y, x = out[i], positions[i, 0], positions[i, 1]
-        j = i
-        while j > 0 and out[j - 1] > p:
-            out[j] = out[j - 1]
-            positions[j, 0] = positions[j - 1, 0]
-            positions[j, 1] = positions[j - 1, 1]
-            j -= 1
-        out[j], positions[j, 0], positions[j, 1] = p, y, x
-        limit -= i - j
-        if limit < 0:
-            _sort_by_rows(out, positions, n, rows, cols)
-            return
-
-
-@njit(nogil=True, cache=True)
-def _sort_by_rows(out, positions, n, rows, cols):
-    # A counting sort by row, then insertion by column within a row (a few events each).
+    # Sorted as stempy's frames are: a counting sort by column, then a stable one by row (a radix
+    # sort whose digits are the frame's columns and rows), each event moved twice. The events are
+    # unique pixels (_place), so any correct sort gives the same order. The insertion sort this
+    # replaced (events come cluster by cluster in raster order of the clusters' first pixels)
+    # moved each ~7 times at 0.005 e/px/frame and fell back to a sort by rows with insertion in
+    # each row: 26 us a frame against 11 at 0.005, 1.24 ms against 0.11 at 0.05 (gamma).
     inv_cols = 1.0 / cols
-    first = np.zeros(rows + 1, np.int64)
+    pixels = np.empty(n, out.dtype)
+    points = np.empty((n, 2), positions.dtype)
+    first = np.zeros(max(rows, cols) + 1, np.int64)
+    for i in range(n):  # by column, into pixels / points
+        first[out[i] - _row(out[i], inv_cols) * cols + 1] += 1
+    for c in range(cols):
+        first[c + 1] += first[c]
     for i in range(n):
-        first[_row(out[i], inv_cols) + 1] += 1
+        p = out[i]
+        c = p - _row(p, inv_cols) * cols
+        j = first[c]
+        first[c] = j + 1
+        pixels[j], points[j, 0], points[j, 1] = p, positions[i, 0], positions[i, 1]
+    first[:] = 0
+    for i in range(n):  # then by row, back into out / positions
+        first[_row(pixels[i], inv_cols) + 1] += 1
     for r in range(rows):
         first[r + 1] += first[r]
-    filled = first[:rows].copy()
-    pixels = out[:n].copy()
-    points = positions[:n].copy()
     for i in range(n):
-        p = pixels[i]
-        r = _row(p, inv_cols)
-        j = filled[r]
-        filled[r] = j + 1
-        while j > first[r] and out[j - 1] > p:
-            out[j] = out[j - 1]
-            positions[j, 0] = positions[j - 1, 0]
-            positions[j, 1] = positions[j - 1, 1]
-            j -= 1
-        out[j], positions[j, 0], positions[j, 1] = p, points[i, 0], points[i, 1]
+        r = _row(pixels[i], inv_cols)
+        j = first[r]
+        first[r] = j + 1
+        out[j], positions[j, 0], positions[j, 1] = pixels[i], points[i, 0], points[i, 1]
 
 
 @_leaf
