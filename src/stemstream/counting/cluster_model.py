@@ -33,9 +33,9 @@ from stemstream.core.thresholds import Thresholds
 SPURIOUS_PEAKS = 0.02
 _LOG_SPURIOUS = math.log(SPURIOUS_PEAKS)
 # Model fields as the kernels take them: (pedestal, mean, shape, min_charge, spread bin width,
-# spread bins), then the spread bins' log-likelihood ratios, then the table of log-normalisations
-# of the n-electron charge density, n = 0, 1, ... (SingleElectronModel.params).
-N_MODEL = 6
+# spread bins, halo mean), then the spread bins' log-likelihood ratios, then the table of
+# log-normalisations of the n-electron charge density, n = 0, 1, ... (SingleElectronModel.params).
+N_MODEL = 7
 # Single-electron clusters needed for a calibration we trust.
 MIN_SINGLE_CLUSTERS = 200
 # Charges above this many medians are left out of the single-electron fit (see the docstring).
@@ -74,7 +74,13 @@ class SingleElectronModel:
     n_clusters: isolated single-electron clusters the model was calibrated from (0: given).
     spread_llr: for a one-peak cluster, log p(spread | n electrons) - log p(spread | 1) per
     spread bin (_SPREAD_BIN px^2 wide, the last open), the bins of n = 2, then those of n = 3
-    (= _SPREAD_ELECTRONS; more count as 3) (spread_llr; empty: not used)."""
+    (= _SPREAD_ELECTRONS; more count as 3) (spread_llr; empty: not used). halo_mean (ADU): one
+    electron's charge on its cluster's pixels and on the pixels below the background threshold
+    next to them (its halo), the unit of a frame's total charge (counting.clusters._counts: where
+    electrons crowd, the charge one alone leaves below the threshold lifts pixels above it, so
+    the clusters' own charge per electron grows with the dose; with the halo it does not); 0:
+    the same as ``mean``. hot_pixels: flat indices of the pixels the calibration frames found hot
+    (counting.cluster_counter.hot_pixels), read as empty when counting."""
 
     pedestal: float
     mean: float
@@ -82,28 +88,31 @@ class SingleElectronModel:
     min_charge: float
     n_clusters: int = 0
     spread_llr: tuple = ()
+    halo_mean: float = 0.0
+    hot_pixels: tuple = ()
 
     def __post_init__(self):
-        if not (self.mean > 0 and self.shape > 0 and self.min_charge >= 0):
+        if not (self.mean > 0 and self.shape > 0 and self.min_charge >= 0 and self.halo_mean >= 0):
             raise ValueError(f"a single-electron model needs mean > 0, shape > 0, min_charge >= 0, got {self}")
 
     @property
     def params(self) -> np.ndarray:
-        """(pedestal, mean, shape, min_charge, spread bin width, spread bins) float64, as the
-        compiled kernels take them, then spread_llr, then ``lgamma(n k) + n k log(m / k)`` for
+        """(pedestal, mean, shape, min_charge, spread bin width, spread bins, halo mean) float64,
+        as the compiled kernels take them, then spread_llr, then ``lgamma(n k) + n k log(m / k)`` for
         n = 0 .. _TABLE - 1 (the log-normalisation of the n-electron charge density; n = 0 is
         never used)."""
         n = np.arange(_TABLE, dtype=np.float64)
         shape = np.maximum(n * self.shape, 1e-300)
         table = np.array([math.lgamma(a) for a in shape]) + shape * math.log(self.mean / self.shape)
         bins = len(self.spread_llr) // (_SPREAD_ELECTRONS - 1)
-        head = [self.pedestal, self.mean, self.shape, self.min_charge, _SPREAD_BIN, bins]
+        head = [self.pedestal, self.mean, self.shape, self.min_charge, _SPREAD_BIN, bins, self.halo_mean or self.mean]
         return np.concatenate([head, np.asarray(self.spread_llr, np.float64), table])
 
     def attributes(self) -> dict:
         """The model as metadata attributes (``/metadata/stemstream/cluster_model``)."""
         return {"pedestal": self.pedestal, "single_electron_mean": self.mean, "single_electron_shape": self.shape,
-                "min_charge": self.min_charge, "calibration_clusters": self.n_clusters}
+                "min_charge": self.min_charge, "calibration_clusters": self.n_clusters,
+                "single_electron_mean_with_halo": self.halo_mean or self.mean, "hot_pixels": len(self.hot_pixels)}
 
 
 def pedestal_of(thresholds: Thresholds, frames: np.ndarray) -> float:
@@ -132,9 +141,26 @@ def model_from_charges(charges: np.ndarray, pedestal: float, background: float, 
     kept = charges[keep]
     mean = float(kept.mean())
     shape = float(mean**2 / max(kept.var(), 1e-9))
-    llr = () if patches is None else spread_llr(np.asarray(patches, np.float64)[good][keep], *window)
+    llr, halo = (), 0.0
+    if patches is not None:
+        patches = np.asarray(patches, np.float64)[good][keep]
+        llr, halo = spread_llr(patches, *window), float(with_halo(patches, window[0], window[1]).mean())
     return SingleElectronModel(pedestal=float(pedestal), mean=mean, shape=shape, min_charge=float(min_charge),
-                               n_clusters=len(kept), spread_llr=llr)
+                               n_clusters=len(kept), spread_llr=llr, halo_mean=halo)
+
+
+def with_halo(patches: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Per (n, s, s) patch of charges above the pedestal around a single's peak: the charge of its
+    members (low <= charge <= high) and of its halo (the pixels below ``low`` above, below, left
+    or right of a member), as counting.clusters._frame_charge adds a cluster's to the frame's."""
+    member = (patches >= low) & (patches <= high)
+    s = patches.shape[1]
+    grown = np.pad(member, ((0, 0), (1, 1), (1, 1)))
+    near = member.copy()
+    for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        near |= grown[:, 1 + dr : 1 + dr + s, 1 + dc : 1 + dc + s]
+    take = member | (near & (patches < low))
+    return np.where(take, patches, 0.0).sum(axis=(1, 2))
 
 
 def _spreads_and_peaks(canvas: np.ndarray, low: float, high: float) -> tuple[np.ndarray, np.ndarray]:

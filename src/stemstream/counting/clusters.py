@@ -15,8 +15,9 @@ background threshold:
    distributed with shape ``n * k`` and mean ``n * m``, the electrons beyond the peaks are Poisson
    with a per-frame rate from the frame's own total charge, and a one-peak cluster's spread, the
    charge-weighted variance of its pixels' positions, is as likely for ``n`` electrons as the
-   calibration says, counting.cluster_model.spread_llr); then the frame's total charge over
-   ``m``, an unbiased count, puts right the clusters' biased most probable counts
+   calibration says, counting.cluster_model.spread_llr); then the frame's total charge (with each
+   cluster's halo, the pixels below the threshold beside it) over one electron's (with its halo),
+   an unbiased count at any dose, puts right the clusters' biased most probable counts
    (counting.cluster_model.reconcile). A cluster with less charge than ``min_charge`` is noise.
 
 Positions: one electron sits at the charge-weighted centroid of its cluster; ``n > 1`` electrons
@@ -64,6 +65,12 @@ _SORTED_PEAKS = 16
 # the mean on its pixel, and a second electron there gets a neighbouring free pixel anyway (_place).
 # Recall at 0.005 e/px/frame with 1, 2 and other values: docs/counting.md section 2, step 4.
 _EXPLAINED = 2.0
+# The frame's charge counts its electrons within sqrt(electrons / k) (a sum of gamma charges of
+# shape k); the clusters' counts are put right only where they differ by more than this many of
+# those, so that noise does not add or take electrons (benchmarks/bench_counting_methods.py, 128
+# frames a dose and charge model: 0.5 gave precision +0.001 to +0.006 for recall -0.003 at most,
+# 1 and 2 more of each, and totals 1-3 % lower).
+_TOTAL_BAND = 0.5
 # Clusters per frame: labels are uint16, 0 meaning none.
 LABELS = 65535
 
@@ -279,17 +286,57 @@ def _spread(flat, cols, pedestal, pixels, start, size, charge, centre_row, centr
     return total / charge
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _take(flat, q, lo, pedestal, mark, marked, n_marked):
+    # (charge, n_marked) of pixel q for a halo: below lo and not taken yet (then marked and listed)
+    if flat[q] >= lo or mark[q]:
+        return 0.0, n_marked
+    mark[q] = 1
+    marked[n_marked] = q
+    return np.float64(flat[q]) - pedestal, n_marked + 1
+
+
 @njit(nogil=True, cache=True)
-def _counts(flat, cols, model, pixels, tables, sums, gains, n_clusters):
-    """The electrons of each cluster into tables[:, 3]: the most probable count of its charge,
-    peaks and (one peak) spread, then put right to the frame's total charge."""
-    pedestal, mean, min_charge = model[0], model[1], model[3]
-    charge, n_peaks = 0.0, 0
+def _frame_charge(flat, rows, cols, lo, model, pixels, tables, sums, n_clusters, mark, marked):
+    """(the frame's charge in units of one electron's charge with its halo, its peaks), of the
+    clusters above min_charge: their own charge and their halos' (the pixels below ``lo`` next
+    to a member, above, below, left or right; a pixel next to two clusters counts once;
+    SingleElectronModel.halo_mean). ``mark``: the used-pixel image, cleared again before
+    return; ``marked``: room for the pixels marked."""
+    pedestal, min_charge = model[0], model[3]
+    charge, n_peaks, n_marked = 0.0, 0, 0
     for j in range(n_clusters):
-        if sums[j, 0] >= min_charge:
-            charge += sums[j, 0]
-            n_peaks += tables[j, 2]
-    log_hidden = math.log(max(max(charge / mean - n_peaks, 0.0) / max(n_peaks, 1), _MIN_HIDDEN))
+        if sums[j, 0] < min_charge:
+            continue
+        charge += sums[j, 0]
+        n_peaks += tables[j, 2]
+        for i in range(tables[j, 0], tables[j, 0] + tables[j, 1]):
+            p = pixels[i]
+            r, c = p // cols, p % cols
+            if r > 0:
+                q, n_marked = _take(flat, p - cols, lo, pedestal, mark, marked, n_marked)
+                charge += q
+            if r < rows - 1:
+                q, n_marked = _take(flat, p + cols, lo, pedestal, mark, marked, n_marked)
+                charge += q
+            if c > 0:
+                q, n_marked = _take(flat, p - 1, lo, pedestal, mark, marked, n_marked)
+                charge += q
+            if c < cols - 1:
+                q, n_marked = _take(flat, p + 1, lo, pedestal, mark, marked, n_marked)
+                charge += q
+    for k in range(n_marked):
+        mark[marked[k]] = 0
+    return charge / model[6], n_peaks
+
+
+@njit(nogil=True, cache=True)
+def _counts(flat, rows, cols, lo, model, used, pixels, peaks, tables, sums, gains, n_clusters):
+    """The electrons of each cluster into tables[:, 3]: the most probable count of its charge,
+    peaks and (one peak) spread, then put right to the frame's total charge (with the halos)."""
+    pedestal, min_charge = model[0], model[3]
+    electrons, n_peaks = _frame_charge(flat, rows, cols, lo, model, pixels, tables, sums, n_clusters, used, peaks)
+    log_hidden = math.log(max(max(electrons - n_peaks, 0.0) / max(n_peaks, 1), _MIN_HIDDEN))
     # One-peak clusters below these charges hold one electron, per spread bin (the last: no
     # spread bin, index -1), so that most need no logarithm.
     n_bins = np.int64(model[5])
@@ -309,7 +356,10 @@ def _counts(flat, cols, model, pixels, tables, sums, gains, n_clusters):
         else:
             tables[j, 3] = electrons_in_cluster(q, tables[j, 2], log_hidden, b, model)
         counted += tables[j, 3]
-    reconcile(tables, sums, n_clusters, int(charge / mean + 0.5) - counted, log_hidden, model, gains)
+    band = _TOTAL_BAND * math.sqrt(max(electrons, 1.0) / model[2])
+    missing = electrons - counted
+    missing = max(missing - band, 0.0) if missing > 0 else min(missing + band, 0.0)
+    reconcile(tables, sums, n_clusters, int(round(missing)), log_hidden, model, gains)
 
 
 @njit(nogil=True, cache=True)
@@ -317,7 +367,7 @@ def _electrons(flat, rows, cols, lo, hi, model, used, pixels, peaks, tables, sum
                where):
     """Pass 2: the electrons of the labelled clusters into out / positions; returns how many."""
     pedestal, mean = model[0], model[1]
-    _counts(flat, cols, model, pixels, tables, sums, gains, n_clusters)
+    _counts(flat, rows, cols, lo, model, used, pixels, peaks, tables, sums, gains, n_clusters)  # peaks: free until placed
     n_out = 0
     for j in range(n_clusters):
         q = sums[j, 0]
