@@ -66,37 +66,30 @@ def _scratch(frame_shape: tuple[int, int]) -> tuple:
 
 
 @njit(nogil=True, cache=True)
-def _prepare(frame, dark_int, use_dark, hot, hot_value, scratch_u16):
+def _prepare(frame, dark_int, use_dark, scratch_u16):
     # The frame the kernel counts: itself, or minus the dark reference with stempy's uint16
-    # wrap-around (counting.kernel), so a negative value becomes huge and the X-ray cut drops it;
-    # hot pixels (flat indices) read hot_value (a copy: the caller's frame is not written).
-    if not use_dark and hot.shape[0] == 0:
+    # wrap-around (counting.kernel), so a negative value becomes huge and the X-ray cut drops it.
+    if not use_dark:
         return frame
     flat, dark, out = frame.reshape(-1), dark_int.reshape(-1), scratch_u16.reshape(-1)
-    if use_dark:
-        for i in range(flat.shape[0]):
-            out[i] = np.uint16((np.int64(flat[i]) - dark[i]) & 0xFFFF)
-    else:
-        out[:] = flat
-    for p in hot:
-        out[p] = hot_value
+    for i in range(flat.shape[0]):
+        out[i] = np.uint16((np.int64(flat[i]) - dark[i]) & 0xFFFF)
     return scratch_u16
 
 
 @njit(nogil=True, parallel=True, cache=True)
-def _count_batch(frames, lo, hi, model, dark_int, use_dark, hot, hot_value, scratches, out, positions, counts,
-                 n_chunks):
+def _count_batch(frames, lo, hi, model, hot, dark_int, use_dark, scratches, out, positions, counts, n_chunks):
     n, rows, cols = frames.shape
     for k in prange(n_chunks):
         scratch_u16 = np.empty((rows, cols), np.uint16)
         for i in range(k, n, n_chunks):
-            frame = _prepare(frames[i], dark_int, use_dark, hot, hot_value, scratch_u16)
-            counts[i] = count_clusters_frame(frame, lo, hi, model, scratches[np.int64(k)], out[i], positions[i])
+            frame = _prepare(frames[i], dark_int, use_dark, scratch_u16)
+            counts[i] = count_clusters_frame(frame, lo, hi, model, hot, scratches[np.int64(k)], out[i], positions[i])
 
 
 @njit(nogil=True, parallel=True, cache=True)
-def _read_count(fds, source_file, source_record, indices, lo, hi, model, dark_int, use_dark, hot, hot_value, frames,
-                scratches, out, positions, counts, failed, n_chunks):
+def _read_count(fds, source_file, source_record, indices, lo, hi, model, hot, dark_int, use_dark, frames, scratches,
+                out, positions, counts, failed, n_chunks):
     # As counting.kernel.read_count: each thread preads a frame into its own scratch frame and
     # counts it while it is in the thread's cache, taking the next frame when free.
     n = indices.shape[0]
@@ -112,13 +105,12 @@ def _read_count(fds, source_file, source_record, indices, lo, hi, model, dark_in
             if failed[i] >= 0:
                 counts[i] = 0
                 continue
-            counts[i] = count_clusters_frame(_prepare(frame, dark_int, use_dark, hot, hot_value, scratch_u16), lo, hi,
-                                             model,
+            counts[i] = count_clusters_frame(_prepare(frame, dark_int, use_dark, scratch_u16), lo, hi, model, hot,
                                              scratches[np.int64(k)], out[i], positions[i])
 
 
 @njit(nogil=True, cache=True)
-def _count_sectors(b0, b1, b2, b3, records, lo, hi, model, hot, hot_value, scratch, frame, out, positions, counts):
+def _count_sectors(b0, b1, b2, b3, records, lo, hi, model, hot, scratch, frame, out, positions, counts):
     # Clusters cross sector boundaries, so each frame is assembled (a missing sector is zero
     # rows, as in counting.sectors) and counted whole: one copy of the frame, ~2 % of its count.
     sector_rows = SECTOR_PIXELS // FRAME_COLS
@@ -132,10 +124,7 @@ def _count_sectors(b0, b1, b2, b3, records, lo, hi, model, hot, hot_value, scrat
             buffer = b0 if m == 0 else (b1 if m == 1 else (b2 if m == 2 else b3))
             start = r * _RECORD_WORDS + _HEADER_WORDS
             rows[:] = buffer[start : start + SECTOR_PIXELS]
-        flat = frame.reshape(-1)
-        for p in hot:
-            flat[p] = hot_value
-        counts[i] = count_clusters_frame(frame, lo, hi, model, scratch, out[i], positions[i])
+        counts[i] = count_clusters_frame(frame, lo, hi, model, hot, scratch, out[i], positions[i])
 
 
 class ClusterCounter:
@@ -157,10 +146,7 @@ class ClusterCounter:
             raise ValueError(f"dark reference has shape {tuple(dark.shape)}, frames have {self.frame_shape} (rows, cols)")
         self._use_dark = dark is not None
         self._dark_int = np.zeros((1, 1), np.int64) if dark is None else np.asarray(dark, np.float32).astype(np.int64)
-        self._hot = np.asarray(model.hot_pixels, np.int64)
-        if self._hot.size and not (self._hot.min() >= 0 and self._hot.max() < self.frame_shape[0] * self.frame_shape[1]):
-            raise ValueError(f"hot pixels outside the frame of {self.frame_shape} (rows, cols)")
-        self._hot_value = np.uint16(hot_value(model.pedestal, self._lo))
+        self._hot = hot_flags(model.hot_pixels, self.frame_shape)
         self._scratches: list = []
         self._out = np.empty((0, max_events_per_frame(self.frame_shape)), np.uint32)
         self._positions = np.empty((0, self._out.shape[1], 2), np.float32)
@@ -194,9 +180,8 @@ class ClusterCounter:
         out, positions, counts = self.buffers(n)
         if n:
             chunks = min(n, numba.get_num_threads())
-            _count_batch(np.ascontiguousarray(frames), self._lo, self._hi, self.model.params, self._dark_int,
-                         self._use_dark, self._hot, self._hot_value, self.scratches(chunks), out, positions, counts,
-                         chunks)
+            _count_batch(np.ascontiguousarray(frames), self._lo, self._hi, self.model.params, self._hot, self._dark_int,
+                         self._use_dark, self.scratches(chunks), out, positions, counts, chunks)
         return self.compact(n)
 
     def count_sectors(self, buffers: list, records: np.ndarray) -> ClusteredFrames:
@@ -210,8 +195,8 @@ class ClusterCounter:
         if n:
             frame = np.empty(self.frame_shape, np.uint16)
             _count_sectors(words[0], words[1], words[2], words[3], np.ascontiguousarray(records, np.int64),
-                           self._lo, self._hi, self.model.params, self._hot, self._hot_value, self.scratches(1)[0],
-                           frame, out, positions, counts)
+                           self._lo, self._hi, self.model.params, self._hot, self.scratches(1)[0], frame, out,
+                           positions, counts)
         return self.compact(n)
 
     def read_count(self, fds, table, indices: np.ndarray, frames: np.ndarray, failed: np.ndarray) -> ClusteredFrames:
@@ -223,8 +208,8 @@ class ClusterCounter:
         if n:
             chunks = min(n, len(frames))
             _read_count(fds, table.source_file, table.source_record, indices, self._lo, self._hi, self.model.params,
-                        self._dark_int, self._use_dark, self._hot, self._hot_value, frames, self.scratches(chunks),
-                        out, positions, counts, failed, chunks)
+                        self._hot, self._dark_int, self._use_dark, frames, self.scratches(chunks), out, positions,
+                        counts, failed, chunks)
         return self.compact(n)
 
     def compact(self, n: int) -> ClusteredFrames:
@@ -260,9 +245,15 @@ def hot_pixels(frames: np.ndarray, lo: int) -> np.ndarray:
     return np.flatnonzero((lit >= HOT_FRACTION) & (neighbours < 0.5))
 
 
-def hot_value(pedestal: float, lo: int) -> int:
-    """What a hot pixel reads when counting: the empty pixels' level, below the threshold."""
-    return min(max(round(pedestal), 0), lo - 1)
+def hot_flags(hot: tuple, frame_shape: tuple[int, int]) -> np.ndarray:
+    """The kernel's form of ``hot`` (flat pixel indices): a uint8 flag per pixel of frame_shape
+    (rows, cols), or an empty array when there are none (ValueError for an index off the frame)."""
+    flags = np.zeros(frame_shape[0] * frame_shape[1] if hot else 0, np.uint8)
+    try:
+        flags[np.asarray(hot, np.int64)] = 1
+    except IndexError:
+        raise ValueError(f"hot pixels outside the frame of {tuple(frame_shape)} (rows, cols)") from None
+    return flags
 
 
 def calibrate_cluster_model(frames: np.ndarray, thresholds: Thresholds,
@@ -276,10 +267,10 @@ def calibrate_cluster_model(frames: np.ndarray, thresholds: Thresholds,
         frames = ((frames.astype(np.int64) - dark_int) & 0xFFFF).astype(np.uint16)
     pedestal = pedestal_of(thresholds, frames)
     hot = hot_pixels(frames, lo)
-    if len(hot):  # as the counter will read them
+    if len(hot):  # read as empty pixels
         shape = frames.shape
         frames = frames.reshape(len(frames), -1).copy()
-        frames[:, hot] = hot_value(pedestal, lo)
+        frames[:, hot] = min(max(round(pedestal), 0), lo - 1)
         frames = frames.reshape(shape)
     scratch = _scratch(tuple(frames.shape[1:]))
     charges = np.empty(len(scratch[4]), np.float64)

@@ -80,7 +80,8 @@ class SingleElectronModel:
     electrons crowd, the charge one alone leaves below the threshold lifts pixels above it, so
     the clusters' own charge per electron grows with the dose; with the halo it does not); 0:
     the same as ``mean``. hot_pixels: flat indices of the pixels the calibration frames found hot
-    (counting.cluster_counter.hot_pixels), read as empty when counting."""
+    (counting.cluster_counter.hot_pixels): a cluster that is one of them alone counts no
+    electron (counting.clusters._drop_hot)."""
 
     pedestal: float
     mean: float
