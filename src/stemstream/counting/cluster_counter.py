@@ -248,11 +248,12 @@ def hot_pixels(frames: np.ndarray, lo: int) -> np.ndarray:
 def hot_flags(hot: tuple, frame_shape: tuple[int, int]) -> np.ndarray:
     """The kernel's form of ``hot`` (flat pixel indices): a uint8 flag per pixel of frame_shape
     (rows, cols), or an empty array when there are none (ValueError for an index off the frame)."""
-    flags = np.zeros(frame_shape[0] * frame_shape[1] if hot else 0, np.uint8)
-    try:
-        flags[np.asarray(hot, np.int64)] = 1
-    except IndexError:
-        raise ValueError(f"hot pixels outside the frame of {tuple(frame_shape)} (rows, cols)") from None
+    pixels = frame_shape[0] * frame_shape[1]
+    index = np.asarray(hot, np.int64)
+    if index.size and not (index.min() >= 0 and index.max() < pixels):
+        raise ValueError(f"hot pixels outside the frame of {tuple(frame_shape)} (rows, cols)")
+    flags = np.zeros(pixels if index.size else 0, np.uint8)
+    flags[index] = 1
     return flags
 
 

@@ -76,7 +76,7 @@ class SingleElectronModel:
     spread bin (_SPREAD_BIN px^2 wide, the last open), the bins of n = 2, then those of n = 3
     (= _SPREAD_ELECTRONS; more count as 3) (spread_llr; empty: not used). halo_mean (ADU): one
     electron's charge on its cluster's pixels and on the pixels below the background threshold
-    next to them (its halo), the unit of a frame's total charge (counting.clusters._counts: where
+    next to them (its halo), the unit of a frame's total charge (counting.clusters._frame_charge: where
     electrons crowd, the charge one alone leaves below the threshold lifts pixels above it, so
     the clusters' own charge per electron grows with the dose; with the halo it does not); 0:
     the same as ``mean``. hot_pixels: flat indices of the pixels the calibration frames found hot
@@ -94,7 +94,8 @@ class SingleElectronModel:
 
     def __post_init__(self):
         if not (self.mean > 0 and self.shape > 0 and self.min_charge >= 0 and self.halo_mean >= 0):
-            raise ValueError(f"a single-electron model needs mean > 0, shape > 0, min_charge >= 0, got {self}")
+            raise ValueError(f"a single-electron model needs mean > 0, shape > 0, min_charge >= 0, halo_mean >= 0, "
+                             f"got {self}")
 
     @property
     def params(self) -> np.ndarray:

@@ -371,7 +371,8 @@ def _electrons(flat, rows, cols, lo, hi, model, used, pixels, peaks, tables, sum
                where):
     """Pass 2: the electrons of the labelled clusters into out / positions; returns how many."""
     pedestal, mean = model[0], model[1]
-    _counts(flat, rows, cols, lo, model, used, pixels, peaks, tables, sums, gains, n_clusters)  # peaks: free until placed
+    # (peaks is free scratch until the electrons are placed)
+    _counts(flat, rows, cols, lo, model, used, pixels, peaks, tables, sums, gains, n_clusters)
     n_out = 0
     for j in range(n_clusters):
         q = sums[j, 0]
