@@ -8,6 +8,8 @@ Planted electrons and frames as in test_cluster_counting (its helpers).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from test_cluster_counting import BACKGROUND, XRAY, as_frame, blank, plant
@@ -96,3 +98,6 @@ def test_hot_pixels_neither_bias_the_calibration_nor_count():
     buffers = [make_sector_records(1, np.zeros(1, np.uint32), (1, 1), np.zeros(1), only_hot, m) for m in range(N_MODULES)]
     streamed = ClusterCounter(BACKGROUND, XRAY, model).count_sectors(buffers, np.zeros((1, N_MODULES), np.int64))
     assert streamed.counts.tolist() == [0]
+    for off_the_frame in (-1, FRAME_SHAPE[0] * FRAME_SHAPE[1]):
+        with pytest.raises(ValueError, match="hot pixels outside the frame"):
+            ClusterCounter(BACKGROUND, XRAY, dataclasses.replace(model, hot_pixels=(off_the_frame,)))
