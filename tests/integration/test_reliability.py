@@ -9,6 +9,8 @@ import contextlib
 import errno
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import uuid
@@ -283,6 +285,10 @@ def test_stemstream_run_onto_a_nearly_full_disk_says_so_and_leaves_no_file(tmp_p
         text = " ".join(result.stdout.replace("│", " ").split())  # the summary panel, unwrapped
         assert "scan 1 failed: cannot write" in text and "MB free in" in text and "needs at least" in text
         assert not list(output.glob("*.h5")) and not list(output.glob("*.partial"))
+    # A failed run keeps its logs and names them (the folder is the test's to remove).
+    kept = re.search(r"logs: (\S+)", result.stdout)
+    assert kept and Path(kept.group(1)).is_dir(), result.stdout
+    shutil.rmtree(Path(kept.group(1)).parent)
 
 
 # -- soak ----------------------------------------------------------------------------------------------
