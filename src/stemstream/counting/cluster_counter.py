@@ -231,17 +231,15 @@ def hot_pixels(frames: np.ndarray, lo: int) -> np.ndarray:
     hot pixel made a one-pixel cluster that passed for an isolated single electron (5 in 64
     simulated frames were 320 of 2,000-10,000 "singles" and raised the fitted mean charge by
     1-30 %, by how many real ones the sample held), and electrons in every frame counted."""
+    from scipy import ndimage  # here: 0.12 s of import that a node group counting by maxima never needs
+
     n = len(frames)
     if n < HOT_MIN_FRAMES:
         return np.zeros(0, np.int64)
     lit = np.count_nonzero(frames >= lo, axis=0) / n
-    rows, cols = lit.shape
-    around = np.pad(lit, 1)
-    neighbours = np.zeros_like(lit)
-    for dr in (-1, 0, 1):
-        for dc in (-1, 0, 1):
-            if dr or dc:
-                np.maximum(neighbours, around[1 + dr : 1 + dr + rows, 1 + dc : 1 + dc + cols], out=neighbours)
+    ring = np.ones((3, 3), bool)
+    ring[1, 1] = False
+    neighbours = ndimage.maximum_filter(lit, footprint=ring, mode="constant", cval=0.0)
     return np.flatnonzero((lit >= HOT_FRACTION) & (neighbours < 0.5))
 
 

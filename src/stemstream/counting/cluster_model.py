@@ -155,12 +155,10 @@ def with_halo(patches: np.ndarray, low: float, high: float) -> np.ndarray:
     """Per (n, s, s) patch of charges above the pedestal around a single's peak: the charge of its
     members (low <= charge <= high) and of its halo (the pixels below ``low`` above, below, left
     or right of a member), as counting.clusters._frame_charge adds a cluster's to the frame's."""
+    from scipy import ndimage  # here: 0.12 s of import that a node group counting by maxima never needs
+
     member = (patches >= low) & (patches <= high)
-    s = patches.shape[1]
-    grown = np.pad(member, ((0, 0), (1, 1), (1, 1)))
-    near = member.copy()
-    for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-        near |= grown[:, 1 + dr : 1 + dr + s, 1 + dc : 1 + dc + s]
+    near = ndimage.binary_dilation(member, structure=ndimage.generate_binary_structure(2, 1)[None])
     take = member | (near & (patches < low))
     return np.where(take, patches, 0.0).sum(axis=(1, 2))
 
