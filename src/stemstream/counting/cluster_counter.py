@@ -24,7 +24,8 @@ from stemstream.counting.cluster_model import (
     model_from_charges,
     pedestal_of,
 )
-from stemstream.counting.clusters import LABELS, count_clusters_frame, single_electron_charges
+from stemstream.counting.cluster_singles import single_electron_charges
+from stemstream.counting.clusters import LABELS, count_clusters_frame
 from stemstream.counting.kernel import CountedFrames, _compact, _integer_window, _sparse_rows, max_events_per_frame
 from stemstream.counting.sectors import sector_words
 from stemstream.formats.raw import FRAME_COLS, HEADER_BYTES, N_MODULES, RECORD_BYTES, SECTOR_PIXELS
@@ -61,7 +62,7 @@ def _scratch(frame_shape: tuple[int, int]) -> tuple:
     most = max_events_per_frame(frame_shape)  # clusters are never adjacent, as strict maxima
     most = min(most, LABELS)
     return (np.zeros(pixels, np.uint16), np.zeros(pixels, np.uint8), np.empty(pixels, np.int64),
-            np.empty(pixels, np.int64), np.empty((most, 4), np.int64), np.empty((most, 4), np.float64),
+            np.empty(pixels, np.int64), np.empty((most, 4), np.int64), np.empty((most, 5), np.float64),
             np.empty(most, np.float64), np.empty(2, np.float64))
 
 

@@ -3,7 +3,7 @@ thresholds are: the charges of isolated one-peak clusters give the distribution 
 electron's charge, summarised by its mean and gamma shape (stored in the file's metadata, as the
 thresholds are, under ``/metadata/stemstream/cluster_model``).
 
-Calibration: the charges of isolated single-electron clusters (counting.clusters.
+Calibration: the charges of isolated single-electron clusters (counting.cluster_singles.
 single_electron_charges: no other cluster within 6 px, so mostly from where the local dose is
 low) of the sample frames; those above 4 times their median are dropped (what is left of two
 electrons on one pixel, one peak with twice the charge); the mean ``m`` and variance ``v`` of the rest give the gamma shape ``k = m^2 / v``.
@@ -276,8 +276,9 @@ def electrons_in_cluster(charge, n_peaks, log_hidden, spread, model):
     the ``n`` that maximises _score. The charge of ``n`` electrons is gamma distributed with shape
     ``n k`` and mean ``n m`` (a sum of ``n`` single charges); the electrons beyond the peaks (two
     on one pixel, or too close to make two peaks) are Poisson with mean ``hidden * n_peaks``
-    (``log_hidden``: the log of the frame's rate of hidden electrons per peak, from its total
-    charge: a dense frame expects hidden electrons, a sparse one does not); fewer electrons than
+    (``log_hidden``: the log of the cluster's rate of hidden electrons per peak, from the frame's
+    total charge and the local density, counting.clusters._local_hidden: a cluster in the
+    bright-field disc expects hidden electrons, one in the sparse outskirts does not); fewer electrons than
     peaks costs a Poisson term of mean ``SPURIOUS_PEAKS * n_peaks`` (noise peaks on a tail);
     ``spread``: a one-peak cluster's spread bin (spread_bin; -1 for others), whose evidence
     for n electrons rather than one the score adds."""
@@ -316,14 +317,15 @@ def _gain(log_q, n, n_peaks, step, log_hidden, spread, model):
 
 
 @njit(nogil=True, cache=True)
-def reconcile(tables, sums, n_clusters, missing, log_hidden, model, gains):
+def reconcile(tables, sums, n_clusters, missing, model, gains):
     """Add (missing > 0) or take away (< 0) ``missing`` electrons, one per cluster and round,
     where the score gains most or loses least: the clusters' most probable counts are biased
     (a cluster's charge alone cannot tell one bright electron from two), while the frame's total
     charge over the single-electron mean is an unbiased count of the whole frame
     (docs/counting.md). Electrons are taken only from clusters with more than their peaks: a peak
     is stronger evidence of an electron than the frame's total charge. ``sums[j, 3]``: cluster
-    j's spread bin (spread_bin; -1 for none)."""
+    j's spread bin (spread_bin; -1 for none); ``sums[j, 4]``: its log rate of hidden electrons
+    per peak (electrons_in_cluster)."""
     min_charge = model[3]
     for _ in range(8):  # rounds; a frame needs one or two
         if missing == 0:
@@ -336,7 +338,7 @@ def reconcile(tables, sums, n_clusters, missing, log_hidden, model, gains):
             if q < min_charge or n + step < max(tables[j, 2], 1):
                 gains[j] = -np.inf
                 continue
-            gains[j] = _gain(math.log(q), n, tables[j, 2], step, log_hidden, np.int64(sums[j, 3]), model)
+            gains[j] = _gain(math.log(q), n, tables[j, 2], step, sums[j, 4], np.int64(sums[j, 3]), model)
             n_open += 1
         k = min(abs(missing), n_open)
         if k == 0:

@@ -13,8 +13,8 @@ background threshold:
 2. **Electrons per cluster.** ``n`` maximises ``log p(charge | n) + log prior(n | peaks)``
    (counting.cluster_model.electrons_in_cluster: the charge of ``n`` electrons is gamma
    distributed with shape ``n * k`` and mean ``n * m``, the electrons beyond the peaks are Poisson
-   with a per-frame rate from the frame's own total charge, and a one-peak cluster's spread, the
-   charge-weighted variance of its pixels' positions, is as likely for ``n`` electrons as the
+   with a rate from the frame's own total charge shared out by the local density (_local_hidden),
+   and a one-peak cluster's spread, the charge-weighted variance of its pixels' positions, is as likely for ``n`` electrons as the
    calibration says, counting.cluster_model.spread_llr); then the frame's total charge (with each
    cluster's halo, the pixels below the threshold beside it) over one electron's (with its halo),
    an unbiased count at any dose, puts right the clusters' biased most probable counts
@@ -32,7 +32,7 @@ Dense counts per frame then equal the electrons counted.
 
 All kernels release the GIL; each thread keeps a used-pixel image (uint8) of its own and clears
 only the pixels a frame set, and a label image (uint16: at most 65,535 clusters a frame) that only
-the calibration's test of isolation writes.
+the calibration's test of isolation (counting.cluster_singles) writes.
 """
 
 from __future__ import annotations
@@ -51,12 +51,8 @@ from stemstream.counting.cluster_model import (
 )
 from stemstream.counting.kernel import _kept
 
-# The per-frame rate of hidden electrons never goes below this (log of 0 is not a prior).
+# A cluster's rate of hidden electrons never goes below this (log of 0 is not a prior).
 _MIN_HIDDEN = 0.002
-# A calibration cluster has no other within this many pixels: far enough that it comes from
-# where the local dose is low, so that two electrons on one pixel (one peak, twice the charge)
-# are rare among them even in a bright-field disc.
-_ALONE = 6
 # Peaks of a cluster kept in order of value (see _top_peaks).
 _SORTED_PEAKS = 16
 # What an electron already on a pixel explains of its charge, in single-electron means, when
@@ -71,6 +67,10 @@ _EXPLAINED = 2.0
 # frames a dose and charge model: 0.5 gave precision +0.001 to +0.006 for recall -0.003 at most,
 # 1 and 2 more of each, and totals 1-3 % lower).
 _TOTAL_BAND = 0.5
+# Tiles (pixels a side) of the local density that shares out a frame's hidden electrons
+# (_local_hidden): the density is taken over 3 x 3 of them, 96 x 96 px, a fraction of the
+# bright-field disc, where most electrons land.
+_TILE = 32
 # Clusters per frame: labels are uint16, 0 meaning none.
 LABELS = 65535
 
@@ -299,20 +299,25 @@ def _take(flat, q, lo, pedestal, mark, marked, n_marked):
 
 
 @_leaf
-def _frame_charge(flat, rows, cols, lo, model, pixels, tables, sums, n_clusters, mark, marked):
-    """(the frame's charge in units of one electron's charge with its halo, its peaks), of the
-    clusters above min_charge: their own charge and their halos' (the pixels below ``lo`` next
-    to a member, above, below, left or right; a pixel next to two clusters counts once;
-    SingleElectronModel.halo_mean). ``mark``: the used-pixel image, cleared again before
-    return; ``marked``: room for the pixels marked."""
+def _frame_charge(flat, rows, cols, lo, model, pixels, tables, sums, n_clusters, mark, marked, tile_e, tile_p):
+    """Per tile (_TILE x _TILE pixels; tile_e, tile_p: (rows, cols) of tiles), the charge in units
+    of one electron's charge with its halo, and the peaks, of the clusters above min_charge whose
+    first pixel is in it: their own charge and their halos' (the pixels below ``lo`` next to a
+    member, above, below, left or right; a pixel next to two clusters counts once;
+    SingleElectronModel.halo_mean). ``mark``: the used-pixel image, cleared again before return;
+    ``marked``: room for the pixels marked."""
     pedestal, min_charge = model[0], model[3]
-    charge, n_peaks, n_marked = 0.0, 0, 0
+    n_marked = 0
     inv_cols = 1.0 / cols
+    unit = 1.0 / model[6]
     for j in range(n_clusters):
         if sums[j, 0] < min_charge:
             continue
-        charge += sums[j, 0]
-        n_peaks += tables[j, 2]
+        charge = sums[j, 0]
+        first = pixels[tables[j, 0]]
+        fr = _row(first, inv_cols)
+        ti, tj = fr // _TILE, (first - fr * cols) // _TILE
+        tile_p[ti, tj] += tables[j, 2]
         for i in range(tables[j, 0], tables[j, 0] + tables[j, 1]):
             p = pixels[i]
             r = _row(p, inv_cols)
@@ -329,9 +334,47 @@ def _frame_charge(flat, rows, cols, lo, model, pixels, tables, sums, n_clusters,
             if c < cols - 1:
                 q, n_marked = _take(flat, p + 1, lo, pedestal, mark, marked, n_marked)
                 charge += q
+        tile_e[ti, tj] += charge * unit
     for k in range(n_marked):
         mark[marked[k]] = 0
-    return charge / model[6], n_peaks
+
+
+@njit(nogil=True, cache=True)
+def _local_hidden(rows, cols, pixels, tables, sums, n_clusters, tile_e, tile_p, min_charge):
+    """Each cluster's log rate of hidden electrons per peak into sums[:, 4]: the frame's hidden
+    electrons (its electrons by charge less its peaks) shared out among the clusters above
+    ``min_charge`` in proportion to their size (pixels) times the local density (electrons by
+    charge per pixel over the 3 x 3 tiles around the tile of the cluster's first pixel), as
+    coincidences are: an electron hides in a cluster as often as one lands on its pixels. A rate
+    for the whole frame (until 2026-12-05) gave the sparse outskirts the hidden electrons of the
+    bright-field disc: singles there counted two, crowded clusters in the disc too few (precision
+    at 0.05 e/px/frame 0.927 -> 0.997 by maximum matching, gamma; docs/counting.md section 4).
+    Returns the frame's electrons by charge."""
+    tr, tc = tile_e.shape
+    density = np.zeros((tr, tc), np.float64)
+    for a in range(tr):
+        for b in range(tc):
+            e, area = 0.0, 0.0
+            for aa in range(max(a - 1, 0), min(a + 2, tr)):
+                for bb in range(max(b - 1, 0), min(b + 2, tc)):
+                    e += tile_e[aa, bb]
+                    area += (min((aa + 1) * _TILE, rows) - aa * _TILE) * (min((bb + 1) * _TILE, cols) - bb * _TILE)
+            density[a, b] = e / area
+    electrons = tile_e.sum()
+    inv_cols = 1.0 / cols
+    weight = 0.0
+    for j in range(n_clusters):
+        if sums[j, 0] >= min_charge:
+            first = pixels[tables[j, 0]]
+            fr = _row(first, inv_cols)
+            weight += tables[j, 1] * density[fr // _TILE, (first - fr * cols) // _TILE]
+    scale = max(electrons - tile_p.sum(), 0.0) / weight if weight > 0 else 0.0
+    for j in range(n_clusters):
+        first = pixels[tables[j, 0]]
+        fr = _row(first, inv_cols)
+        per_peak = tables[j, 1] / max(tables[j, 2], 1)
+        sums[j, 4] = math.log(max(scale * per_peak * density[fr // _TILE, (first - fr * cols) // _TILE], _MIN_HIDDEN))
+    return electrons
 
 
 @njit(nogil=True, cache=True)
@@ -339,14 +382,17 @@ def _counts(flat, rows, cols, lo, model, used, pixels, peaks, tables, sums, gain
     """The electrons of each cluster into tables[:, 3]: the most probable count of its charge,
     peaks and (one peak) spread, then put right to the frame's total charge (with the halos)."""
     pedestal, min_charge = model[0], model[3]
-    electrons, n_peaks = _frame_charge(flat, rows, cols, lo, model, pixels, tables, sums, n_clusters, used, peaks)
-    log_hidden = math.log(max(max(electrons - n_peaks, 0.0) / max(n_peaks, 1), _MIN_HIDDEN))
+    tile_e = np.zeros(((rows + _TILE - 1) // _TILE, (cols + _TILE - 1) // _TILE), np.float64)
+    tile_p = np.zeros_like(tile_e)
+    _frame_charge(flat, rows, cols, lo, model, pixels, tables, sums, n_clusters, used, peaks, tile_e, tile_p)
+    electrons = _local_hidden(rows, cols, pixels, tables, sums, n_clusters, tile_e, tile_p, min_charge)
     # One-peak clusters below these charges hold one electron, per spread bin (the last: no
-    # spread bin, index -1), so that most need no logarithm.
+    # spread bin, index -1), at a hidden rate of 1: the charge scales as rate^(-1/k).
     n_bins = np.int64(model[5])
     single = np.empty(n_bins + 1, np.float64)
     for b in range(-1, n_bins):
-        single[b] = one_electron_below(log_hidden, b, model)
+        single[b] = one_electron_below(0.0, b, model)
+    inv_k = 1.0 / model[2]
     counted = 0
     for j in range(n_clusters):
         q = sums[j, 0]
@@ -355,15 +401,15 @@ def _counts(flat, rows, cols, lo, model, used, pixels, peaks, tables, sums, gain
             b = spread_bin(_spread(flat, cols, pedestal, pixels, tables[j, 0], tables[j, 1], q, sums[j, 1] / q,
                                    sums[j, 2] / q), model)
         sums[j, 3] = b
-        if tables[j, 2] == 1 and min_charge <= q < single[b]:
+        if tables[j, 2] == 1 and min_charge <= q < single[b] * math.exp(-sums[j, 4] * inv_k):
             tables[j, 3] = 1
         else:
-            tables[j, 3] = electrons_in_cluster(q, tables[j, 2], log_hidden, b, model)
+            tables[j, 3] = electrons_in_cluster(q, tables[j, 2], sums[j, 4], b, model)
         counted += tables[j, 3]
     band = _TOTAL_BAND * math.sqrt(max(electrons, 1.0) / model[2])
     missing = electrons - counted
     missing = max(missing - band, 0.0) if missing > 0 else min(missing + band, 0.0)
-    reconcile(tables, sums, n_clusters, int(round(missing)), log_hidden, model, gains)
+    reconcile(tables, sums, n_clusters, int(round(missing)), model, gains)
 
 
 @njit(nogil=True, cache=True)
@@ -425,59 +471,3 @@ def count_clusters_frame(frame, lo, hi, model, hot, scratch, out, positions):
         used[out[i]] = 0
     _sort_events(out, positions, n_out, rows, cols)
     return n_out
-
-
-@njit(nogil=True, cache=True)
-def _patch(flat, rows, cols, pedestal, members, patch):
-    # The charge around a one-peak cluster's peak: its highest pixel (the first in raster order
-    # among equals, as peaks tie), the cluster's members in raster order.
-    top = members[0]
-    for p in members:
-        if flat[p] > flat[top]:
-            top = p
-    half = patch.shape[0] // 2
-    r0, c0 = top // cols - half, top % cols - half
-    for i in range(patch.shape[0]):
-        for k in range(patch.shape[1]):
-            r, c = r0 + i, c0 + k
-            inside = 0 <= r < rows and 0 <= c < cols
-            patch[i, k] = np.float64(flat[r * cols + c]) - pedestal if inside else 0.0
-
-
-@njit(nogil=True, cache=True)
-def single_electron_charges(frame, lo, hi, pedestal, scratch, charges, patches):
-    """Charges (ADU) of the frame's clusters that look like one isolated electron: one peak, no
-    pixel on the frame's edge, no other cluster within _ALONE px of the cluster's bounding box.
-    Written to ``charges``, and to ``patches`` (its size, s, s) the charge above the pedestal
-    (noise included) in the s x s pixels centred on each one's peak (0 off the frame); returns
-    how many (at most charges' size)."""
-    label, used, pixels, peaks, tables, sums, gains, where = scratch
-    rows, cols = frame.shape
-    flat = frame.reshape(-1)
-    n_clusters = label_clusters(flat, rows, cols, lo, hi, pedestal, pixels, peaks, tables, sums)
-    for j in range(n_clusters):  # the label image, for the test of other clusters nearby
-        for i in range(tables[j, 0], tables[j, 0] + tables[j, 1]):
-            label[pixels[i]] = j + 1
-    n = 0
-    for j in range(n_clusters):
-        if tables[j, 2] != 1 or n == charges.shape[0]:
-            continue
-        r0, r1, c0, c1 = rows, -1, cols, -1
-        for i in range(tables[j, 0], tables[j, 0] + tables[j, 1]):
-            p = pixels[i]
-            r0, r1 = min(r0, p // cols), max(r1, p // cols)
-            c0, c1 = min(c0, p % cols), max(c1, p % cols)
-        if r0 == 0 or c0 == 0 or r1 == rows - 1 or c1 == cols - 1:
-            continue
-        alone = True
-        for rr in range(max(r0 - _ALONE, 0), min(r1 + _ALONE + 1, rows)):
-            for cc in range(max(c0 - _ALONE, 0), min(c1 + _ALONE + 1, cols)):
-                s = label[rr * cols + cc]
-                if s != 0 and s != j + 1:
-                    alone = False
-        if alone:
-            charges[n] = sums[j, 0]
-            _patch(flat, rows, cols, pedestal, pixels[tables[j, 0] : tables[j, 0] + tables[j, 1]], patches[n])
-            n += 1
-    _clear(label, pixels, tables, n_clusters)
-    return n
