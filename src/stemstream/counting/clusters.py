@@ -42,6 +42,7 @@ import math
 import numpy as np
 from numba import njit
 
+from stemstream.counting.cluster_basins import split_basins
 from stemstream.counting.cluster_labels import is_peak, label_clusters
 from stemstream.counting.cluster_model import (
     electrons_in_cluster,
@@ -465,6 +466,7 @@ def count_clusters_frame(frame, lo, hi, model, hot, scratch, out, positions):
     n_clusters = label_clusters(flat, rows, cols, lo, hi, model[0], pixels, peaks, tables, sums)
     if hot.shape[0]:
         _drop_hot(hot, pixels, tables, sums, n_clusters)
+    n_clusters = split_basins(flat, rows, cols, lo, hi, model[0], pixels, tables, sums, n_clusters, label, peaks)
     n_out = _electrons(flat, rows, cols, lo, hi, model, used, pixels, peaks, tables, sums, gains, n_clusters, out,
                        positions, where)
     for i in range(n_out):
