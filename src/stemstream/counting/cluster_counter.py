@@ -55,14 +55,16 @@ class ClusteredFrames(CountedFrames):
 
 def _scratch(frame_shape: tuple[int, int]) -> tuple:
     """One thread's arrays for the kernel (see clusters.count_clusters_frame): the label image
-    (written by the calibration only) and the used image, the pixel list (clusters' pixels, by
-    cluster), run records then a cluster's peaks (counting.cluster_labels), per-cluster tables
-    (start, size, peaks, electrons; charge sums and spread bin; score gains), a position."""
+    (uint16: the calibration's clusters, then the basins of a cluster being split, counting.
+    cluster_basins) and the used image, the pixel list (clusters' pixels, by cluster), run
+    records (counting.cluster_labels), then a split's scratch, then a cluster's peaks, per-cluster
+    tables (start, size, peaks, electrons; charge sums, spread bin and log rate of hidden
+    electrons; score gains), a position."""
     pixels = frame_shape[0] * frame_shape[1]
     most = max_events_per_frame(frame_shape)  # clusters are never adjacent, as strict maxima
     most = min(most, LABELS)
-    return (np.zeros(pixels, np.int32), np.zeros(pixels, np.uint8), np.empty(pixels, np.int64),
-            np.empty(pixels, np.int64), np.empty((most, 4), np.int64), np.empty((most, 5), np.float64),
+    return (np.zeros(pixels, np.uint16), np.zeros(pixels, np.uint8), np.empty(pixels, np.int64),
+            np.empty(pixels + most + 1, np.int64), np.empty((most, 4), np.int64), np.empty((most, 5), np.float64),
             np.empty(most, np.float64), np.empty(2, np.float64))
 
 
