@@ -93,3 +93,18 @@ def test_maximum_matching_equals_an_optimal_assignment():
         greedy = compare_with_electrons(events.astype(np.uint32), np.array([0, len(events)]), [truth.astype(np.uint32)],
                                         shape).matched_within_1
         assert greedy <= got
+
+
+def test_maximum_matching_on_a_crowded_frame():
+    # As crowded as a bright-field disc at 0.05 e/px/frame (~1 electron a pixel): one component
+    # of nearly everything, where augmenting paths are long. The same pairs as scipy's optimal
+    # assignment.
+    rng = np.random.default_rng(8)
+    shape = (30, 30)
+    truth = rng.integers(0, 900, 900)
+    events = np.unique(np.clip(truth[:800] + rng.integers(-1, 2, 800) * 30 + rng.integers(-1, 2, 800), 0, 899))
+    got = compare_with_electrons(events.astype(np.uint32), np.array([0, len(events)]), [truth.astype(np.uint32)],
+                                 shape, matching="maximum").matched_within_1
+    far = (np.abs(events[:, None] // 30 - truth[None, :] // 30) > 1) | (np.abs(events[:, None] % 30 - truth[None, :] % 30) > 1)
+    i, j = linear_sum_assignment(far.astype(float))
+    assert got == int((~far[i, j]).sum())
