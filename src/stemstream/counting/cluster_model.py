@@ -5,8 +5,8 @@ thresholds are, under ``/metadata/stemstream/cluster_model``).
 
 Calibration: the charges of isolated single-electron clusters (counting.cluster_singles.
 single_electron_charges: no other cluster within 6 px, so mostly from where the local dose is
-low) of the sample frames; those above 6 times their median are dropped (what is left of two
-electrons on one pixel, one peak with twice the charge); the mean ``m`` and variance ``v`` of the rest give the gamma shape ``k = m^2 / v``.
+low) of the sample frames; those above 6 times their median are dropped (several
+electrons on one pixel, one peak with their charge, beyond one electron's tail); the mean ``m`` and variance ``v`` of the rest give the gamma shape ``k = m^2 / v``.
 Clusters with less charge than ``min_charge`` are noise: twice the charge of a lone pixel just
 above the background threshold (a 4-sigma noise pixel has ``background - pedestal`` ADU).
 The same singles' pixel patterns give the evidence of a one-peak cluster's spread for 2 or 3
