@@ -9,7 +9,9 @@ background threshold:
    kernel; X-ray pixels above ``hi`` count as empty) joined by 8-connectivity, labelled from the
    runs of the block scan (counting.cluster_labels). Each cluster's charge is
    ``sum(value - pedestal)`` over its pixels; its *peaks* are its pixels not smaller than any
-   8-neighbour in the cluster (ties go to the lower flat index, so a plateau is one peak).
+   8-neighbour in the cluster (ties go to the lower flat index, so a plateau is one peak). A
+   cluster of several peaks is then split into its peaks' basins (counting.cluster_basins), each
+   counted from here on as a cluster of one peak.
 2. **Electrons per cluster.** ``n`` maximises ``log p(charge | n) + log prior(n | peaks)``
    (counting.cluster_model.electrons_in_cluster: the charge of ``n`` electrons is gamma
    distributed with shape ``n * k`` and mean ``n * m``, the electrons beyond the peaks are Poisson
