@@ -215,6 +215,14 @@ def _sift_down(key, index, size, i):
 
 
 @_leaf
+def _emit_centre(used, rows, cols, p, where, out, positions, n_out):
+    # _emit of an electron at the centre of pixel p
+    row = _row(p, 1.0 / cols)
+    where[0], where[1] = row, p - row * cols
+    return _emit(used, rows, cols, where, out, positions, n_out)
+
+
+@_leaf
 def _extras(flat, rows, cols, pedestal, mean, used, members, extra, out, positions, n_out, where, key, index):
     """The electrons of a cluster beyond its peaks (two on one pixel, or too close to make a peak
     each): each at the cluster pixel (``members``, flat indices) with the most charge not yet
@@ -225,17 +233,25 @@ def _extras(flat, rows, cols, pedestal, mean, used, members, extra, out, positio
     cluster's size (an allocation per cluster cost more than the heap). Returns the new number
     of events."""
     size = members.shape[0]
+    top, first, ties = -np.inf, 0, 0
     for i in range(size):
         p = members[i]
         key[i] = np.float64(flat[p]) - pedestal - _EXPLAINED * mean * used[p]
         index[i] = i
-    for i in range(size // 2 - 1, -1, -1):
-        _sift_down(key, index, size, i)
+        # The first largest key and how many share it, without a branch (which pixel is, is random)
+        ties = np.int64(1) if key[i] > top else ties + np.int64(key[i] == top)
+        first = i if key[i] > top else first
+        top = max(top, key[i])
+    # One extra (most clusters that have any) goes where the heap's root would be, the largest
+    # key; building the heap cost ~15 us a frame at 0.005. With a tie the heap's own order decides.
+    if extra == 1 and ties == 1:
+        index[0], extra = first, 0
+        n_out = _emit_centre(used, rows, cols, members[first], where, out, positions, n_out)
+    else:
+        for i in range(size // 2 - 1, -1, -1):
+            _sift_down(key, index, size, i)
     for _ in range(extra):
-        p = members[index[0]]
-        row = _row(p, 1.0 / cols)
-        where[0], where[1] = row, p - row * cols
-        n_out = _emit(used, rows, cols, where, out, positions, n_out)
+        n_out = _emit_centre(used, rows, cols, members[index[0]], where, out, positions, n_out)
         key[0] -= _EXPLAINED * mean
         _sift_down(key, index, size, 0)
     return n_out
