@@ -277,16 +277,17 @@ def _top_peaks(flat, rows, cols, hi, pixels, start, size, peaks):
                          max(_kept(flat[p - cols], hi), _kept(flat[p - cols + 1], hi)))
             after = max(max(_kept(flat[p + 1], hi), _kept(flat[p + cols - 1], hi)),
                         max(_kept(flat[p + cols], hi), _kept(flat[p + cols + 1], hi)))
-            if before >= v or after > v:
-                continue
-        elif not is_peak(flat, rows, cols, p, hi):
-            continue
-        j = n
-        while j > 0 and n < _SORTED_PEAKS and flat[peaks[j - 1]] < v:
+            keep = (before < v) & (after <= v)  # no branch: which pixels are peaks is random
+        else:
+            keep = is_peak(flat, rows, cols, p, hi)
+        peaks[n] = p
+        n += np.int64(keep)
+    for i in range(1, min(n, _SORTED_PEAKS)):  # a stable insertion sort of the first, by value
+        p, j = peaks[i], i
+        while j > 0 and flat[peaks[j - 1]] < flat[p]:
             peaks[j] = peaks[j - 1]
             j -= 1
         peaks[j] = p
-        n += 1
     return n
 
 
