@@ -225,10 +225,18 @@ def label_clusters(flat, rows, cols, lo, hi, pedestal, pixels, records, tables, 
                     # Integer sums over the piece, then one float step: charge = sum(v - pedestal)
                     # and its moments.
                     total, moment = 0, 0
-                    for c in range(c0, after):
-                        v = np.int64(flat[row_base + c])
-                        total += v
-                        moment += v * c
+                    if length <= 4 and c0 + 4 <= cols:
+                        # Four pixels, those beyond the piece times 0: a loop of 1-4 turns (at
+                        # random) mispredicted its exit.
+                        for t in range(4):
+                            v = np.int64(flat[row_base + c0 + t]) * (t < length)
+                            total += v
+                            moment += v * (c0 + t)
+                    else:
+                        for c in range(c0, after):
+                            v = np.int64(flat[row_base + c])
+                            total += v
+                            moment += v * c
                     charge = total - length * pedestal
                     tables[j, 1] += length
                     tables[j, 2] += n_peaks
