@@ -93,9 +93,9 @@ def _row(p, inv_cols):
 
 
 @_leaf
-def _centroid(flat, rows, cols, lo, hi, around, pedestal, where):
+def _centroid(flat, rows, cols, lo, hi, around, pedestal, where, k):
     """Charge-weighted centroid (row, col) into ``where`` of the cluster's pixels in the 3 x 3
-    window of pixel ``around``: those with lo <= value <= hi (next to ``around``, so in its
+    window of pixel ``around``, at where[k:k + 2]: those with lo <= value <= hi (next to ``around``, so in its
     cluster; no label image to read)."""
     ar = _row(around, 1.0 / cols)
     ac = around - ar * cols
@@ -112,10 +112,9 @@ def _centroid(flat, rows, cols, lo, hi, around, pedestal, where):
             ysum += w * rr
             xsum += w * cc
     if wsum > 0:
-        where[0] = ysum / wsum
-        where[1] = xsum / wsum
+        where[k], where[k + 1] = ysum / wsum, xsum / wsum
     else:
-        where[0], where[1] = ar, ac
+        where[k], where[k + 1] = ar, ac
 
 
 @_leaf
@@ -149,11 +148,9 @@ def _clear(label, pixels, tables, n_clusters):
 @njit(nogil=True, cache=True)
 def _sort_events(out, positions, n, rows, cols):
     # Sorted as stempy's frames are: a counting sort by column, then a stable one by row (a radix
-    # sort whose digits are the frame's columns and rows), each event moved twice. The events are
-    # unique pixels (_place), so any correct sort gives the same order. The insertion sort this
-    # replaced (events come cluster by cluster in raster order of the clusters' first pixels)
-    # moved each ~7 times at 0.005 e/px/frame and fell back to a sort by rows with insertion in
-    # each row: 26 us a frame against 11 at 0.005, 1.24 ms against 0.11 at 0.05 (gamma).
+    # sort), each event moved twice; the events are unique pixels (_place), so any correct sort
+    # gives the same order. A sort by rows with insertion in each row took 26 us a frame against
+    # 11 at 0.005 e/px/frame, 1.24 ms against 0.11 at 0.05 (gamma).
     inv_cols = 1.0 / cols
     pixels = np.empty(n, out.dtype)
     points = np.empty((n, 2), positions.dtype)
@@ -181,17 +178,16 @@ def _sort_events(out, positions, n, rows, cols):
 
 
 @_leaf
-def _emit(used, rows, cols, where, out, positions, n_out):
-    """The event of an electron at ``where`` (see _place); returns the new number of events."""
+def _emit(used, rows, cols, where, k, out, positions, n_out):
+    """The event of an electron at where[k:k + 2] (see _place); returns the new number of events."""
     if n_out == out.shape[0]:
         return n_out
-    p = _place(used, rows, cols, where[0], where[1])
+    p = _place(used, rows, cols, where[k], where[k + 1])
     if p < 0:
         return n_out  # 25 electrons already within 2 px: a frame of pure charge
     used[p] = 1
     out[n_out] = p
-    positions[n_out, 0] = where[0]
-    positions[n_out, 1] = where[1]
+    positions[n_out, 0], positions[n_out, 1] = where[k], where[k + 1]
     return n_out + 1
 
 
@@ -216,10 +212,9 @@ def _sift_down(key, index, size, i):
 
 @_leaf
 def _emit_centre(used, rows, cols, p, where, out, positions, n_out):
-    # _emit of an electron at the centre of pixel p
     row = _row(p, 1.0 / cols)
     where[0], where[1] = row, p - row * cols
-    return _emit(used, rows, cols, where, out, positions, n_out)
+    return _emit(used, rows, cols, where, 0, out, positions, n_out)
 
 
 @_leaf
@@ -443,16 +438,21 @@ def _electrons(flat, rows, cols, lo, hi, model, used, pixels, peaks, tables, sum
     for j in range(n_clusters):
         q = sums[j, 0]
         start, size, n_peaks, n = tables[j, 0], tables[j, 1], tables[j, 2], tables[j, 3]
+        m, ahead = min(n, n_peaks), False
         if n > 1:
             _top_peaks(flat, rows, cols, hi, pixels, start, size, peaks)
-        for e in range(min(n, n_peaks)):
+            # The centroids first, into gains (free until _extras): apart from _place's branches they overlap
+            ahead = 2 * m <= gains.shape[0]
+            for e in range(m if ahead else 0):
+                _centroid(flat, rows, cols, lo, hi, peaks[e], pedestal, gains, 2 * e)
+        for e in range(m):
             if n_out == out.shape[0]:
                 return n_out
             if n == 1:
                 where[0], where[1] = sums[j, 1] / q, sums[j, 2] / q
-            else:
-                _centroid(flat, rows, cols, lo, hi, peaks[e], pedestal, where)
-            n_out = _emit(used, rows, cols, where, out, positions, n_out)
+            elif not ahead:
+                _centroid(flat, rows, cols, lo, hi, peaks[e], pedestal, where, 0)
+            n_out = _emit(used, rows, cols, gains if ahead else where, 2 * e if ahead else 0, out, positions, n_out)
         if n > n_peaks:
             # gains (reconcile's) and peaks (this cluster's, placed) are free for the heap
             key = gains[:size] if size <= gains.shape[0] else np.empty(size, np.float64)
