@@ -99,9 +99,7 @@ def _centroid(flat, rows, cols, lo, hi, around, pedestal, where, k):
     cluster; no label image to read)."""
     ar = _row(around, 1.0 / cols)
     ac = around - ar * cols
-    wsum = 0.0
-    ysum = 0.0
-    xsum = 0.0
+    wsum, ysum, xsum = 0.0, 0.0, 0.0
     for rr in range(max(ar - 1, 0), min(ar + 2, rows)):
         for cc in range(max(ac - 1, 0), min(ac + 2, cols)):
             v = flat[rr * cols + cc]
@@ -178,16 +176,16 @@ def _sort_events(out, positions, n, rows, cols):
 
 
 @_leaf
-def _emit(used, rows, cols, where, k, out, positions, n_out):
-    """The event of an electron at where[k:k + 2] (see _place); returns the new number of events."""
+def _emit(used, rows, cols, where, out, positions, n_out):
+    """The event of an electron at ``where`` (see _place); returns the new number of events."""
     if n_out == out.shape[0]:
         return n_out
-    p = _place(used, rows, cols, where[k], where[k + 1])
+    p = _place(used, rows, cols, where[0], where[1])
     if p < 0:
         return n_out  # 25 electrons already within 2 px: a frame of pure charge
     used[p] = 1
     out[n_out] = p
-    positions[n_out, 0], positions[n_out, 1] = where[k], where[k + 1]
+    positions[n_out, 0], positions[n_out, 1] = where[0], where[1]
     return n_out + 1
 
 
@@ -214,39 +212,35 @@ def _sift_down(key, index, size, i):
 def _emit_centre(used, rows, cols, p, where, out, positions, n_out):
     row = _row(p, 1.0 / cols)
     where[0], where[1] = row, p - row * cols
-    return _emit(used, rows, cols, where, 0, out, positions, n_out)
+    return _emit(used, rows, cols, where, out, positions, n_out)
 
 
 @_leaf
-def _extras(flat, rows, cols, pedestal, mean, used, members, extra, out, positions, n_out, where, key, index):
+def _extras(flat, rows, cols, pedestal, mean, used, members, start, size, extra, out, positions, n_out, where, key, index):
     """The electrons of a cluster beyond its peaks (two on one pixel, or too close to make a peak
-    each): each at the cluster pixel (``members``, flat indices) with the most charge not yet
+    each): each at the cluster pixel (``members[start:start + size]``) with the most charge not yet
     explained, a pixel's charge less _EXPLAINED single-electron means for each electron already
     there (its peak's, then extras'): where the charge says the hidden electrons are, not at the
     highest peak again. Their positions are the pixels' centres (sharing a pixel, their
     centroids are one point). ``key``, ``index``: float64 and int64 scratch for the heap, the
-    cluster's size (an allocation per cluster cost more than the heap). Returns the new number
-    of events."""
-    size = members.shape[0]
+    cluster's size (an allocation per cluster cost more than the heap). Returns the new n_out."""
     top, first, ties = -np.inf, 0, 0
     for i in range(size):
-        p = members[i]
+        p = members[start + i]
         key[i] = np.float64(flat[p]) - pedestal - _EXPLAINED * mean * used[p]
         index[i] = i
         # The first largest key and how many share it, without a branch (which pixel is, is random)
         ties = np.int64(1) if key[i] > top else ties + np.int64(key[i] == top)
         first = i if key[i] > top else first
         top = max(top, key[i])
-    # One extra (most clusters that have any) goes where the heap's root would be, the largest
-    # key; building the heap cost ~15 us a frame at 0.005. With a tie the heap's own order decides.
+    # One extra (most clusters that have any) goes where the heap's root would be, the largest key,
+    # without building the heap (~6 us a frame at 0.005); with a tie the heap's own order decides.
     if extra == 1 and ties == 1:
-        index[0], extra = first, 0
-        n_out = _emit_centre(used, rows, cols, members[first], where, out, positions, n_out)
-    else:
-        for i in range(size // 2 - 1, -1, -1):
-            _sift_down(key, index, size, i)
+        return _emit_centre(used, rows, cols, members[start + first], where, out, positions, n_out)
+    for i in range(size // 2 - 1, -1, -1):
+        _sift_down(key, index, size, i)
     for _ in range(extra):
-        n_out = _emit_centre(used, rows, cols, members[index[0]], where, out, positions, n_out)
+        n_out = _emit_centre(used, rows, cols, members[start + index[0]], where, out, positions, n_out)
         key[0] -= _EXPLAINED * mean
         _sift_down(key, index, size, 0)
     return n_out
@@ -450,22 +444,27 @@ def _electrons(flat, rows, cols, lo, hi, model, used, pixels, peaks, tables, sum
                 return n_out
             if n == 1:
                 where[0], where[1] = sums[j, 1] / q, sums[j, 2] / q
-            elif not ahead:
+            elif ahead:  # (copied: an array chosen by a condition cost two atomic reference counts)
+                where[0], where[1] = gains[2 * e], gains[2 * e + 1]
+            else:
                 _centroid(flat, rows, cols, lo, hi, peaks[e], pedestal, where, 0)
-            n_out = _emit(used, rows, cols, gains if ahead else where, 2 * e if ahead else 0, out, positions, n_out)
+            n_out = _emit(used, rows, cols, where, out, positions, n_out)
         if n > n_peaks:
-            # gains (reconcile's) and peaks (this cluster's, placed) are free for the heap
-            key = gains[:size] if size <= gains.shape[0] else np.empty(size, np.float64)
-            n_out = _extras(flat, rows, cols, pedestal, mean, used, pixels[start : start + size], n - n_peaks, out,
-                            positions, n_out, where, key, peaks[:size])
+            # gains and peaks are free for the heap; whole arrays, as a slice also cost two atomic counts
+            if size <= gains.shape[0]:
+                n_out = _extras(flat, rows, cols, pedestal, mean, used, pixels, start, size, n - n_peaks, out,
+                                positions, n_out, where, gains, peaks)
+            else:
+                n_out = _extras(flat, rows, cols, pedestal, mean, used, pixels, start, size, n - n_peaks, out,
+                                positions, n_out, where, np.empty(size, np.float64), peaks)
     return n_out
 
 
 @njit(nogil=True, cache=True)
 def _drop_hot(hot, pixels, tables, sums, n_clusters):
-    # A cluster that is a hot pixel alone holds no electron: a charge below any min_charge (>= 0),
-    # so out of the frame's total too. Not copying each frame to blank the hot pixels saves ~100 us a
-    # frame; a hot pixel beside an electron stays in its cluster (its charge counts there).
+    # A cluster that is a hot pixel alone holds no electron: a charge below any min_charge (>= 0), so out of the
+    # frame's total too. Not copying each frame to blank the hot pixels saves ~100 us a frame; a hot pixel
+    # beside an electron stays in its cluster (its charge counts there).
     for j in range(n_clusters):
         if tables[j, 1] == 1 and hot[pixels[tables[j, 0]]]:
             sums[j, 0] = -1.0
