@@ -94,9 +94,8 @@ def _row(p, inv_cols):
 
 @_leaf
 def _centroid(flat, rows, cols, lo, hi, around, pedestal, where, k):
-    """Charge-weighted centroid (row, col) into ``where`` of the cluster's pixels in the 3 x 3
-    window of pixel ``around``, at where[k:k + 2]: those with lo <= value <= hi (next to ``around``, so in its
-    cluster; no label image to read)."""
+    """Charge-weighted centroid (row, col), into where[k:k + 2], of the cluster's pixels in the 3 x 3 window of
+    pixel ``around``: those with lo <= value <= hi (next to ``around``, so in its cluster; no label image to read)."""
     ar = _row(around, 1.0 / cols)
     ac = around - ar * cols
     wsum, ysum, xsum = 0.0, 0.0, 0.0
@@ -145,10 +144,9 @@ def _clear(label, pixels, tables, n_clusters):
 
 @njit(nogil=True, cache=True)
 def _sort_events(out, positions, n, rows, cols):
-    # Sorted as stempy's frames are: a counting sort by column, then a stable one by row (a radix
-    # sort), each event moved twice; the events are unique pixels (_place), so any correct sort
-    # gives the same order. A sort by rows with insertion in each row took 26 us a frame against
-    # 11 at 0.005 e/px/frame, 1.24 ms against 0.11 at 0.05 (gamma).
+    # Sorted as stempy's frames are: a counting sort by column, then a stable one by row (a radix sort), each
+    # event moved twice; the events are unique pixels (_place), so any correct sort gives the same order. A sort
+    # by rows with insertion in each row took 26 us a frame against 11 at 0.005, 1.24 ms against 0.11 at 0.05.
     inv_cols = 1.0 / cols
     pixels = np.empty(n, out.dtype)
     points = np.empty((n, 2), positions.dtype)
@@ -217,13 +215,12 @@ def _emit_centre(used, rows, cols, p, where, out, positions, n_out):
 
 @_leaf
 def _extras(flat, rows, cols, pedestal, mean, used, members, start, size, extra, out, positions, n_out, where, key, index):
-    """The electrons of a cluster beyond its peaks (two on one pixel, or too close to make a peak
-    each): each at the cluster pixel (``members[start:start + size]``) with the most charge not yet
-    explained, a pixel's charge less _EXPLAINED single-electron means for each electron already
-    there (its peak's, then extras'): where the charge says the hidden electrons are, not at the
-    highest peak again. Their positions are the pixels' centres (sharing a pixel, their
-    centroids are one point). ``key``, ``index``: float64 and int64 scratch for the heap, the
-    cluster's size (an allocation per cluster cost more than the heap). Returns the new n_out."""
+    """The electrons of a cluster beyond its peaks (two on one pixel, or too close to make a peak each): each at
+    the cluster pixel (``members[start:start + size]``) with the most charge not yet explained, a pixel's charge
+    less _EXPLAINED single-electron means for each electron already there (its peak's, then extras'): where the
+    charge says the hidden electrons are, not at the highest peak again. Their positions are the pixels' centres
+    (sharing a pixel, their centroids are one point). ``key``, ``index``: float64 and int64 scratch for the heap,
+    the cluster's size (an allocation per cluster cost more than the heap). Returns the new n_out."""
     top, first, ties = -np.inf, 0, 0
     for i in range(size):
         p = members[start + i]
@@ -247,12 +244,16 @@ def _extras(flat, rows, cols, pedestal, mean, used, members, start, size, extra,
 
 
 @_leaf
-def _top_peaks(flat, rows, cols, hi, pixels, start, size, peaks):
-    """The peaks of a cluster (``pixels[start:start + size]``, raster order) into ``peaks``, the first
-    _SORTED_PEAKS by value, highest first (ties in raster order), the rest in raster order: a
-    cluster of many peaks (a bright-field disc at high dose) gets an electron on every peak
-    anyway, and sorting all of its thousands of peaks took most of a frame's time. Only clusters
-    of several electrons need them, so the labelling counts peaks and this finds them."""
+def _top_peaks(flat, rows, cols, hi, pixels, start, size, n_peaks, peaks):
+    """The ``n_peaks`` peaks of a cluster (``pixels[start:start + size]``, raster order) into ``peaks``: the
+    first _SORTED_PEAKS by value, highest first (ties in raster order), then the rest in raster order (a bright-field
+    disc at high dose gets an electron on every peak anyway; sorting its thousands of peaks took most of a frame)."""
+    if n_peaks == 1:  # the first highest pixel (the others are not larger, or later): no neighbour tests
+        top = pixels[start]
+        for i in range(start + 1, start + size):
+            top = pixels[i] if flat[pixels[i]] > flat[top] else top
+        peaks[0] = top
+        return 1
     n = 0
     inv_cols = 1.0 / cols
     for i in range(start, start + size):
@@ -434,7 +435,7 @@ def _electrons(flat, rows, cols, lo, hi, model, used, pixels, peaks, tables, sum
         start, size, n_peaks, n = tables[j, 0], tables[j, 1], tables[j, 2], tables[j, 3]
         m, ahead = min(n, n_peaks), False
         if n > 1:
-            _top_peaks(flat, rows, cols, hi, pixels, start, size, peaks)
+            _top_peaks(flat, rows, cols, hi, pixels, start, size, n_peaks, peaks)
             # The centroids first, into gains (free until _extras): apart from _place's branches they overlap
             ahead = 2 * m <= gains.shape[0]
             for e in range(m if ahead else 0):
