@@ -163,7 +163,7 @@ def test_an_electron_beyond_the_peaks_goes_to_a_free_pixel_before_a_bright_peak(
     used[peak] = 1
     members = np.array([peak, faint], np.int64)
     out, positions = np.zeros(4, np.uint32), np.zeros((4, 2), np.float32)
-    n = _extras(flat, rows, cols, pedestal, mean, used, members, 1, out, positions, 0, np.zeros(2),
+    n = _extras(flat, rows, cols, pedestal, mean, used, members, 0, len(members), 1, out, positions, 0, np.zeros(2),
                 np.zeros(2), np.zeros(2, np.int64))
     assert n == 1 and out[0] == faint
 
