@@ -44,7 +44,9 @@ import math
 import numpy as np
 from numba import njit
 
+from stemstream.core.detector import FRAME_SHAPE
 from stemstream.counting.cluster_basins import split_basins
+from stemstream.counting.cluster_events import _row, _sort_events
 from stemstream.counting.cluster_labels import is_peak, label_clusters
 from stemstream.counting.cluster_model import (
     electrons_in_cluster,
@@ -74,6 +76,7 @@ _TOTAL_BAND = 0.5
 # (_local_hidden): the density is taken over 3 x 3 of them, 96 x 96 px, a fraction of the
 # bright-field disc, where most electrons land.
 _TILE = 32
+_ROWS, _COLS = FRAME_SHAPE
 # Clusters per frame: labels are uint16, 0 meaning none.
 LABELS = 65535
 
@@ -83,13 +86,6 @@ LABELS = 65535
 # ~7 % of the kernel's time at 0.005 e/px/frame (331 -> 309 us a frame). LLVM still inlines the
 # small ones.
 _leaf = njit(nogil=True, cache=True, _nrt=False)
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _row(p, inv_cols):
-    # p // cols without a 64-bit division (tens of cycles): (p + 0.5) / cols is at least
-    # 0.5 / cols from an integer, far more than the product's rounding error.
-    return np.int64((p + 0.5) * inv_cols)
 
 
 @_leaf
@@ -141,36 +137,6 @@ def _clear(label, pixels, tables, n_clusters):
     if n_clusters:
         for i in range(tables[n_clusters - 1, 0] + tables[n_clusters - 1, 1]):
             label[pixels[i]] = 0
-
-
-@njit(nogil=True, cache=True)
-def _sort_events(out, positions, n, rows, cols):
-    # Sorted as stempy's frames are: a counting sort by column, then a stable one by row (a radix sort), each
-    # event moved twice; the events are unique pixels (_place), so any correct sort gives the same order. A sort
-    # by rows with insertion in each row took 26 us a frame against 11 at 0.005, 1.24 ms against 0.11 at 0.05.
-    inv_cols = 1.0 / cols
-    pixels, points = np.empty(n, out.dtype), np.empty((n, 2), positions.dtype)
-    first = np.zeros(max(rows, cols) + 1, np.int64)
-    for i in range(n):  # by column, into pixels / points
-        first[out[i] - _row(out[i], inv_cols) * cols + 1] += 1
-    for c in range(cols):
-        first[c + 1] += first[c]
-    for i in range(n):
-        p = out[i]
-        c = p - _row(p, inv_cols) * cols
-        j = first[c]
-        first[c] = j + 1
-        pixels[j], points[j, 0], points[j, 1] = p, positions[i, 0], positions[i, 1]
-    first[:] = 0
-    for i in range(n):  # then by row, back into out / positions
-        first[_row(pixels[i], inv_cols) + 1] += 1
-    for r in range(rows):
-        first[r + 1] += first[r]
-    for i in range(n):
-        r = _row(pixels[i], inv_cols)
-        j = first[r]
-        first[r] = j + 1
-        out[j], positions[j, 0], positions[j, 1] = pixels[i], points[i, 0], points[i, 1]
 
 
 @_leaf
@@ -479,9 +445,15 @@ def count_clusters_frame(frame, lo, hi, model, hot, scratch, out, positions):
     out's size). ``model``: SingleElectronModel.params (counting.cluster_model); ``hot``: a uint8
     flag per pixel, 1 for a hot one (cluster_counter.hot_flags), or empty; ``scratch``: the
     thread's arrays (counting.cluster_counter)."""
-    label, used, pixels, peaks, tables, sums, gains, where = scratch
     rows, cols = frame.shape
-    flat = frame.reshape(-1)
+    if rows == _ROWS and cols == _COLS:  # the detector's frames, with code compiled for their shape (~20 us a frame)
+        return _count_frame(frame.reshape(-1), _ROWS, _COLS, lo, hi, model, hot, scratch, out, positions)
+    return _count_frame(frame.reshape(-1), rows, cols, lo, hi, model, hot, scratch, out, positions)
+
+
+@njit(nogil=True, cache=True)
+def _count_frame(flat, rows, cols, lo, hi, model, hot, scratch, out, positions):
+    label, used, pixels, peaks, tables, sums, gains, where = scratch
     n_clusters = label_clusters(flat, rows, cols, lo, hi, model[0], pixels, peaks, tables, sums)
     if hot.shape[0]:
         _drop_hot(hot, pixels, tables, sums, n_clusters)
