@@ -78,8 +78,9 @@ def split_basins(flat, rows, cols, lo, hi, pedestal, pixels, tables, sums, n_clu
     takes the cluster's row of ``tables`` / ``sums``, the others new rows after the clusters, each
     with its pixels grouped (raster order kept) in the cluster's part of ``pixels``, one peak and
     its charge sums (as counting.cluster_labels.label_clusters gives them). ``basin``: a uint16
-    image of zeros, zeros again on return; ``scratch``: int64, the frame's size plus its most peaks plus one (counting.cluster_counter._scratch). Returns the new
-    number of clusters (a cluster stays whole when the tables have no room for its basins)."""
+    image of zeros, zeros again on return; ``scratch``: int64, the frame's size plus its most
+    peaks plus one (counting.cluster_counter._scratch). Returns the new number of clusters (a
+    cluster stays whole when the tables have no room for its basins)."""
     n = n_clusters
     inv_cols = 1.0 / cols
     for j in range(n_clusters):

@@ -16,8 +16,8 @@ background threshold:
    (counting.cluster_model.electrons_in_cluster: the charge of ``n`` electrons is gamma
    distributed with shape ``n * k`` and mean ``n * m``, the electrons beyond the peaks are Poisson
    with a rate from the frame's own total charge shared out by the local density (_local_hidden),
-   and a one-peak cluster's spread, the charge-weighted variance of its pixels' positions, is as likely for ``n`` electrons as the
-   calibration says, counting.cluster_model.spread_llr); then the frame's total charge (with each
+   and a one-peak cluster's spread, the charge-weighted variance of its pixels' positions, is as
+   likely for ``n`` electrons as the calibration says, counting.cluster_model.spread_llr); then the frame's total charge (with each
    cluster's halo, the pixels below the threshold beside it) over one electron's (with its halo),
    an unbiased count at any dose, puts right the clusters' biased most probable counts
    (counting.cluster_model.reconcile). A cluster with less charge than ``min_charge`` is noise.
