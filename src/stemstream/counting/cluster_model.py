@@ -5,8 +5,9 @@ thresholds are, under ``/metadata/stemstream/cluster_model``).
 
 Calibration: the charges of isolated single-electron clusters (counting.cluster_singles.
 single_electron_charges: no other cluster within 6 px, so mostly from where the local dose is
-low) of the sample frames; those above 6 times their median are dropped (several
-electrons on one pixel, one peak with their charge, beyond one electron's tail); the mean ``m`` and variance ``v`` of the rest give the gamma shape ``k = m^2 / v``.
+low) of the sample frames; those above 6 times their median are dropped (several electrons on
+one pixel, one peak with their charge, beyond one electron's tail); the mean ``m`` and variance
+``v`` of the rest give the gamma shape ``k = m^2 / v``.
 Clusters with less charge than ``min_charge`` are noise: twice the charge of a lone pixel just
 above the background threshold (a 4-sigma noise pixel has ``background - pedestal`` ADU).
 The same singles' pixel patterns give the evidence of a one-peak cluster's spread for 2 or 3
@@ -282,8 +283,8 @@ def electrons_in_cluster(charge, n_peaks, log_hidden, spread, model):
     on one pixel, or too close to make two peaks) are Poisson with mean ``hidden * n_peaks``
     (``log_hidden``: the log of the cluster's rate of hidden electrons per peak, from the frame's
     total charge and the local density, counting.clusters._local_hidden: a cluster in the
-    bright-field disc expects hidden electrons, one in the sparse outskirts does not); fewer electrons than
-    peaks costs a Poisson term of mean ``SPURIOUS_PEAKS * n_peaks`` (noise peaks on a tail);
+    bright-field disc expects hidden electrons, one in the sparse outskirts does not); fewer
+    electrons than peaks costs a Poisson term of mean ``SPURIOUS_PEAKS * n_peaks`` (noise peaks on a tail);
     ``spread``: a one-peak cluster's spread bin (spread_bin; -1 for others), whose evidence
     for n electrons rather than one the score adds."""
     mean, min_charge = model[1], model[3]
