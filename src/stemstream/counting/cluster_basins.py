@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from stemstream.counting.cluster_events import _row
+
 # Basins a cluster may have: their numbers go in a uint16 image (the thread's label image, half
 # the cache lines of an int32 one). A cluster of more, half a frame's peaks, stays whole.
 _MOST_BASINS = 65535
@@ -37,7 +39,7 @@ def _uphill(flat, rows, cols, lo, hi, p):
     # The highest member among p and its 8 neighbours (ties to the lower flat index). Written
     # out for pixels off the frame's edge (no bounds, no 64-bit division: a third of the split's
     # time was this test's loops).
-    r = np.int64((p + 0.5) * (1.0 / cols))
+    r = _row(p, 1.0 / cols)
     c = p - r * cols
     best, top = p, flat[p]
     if 0 < r < rows - 1 and 0 < c < cols - 1:
@@ -112,7 +114,7 @@ def split_basins(flat, rows, cols, lo, hi, pedestal, pixels, tables, sums, n_clu
                 members[i] = p
                 basin[p] = 0
                 w = np.float64(flat[p]) - pedestal
-                r = np.int64((p + 0.5) * inv_cols)
+                r = _row(p, inv_cols)
                 charge += w
                 along_rows += w * r
                 along_cols += w * (p - r * cols)

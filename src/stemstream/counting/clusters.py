@@ -17,10 +17,10 @@ background threshold:
    distributed with shape ``n * k`` and mean ``n * m``, the electrons beyond the peaks are Poisson
    with a rate from the frame's own total charge shared out by the local density (_local_hidden),
    and a one-peak cluster's spread, the charge-weighted variance of its pixels' positions, is as
-   likely for ``n`` electrons as the calibration says, counting.cluster_model.spread_llr); then the frame's total charge (with each
-   cluster's halo, the pixels below the threshold beside it) over one electron's (with its halo),
-   an unbiased count at any dose, puts right the clusters' biased most probable counts
-   (counting.cluster_model.reconcile). A cluster with less charge than ``min_charge`` is noise.
+   likely for ``n`` electrons as the calibration says, counting.cluster_model.spread_llr); then
+   the frame's total charge (with each cluster's halo, the pixels below the threshold beside it)
+   over one electron's (with its halo), an unbiased count at any dose, puts right the clusters'
+   biased most probable counts (counting.cluster_model.reconcile). A cluster with less charge than ``min_charge`` is noise.
 
 Positions: one electron sits at the charge-weighted centroid of its cluster; ``n > 1`` electrons
 go to the cluster's ``n`` highest peaks, each at the charge-weighted centroid of the cluster
@@ -274,6 +274,14 @@ def _take(flat, q, lo, pedestal, mark, marked, n_marked):
     return take * (np.float64(v) - pedestal), n_marked + take
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _tile_of(pixels, tables, j, cols, inv_cols):
+    # (row, col) of the _TILE x _TILE tile holding cluster j's first pixel.
+    first = pixels[tables[j, 0]]
+    r = _row(first, inv_cols)
+    return r // _TILE, (first - r * cols) // _TILE
+
+
 @_leaf
 def _frame_charge(flat, rows, cols, lo, model, pixels, tables, sums, n_clusters, mark, marked, tile_e, tile_p):
     """Per tile (_TILE x _TILE pixels; tile_e, tile_p: (rows, cols) of tiles), the charge in units
@@ -290,9 +298,7 @@ def _frame_charge(flat, rows, cols, lo, model, pixels, tables, sums, n_clusters,
         if sums[j, 0] < min_charge:
             continue
         charge = sums[j, 0]
-        first = pixels[tables[j, 0]]
-        fr = _row(first, inv_cols)
-        ti, tj = fr // _TILE, (first - fr * cols) // _TILE
+        ti, tj = _tile_of(pixels, tables, j, cols, inv_cols)
         tile_p[ti, tj] += tables[j, 2]
         for i in range(tables[j, 0], tables[j, 0] + tables[j, 1]):
             p = pixels[i]
@@ -341,15 +347,11 @@ def _local_hidden(rows, cols, pixels, tables, sums, n_clusters, tile_e, tile_p, 
     weight = 0.0
     for j in range(n_clusters):
         if sums[j, 0] >= min_charge:
-            first = pixels[tables[j, 0]]
-            fr = _row(first, inv_cols)
-            weight += tables[j, 1] * density[fr // _TILE, (first - fr * cols) // _TILE]
+            weight += tables[j, 1] * density[_tile_of(pixels, tables, j, cols, inv_cols)]
     scale = max(electrons - tile_p.sum(), 0.0) / weight if weight > 0 else 0.0
     for j in range(n_clusters):
-        first = pixels[tables[j, 0]]
-        fr = _row(first, inv_cols)
         per_peak = tables[j, 1] / max(tables[j, 2], 1)
-        sums[j, 4] = math.log(max(scale * per_peak * density[fr // _TILE, (first - fr * cols) // _TILE], _MIN_HIDDEN))
+        sums[j, 4] = math.log(max(scale * per_peak * density[_tile_of(pixels, tables, j, cols, inv_cols)], _MIN_HIDDEN))
     return electrons
 
 
