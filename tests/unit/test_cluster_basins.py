@@ -1,5 +1,5 @@
-"""How the cluster method shares out a crowded frame's electrons: a cluster of several peaks
-split into its peaks' basins (counting.cluster_basins), the hidden electrons' rate from the local
+"""How the cluster method shares out a crowded frame's electrons: a frame labelled by its peaks'
+basins (counting.cluster_basins), the hidden electrons' rate from the local
 density (counting.clusters._local_hidden), and the frame's correction, which may give one
 cluster many electrons (counting.cluster_model.reconcile).
 
@@ -14,69 +14,84 @@ import numpy as np
 import pytest
 from test_cluster_counting import as_frame, blank, plant
 
-from stemstream.counting.cluster_basins import split_basins
+from scipy import ndimage
+
+from stemstream.counting.cluster_basins import label_basins
 from stemstream.counting.cluster_counter import _scratch
-from stemstream.counting.cluster_labels import label_clusters
 from stemstream.counting.cluster_model import SingleElectronModel, reconcile
 from stemstream.counting.clusters import _TILE, _local_hidden
 
 LO, HI, PEDESTAL = 26, 2000, 20.0
 
 
-def labelled(frame: np.ndarray):
-    """The clusters of a uint16 frame (rows, cols) and the thread arrays they are in."""
+def labelled(frame: np.ndarray, most: int | None = None):
+    """The basins of a uint16 frame (rows, cols) and the thread arrays they are in (tables and
+    sums cut to ``most`` rows when given)."""
     label, used, pixels, peaks, tables, sums, gains, where = scratch = _scratch(frame.shape)
-    n = label_clusters(frame.reshape(-1), *frame.shape, LO, HI, PEDESTAL, pixels, peaks, tables, sums)
-    return n, scratch
+    if most is not None:
+        tables, sums = tables[:most], sums[:most]
+    n = label_basins(frame.reshape(-1), *frame.shape, LO, HI, PEDESTAL, pixels, peaks, tables, sums, label, used)
+    return n, (label, used, pixels, peaks, tables, sums, gains, where)
 
 
-def test_a_cluster_of_two_peaks_splits_into_their_basins():
+def way_up_of(flat: np.ndarray, cols: int, p: int) -> int:
+    """The highest member among p and its 8 neighbours, the lower flat index on a tie, by numpy."""
+    rows = flat.size // cols
+    r, c = divmod(p, cols)
+    near = [rr * cols + cc for rr in range(max(r - 1, 0), min(r + 2, rows)) for cc in range(max(c - 1, 0), min(c + 2, cols))]
+    return max((q for q in near if LO <= flat[q] <= HI), key=lambda q: (int(flat[q]), -q))
+
+
+def test_a_cluster_of_two_peaks_is_labelled_as_their_basins():
     rng = np.random.default_rng(4)
     frame = blank(rng, (40, 40))
     plant(frame, 10.0, 10.0, 150.0, 0.5)  # two electrons 2 px apart: one cluster, two peaks
     plant(frame, 10.0, 12.0, 110.0, 0.5)
-    plant(frame, 30.0, 30.0, 120.0, 0.5)  # a lone one, left whole
+    plant(frame, 30.0, 30.0, 120.0, 0.5)  # a lone one: its cluster is its basin
     frame = as_frame(frame)
-    n, (label, used, pixels, peaks, tables, sums, gains, where) = labelled(frame)
-    assert n == 2 and list(tables[:2, 2]) == [2, 1]
-    before = [sorted(pixels[tables[j, 0] : tables[j, 0] + tables[j, 1]]) for j in range(n)]
-    charge = sums[:n, 0].copy()
     flat = frame.reshape(-1)
-    n = split_basins(flat, 40, 40, LO, HI, PEDESTAL, pixels, tables, sums, n, label, peaks)
-    assert n == 3 and list(tables[:3, 2]) == [1, 1, 1]
+    n, (label, used, pixels, peaks, tables, sums, gains, where) = labelled(frame)
+    member = (frame >= LO) & (frame <= HI)
+    clusters, n_clusters = ndimage.label(member, structure=np.ones((3, 3)))
+    assert n_clusters == 2 and n == 3 and list(tables[:3, 2]) == [1, 1, 1]
     basins = [pixels[tables[j, 0] : tables[j, 0] + tables[j, 1]] for j in range(3)]
-    # The two basins are the first cluster's pixels, each around its own electron's pixel
-    assert sorted(np.concatenate([basins[0], basins[2]])) == before[0] and list(basins[1]) == before[1]
-    assert 10 * 40 + 10 in basins[0] and 10 * 40 + 12 in basins[2]
+    # Numbered in raster order of their peaks; the two first are the first cluster's pixels, each
+    # around its own electron's pixel; every member once, in raster order within its basin
+    assert 10 * 40 + 10 in basins[0] and 10 * 40 + 12 in basins[1] and 30 * 40 + 30 in basins[2]
+    assert sorted(np.concatenate(basins[:2])) == list(np.flatnonzero(clusters.reshape(-1) == clusters[10, 10]))
+    assert sorted(basins[2]) == list(np.flatnonzero(clusters.reshape(-1) == clusters[30, 30]))
+    assert all(list(b) == sorted(b) for b in basins)
+    halo_total = 0.0
     for j, members in enumerate(basins):
         w = flat[members].astype(float) - PEDESTAL
-        assert sums[j, 0] == np.float64(w.sum()) or abs(sums[j, 0] - w.sum()) < 1e-9
-        assert abs(sums[j, 1] - (w * (members // 40)).sum()) < 1e-6
-        assert abs(sums[j, 2] - (w * (members % 40)).sum()) < 1e-6
-        # every member's way up stays in its basin: no member of another basin is higher beside it
+        r, c = members // 40, members % 40
+        assert sums[j, :4] == pytest.approx([w.sum(), (w * r).sum(), (w * c).sum(), (w * (r * r + c * c)).sum()], rel=1e-12)
+        # every member's way up stays in its basin, and its peak is the one pixel that is its own
         for p in members:
-            r, c = divmod(int(p), 40)
-            near = [q for q in range(40 * 40) if abs(q // 40 - r) <= 1 and abs(q % 40 - c) <= 1]
-            top = max((q for q in near if LO <= flat[q] <= HI), key=lambda q: (flat[q], -q))
-            assert top in members
-    assert abs(sums[0, 0] + sums[2, 0] - charge[0]) < 1e-6
-    assert not label.any()  # the basin image is clear again for the next cluster
+            assert way_up_of(flat, 40, int(p)) in members
+        assert sum(way_up_of(flat, 40, int(p)) == p for p in members) == 1
+        halo_total += sums[j, 4]
+    # The halos: each pixel below LO beside a member (4-neighbours) counted once, in one basin
+    halo = ~member & ndimage.binary_dilation(member, structure=ndimage.generate_binary_structure(2, 1))
+    assert halo_total == pytest.approx((frame[halo].astype(float) - PEDESTAL).sum(), rel=1e-12)
+    assert not label.any() and not used.any()  # both images clear again for the next frame
 
 
-def test_a_split_needs_room_in_the_tables():
+def test_labelling_stops_at_the_tables_size():
+    """A frame of more peaks than the tables hold keeps the basins it has room for, whole, and
+    leaves its images clear."""
     rng = np.random.default_rng(5)
     frame = blank(rng, (20, 20))
-    plant(frame, 10.0, 8.0, 150.0, 0.5)
-    plant(frame, 10.0, 10.0, 150.0, 0.5)
-    plant(frame, 10.0, 12.0, 150.0, 0.5)
+    for col in (4.0, 8.0, 12.0):  # three lone electrons in one row, apart
+        plant(frame, 10.0, col, 150.0, 0.5)
     frame = as_frame(frame)
     n, (label, used, pixels, peaks, tables, sums, gains, where) = labelled(frame)
-    assert n == 1 and tables[0, 2] == 3
-    small = tables[:2].copy()  # room for one more cluster, not two
-    small_sums = sums[:2].copy()
-    assert split_basins(frame.reshape(-1), 20, 20, LO, HI, PEDESTAL, pixels, small, small_sums, n, label, peaks) == 1
-    assert small[0, 2] == 3
-    assert split_basins(frame.reshape(-1), 20, 20, LO, HI, PEDESTAL, pixels, tables, sums, n, label, peaks) == 3
+    assert n == 3
+    full = [sorted(pixels[tables[j, 0] : tables[j, 0] + tables[j, 1]]) for j in range(3)]
+    n, (label, used, pixels, peaks, tables, sums, gains, where) = labelled(frame, most=2)
+    assert n == 2
+    assert [sorted(pixels[tables[j, 0] : tables[j, 0] + tables[j, 1]]) for j in range(2)] == full[:2]
+    assert not label.any() and not used.any()
 
 
 def test_hidden_electrons_go_where_the_electrons_crowd():
@@ -86,17 +101,15 @@ def test_hidden_electrons_go_where_the_electrons_crowd():
     rows = cols = 8 * _TILE
     n = 11
     tables = np.zeros((n, 4), np.int64)
-    sums = np.zeros((n, 5))
-    pixels = np.zeros(n, np.int64)
+    sums = np.zeros((n, 6))
     tile_e = np.zeros((8, 8))
     tile_p = np.zeros((8, 8))
     for j in range(n):
-        pixels[j] = (5 * _TILE + 3 + 2 * j) * cols + 5 * _TILE + 3 if j < 10 else 3
-        tables[j] = (j, 4, 1, 0)
+        tables[j] = (j, 4, 1, 5 * 8 + 5 if j < 10 else 0)  # its tile, flat (_frame_charge)
         sums[j, 0] = 200.0
     tile_e[5, 5], tile_p[5, 5] = 30.0, 10  # 10 clusters, 30 electrons by charge: 20 hidden
     tile_e[0, 0], tile_p[0, 0] = 1.0, 1
-    electrons = _local_hidden(rows, cols, pixels, tables, sums, n, tile_e, tile_p, 50.0)
+    electrons = _local_hidden(rows, cols, tables, sums, n, tile_e, tile_p, 50.0)
     assert electrons == 31.0
     rate = np.exp(sums[:n, 4])
     # the densities over 3 x 3 tiles: 30 electrons on 9 tiles, 1 on the corner's 4
@@ -109,7 +122,7 @@ def test_the_frame_correction_may_give_one_cluster_many_electrons():
     electron and cluster, at most 8 rounds (until 2026-12-05), gave it 8."""
     model = SingleElectronModel(pedestal=20.0, mean=100.0, shape=4.0, min_charge=10.0).params
     tables = np.array([[0, 400, 50, 50], [400, 1, 1, 1]], np.int64)
-    sums = np.array([[8000.0, 0, 0, -1, 0.0], [100.0, 0, 0, -1, math.log(0.01)]])
+    sums = np.array([[8000.0, 0, 0, -1, 0.0, math.log(8000.0)], [100.0, 0, 0, -1, math.log(0.01), math.log(100.0)]])
     reconcile(tables, sums, 2, 30, model, np.empty(2))
     assert list(tables[:, 3]) == [80, 1]
     reconcile(tables, sums, 2, -35, model, np.empty(2))  # never below a cluster's peaks

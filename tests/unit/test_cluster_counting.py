@@ -206,8 +206,8 @@ def test_a_one_peak_clusters_spread_tells_one_electron_from_two():
 
 
 def test_the_kernels_spread_is_the_calibrations():
-    """The spread the kernel computes for a cluster (counting.clusters._spread) is the one the
-    calibration's patches and compositions are binned by (cluster_model._spreads_and_peaks)."""
+    """The spread the kernel computes for a basin from its sums (counting.clusters._spread) is the
+    one the calibration's patches and compositions are binned by (cluster_model._spreads_and_peaks)."""
     from stemstream.counting.cluster_model import _spreads_and_peaks
     from stemstream.counting.clusters import _spread
 
@@ -221,8 +221,9 @@ def test_the_kernels_spread_is_the_calibrations():
         pixels = np.flatnonzero(member)
         charge = raw.reshape(-1)[pixels] - 20.0
         q = charge.sum()
-        centre = (charge * (pixels // 12)).sum() / q, (charge * (pixels % 12)).sum() / q
-        got = _spread(raw.reshape(-1), 12, 20.0, pixels, 0, len(pixels), q, *centre)
+        rows, cols = pixels // 12, pixels % 12
+        # from the basin's sums, as label_basins gives them
+        got = _spread(len(pixels), q, (charge * rows).sum(), (charge * cols).sum(), (charge * (rows**2 + cols**2)).sum())
         want, _ = _spreads_and_peaks(raw[None].astype(np.float64) - 20.0, BACKGROUND + 1 - 20.0, XRAY - 1 - 20.0)
         assert got == pytest.approx(want[0], rel=1e-9, abs=1e-12)
 

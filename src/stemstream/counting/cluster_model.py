@@ -276,7 +276,7 @@ def _score(charge, log_q, n, n_peaks, log_hidden, spread, model):
 
 
 @njit(nogil=True, cache=True)
-def electrons_in_cluster(charge, n_peaks, log_hidden, spread, model):
+def electrons_in_cluster(charge, log_q, n_peaks, log_hidden, spread, model):
     """How many electrons a cluster of ``charge`` ADU with ``n_peaks`` peaks most probably holds:
     the ``n`` that maximises _score. The charge of ``n`` electrons is gamma distributed with shape
     ``n k`` and mean ``n m`` (a sum of ``n`` single charges); the electrons beyond the peaks (two
@@ -286,11 +286,10 @@ def electrons_in_cluster(charge, n_peaks, log_hidden, spread, model):
     bright-field disc expects hidden electrons, one in the sparse outskirts does not); fewer
     electrons than peaks costs a Poisson term of mean ``SPURIOUS_PEAKS * n_peaks`` (noise peaks on a tail);
     ``spread``: a one-peak cluster's spread bin (spread_bin; -1 for others), whose evidence
-    for n electrons rather than one the score adds."""
+    for n electrons rather than one the score adds. ``log_q``: log(charge), which the caller has."""
     mean, min_charge = model[1], model[3]
     if charge < min_charge:
         return 0
-    log_q = math.log(charge)
     # The score is concave in n (a log-concave density times log-concave priors): climb from the
     # peaks towards the charge's count, a few steps, not a scan of every n in between (a bright
     # cluster at high dose holds thousands).
@@ -328,7 +327,7 @@ def _reconcile_gain(tables, sums, j, step, model):
     n, q = tables[j, 3], sums[j, 0]
     if q < model[3] or n + step < max(tables[j, 2], 1):
         return -np.inf
-    return _gain(math.log(q), n, tables[j, 2], step, sums[j, 4], np.int64(sums[j, 3]), model)
+    return _gain(sums[j, 5], n, tables[j, 2], step, sums[j, 4], np.int64(sums[j, 3]), model)
 
 
 @njit(nogil=True, cache=True)
@@ -358,7 +357,7 @@ def reconcile(tables, sums, n_clusters, missing, model, gains):
     one cluster of thousands, and the rounds of one electron per cluster this replaced (at most
     8) left it +4 % (Landau deposits; docs/counting.md section 4). ``sums[j, 3]``: cluster j's
     spread bin (spread_bin; -1 for none); ``sums[j, 4]``: its log rate of hidden electrons per
-    peak (electrons_in_cluster)."""
+    peak (electrons_in_cluster); ``sums[j, 5]``: log of its charge."""
     if missing == 0:
         return
     step = 1 if missing > 0 else -1

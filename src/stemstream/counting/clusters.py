@@ -45,9 +45,9 @@ import numpy as np
 from numba import njit
 
 from stemstream.core.detector import FRAME_SHAPE
-from stemstream.counting.cluster_basins import split_basins
+from stemstream.counting.cluster_basins import label_basins
 from stemstream.counting.cluster_events import _row, _sort_events
-from stemstream.counting.cluster_labels import is_peak, label_clusters
+from stemstream.counting.cluster_labels import is_peak
 from stemstream.counting.cluster_model import (
     electrons_in_cluster,
     one_electron_below,
@@ -76,6 +76,8 @@ _TOTAL_BAND = 0.5
 # (_local_hidden): the density is taken over 3 x 3 of them, 96 x 96 px, a fraction of the
 # bright-field disc, where most electrons land.
 _TILE = 32
+# Basin sizes (pixels) whose logarithms _local_hidden tabulates once a frame.
+_LOGGED_SIZES = 64
 _ROWS, _COLS = FRAME_SHAPE
 # Clusters per frame: labels are uint16, 0 meaning none.
 LABELS = 65535
@@ -248,30 +250,14 @@ def _top_peaks(flat, rows, cols, hi, pixels, start, size, n_peaks, peaks):
 
 
 @_leaf
-def _spread(flat, cols, pedestal, pixels, start, size, charge, centre_row, centre_col):
-    """The charge-weighted variance of a cluster's pixel positions, rows plus cols (px^2), about
-    its centroid (as cluster_model._spreads_and_peaks computes it for the calibration patches)."""
+def _spread(size, charge, along_rows, along_cols, squares):
+    """The charge-weighted variance of a basin's pixel positions, rows plus cols (px^2), about its
+    centroid (as cluster_model._spreads_and_peaks computes it for the calibration patches), from
+    its sums (charge, charge * row, charge * col, charge * (row^2 + col^2); label_basins)."""
     if size == 1 or charge <= 0:
         return 0.0
-    inv_cols = 1.0 / cols
-    total = 0.0
-    for i in range(start, start + size):
-        p = pixels[i]
-        r = _row(p, inv_cols)
-        total += (np.float64(flat[p]) - pedestal) * ((r - centre_row) ** 2 + (p - r * cols - centre_col) ** 2)
-    return total / charge
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _take(flat, q, lo, pedestal, mark, marked, n_marked):
-    # (charge, n_marked) of pixel q for a halo: below lo and not taken yet (then marked and
-    # listed). Without a branch: whether a member's neighbour is below the threshold is random,
-    # a branch on it mispredicted; an untaken pixel's stores change nothing.
-    v = flat[q]
-    take = (v < lo) & (mark[q] == 0)
-    mark[q] |= take
-    marked[n_marked] = q
-    return take * (np.float64(v) - pedestal), n_marked + take
+    centre_row, centre_col = along_rows / charge, along_cols / charge
+    return max(squares / charge - centre_row * centre_row - centre_col * centre_col, 0.0)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -283,57 +269,38 @@ def _tile_of(pixels, tables, j, cols, inv_cols):
 
 
 @_leaf
-def _frame_charge(flat, rows, cols, lo, model, pixels, tables, sums, n_clusters, mark, marked, tile_e, tile_p):
+def _frame_charge(cols, model, pixels, tables, sums, n_clusters, tile_e, tile_p):
     """Per tile (_TILE x _TILE pixels; tile_e, tile_p: (rows, cols) of tiles), the charge in units
-    of one electron's charge with its halo, and the peaks, of the clusters above min_charge whose
-    first pixel is in it: their own charge and their halos' (the pixels below ``lo`` next to a
-    member, above, below, left or right; a pixel next to two clusters counts once;
-    SingleElectronModel.halo_mean). ``mark``: the used-pixel image, cleared again before return;
-    ``marked``: room for the pixels marked."""
-    pedestal, min_charge = model[0], model[3]
-    n_marked = 0
+    of one electron's charge with its halo, and the peaks, of the basins above min_charge whose
+    first pixel is in it: their own charge and their halos' (sums[:, 4], the pixels below the
+    threshold next to a member, above, below, left or right, each counted once:
+    cluster_basins.label_basins; SingleElectronModel.halo_mean). Each basin's tile (its flat
+    index in tile_e) into tables[:, 3]."""
+    min_charge, unit = model[3], 1.0 / model[6]
     inv_cols = 1.0 / cols
-    unit = 1.0 / model[6]
+    n_tile_cols = tile_e.shape[1]
     for j in range(n_clusters):
-        if sums[j, 0] < min_charge:
-            continue
-        charge = sums[j, 0]
         ti, tj = _tile_of(pixels, tables, j, cols, inv_cols)
-        tile_p[ti, tj] += tables[j, 2]
-        for i in range(tables[j, 0], tables[j, 0] + tables[j, 1]):
-            p = pixels[i]
-            r = _row(p, inv_cols)
-            c = p - r * cols
-            if r > 0:
-                q, n_marked = _take(flat, p - cols, lo, pedestal, mark, marked, n_marked)
-                charge += q
-            if r < rows - 1:
-                q, n_marked = _take(flat, p + cols, lo, pedestal, mark, marked, n_marked)
-                charge += q
-            if c > 0:
-                q, n_marked = _take(flat, p - 1, lo, pedestal, mark, marked, n_marked)
-                charge += q
-            if c < cols - 1:
-                q, n_marked = _take(flat, p + 1, lo, pedestal, mark, marked, n_marked)
-                charge += q
-        tile_e[ti, tj] += charge * unit
-    for k in range(n_marked):
-        mark[marked[k]] = 0
+        tables[j, 3] = ti * n_tile_cols + tj
+        if sums[j, 0] >= min_charge:
+            tile_p[ti, tj] += tables[j, 2]
+            tile_e[ti, tj] += (sums[j, 0] + sums[j, 4]) * unit
 
 
 @njit(nogil=True, cache=True)
-def _local_hidden(rows, cols, pixels, tables, sums, n_clusters, tile_e, tile_p, min_charge):
-    """Each cluster's log rate of hidden electrons per peak into sums[:, 4]: the frame's hidden
-    electrons (its electrons by charge less its peaks) shared out among the clusters above
-    ``min_charge`` in proportion to their size (pixels) times the local density (electrons by
-    charge per pixel over the 3 x 3 tiles around the tile of the cluster's first pixel), as
-    coincidences are: an electron hides in a cluster as often as one lands on its pixels. A rate
-    for the whole frame (until 2026-12-05) gave the sparse outskirts the hidden electrons of the
-    bright-field disc: singles there counted two, crowded clusters in the disc too few (precision
-    at 0.05 e/px/frame 0.927 -> 0.997 by maximum matching, gamma; docs/counting.md section 4).
-    Returns the frame's electrons by charge."""
+def _local_hidden(rows, cols, tables, sums, n_clusters, tile_e, tile_p, min_charge):
+    """Each basin's log rate of hidden electrons into sums[:, 4]: the frame's hidden electrons
+    (its electrons by charge less its peaks) shared out among the basins above ``min_charge`` in
+    proportion to their size (pixels) times the local density (electrons by charge per pixel
+    over the 3 x 3 tiles around the basin's tile, tables[:, 3]: _frame_charge), as coincidences
+    are: an electron hides in a basin as often as one lands on its pixels. A rate for the whole
+    frame (until 2026-12-05) gave the sparse outskirts the hidden electrons of the bright-field
+    disc: singles there counted two, crowded clusters in the disc too few (precision at 0.05
+    e/px/frame 0.927 -> 0.997 by maximum matching, gamma; docs/counting.md section 4). The
+    logarithms are the tiles' and the sizes', not one per basin. Returns the frame's electrons
+    by charge."""
     tr, tc = tile_e.shape
-    density = np.zeros((tr, tc), np.float64)
+    density = np.zeros(tr * tc, np.float64)
     for a in range(tr):
         for b in range(tc):
             e, area = 0.0, 0.0
@@ -341,17 +308,23 @@ def _local_hidden(rows, cols, pixels, tables, sums, n_clusters, tile_e, tile_p, 
                 for bb in range(max(b - 1, 0), min(b + 2, tc)):
                     e += tile_e[aa, bb]
                     area += (min((aa + 1) * _TILE, rows) - aa * _TILE) * (min((bb + 1) * _TILE, cols) - bb * _TILE)
-            density[a, b] = e / area
+            density[a * tc + b] = e / area
     electrons = tile_e.sum()
-    inv_cols = 1.0 / cols
     weight = 0.0
     for j in range(n_clusters):
         if sums[j, 0] >= min_charge:
-            weight += tables[j, 1] * density[_tile_of(pixels, tables, j, cols, inv_cols)]
+            weight += tables[j, 1] * density[tables[j, 3]]
     scale = max(electrons - tile_p.sum(), 0.0) / weight if weight > 0 else 0.0
+    log_rate = np.empty(tr * tc, np.float64)  # of a basin of one pixel
+    for t in range(tr * tc):
+        log_rate[t] = math.log(scale * density[t]) if scale * density[t] > 0 else -np.inf
+    log_size = np.empty(_LOGGED_SIZES, np.float64)
+    for size in range(1, _LOGGED_SIZES):
+        log_size[size] = math.log(size)
+    log_least = math.log(_MIN_HIDDEN)
     for j in range(n_clusters):
-        per_peak = tables[j, 1] / max(tables[j, 2], 1)
-        sums[j, 4] = math.log(max(scale * per_peak * density[_tile_of(pixels, tables, j, cols, inv_cols)], _MIN_HIDDEN))
+        size = tables[j, 1]
+        sums[j, 4] = max(log_rate[tables[j, 3]] + (log_size[size] if size < _LOGGED_SIZES else math.log(size)), log_least)
     return electrons
 
 
@@ -362,27 +335,29 @@ def _counts(flat, rows, cols, lo, model, used, pixels, peaks, tables, sums, gain
     pedestal, min_charge = model[0], model[3]
     tile_e = np.zeros(((rows + _TILE - 1) // _TILE, (cols + _TILE - 1) // _TILE), np.float64)
     tile_p = np.zeros_like(tile_e)
-    _frame_charge(flat, rows, cols, lo, model, pixels, tables, sums, n_clusters, used, peaks, tile_e, tile_p)
-    electrons = _local_hidden(rows, cols, pixels, tables, sums, n_clusters, tile_e, tile_p, min_charge)
+    _frame_charge(cols, model, pixels, tables, sums, n_clusters, tile_e, tile_p)
+    electrons = _local_hidden(rows, cols, tables, sums, n_clusters, tile_e, tile_p, min_charge)
     # One-peak clusters below these charges hold one electron, per spread bin (the last: no
     # spread bin, index -1), at a hidden rate of 1: the charge scales as rate^(-1/k).
     n_bins = np.int64(model[5])
-    single = np.empty(n_bins + 1, np.float64)
+    log_single = np.empty(n_bins + 1, np.float64)
     for b in range(-1, n_bins):
-        single[b] = one_electron_below(0.0, b, model)
+        log_single[b] = math.log(one_electron_below(0.0, b, model))
     inv_k = 1.0 / model[2]
     counted = 0
     for j in range(n_clusters):
         q = sums[j, 0]
         b = -1
-        if tables[j, 2] == 1 and n_bins > 0 and q >= min_charge:
-            b = spread_bin(_spread(flat, cols, pedestal, pixels, tables[j, 0], tables[j, 1], q, sums[j, 1] / q,
-                                   sums[j, 2] / q), model)
+        if n_bins > 0 and q >= min_charge:
+            b = spread_bin(_spread(tables[j, 1], q, sums[j, 1], sums[j, 2], sums[j, 3]), model)
         sums[j, 3] = b
-        if tables[j, 2] == 1 and min_charge <= q < single[b] * math.exp(-sums[j, 4] * inv_k):
-            tables[j, 3] = 1
-        else:
-            tables[j, 3] = electrons_in_cluster(q, tables[j, 2], sums[j, 4], b, model)
+        if q < min_charge:  # noise
+            tables[j, 3] = 0
+            continue
+        log_q = math.log(q)  # the one logarithm a basin costs (sums[:, 5], for reconcile too)
+        sums[j, 5] = log_q
+        one = log_q < log_single[b] - sums[j, 4] * inv_k
+        tables[j, 3] = 1 if one else electrons_in_cluster(q, log_q, 1, sums[j, 4], b, model)
         counted += tables[j, 3]
     band = _TOTAL_BAND * math.sqrt(max(electrons, 1.0) / model[2])
     missing = electrons - counted
@@ -456,10 +431,9 @@ def count_clusters_frame(frame, lo, hi, model, hot, scratch, out, positions):
 @njit(nogil=True, cache=True)
 def _count_frame(flat, rows, cols, lo, hi, model, hot, scratch, out, positions):
     label, used, pixels, peaks, tables, sums, gains, where = scratch
-    n_clusters = label_clusters(flat, rows, cols, lo, hi, model[0], pixels, peaks, tables, sums)
+    n_clusters = label_basins(flat, rows, cols, lo, hi, model[0], pixels, peaks, tables, sums, label, used)
     if hot.shape[0]:
         _drop_hot(hot, pixels, tables, sums, n_clusters)
-    n_clusters = split_basins(flat, rows, cols, lo, hi, model[0], pixels, tables, sums, n_clusters, label, peaks)
     n_out = _electrons(flat, rows, cols, lo, hi, model, used, pixels, peaks, tables, sums, gains, n_clusters, out,
                        positions, where)
     for i in range(n_out):
