@@ -1,40 +1,39 @@
-"""The compiled cluster-counting kernel: connected clusters above the background threshold, the
-number of electrons in each from its charge, each electron at a sub-pixel position.
+"""The compiled cluster-counting kernel: the basins of the pixels above the background
+threshold, the number of electrons in each from its charge, each electron at a sub-pixel
+position.
 
 The second counting method (``[counting] method = "clusters"``; the default, "maxima", is
-counting.kernel, stempy's strict 3 x 3 maxima). Per frame, two passes over what is above the
-background threshold:
+counting.kernel, stempy's strict 3 x 3 maxima). Per frame:
 
-1. **Clusters.** Pixels with ``lo <= value <= hi`` (the thresholds' integer window, as the maxima
-   kernel; X-ray pixels above ``hi`` count as empty) joined by 8-connectivity, labelled from the
-   runs of the block scan (counting.cluster_labels). Each cluster's charge is
-   ``sum(value - pedestal)`` over its pixels; its *peaks* are its pixels not smaller than any
-   8-neighbour in the cluster (ties go to the lower flat index, so a plateau is one peak). A
-   cluster of several peaks is then split into its peaks' basins (counting.cluster_basins), each
-   counted from here on as a cluster of one peak.
-2. **Electrons per cluster.** ``n`` maximises ``log p(charge | n) + log prior(n | peaks)``
-   (counting.cluster_model.electrons_in_cluster: the charge of ``n`` electrons is gamma
-   distributed with shape ``n * k`` and mean ``n * m``, the electrons beyond the peaks are Poisson
-   with a rate from the frame's own total charge shared out by the local density (_local_hidden),
-   and a one-peak cluster's spread, the charge-weighted variance of its pixels' positions, is as
-   likely for ``n`` electrons as the calibration says, counting.cluster_model.spread_llr); then
-   the frame's total charge (with each cluster's halo, the pixels below the threshold beside it)
-   over one electron's (with its halo), an unbiased count at any dose, puts right the clusters'
-   biased most probable counts (counting.cluster_model.reconcile). A cluster with less charge than ``min_charge`` is noise.
+1. **Basins.** Pixels with ``lo <= value <= hi`` (the thresholds' integer window, as the maxima
+   kernel; X-ray pixels above ``hi`` count as empty) belong to the peak their steepest way up
+   reaches (counting.cluster_basins.label_basins: a peak is a pixel not smaller than any of its 8
+   neighbours above the threshold, ties to the lower flat index, so a plateau is one peak). Each
+   basin's charge is ``sum(value - pedestal)`` over its pixels.
+2. **Electrons per basin.** ``n`` maximises ``log p(charge | n) + log prior(n)``
+   (counting.cluster_model.electrons_in_cluster, for one peak: the charge of ``n`` electrons is
+   gamma distributed with shape ``n * k`` and mean ``n * m``, the electrons beyond the peak are
+   Poisson with a rate from the frame's own total charge shared out by the local density
+   (_local_hidden), and the basin's spread, the charge-weighted variance of its pixels'
+   positions, is as likely for ``n`` electrons as the calibration says,
+   counting.cluster_model.spread_llr); then the frame's total charge (with each basin's halo,
+   the pixels below the threshold beside it) over one electron's (with its halo), an unbiased
+   count at any dose, puts right the basins' biased most probable counts
+   (counting.cluster_model.reconcile). A basin with less charge than ``min_charge`` is noise.
 
-Positions: one electron sits at the charge-weighted centroid of its cluster; ``n > 1`` electrons
-go to the cluster's ``n`` highest peaks, each at the charge-weighted centroid of the cluster
-pixels in the peak's 3 x 3 window. Electrons beyond the peaks (two on one pixel, or too close
-to make a peak each) go, one at a time, to the cluster pixel whose charge is least explained
-(its charge less ``2 m`` for each electron already on it; _extras). Each electron's event is the
-pixel of its position; stempy's readers set ``dense[frame] += 1`` (numpy fancy indexing: a pixel
-listed twice counts once) and our writer keeps stempy's sorted unique lists, so a second
-electron on a pixel already taken gets the nearest free pixel within 2 px of its position.
-Dense counts per frame then equal the electrons counted.
+Positions: one electron sits at the charge-weighted centroid of its basin; of ``n > 1``, the
+first sits at the charge-weighted centroid of the members in its peak's 3 x 3 window, and the
+others (two on one pixel, or too close to make a peak each) go, one at a time, to the basin
+pixel whose charge is least explained (its charge less ``2 m`` for each electron already on it;
+_extras). Each electron's event is the pixel of its position; stempy's readers set
+``dense[frame] += 1`` (numpy fancy indexing: a pixel listed twice counts once) and our writer
+keeps stempy's sorted unique lists, so a second electron on a pixel already taken gets the
+nearest free pixel within 2 px of its position. Dense counts per frame then equal the
+electrons counted.
 
-All kernels release the GIL; each thread keeps a used-pixel image (uint8) of its own and clears
-only the pixels a frame set, and a label image (uint16: at most 65,535 clusters a frame) that only
-the calibration's test of isolation (counting.cluster_singles) writes.
+All kernels release the GIL; each thread keeps a used-pixel image (uint8) and a label image
+(uint16: at most 65,535 basins a frame) of its own, clears only the pixels a frame set: the
+basins' scan codes and numbers (counting.cluster_basins), then the electrons' pixels.
 """
 
 from __future__ import annotations
@@ -47,19 +46,15 @@ from numba import njit
 from stemstream.core.detector import FRAME_SHAPE
 from stemstream.counting.cluster_basins import label_basins
 from stemstream.counting.cluster_events import _row, _sort_events
-from stemstream.counting.cluster_labels import is_peak
 from stemstream.counting.cluster_model import (
     electrons_in_cluster,
     one_electron_below,
     reconcile,
     spread_bin,
 )
-from stemstream.counting.kernel import _kept
 
 # A cluster's rate of hidden electrons never goes below this (log of 0 is not a prior).
 _MIN_HIDDEN = 0.002
-# Peaks of a cluster kept in order of value (see _top_peaks).
-_SORTED_PEAKS = 16
 # What an electron already on a pixel explains of its charge, in single-electron means, when
 # the electrons beyond a cluster's peaks choose their pixels (_extras): twice the mean, not once,
 # as a bright electron (its charge spreads by ~50 %, Landau-like deposits further) leaves more than
@@ -212,41 +207,13 @@ def _extras(flat, rows, cols, pedestal, mean, used, members, start, size, extra,
 
 
 @_leaf
-def _top_peaks(flat, rows, cols, hi, pixels, start, size, n_peaks, peaks):
-    """The ``n_peaks`` peaks of a cluster (``pixels[start:start + size]``, raster order) into ``peaks``: the
-    first _SORTED_PEAKS by value, highest first (ties in raster order), then the rest in raster order (a bright-field
-    disc at high dose gets an electron on every peak anyway; sorting its thousands of peaks took most of a frame)."""
-    if n_peaks == 1:  # the first highest pixel (the others are not larger, or later): no neighbour tests
-        top = pixels[start]
-        for i in range(start + 1, start + size):
-            top = pixels[i] if flat[pixels[i]] > flat[top] else top
-        peaks[0] = top
-        return 1
-    n = 0
-    inv_cols = 1.0 / cols
-    for i in range(start, start + size):
-        p = pixels[i]
-        v = flat[p]
-        r = _row(p, inv_cols)
-        c = p - r * cols
-        if 0 < r < rows - 1 and 0 < c < cols - 1:
-            # is_peak written out for pixels off the frame's edge: as a call it was most of the time
-            before = max(max(_kept(flat[p - 1], hi), _kept(flat[p - cols - 1], hi)),
-                         max(_kept(flat[p - cols], hi), _kept(flat[p - cols + 1], hi)))
-            after = max(max(_kept(flat[p + 1], hi), _kept(flat[p + cols - 1], hi)),
-                        max(_kept(flat[p + cols], hi), _kept(flat[p + cols + 1], hi)))
-            keep = (before < v) & (after <= v)  # no branch: which pixels are peaks is random
-        else:
-            keep = is_peak(flat, rows, cols, p, hi)
-        peaks[n] = p
-        n += np.int64(keep)
-    for i in range(1, min(n, _SORTED_PEAKS)):  # a stable insertion sort of the first, by value
-        p, j = peaks[i], i
-        while j > 0 and flat[peaks[j - 1]] < flat[p]:
-            peaks[j] = peaks[j - 1]
-            j -= 1
-        peaks[j] = p
-    return n
+def _peak_of(flat, pixels, start, size):
+    """The peak of a basin (``pixels[start:start + size]``, raster order): its first highest pixel
+    (the others are not larger, or later in raster order: label_basins's order of peaks)."""
+    top = pixels[start]
+    for i in range(start + 1, start + size):
+        top = pixels[i] if flat[pixels[i]] > flat[top] else top
+    return top
 
 
 @_leaf
@@ -329,10 +296,10 @@ def _local_hidden(rows, cols, tables, sums, n_clusters, tile_e, tile_p, min_char
 
 
 @njit(nogil=True, cache=True)
-def _counts(flat, rows, cols, lo, model, used, pixels, peaks, tables, sums, gains, n_clusters):
-    """The electrons of each cluster into tables[:, 3]: the most probable count of its charge,
-    peaks and (one peak) spread, then put right to the frame's total charge (with the halos)."""
-    pedestal, min_charge = model[0], model[3]
+def _counts(rows, cols, model, pixels, tables, sums, gains, n_clusters):
+    """The electrons of each basin into tables[:, 3]: the most probable count of its charge and
+    spread, then put right to the frame's total charge (with the halos)."""
+    min_charge = model[3]
     tile_e = np.zeros(((rows + _TILE - 1) // _TILE, (cols + _TILE - 1) // _TILE), np.float64)
     tile_p = np.zeros_like(tile_e)
     _frame_charge(cols, model, pixels, tables, sums, n_clusters, tile_e, tile_p)
@@ -368,38 +335,29 @@ def _counts(flat, rows, cols, lo, model, used, pixels, peaks, tables, sums, gain
 @njit(nogil=True, cache=True)
 def _electrons(flat, rows, cols, lo, hi, model, used, pixels, peaks, tables, sums, gains, n_clusters, out, positions,
                where):
-    """Pass 2: the electrons of the labelled clusters into out / positions; returns how many."""
+    """The electrons of the basins into out / positions; returns how many."""
     pedestal, mean = model[0], model[1]
-    # (peaks is free scratch until the electrons are placed)
-    _counts(flat, rows, cols, lo, model, used, pixels, peaks, tables, sums, gains, n_clusters)
+    _counts(rows, cols, model, pixels, tables, sums, gains, n_clusters)
     n_out = 0
     for j in range(n_clusters):
         q = sums[j, 0]
-        start, size, n_peaks, n = tables[j, 0], tables[j, 1], tables[j, 2], tables[j, 3]
-        m, ahead = min(n, n_peaks), False
+        start, size, n = tables[j, 0], tables[j, 1], tables[j, 3]
+        if n == 0:
+            continue
+        if n_out == out.shape[0]:
+            return n_out
+        if n == 1:
+            where[0], where[1] = sums[j, 1] / q, sums[j, 2] / q
+        else:
+            _centroid(flat, rows, cols, lo, hi, _peak_of(flat, pixels, start, size), pedestal, where, 0)
+        n_out = _emit(used, rows, cols, where, out, positions, n_out)
         if n > 1:
-            _top_peaks(flat, rows, cols, hi, pixels, start, size, n_peaks, peaks)
-            # The centroids first, into gains (free until _extras): apart from _place's branches they overlap
-            ahead = 2 * m <= gains.shape[0]
-            for e in range(m if ahead else 0):
-                _centroid(flat, rows, cols, lo, hi, peaks[e], pedestal, gains, 2 * e)
-        for e in range(m):
-            if n_out == out.shape[0]:
-                return n_out
-            if n == 1:
-                where[0], where[1] = sums[j, 1] / q, sums[j, 2] / q
-            elif ahead:  # (copied: an array chosen by a condition cost two atomic reference counts)
-                where[0], where[1] = gains[2 * e], gains[2 * e + 1]
-            else:
-                _centroid(flat, rows, cols, lo, hi, peaks[e], pedestal, where, 0)
-            n_out = _emit(used, rows, cols, where, out, positions, n_out)
-        if n > n_peaks:
             # gains and peaks are free for the heap; whole arrays, as a slice also cost two atomic counts
             if size <= gains.shape[0]:
-                n_out = _extras(flat, rows, cols, pedestal, mean, used, pixels, start, size, n - n_peaks, out,
+                n_out = _extras(flat, rows, cols, pedestal, mean, used, pixels, start, size, n - 1, out,
                                 positions, n_out, where, gains, peaks)
             else:
-                n_out = _extras(flat, rows, cols, pedestal, mean, used, pixels, start, size, n - n_peaks, out,
+                n_out = _extras(flat, rows, cols, pedestal, mean, used, pixels, start, size, n - 1, out,
                                 positions, n_out, where, np.empty(size, np.float64), peaks)
     return n_out
 
