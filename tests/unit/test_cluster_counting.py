@@ -223,7 +223,8 @@ def test_the_kernels_spread_is_the_calibrations():
         q = charge.sum()
         rows, cols = pixels // 12, pixels % 12
         # from the basin's sums, as label_basins gives them
-        got = _spread(len(pixels), q, (charge * rows).sum(), (charge * cols).sum(), (charge * (rows**2 + cols**2)).sum())
+        got = _spread(len(pixels), q, (charge * rows).sum(), (charge * cols).sum(), (charge * rows**2).sum(),
+                      (charge * cols**2).sum(), (charge * rows * cols).sum())
         want, _ = _spreads_and_peaks(raw[None].astype(np.float64) - 20.0, BACKGROUND + 1 - 20.0, XRAY - 1 - 20.0)
         assert got == pytest.approx(want[0], rel=1e-9, abs=1e-12)
 

@@ -64,7 +64,7 @@ def _scratch(frame_shape: tuple[int, int]) -> tuple:
     most = max_events_per_frame(frame_shape)  # clusters are never adjacent, as strict maxima
     most = min(most, LABELS)
     return (np.zeros(pixels, np.uint16), np.zeros(pixels, np.uint8), np.empty(pixels, np.int64),
-            np.empty(pixels + most + 1, np.int64), np.empty((most, 4), np.int64), np.empty((most, 6), np.float64),
+            np.empty(pixels + most + 1, np.int64), np.empty((most, 4), np.int64), np.empty((most, 8), np.float64),
             np.empty(most, np.float64), np.empty(2, np.float64))
 
 

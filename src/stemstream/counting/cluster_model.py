@@ -49,9 +49,11 @@ _CLIP_MEDIANS = 6.0
 _TABLE = 256
 # min_charge in units of a lone noise pixel's charge (background - pedestal).
 _NOISE_PIXELS = 2.0
-# A one-peak cluster's spread (the charge-weighted variance of its pixels' positions, rows plus
-# cols, px^2) in bins of this width, the last one open: what tells one electron from two on
-# neighbouring pixels, which make one peak with the charge of one bright electron.
+# A one-peak cluster's spread (the charge-weighted variance of its pixels' positions along its
+# major axis, px^2) in bins of this width, the last one open: what tells one electron from two on
+# neighbouring pixels, which make one peak with the charge of one bright electron. Along the major
+# axis, not rows plus cols: two electrons spread along the line between them, and the variance
+# across it is one electron's noise (docs/counting.md section 2, step 2).
 _SPREAD_BIN = 0.04
 _SPREAD_BINS = 32
 # The spread's evidence is kept for 2 .. _SPREAD_ELECTRONS electrons against one (more count as
@@ -170,17 +172,20 @@ def with_halo(patches: np.ndarray, low: float, high: float) -> np.ndarray:
 
 def _spreads_and_peaks(canvas: np.ndarray, low: float, high: float) -> tuple[np.ndarray, np.ndarray]:
     """Per (n, s, s) patch of charges above the pedestal: the spread of its members (low <=
-    charge <= high; charge-weighted variance of their positions, rows plus cols, px^2, as the
-    kernel's, counting.clusters._spread) and how many peaks they have (members not smaller than
-    any member neighbour, ties to the lower index, as counting.cluster_labels finds them)."""
+    charge <= high; charge-weighted variance of their positions along their major axis, the
+    larger eigenvalue of their covariance, px^2, as the kernel's, counting.clusters._spread) and
+    how many peaks they have (members not smaller than any member neighbour, ties to the lower
+    index, as counting.cluster_labels finds them)."""
     member = (canvas >= low) & (canvas <= high)
     w = np.where(member, canvas, 0.0)
     axis = np.arange(canvas.shape[1], dtype=np.float64)
     total = np.maximum(w.sum(axis=(1, 2)), 1e-300)
-    spread = np.zeros(len(canvas))
-    for along in (w.sum(axis=2), w.sum(axis=1)):  # rows, cols
-        centre = along @ axis / total
-        spread += along @ axis**2 / total - centre**2
+    rows, cols = w.sum(axis=2), w.sum(axis=1)
+    centre_row, centre_col = rows @ axis / total, cols @ axis / total
+    var_row = rows @ axis**2 / total - centre_row**2
+    var_col = cols @ axis**2 / total - centre_col**2
+    cov = np.einsum("nij,i,j->n", w, axis, axis) / total - centre_row * centre_col
+    spread = 0.5 * (var_row + var_col) + np.sqrt(0.25 * (var_row - var_col) ** 2 + cov**2)
     kept = np.pad(np.where(member, canvas, -np.inf), ((0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
     s = canvas.shape[1]
     peak = member.copy()

@@ -15,7 +15,7 @@ counting.kernel, stempy's strict 3 x 3 maxima). Per frame:
    gamma distributed with shape ``n * k`` and mean ``n * m``, the electrons beyond the peak are
    Poisson with a rate from the frame's own total charge shared out by the local density
    (_local_hidden), and the basin's spread, the charge-weighted variance of its pixels'
-   positions, is as likely for ``n`` electrons as the calibration says,
+   positions along its major axis, is as likely for ``n`` electrons as the calibration says,
    counting.cluster_model.spread_llr); then the frame's total charge (with each basin's halo,
    the pixels below the threshold beside it) over one electron's (with its halo), an unbiased
    count at any dose, puts right the basins' biased most probable counts
@@ -217,14 +217,23 @@ def _peak_of(flat, pixels, start, size):
 
 
 @_leaf
-def _spread(size, charge, along_rows, along_cols, squares):
-    """The charge-weighted variance of a basin's pixel positions, rows plus cols (px^2), about its
-    centroid (as cluster_model._spreads_and_peaks computes it for the calibration patches), from
-    its sums (charge, charge * row, charge * col, charge * (row^2 + col^2); label_basins)."""
+def _spread(size, charge, along_rows, along_cols, rows_squared, cols_squared, rows_cols):
+    """The charge-weighted variance of a basin's pixel positions along its major axis (px^2),
+    about its centroid: the larger eigenvalue of their covariance, from its sums (charge, and
+    charge times row, col, row^2, col^2 and row * col; label_basins), as cluster_model.
+    _spreads_and_peaks computes it for the calibration patches. Two electrons spread along the
+    line between them; the variance across it is one electron's (docs/counting.md section 2).
+    Two pixels vary along their line only: their variance, rows plus cols, without the root."""
     if size == 1 or charge <= 0:
         return 0.0
     centre_row, centre_col = along_rows / charge, along_cols / charge
-    return max(squares / charge - centre_row * centre_row - centre_col * centre_col, 0.0)
+    var_rows = rows_squared / charge - centre_row * centre_row
+    var_cols = cols_squared / charge - centre_col * centre_col
+    if size == 2:
+        return max(var_rows + var_cols, 0.0)
+    cov = rows_cols / charge - centre_row * centre_col
+    half = 0.5 * (var_rows - var_cols)
+    return max(0.5 * (var_rows + var_cols) + math.sqrt(half * half + cov * cov), 0.0)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -316,7 +325,7 @@ def _counts(rows, cols, model, pixels, tables, sums, gains, n_clusters):
         q = sums[j, 0]
         b = -1
         if n_bins > 0 and q >= min_charge:
-            b = spread_bin(_spread(tables[j, 1], q, sums[j, 1], sums[j, 2], sums[j, 3]), model)
+            b = spread_bin(_spread(tables[j, 1], q, sums[j, 1], sums[j, 2], sums[j, 3], sums[j, 6], sums[j, 7]), model)
         sums[j, 3] = b
         if q < min_charge:  # noise
             tables[j, 3] = 0
