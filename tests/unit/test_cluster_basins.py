@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from test_cluster_counting import as_frame, blank, plant
 
+from stemstream.core.detector import FRAME_SHAPE
+
 from scipy import ndimage
 
 from stemstream.counting.cluster_basins import label_basins
@@ -24,13 +26,13 @@ from stemstream.counting.clusters import _TILE, _local_hidden
 LO, HI, PEDESTAL = 26, 2000, 20.0
 
 
-def labelled(frame: np.ndarray, most: int | None = None):
+def labelled(frame: np.ndarray, most: int | None = None, lo: int = LO, hi: int = HI):
     """The basins of a uint16 frame (rows, cols) and the thread arrays they are in (tables and
     sums cut to ``most`` rows when given)."""
     label, used, pixels, peaks, tables, sums, gains, where = scratch = _scratch(frame.shape)
     if most is not None:
         tables, sums = tables[:most], sums[:most]
-    n = label_basins(frame.reshape(-1), *frame.shape, LO, HI, PEDESTAL, pixels, peaks, tables, sums, label, used)
+    n = label_basins(frame.reshape(-1), *frame.shape, lo, hi, PEDESTAL, pixels, peaks, tables, sums, label, used)
     return n, (label, used, pixels, peaks, tables, sums, gains, where)
 
 
@@ -76,6 +78,76 @@ def test_a_cluster_of_two_peaks_is_labelled_as_their_basins():
     halo = ~member & ndimage.binary_dilation(member, structure=ndimage.generate_binary_structure(2, 1))
     assert halo_total == pytest.approx((frame[halo].astype(float) - PEDESTAL).sum(), rel=1e-12)
     assert not label.any() and not used.any()  # both images clear again for the next frame
+
+
+def _basins_by_numpy(frame: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel's peak (flat index; -1 off the members) by following every member's way up,
+    computed for the whole frame at once: the highest member among it and its 8 neighbours,
+    ties to the lower flat index. Also the peaks, in raster order."""
+    rows, cols = frame.shape
+    member = (frame >= lo) & (frame <= hi)
+    key = np.pad(np.where(member, frame.astype(np.int64), -1), 1, constant_values=-2)
+    index = np.pad(np.arange(frame.size).reshape(rows, cols), 1, constant_values=frame.size)
+    best_key, best = key[1:-1, 1:-1].copy(), index[1:-1, 1:-1].copy()
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            k = key[1 + dr : 1 + dr + rows, 1 + dc : 1 + dc + cols]
+            i = index[1 + dr : 1 + dr + rows, 1 + dc : 1 + dc + cols]
+            better = (k > best_key) | ((k == best_key) & (i < best))
+            best_key, best = np.where(better, k, best_key), np.where(better, i, best)
+    up = np.where(member, best, -1).reshape(-1)
+    peak_of = up.copy()
+    while True:  # pointer jumping to the roots (peaks point at themselves)
+        nxt = np.where(peak_of >= 0, up[np.maximum(peak_of, 0)], -1)
+        if np.array_equal(nxt, peak_of):
+            return peak_of, np.flatnonzero(up == np.arange(frame.size))
+        peak_of = nxt
+
+
+def _basins_against_numpy(frame: np.ndarray, lo: int, hi: int) -> int:
+    """label_basins against _basins_by_numpy: the same basins in the same order (raster order of
+    their peaks), their pixels in raster order, their charge sums, and the halos' total."""
+    rows, cols = frame.shape
+    flat = frame.reshape(-1)
+    n, (label, used, pixels, peaks, tables, sums, gains, where) = labelled(frame, lo=lo, hi=hi)
+    peak_of, tops = _basins_by_numpy(frame, lo, hi)
+    assert n == len(tops)
+    assert list(tables[:n, 2]) == [1] * n
+    # Pixels grouped by their peak, peaks in raster order (a stable sort keeps raster order within)
+    key = np.where(peak_of >= 0, peak_of, frame.size)
+    order = np.argsort(key, kind="stable")
+    bounds = np.searchsorted(key[order], tops)
+    sizes = np.bincount(np.searchsorted(tops, peak_of[peak_of >= 0]), minlength=n)
+    assert np.array_equal(tables[:n, 1], sizes)
+    for j in range(n):
+        mine = pixels[tables[j, 0] : tables[j, 0] + tables[j, 1]]
+        assert np.array_equal(mine, order[bounds[j] : bounds[j] + sizes[j]]), f"basin {j}"
+    basin = np.searchsorted(tops, peak_of[peak_of >= 0])
+    at = np.flatnonzero(peak_of >= 0)
+    w, r, c = flat[at].astype(float) - PEDESTAL, at // cols, at % cols
+    for column, values in ((0, w), (1, w * r), (2, w * c), (3, w * r * r), (6, w * c * c), (7, w * r * c)):
+        assert sums[:n, column] == pytest.approx(np.bincount(basin, values, minlength=n), rel=1e-12, abs=1e-9)
+    halo_total = sums[:n, 4].sum()
+    member = (frame >= lo) & (frame <= hi)
+    halo = (frame < lo) & ndimage.binary_dilation(member, structure=ndimage.generate_binary_structure(2, 1))
+    assert halo_total == pytest.approx((frame[halo].astype(float) - PEDESTAL).sum(), rel=1e-9, abs=1e-6)
+    assert not label.any() and not used.any()
+    return n
+
+
+def test_basins_match_a_numpy_steepest_ascent_across_blocks_rows_and_edges():
+    """The scan's ways up across its 64-pixel words and 96-pixel blocks, at the frame's edges and
+    corners (the scalar way up) and in the columns after the last block; plateaus (one peak, the
+    lower flat index), X-ray pixels (not members), and frames where most pixels are members."""
+    rng = np.random.default_rng(9)
+    for shape in ((40, 200), (7, 96), (1, 1), (3, 5), (2, 97), FRAME_SHAPE):
+        for density in (0.01, 0.3, 0.7, 1.0):
+            frame = rng.integers(0, LO, shape).astype(np.uint16)
+            on = rng.random(shape) < density
+            frame[on] = rng.integers(LO, LO + 20, on.sum())  # many ties between neighbours
+            frame[rng.random(shape) < 0.01] = 3000
+            _basins_against_numpy(frame, LO, HI)
+    assert _basins_against_numpy(np.full((30, 120), 50, np.uint16), LO, HI) == 1  # one plateau: one peak
 
 
 def test_labelling_stops_at_the_tables_size():
