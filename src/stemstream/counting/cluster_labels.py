@@ -1,6 +1,8 @@
-"""Connected-cluster labelling for cluster counting (counting.clusters), from runs found in the
-maxima kernel's own block scan: a cluster's pixels are handled in the scan's pass, while their
-rows are in the cache, not revisited by a fill.
+"""Connected-cluster labelling, from runs found in the maxima kernel's own block scan: a
+cluster's pixels are handled in the scan's pass, while their rows are in the cache, not
+revisited by a fill. The calibration's test of isolated single electrons uses it
+(counting.cluster_singles); the counting itself labels basins (counting.cluster_basins), which
+until 2026-12-05 it split these clusters into.
 
 A frame's clusters are its pixels with ``lo <= value <= hi`` (X-ray pixels above ``hi`` count as
 empty, as stempy zeroes them) joined by 8-connectivity. The scan (counting.kernel.count_frame_int's)
