@@ -31,8 +31,12 @@ from stemstream.counting.kernel import _BLOCK, _GATHER, _kept
 # row by row: 1 up-left ... 5 itself, a peak ... 9 down-right) in the used image: 0 is "not a
 # member", so the image needs no clearing before a frame, only after.
 _PEAK = np.uint8(5)
-# The code of a halo pixel (below lo, beside a member) already counted in a basin's halo.
-_HALO = np.uint8(10)
+# A member's entry in the scan's list: its flat index (a frame of up to 2^32 pixels), the sum of
+# the raw values of the halo pixels it took (up to 4 x 65535) and how many (up to 4) above it.
+_HALO_SHIFT = 32
+_HALO_PIXELS_SHIFT = 51
+_PIXEL_MASK = (1 << _HALO_SHIFT) - 1
+_HALO_MASK = (1 << (_HALO_PIXELS_SHIFT - _HALO_SHIFT)) - 1
 # A key ranks a neighbour by value, then by the lower flat index: value * 16 + 15 - place.
 _RANK_BITS = np.uint32(4)
 
@@ -48,50 +52,74 @@ def _code(best):
     return np.uint8(16 - (best & np.uint32(15)))
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _member(value, lo16, hi16):
+    return (value >= lo16) & (value <= hi16)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _first(value, lo16, earlier):
+    # (value, 1) of a halo pixel this member takes: below lo, and no member before this one in
+    # raster order beside it (``earlier``), which took it then; else (0, 0)
+    take = (value < lo16) & ~earlier
+    return np.int64(value) * take, np.int64(take)
+
+
 @njit(nogil=True, cache=True)
-def way_up(flat, rows, cols, hi, p):
-    """Code of member p's way up (1 + the place of its highest member neighbour or itself in the
-    3 x 3 window, row by row; _PEAK for itself), for a pixel of any row or column."""
+def way_up(flat, rows, cols, lo, hi, p):
+    """(code, halo, halo pixels) of member p, for a pixel of any row or column: its way up (1 +
+    the place of its highest member neighbour or itself in the 3 x 3 window, row by row; _PEAK
+    for itself), and the raw values' sum and number of the halo pixels it takes: its neighbours
+    above, below, left and right that are below ``lo`` and beside no member before it in raster
+    order (the first member beside a halo pixel takes it, so the frame counts it once)."""
     r = _row(p, 1.0 / cols)
     c = p - r * cols
-    hi16 = np.uint16(min(hi, 65535))
+    lo16, hi16 = np.uint16(lo), np.uint16(min(hi, 65535))
     best = np.uint32(0)
     for dr in range(-1, 2):
         for dc in range(-1, 2):
             if 0 <= r + dr < rows and 0 <= c + dc < cols:
                 best = max(best, _key(flat[p + dr * cols + dc], 3 * (dr + 1) + dc + 1, hi16))
-    return _code(best)
+    halo, n_halo = 0, 0
+    for dr, dc in ((-1, 0), (0, -1), (0, 1), (1, 0)):
+        rr, cc = r + dr, c + dc
+        if not (0 <= rr < rows and 0 <= cc < cols):
+            continue
+        earlier = False  # a member beside (rr, cc) before p in raster order
+        for er, ec in ((-1, 0), (0, -1), (0, 1), (1, 0)):
+            sr, sc = rr + er, cc + ec
+            if 0 <= sr < rows and 0 <= sc < cols and sr * cols + sc < p:
+                earlier |= _member(flat[sr * cols + sc], lo16, hi16)
+        h, n = _first(flat[rr * cols + cc], lo16, earlier)
+        halo, n_halo = halo + h, n_halo + n
+    return _code(best), halo, n_halo
 
 
 # Compiled without numba's reference counting: an array argument cost an atomic increment and
 # decrement per call, inlined or not (counting.clusters._leaf).
 @njit(nogil=True, cache=True, _nrt=False)
-def _inner_way_up(flat, p, cols, hi16):
-    # way_up for a pixel off the frame's edge: nine keys, no bounds, no branch (which neighbour
-    # is highest is random).
-    best = _key(flat[p - cols - 1], 0, hi16)
-    best = max(best, _key(flat[p - cols], 1, hi16))
-    best = max(best, _key(flat[p - cols + 1], 2, hi16))
-    best = max(best, _key(flat[p - 1], 3, hi16))
+def _inner_way_up(flat, p, cols, lo16, hi16):
+    # way_up for a pixel 2 or more off the frame's top and left edges and 1 off the others: nine
+    # keys, and of its halo the pixels above (beside up-left, up-right and the one above that),
+    # left (beside up-left and the one left of that), right (beside up-right) and below (beside
+    # no earlier member); no bounds, no branch (which is highest, and which is below lo, is random)
+    up_left, up, up_right = flat[p - cols - 1], flat[p - cols], flat[p - cols + 1]
+    left, right = flat[p - 1], flat[p + 1]
+    best = _key(up_left, 0, hi16)
+    best = max(best, _key(up, 1, hi16))
+    best = max(best, _key(up_right, 2, hi16))
+    best = max(best, _key(left, 3, hi16))
     best = max(best, _key(flat[p], 4, hi16))
-    best = max(best, _key(flat[p + 1], 5, hi16))
+    best = max(best, _key(right, 5, hi16))
     best = max(best, _key(flat[p + cols - 1], 6, hi16))
     best = max(best, _key(flat[p + cols], 7, hi16))
     best = max(best, _key(flat[p + cols + 1], 8, hi16))
-    return _code(best)
-
-
-@njit(nogil=True, cache=True, _nrt=False)
-def _take(flat, q, lo16, pedestal, code, halo_list, n_halo, halo):
-    # (halo + the charge of pixel q, n_halo) for a halo: q counts when below lo and not taken
-    # yet (then marked and listed). Without a branch: whether a member's neighbour is below the
-    # threshold is random, and a branch on it mispredicted; an untaken pixel's stores change
-    # nothing (its listing is overwritten by the next).
-    v = flat[q]
-    take = (v < lo16) & (code[q] == 0)
-    code[q] |= np.uint8(take) * _HALO
-    halo_list[halo_list.shape[0] - 1 - n_halo] = q
-    return halo + take * (np.float64(v) - pedestal), n_halo + take
+    m_ul, m_ur = _member(up_left, lo16, hi16), _member(up_right, lo16, hi16)
+    h0, n0 = _first(up, lo16, m_ul | m_ur | _member(flat[p - 2 * cols], lo16, hi16))
+    h1, n1 = _first(left, lo16, m_ul | _member(flat[p - 2], lo16, hi16))
+    h2, n2 = _first(right, lo16, m_ur)
+    h3, n3 = _first(flat[p + cols], lo16, False)
+    return _code(best), (h0 + h1) + (h2 + h3), (n0 + n1) + (n2 + n3)
 
 
 @njit(nogil=True, cache=True, _nrt=False)
@@ -127,7 +155,7 @@ def _scan(flat, rows, cols, lo, hi, members, code, basin, tables, sums):
     _block_maxima(flat, 0, cols, n_blocks, maxima[0])
     for r in range(rows):
         row_base = np.int64(r) * cols
-        inner_row = 0 < r < rows - 1
+        inner_row = 1 < r < rows - 1
         if r + 1 < rows:
             _block_maxima(flat, r + 1, cols, n_blocks, maxima[(r + 1) & 1])
         # Whole blocks, skipped when their maximum is below lo (most of a sparse frame), then the
@@ -154,10 +182,10 @@ def _scan(flat, rows, cols, lo, hi, members, code, basin, tables, sums):
                     c = c_block + 64 * h + np.int64(trailing_zeros(bits))
                     bits &= bits - np.uint64(1)
                     p = row_base + c
-                    if inner_row and 0 < c < cols - 1:
-                        up = _inner_way_up(flat, p, cols, hi16)
+                    if inner_row and 1 < c < cols - 1:
+                        up, halo, n_halo = _inner_way_up(flat, p, cols, lo16, hi16)
                     else:
-                        up = way_up(flat, rows, cols, hi, p)
+                        up, halo, n_halo = way_up(flat, rows, cols, lo, hi, p)
                     if up == _PEAK and n_basins == most:
                         up = np.uint8(0)  # no room: its basin's members walk up to a 0 and are dropped
                     if up == _PEAK:
@@ -167,7 +195,7 @@ def _scan(flat, rows, cols, lo, hi, members, code, basin, tables, sums):
                         n_basins += 1
                         basin[p] = n_basins
                     code[p] = up
-                    members[n_members] = p
+                    members[n_members] = p | (halo << _HALO_SHIFT) | (n_halo << _HALO_PIXELS_SHIFT)
                     n_members += 1
     return n_members, n_basins
 
@@ -189,11 +217,10 @@ def label_basins(flat, rows, cols, lo, hi, pedestal, pixels, members, tables, su
     # neighbour's, so the walks are short); the path in ``pixels``, free until the grouping.
     # The sums as each member's basin is known.
     inv_cols = 1.0 / cols
-    lo16 = np.uint16(lo)
-    n_halo = 0
     offsets = np.array([0, -cols - 1, -cols, -cols + 1, -1, 0, 1, cols - 1, cols, cols + 1], np.int64)  # by code
     for i in range(n_members):
-        p = members[i]
+        m = members[i]
+        p = m & _PIXEL_MASK
         q, length = p, 0
         while basin[q] == 0 and code[q] != 0:  # (0: a peak beyond the tables' room)
             pixels[length] = q
@@ -214,19 +241,8 @@ def label_basins(flat, rows, cols, lo, hi, pedestal, pixels, members, tables, su
         sums[j, 3] += w * (r * r)
         sums[j, 6] += w * (c * c)
         sums[j, 7] += w * (r * c)
-        # The halo: the pixels below lo next to the member (above, below, left, right), each
-        # taken once (marked _HALO in the code image, listed from the end of ``pixels``, which
-        # the members never reach: they and their halo are different pixels).
-        halo = 0.0
-        if r > 0:
-            halo, n_halo = _take(flat, p - cols, lo16, pedestal, code, pixels, n_halo, halo)
-        if r < rows - 1:
-            halo, n_halo = _take(flat, p + cols, lo16, pedestal, code, pixels, n_halo, halo)
-        if c > 0:
-            halo, n_halo = _take(flat, p - 1, lo16, pedestal, code, pixels, n_halo, halo)
-        if c < cols - 1:
-            halo, n_halo = _take(flat, p + 1, lo16, pedestal, code, pixels, n_halo, halo)
-        sums[j, 4] += halo
+        # The halo pixels it took in the scan (the first member beside each)
+        sums[j, 4] += np.float64((m >> _HALO_SHIFT) & _HALO_MASK) - pedestal * np.float64(m >> _HALO_PIXELS_SHIFT)
     # Pass 3: the members grouped by basin (a counting sort, stable: raster order within a
     # basin), the images cleared.
     start = 0
@@ -234,13 +250,11 @@ def label_basins(flat, rows, cols, lo, hi, pedestal, pixels, members, tables, su
         tables[j, 0], tables[j, 3] = start, start
         start += tables[j, 1]
     for i in range(n_members):
-        p = members[i]
+        p = members[i] & _PIXEL_MASK
         j = np.int64(basin[p]) - 1
         if j >= 0:
             pixels[tables[j, 3]] = p
             tables[j, 3] += 1
         basin[p] = 0
         code[p] = 0
-    for k in range(n_halo):
-        code[pixels[pixels.shape[0] - 1 - k]] = 0
     return n_basins
