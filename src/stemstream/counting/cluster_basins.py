@@ -15,7 +15,8 @@ A basin needs only its members' neighbours, not the connected cluster around it:
 labelled by basins directly, in one scan and two passes over the members. Until 2026-12-05 the
 kernel labelled connected clusters first (union-find over the scan's runs,
 counting.cluster_labels, which the calibration still uses) and split those of several peaks:
-~170 us a frame at 0.005 e/px/frame against ~40 for this (docs/counting.md section 4).
+~270 us a frame at 0.005 e/px/frame against ~140 for this, the halo included (docs/counting.md
+section 4).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from stemstream.counting.cluster_events import _row
 from stemstream.counting.kernel import _BLOCK, _GATHER, _kept
 
 # A member's way up, as code 1 + its neighbour's place in flat order (the 3 x 3 window read
-# row by row: 1 up-left ... 5 itself, a peak ... 9 down-right) in the used image: 0 is "not a
-# member", so the image needs no clearing before a frame, only after.
+# row by row: 1 up-left ... 5 itself, a peak ... 9 down-right) in the code image (the thread's
+# used image): 0 is "not a member", so the image needs no clearing before a frame, only after.
 _PEAK = np.uint8(5)
 # A member's entry in the scan's list: its flat index (a frame of up to 2^32 pixels), the sum of
 # the raw values of the halo pixels it took (up to 4 x 65535) and how many (up to 4) above it.

@@ -74,7 +74,7 @@ _TILE = 32
 # Basin sizes (pixels) whose logarithms _local_hidden tabulates once a frame.
 _LOGGED_SIZES = 64
 _ROWS, _COLS = FRAME_SHAPE
-# Clusters per frame: labels are uint16, 0 meaning none.
+# Basins (or the calibration's clusters) a frame: their numbers are uint16, 0 meaning none.
 LABELS = 65535
 
 # The per-cluster and per-electron helpers allocate nothing, so they are compiled without numba's
@@ -313,8 +313,8 @@ def _counts(rows, cols, model, pixels, tables, sums, gains, n_clusters):
     tile_p = np.zeros_like(tile_e)
     _frame_charge(cols, model, pixels, tables, sums, n_clusters, tile_e, tile_p)
     electrons = _local_hidden(rows, cols, tables, sums, n_clusters, tile_e, tile_p, min_charge)
-    # One-peak clusters below these charges hold one electron, per spread bin (the last: no
-    # spread bin, index -1), at a hidden rate of 1: the charge scales as rate^(-1/k).
+    # A basin holds one electron when its log charge is below these, per spread bin (the last:
+    # no spread bin, index -1), less its log rate of hidden electrons over k.
     n_bins = np.int64(model[5])
     log_single = np.empty(n_bins + 1, np.float64)
     for b in range(-1, n_bins):
