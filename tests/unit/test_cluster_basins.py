@@ -29,7 +29,7 @@ LO, HI, PEDESTAL = 26, 2000, 20.0
 def labelled(frame: np.ndarray, most: int | None = None, lo: int = LO, hi: int = HI):
     """The basins of a uint16 frame (rows, cols) and the thread arrays they are in (tables and
     sums cut to ``most`` rows when given)."""
-    label, used, pixels, peaks, tables, sums, gains, where = scratch = _scratch(frame.shape)
+    label, used, pixels, peaks, tables, sums, gains, where = _scratch(frame.shape)
     if most is not None:
         tables, sums = tables[:most], sums[:most]
     n = label_basins(frame.reshape(-1), *frame.shape, lo, hi, PEDESTAL, pixels, peaks, tables, sums, label, used)
