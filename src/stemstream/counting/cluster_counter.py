@@ -55,16 +55,17 @@ class ClusteredFrames(CountedFrames):
 
 def _scratch(frame_shape: tuple[int, int]) -> tuple:
     """One thread's arrays for the kernel (see clusters.count_clusters_frame): the label image
-    (uint16: the calibration's clusters, then the basins of a cluster being split, counting.
-    cluster_basins) and the used image, the pixel list (clusters' pixels, by cluster), run
-    records (counting.cluster_labels), then a split's scratch, then a cluster's peaks, per-cluster
-    tables (start, size, peaks, electrons; charge sums, spread bin and log rate of hidden
-    electrons; score gains), a position."""
+    (uint16: the basins' numbers, counting.cluster_basins; the calibration's cluster labels,
+    counting.cluster_singles) and the used image (the basins' ways up, then the electrons'
+    pixels), the pixel list (basins' pixels, by basin), the members' list (run records for the
+    calibration's labelling, counting.cluster_labels; the extras' heap), per-basin tables
+    (start, size, peaks, electrons; charge sums and moments, spread bin, log rate of hidden
+    electrons, log charge; score gains), a position."""
     pixels = frame_shape[0] * frame_shape[1]
     most = max_events_per_frame(frame_shape)  # clusters are never adjacent, as strict maxima
     most = min(most, LABELS)
     return (np.zeros(pixels, np.uint16), np.zeros(pixels, np.uint8), np.empty(pixels, np.int64),
-            np.empty(pixels + most + 1, np.int64), np.empty((most, 4), np.int64), np.empty((most, 8), np.float64),
+            np.empty(pixels, np.int64), np.empty((most, 4), np.int64), np.empty((most, 8), np.float64),
             np.empty(most, np.float64), np.empty(2, np.float64))
 
 

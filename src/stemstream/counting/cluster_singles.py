@@ -9,7 +9,6 @@ import numpy as np
 from numba import njit
 
 from stemstream.counting.cluster_labels import label_clusters
-from stemstream.counting.clusters import _clear
 
 # A calibration cluster has no other within this many pixels: far enough that it comes from
 # where the local dose is low, so that two electrons on one pixel (one peak, twice the charge)
@@ -32,6 +31,14 @@ def _patch(flat, rows, cols, pedestal, members, patch):
             r, c = r0 + i, c0 + k
             inside = 0 <= r < rows and 0 <= c < cols
             patch[i, k] = np.float64(flat[r * cols + c]) - pedestal if inside else 0.0
+
+
+@njit(nogil=True, cache=True)
+def _clear(label, pixels, tables, n_clusters):
+    # Back to all 0 for the next frame: only the labelled pixels, not the whole image.
+    if n_clusters:
+        for i in range(tables[n_clusters - 1, 0] + tables[n_clusters - 1, 1]):
+            label[pixels[i]] = 0
 
 
 @njit(nogil=True, cache=True)

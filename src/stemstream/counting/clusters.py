@@ -50,6 +50,7 @@ from stemstream.counting.cluster_model import (
     electrons_in_cluster,
     one_electron_below,
     reconcile,
+    sift_down,
     spread_bin,
 )
 
@@ -128,14 +129,6 @@ def _place(used, rows, cols, y, x):
     return best
 
 
-@njit(nogil=True, cache=True)
-def _clear(label, pixels, tables, n_clusters):
-    # Back to all 0 for the next frame: only the labelled pixels, not the whole image.
-    if n_clusters:
-        for i in range(tables[n_clusters - 1, 0] + tables[n_clusters - 1, 1]):
-            label[pixels[i]] = 0
-
-
 @_leaf
 def _emit(used, rows, cols, where, out, positions, n_out):
     """The event of an electron at ``where`` (see _place); returns the new number of events."""
@@ -148,25 +141,6 @@ def _emit(used, rows, cols, where, out, positions, n_out):
     out[n_out] = p
     positions[n_out, 0], positions[n_out, 1] = where[0], where[1]
     return n_out + 1
-
-
-@_leaf
-def _sift_down(key, index, size, i):
-    # Restore a max-heap (key, index) below i: i goes down to its larger child (the left one on
-    # a tie) while that one's key is larger. The child is chosen without a branch (which one it
-    # is, is a coin toss that a branch mispredicted half the time; at 0.05 e/px/frame a
-    # bright-field disc's cluster sifts thousands of electrons beyond its peaks a frame).
-    while True:
-        top = 2 * i + 1
-        if top >= size:
-            return
-        if top + 1 < size:
-            top += np.int64(key[top + 1] > key[top])
-        if not key[top] > key[i]:
-            return
-        key[i], key[top] = key[top], key[i]
-        index[i], index[top] = index[top], index[i]
-        i = top
 
 
 @_leaf
@@ -198,11 +172,11 @@ def _extras(flat, rows, cols, pedestal, mean, used, members, start, size, extra,
     if extra == 1 and ties == 1:
         return _emit_centre(used, rows, cols, members[start + first], where, out, positions, n_out)
     for i in range(size // 2 - 1, -1, -1):
-        _sift_down(key, index, size, i)
+        sift_down(key, index, size, i)
     for _ in range(extra):
         n_out = _emit_centre(used, rows, cols, members[start + index[0]], where, out, positions, n_out)
         key[0] -= _EXPLAINED * mean
-        _sift_down(key, index, size, 0)
+        sift_down(key, index, size, 0)
     return n_out
 
 
