@@ -254,7 +254,8 @@ def test_node_group_that_stops_for_10_s_then_resumes_loses_nothing(tmp_path, dea
 def test_node_group_killed_mid_scan_with_the_cluster_method(tmp_path):
     """The cluster method's path through a failover: node group 1 dies a quarter of the way in,
     node group 0 counts what it left with its own single-electron model (each node group fits its
-    own, docs/counting.md). Every frame is accounted for and comes with its sub-pixel positions,
+    own, docs/counting.md). The file names every model that counted its frames, the dead node
+    group's too. Every frame is accounted for and comes with its sub-pixel positions,
     two per event, and the counts stay within 1 % of a clean run's frame by frame: not the same
     events, as the models differ (the frames each node group calibrates from, the first complete
     ones it receives, depend on timing)."""
@@ -285,6 +286,10 @@ def test_node_group_killed_mid_scan_with_the_cluster_method(tmp_path):
             points = f[SUBPIXEL_POSITIONS][()]
         assert [len(p) for p in points] == [2 * len(e) for e in events], name
         per_frame[name] = np.array([len(e) for e in events])
+        # the model of every frame is named, the dead node group's too (from its blocks' EVENTS messages)
+        models = meta["cluster_models"]
+        assert {"node_0", "node_1"} <= set(models), (name, sorted(models))
+        assert sum(int(m["frames"]) for m in models.values()) == len(events), (name, models)
     # Which frames changed hands, and which complete frames each node group calibrated from,
     # depend on timing: a frame's count may differ by an electron or two, the scan's not by more
     # than models fitted to different frames differ

@@ -140,25 +140,22 @@ MODEL = {"pedestal": 20.0, "single_electron_mean": 120.5, "single_electron_shape
          "calibration_clusters": 812}
 
 
-def test_done_says_how_its_node_group_counted_and_the_file_keeps_every_model():
-    done = {n: wire.decode_done(wire.encode_done(1, n, sector_tally(), [0] * 4,
-                                                 counting={"method": "clusters", "model": {**MODEL, "pedestal": n}}))
-            for n in (1, 0)}
-    assert done[1].counting == {"method": "clusters", "model": {**MODEL, "pedestal": 1}}
-    found = wire.counting_metadata(done)
-    assert found["counting_method"] == "clusters"
-    assert found["cluster_model"] == {**MODEL, "pedestal": 0, "node_group": 0}
-    assert found["cluster_models"] == {"node_0": {**MODEL, "pedestal": 0}, "node_1": {**MODEL, "pedestal": 1}}
-    maxima = wire.decode_done(wire.encode_done(1, 0, sector_tally(), [0] * 4, counting={"method": "maxima",
-                                                                                       "model": None}))
-    assert wire.counting_metadata({0: maxima}) == {"counting_method": "maxima"}
-    assert wire.counting_metadata({0: wire.decode_done(wire.encode_done(1, 0, sector_tally(), [0] * 4))}) == {}
+def test_done_says_how_its_node_group_counted():
+    counting = {"method": "clusters", "model": MODEL}
+    assert wire.decode_done(wire.encode_done(1, 1, sector_tally(), [0] * 4, counting=counting)).counting == counting
+    assert wire.decode_done(wire.encode_done(1, 0, sector_tally(), [0] * 4)).counting is None
 
 
 @pytest.mark.parametrize("counting", [{"method": "peaks", "model": None}, "clusters", {"method": "clusters", "x": 1},
                                       {"method": "clusters", "model": {"mean": "big"}},
                                       {"method": "clusters", "model": {str(i): 1.0 for i in range(9)}}])
-def test_done_with_a_malformed_counting_report_is_refused(counting):
+def test_done_or_events_with_a_malformed_counting_report_is_refused(counting):
     with pytest.raises(wire.MessageError) as info:
         wire.decode_done(wire.encode_done(1, 0, sector_tally(), [0] * 4, counting=counting))
+    assert info.value.reason == "bad_envelope"
+    none = np.empty(0, np.uint32)
+    parts = wire.encode_events(1, 0, none, np.empty(0, np.int64), np.empty(0, np.uint8), np.zeros(1, np.int64), none,
+                               counting=counting)
+    with pytest.raises(wire.MessageError) as info:
+        wire.decode_events([bytes(memoryview(np.ascontiguousarray(p))) for p in parts], 576 * 576)
     assert info.value.reason == "bad_envelope"

@@ -17,8 +17,9 @@ as raw frames, never inside msgpack, so they travel zero-copy.
   present u8, offsets i64, events u32 (, subpixel f32)]``; present is a bit mask of the modules
   that arrived; subpixel (optional: counting methods that give it) is each event's sub-pixel
   (row, col) in its frame, pixel centres at integers, 2 floats an event in the events' order.
-  envelope: scan, node, n (frames), block, stream, and ledger: the block's sector counts
-  (stemstream.formats.ledger.sector_tally), which the writer adds when it commits the block.
+  envelope: scan, node, n (frames), block, stream, ledger: the block's sector counts
+  (stemstream.formats.ledger.sector_tally), which the writer adds when it commits the block,
+  and counting (optional, as DONE's: how these frames were counted).
 - ``ANALYSIS`` node group -> writer: ``[b"A", envelope, *partials]``: live analyses' partial
   results since the last such message; envelope: scan, node, stream. The partials' layout is
   :mod:`stemstream.formats.partials`'s (a header and raw arrays).
@@ -26,7 +27,7 @@ as raw frames, never inside msgpack, so they travel zero-copy.
   envelope: scan, node, ledger (the sector counts no EVENTS message carried, e.g. late
   sectors), lost (sectors a producer reported sent to this node group that never arrived),
   counting (optional: how it counted, ``{method, model}``, the cluster method's single-electron
-  model as counting.cluster_model.SingleElectronModel.attributes gives it; see counting_metadata).
+  model as counting.cluster_model.SingleElectronModel.attributes gives it; pipeline.writer.counting).
 
 Decoding validates everything a peer could get wrong and raises MessageError with a short reason
 (used as the rejection counter's key); it never trusts sizes or counts from the envelope.
@@ -208,13 +209,18 @@ def decode_end(parts: list) -> EndMessage:
 
 
 def encode_events(scan: int, node: int, frame_numbers, positions, present, offsets, events,
-                  block: int = NO_BLOCK, stream: int = 0, ledger: dict | None = None, subpixel=None) -> list:
+                  block: int = NO_BLOCK, stream: int = 0, ledger: dict | None = None, subpixel=None,
+                  counting: dict | None = None) -> list:
     """An EVENTS message: the counted frames of routing ``block`` (NO_BLOCK: not tied to one),
     counted by ``node`` in routing generation ``stream``, with the block's sector counts and,
-    when given, ``subpixel`` (events, 2): each event's sub-pixel (row, col)."""
+    when given, ``subpixel`` (events, 2): each event's sub-pixel (row, col), and ``counting``:
+    how they were counted, as encode_done's (so that the file names the model of every frame in
+    it, a failed-over node group's too: pipeline.writer.counting)."""
     envelope = {"scan": scan, "node": node, "n": len(frame_numbers), "block": block, "stream": stream}
     if ledger is not None:
         envelope["ledger"] = ledger
+    if counting is not None:
+        envelope["counting"] = counting
     parts = [
         EVENTS,
         _pack(envelope),
@@ -242,6 +248,7 @@ class EventsMessage:
     stream: int = 0
     ledger: dict | None = None  # the block's sector counts (stemstream.formats.ledger.sector_tally)
     subpixel: np.ndarray | None = None  # (events, 2) float32 sub-pixel (row, col) of each event, if sent
+    counting: dict | None = None  # how they were counted: {"method": ..., "model": {...} or None}, if said
 
 
 def _tally_field(envelope: dict, others: tuple[str, ...] = ()) -> dict | None:
@@ -295,6 +302,7 @@ def decode_events(parts: list, n_pixels: int, frame_shape: tuple[int, int] = FRA
     block = _int_field(envelope, "block", NO_BLOCK, 2**32 - 1)
     stream = _stream_field(envelope)
     tally = _tally_field(envelope)
+    counting = counting_field(envelope)
     frame_numbers = _array(parts[2], np.uint32, "frame numbers")
     positions = _array(parts[3], np.int64, "positions")
     present = _array(parts[4], np.uint8, "present")
@@ -309,7 +317,7 @@ def decode_events(parts: list, n_pixels: int, frame_shape: tuple[int, int] = FRA
         raise MessageError("pixel_outside_frame")
     subpixel = _subpixel(parts[7], len(events), frame_shape) if len(parts) == 8 else None
     return EventsMessage(scan, node, frame_numbers, positions, present, offsets, events, block, stream, tally,
-                         subpixel)
+                         subpixel, counting)
 
 
 def _subpixel(part, n_events: int, frame_shape: tuple[int, int]) -> np.ndarray:
@@ -376,11 +384,11 @@ def decode_done(parts: list) -> DoneMessage:
             isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32 for x in lost):
         raise MessageError("bad_envelope", "ledger must be a map and lost a list of counts per module")
     return DoneMessage(_int_field(envelope, "scan"), _int_field(envelope, "node", 0, MAX_NODE_ID), ledger,
-                       [int(x) for x in lost], _stream_field(envelope), _counting_field(envelope))
+                       [int(x) for x in lost], _stream_field(envelope), counting_field(envelope))
 
 
-def _counting_field(envelope: dict) -> dict | None:
-    """A DONE message's ``counting``, checked: a known method and a small map of numbers (or none)."""
+def counting_field(envelope: dict) -> dict | None:
+    """An EVENTS or DONE message's ``counting``, checked: a known method and a small map of numbers (or none)."""
     counting = envelope.get("counting")
     if counting is None:
         return None
@@ -392,25 +400,6 @@ def _counting_field(envelope: dict) -> dict | None:
             isinstance(k, str) and len(k) <= 64 and type(v) in (int, float) for k, v in model.items())):
         raise MessageError("bad_envelope", "a counting model must be a small map of numbers")
     return {"method": counting["method"], "model": model}
-
-
-def counting_metadata(done: dict[int, DoneMessage]) -> dict:
-    """How a streamed scan was counted, as ``/metadata/stemstream`` attributes, from its node
-    groups' DONE messages (node group -> message): ``counting_method`` (theirs, joined by "+" if
-    they differed), and, for the cluster method, ``cluster_model`` as the offline count writes it
-    (the lowest node group's, with ``node_group`` saying which) plus ``cluster_models`` (each
-    node group's, ``node_<n>``) when several calibrated their own. {} when none said."""
-    reports = {n: msg.counting for n, msg in sorted(done.items()) if msg.counting is not None}
-    if not reports:
-        return {}
-    found = {"counting_method": "+".join(sorted({r["method"] for r in reports.values()}))}
-    models = {n: r["model"] for n, r in reports.items() if r["model"]}
-    if models:
-        first = min(models)
-        found["cluster_model"] = {**models[first], "node_group": first}
-        if len(models) > 1:
-            found["cluster_models"] = {f"node_{n}": model for n, model in models.items()}
-    return found
 
 
 # -- partial analyses -------------------------------------------------------------------------------

@@ -310,8 +310,14 @@ class NodeScan:
         tally["frames_spilled"] += self.frames_spilled.pop(number, 0)  # (counted, and spilled by _give_up)
         self.ports.send(wire.encode_events(self.number, self.ports.index, frame_numbers, positions, present,
                                            offsets, events, block=number, stream=self.stream, ledger=tally,
-                                           subpixel=subpixel))
+                                           subpixel=subpixel, counting=self._counting()))
         self._uncommitted = True
+
+    def _counting(self) -> dict:
+        """How this stream counts, as its EVENTS and DONE messages say (pipeline.writer.counting;
+        the cluster method's model once calibrated)."""
+        model = self.counter.model.attributes() if isinstance(self.counter, ClusterCounter) else None
+        return {"method": self.ports.method, "model": model}
 
     def _send_empty(self, number: int, tally: dict) -> None:
         """Tell the writer a block is finished without frames to write (spilled, or none came)."""
@@ -462,8 +468,7 @@ class NodeScan:
             "sectors_spilled_by_producers": [self.ends[m].spilled if m in self.ends else 0 for m in MODULES],
             "failed": failed,
         }
-        model = self.counter.model.attributes() if isinstance(self.counter, ClusterCounter) else None
         self.ports.send(wire.encode_done(self.number, self.ports.index, ledger, lost, stream=self.stream,
-                                         counting={"method": self.ports.method, "model": model}))
+                                         counting=self._counting()))
         self.finished = True
         log.info("node %d finished scan %d (stream %d)", self.ports.index, self.number, self.stream)

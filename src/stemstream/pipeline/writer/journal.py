@@ -13,7 +13,7 @@ scan and its epoch (a resumed scan is another epoch) and holds what ``stemstream
 to rebuild the file once no writer will (pipeline.writer.recover): the scan's spec
 (``ScanSpec.to_wire``) and whether the file keeps sub-pixel positions. A torn last record is
 ignored. A message's sub-pixel positions (the cluster method's), when it had them, are in its
-record's ``subpixel``.
+record's ``subpixel``, and how it was counted (method and model) in its ``counting``.
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ class Journal:
         if spec is not None and spec.thresholds is not None and spec.thresholds != self._thresholds:
             self._append({"spec": spec.to_wire()})
             self._thresholds = spec.thresholds
-        record = {"block": msg.block, "node": msg.node, "ledger": msg.ledger}
+        record = {"block": msg.block, "node": msg.node, "stream": msg.stream, "ledger": msg.ledger}
+        if msg.counting is not None:  # (the writer's file names the model of every frame: pipeline.writer.counting)
+            record["counting"] = msg.counting
         for name, dtype in _FIELDS:  # msgpack packs the arrays' memory as it is, without a copy first
             record[name] = memoryview(np.ascontiguousarray(getattr(msg, name), dtype)).cast("B")
         if msg.subpixel is not None:  # (the cluster method's: the file keeps them too)
@@ -134,8 +136,9 @@ def _records(path: Path, strict: bool = False) -> Iterator[dict]:
 def _message(scan: int, r: dict) -> wire.EventsMessage:
     arrays = {name: np.frombuffer(r[name], dtype) for name, dtype in _FIELDS}
     subpixel = np.frombuffer(r["subpixel"], np.float32).reshape(-1, 2) if "subpixel" in r else None
-    return wire.EventsMessage(scan, int(r["node"]), block=int(r["block"]), stream=0,
-                              ledger=r.get("ledger"), subpixel=subpixel, **arrays)
+    counting = wire.counting_field(r)  # (checked as a message's: a journal is read back as the messages were)
+    return wire.EventsMessage(scan, int(r["node"]), block=int(r["block"]), stream=int(r.get("stream", 0)),
+                              ledger=r.get("ledger"), subpixel=subpixel, counting=counting, **arrays)
 
 
 def check_journal(path: Path) -> tuple[dict, int]:

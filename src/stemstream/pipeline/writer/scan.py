@@ -41,6 +41,7 @@ from stemstream.formats.ledger import ScanLedger
 from stemstream.formats.partials import decode_partials
 from stemstream.formats.sparse_h5 import SparseCountsWriter
 from stemstream.pipeline.routing import BlockRanges
+from stemstream.pipeline.writer.counting import CountingRecord
 from stemstream.pipeline.writer.files import existing_file, frames_to_resume, scan_paths
 from stemstream.pipeline.writer.frames import Frames, first_frames_in_order, next_slots, with_subpixel
 from stemstream.pipeline.writer.incomplete import IncompleteFrames, SetAside
@@ -89,6 +90,7 @@ class WriterScan:
         self.last_activity = time.monotonic()
         self.first_done_at: float | None = None
         self.done_nodes: dict[int, wire.DoneMessage] = {}
+        self.counting = CountingRecord()  # the method and models of the frames committed
         self.frames_spilled = 0
         self.sectors_lost = [0] * N_MODULES
         self.n_events = 0
@@ -136,6 +138,7 @@ class WriterScan:
         for msg in messages:
             if msg.block >= 0:
                 self.committed.add(msg.block)
+            self.counting.note(msg.node, msg.stream, msg.counting, len(msg.frame_numbers))
             self.add_events(self._positioned(msg))
             if self.carried is None:  # (a resumed scan's add_events accumulates them itself)
                 self.analyses.accumulate(msg.positions, msg.events, msg.offsets)
@@ -213,6 +216,7 @@ class WriterScan:
                 self.commits_changed = True
             self.journal.add(msg, self.hooks.latest_spec())  # before control hears of the commit
             self._add_tally(msg.ledger, msg.block)
+            self.counting.note(msg.node, msg.stream, msg.counting, len(msg.frame_numbers))
             fresh.append(self._positioned(msg))
         batch = wire.concat_events(fresh) if fresh else None
         if batch is not None:  # the blocks of one commit written as one batch: the writer's cost is per call
@@ -366,6 +370,7 @@ class WriterScan:
         if msg.node in self.done_nodes and self.done_nodes[msg.node].stream >= msg.stream:
             return
         self.done_nodes[msg.node] = msg
+        self.counting.note(msg.node, msg.stream, msg.counting)
         self.commits_changed = True
         if self.first_done_at is None:
             self.first_done_at = time.monotonic()
@@ -457,7 +462,7 @@ class WriterScan:
             "software": "stemstream", "software_version": SOFTWARE_VERSION, "mode": "stream",
             "scan_number": self.number, "epoch": self.spec.epoch, "node_groups": len(self.spec.nodes),
             "seconds": elapsed, "events": self.n_events, "ledger": in_file,
-            **wire.counting_metadata(self.done_nodes)})
+            **self.counting.metadata()})
         results = self.analyses.finish()
         store_results(self.out.h5file, self.analyses.analyses, results, info={**self.analyses.info(), "source": "stream"})
         # frames missing: the name says so (pipeline.writer.files); a replay completes it

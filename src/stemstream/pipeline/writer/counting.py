@@ -1,0 +1,59 @@
+"""What counted a scan's frames, as its file says (``/metadata/stemstream``): the counting
+method and, for the cluster method, every single-electron model that counted frames in it.
+
+Each EVENTS message says how its frames were counted (wire.encode_events' ``counting``), and the
+journal keeps that with the message's events, so the file names the model of every frame it
+holds: one from a node group that died before its DONE (its frames were committed, then its
+stream failed over), those of a node group's later streams (a node group fits a model per
+stream: after a failover, its new stream has another, from other frames), and those of a file
+rebuilt from the journal. Until 2026-12-05 the models came from the DONE messages only, and a
+failed-over node group's model was missing from a file that held frames it had counted. DONE
+still says it too (a stream that committed no frames names its method).
+"""
+
+from __future__ import annotations
+
+
+class CountingRecord:
+    """The counting of a scan's committed frames, noted per (node group, stream)."""
+
+    def __init__(self) -> None:
+        self._methods: set[str] = set()
+        self._models: dict[tuple[int, int], dict] = {}  # (node group, stream) -> its model's attributes
+        self._frames: dict[tuple[int, int], int] = {}  # frames that model counted, committed
+
+    def note(self, node: int, stream: int, counting: dict | None, frames: int = 0) -> None:
+        """``frames`` frames of ``node``'s ``stream`` committed, counted as ``counting`` says
+        (decoded by formats.wire: ``{"method": ..., "model": {...} or None}``; None: not said)."""
+        if counting is None:
+            return
+        self._methods.add(counting["method"])
+        if counting.get("model"):
+            key = (node, stream)
+            self._models.setdefault(key, counting["model"])  # (one model a stream: its first word stands)
+            self._frames[key] = self._frames.get(key, 0) + frames
+
+    def metadata(self) -> dict:
+        """``/metadata/stemstream`` attributes: ``counting_method`` (joined by "+" if they
+        differed), and for the cluster method ``cluster_model``, as the offline count writes it
+        (the lowest node group's first stream's, with ``node_group`` saying which), plus, when
+        more than one model counted, ``cluster_models``: each one with the ``frames`` of this file
+        it counted, named ``node_<n>`` (its first stream) or ``node_<n>_stream_<s>`` (a later
+        one: routing generation s). {} when nothing was said."""
+        if not self._methods:
+            return {}
+        found: dict = {"counting_method": "+".join(sorted(self._methods))}
+        if self._models:
+            first = min(self._models)
+            found["cluster_model"] = {**self._models[first], "node_group": first[0]}
+            if len(self._models) > 1:
+                found["cluster_models"] = self._each_model()
+        return found
+
+    def _each_model(self) -> dict:
+        named, first_stream = {}, {}
+        for (node, stream), model in sorted(self._models.items()):
+            later = first_stream.setdefault(node, stream) != stream
+            named[f"node_{node}_stream_{stream}" if later else f"node_{node}"] = {
+                **model, "frames": self._frames[(node, stream)]}
+        return named
