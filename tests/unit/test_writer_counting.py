@@ -121,3 +121,22 @@ def test_the_method_alone_for_maxima_one_model_without_a_list_and_nothing_when_n
     silent = CountingRecord()
     silent.note(0, 0, None, frames=3)
     assert silent.metadata() == {}
+
+
+def test_a_resume_keeps_the_models_of_the_frames_it_carries_over(tmp_path):
+    """A scan closed with frames missing (an incomplete file), then replayed as a resume: the
+    completed file names the model of the frames it carried over (epoch 1's) and the replay's."""
+    spec = make_spec(shape=(2, 2))
+    scan = open_scan(tmp_path, spec)
+    scan.receive_events(counted(spec, [0, 1], node=0, block=0, counting=clusters(120.0)))
+    scan.receive_done(done(spec, node=0, counting=clusters(120.0)))
+    assert scan.close()["ledger"]["frames_missing"] == 2
+    again = make_spec(shape=(2, 2), epoch=2, resume=True)
+    resumed = open_scan(tmp_path, again)
+    resumed.receive_events(counted(again, [2, 3], node=0, block=0, counting=clusters(125.0)))
+    resumed.receive_done(done(again, node=0, counting=clusters(125.0)))
+    meta = stemstream_metadata(resumed.close())
+    assert meta["counting_method"] == "clusters"
+    assert meta["cluster_model"] == {**model(125.0), "node_group": 0}
+    assert meta["cluster_models"] == {"epoch_1_node_0": {**model(120.0), "frames": 2},
+                                      "node_0": {**model(125.0), "frames": 2}}

@@ -5,8 +5,9 @@ Each EVENTS message says how its frames were counted (wire.encode_events' ``coun
 journal keeps that with the message's events, so the file names the model of every frame it
 holds: one from a node group that died before its DONE (its frames were committed, then its
 stream failed over), those of a node group's later streams (a node group fits a model per
-stream: after a failover, its new stream has another, from other frames), and those of a file
-rebuilt from the journal. Until 2026-12-05 the models came from the DONE messages only, and a
+stream: after a failover, its new stream has another, from other frames), those of a file
+rebuilt from the journal, and those of the frames a resume carries over from the file it
+completes. Until 2026-12-05 the models came from the DONE messages only, and a
 failed-over node group's model was missing from a file that held frames it had counted. DONE
 still says it too (a stream that committed no frames names its method).
 """
@@ -21,6 +22,7 @@ class CountingRecord:
         self._methods: set[str] = set()
         self._models: dict[tuple[int, int], dict] = {}  # (node group, stream) -> its model's attributes
         self._frames: dict[tuple[int, int], int] = {}  # frames that model counted, committed
+        self._carried: dict[str, dict] = {}  # the models of a resumed file's frames, by name (carry)
 
     def note(self, node: int, stream: int, counting: dict | None, frames: int = 0) -> None:
         """``frames`` frames of ``node``'s ``stream`` committed, counted as ``counting`` says
@@ -33,6 +35,19 @@ class CountingRecord:
             self._models.setdefault(key, counting["model"])  # (one model a stream: its first word stands)
             self._frames[key] = self._frames.get(key, 0) + frames
 
+    def carry(self, earlier: dict, frames: int) -> None:
+        """A resume carries ``frames`` frames over from the incomplete file it completes, whose
+        ``/metadata/stemstream`` is ``earlier``: its methods, and its models, named
+        ``epoch_<e>_<their name there>`` (e: that file's epoch), each with the frames it counted
+        in that file (all ``frames`` when it had one model)."""
+        self._methods.update(m for m in str(earlier.get("counting_method", "")).split("+") if m)
+        models = earlier.get("cluster_models")
+        if not models and earlier.get("cluster_model"):
+            one = dict(earlier["cluster_model"])
+            models = {f"node_{_plain(one.pop('node_group', 0))}": {**one, "frames": frames}}
+        for name, model in (models or {}).items():
+            self._carried[f"epoch_{_plain(earlier.get('epoch', 0))}_{name}"] = {k: _plain(v) for k, v in model.items()}
+
     def metadata(self) -> dict:
         """``/metadata/stemstream`` attributes: ``counting_method`` (joined by "+" if they
         differed), and for the cluster method ``cluster_model``, as the offline count writes it
@@ -43,11 +58,14 @@ class CountingRecord:
         if not self._methods:
             return {}
         found: dict = {"counting_method": "+".join(sorted(self._methods))}
+        every = {**self._carried, **self._each_model()}
         if self._models:
             first = min(self._models)
             found["cluster_model"] = {**self._models[first], "node_group": first[0]}
-            if len(self._models) > 1:
-                found["cluster_models"] = self._each_model()
+        elif self._carried:  # (a resume whose replay counted nothing)
+            found["cluster_model"] = {k: v for k, v in next(iter(self._carried.values())).items() if k != "frames"}
+        if len(every) > 1:
+            found["cluster_models"] = every
         return found
 
     def _each_model(self) -> dict:
@@ -57,3 +75,8 @@ class CountingRecord:
             named[f"node_{node}_stream_{stream}" if later else f"node_{node}"] = {
                 **model, "frames": self._frames[(node, stream)]}
         return named
+
+
+def _plain(value):
+    """A metadata value read back from HDF5 (a numpy scalar or string) as Python's own."""
+    return value.item() if hasattr(value, "item") else value

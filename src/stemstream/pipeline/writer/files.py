@@ -105,12 +105,13 @@ def subpixel_of(path: Path) -> np.ndarray | None:
 
 
 def frames_to_resume(path: Path, frames_per_position: int) -> tuple[dict, np.ndarray, list, list | None, SetAside]:
-    """What a resume (a replay) carries over of the file at ``path``: (its ledger, the slots
-    written, their events, their sub-pixel positions (None: the file has none), the incomplete
-    frames set aside). Set aside when the file's ledger names them (pipeline.writer.incomplete):
+    """What a resume (a replay) carries over of the file at ``path``: (its
+    ``/metadata/stemstream``, the slots written, their events, their sub-pixel positions (None:
+    the file has none), the incomplete frames set aside). Set aside when the file's ledger names them (pipeline.writer.incomplete):
     a frame the replay brings whole takes the place of such a frame (pipeline.writer.scan)."""
     old = read_counted(path)
-    ledger = old.metadata.get("stemstream", {}).get("ledger", {})
+    earlier = old.metadata.get("stemstream", {})
+    ledger = earlier.get("ledger", {})
     frames = old.frames.reshape(-1)
     points = subpixel_of(path)
     points = points if points is not None and len(points) == len(frames) else None
@@ -128,4 +129,4 @@ def frames_to_resume(path: Path, frames_per_position: int) -> tuple[dict, np.nda
                              None if points is None else list(points[flagged[held]]))
         mask[aside.slots()] = False
     slots = np.flatnonzero(mask)
-    return ledger, slots, [frames[i] for i in slots], None if points is None else list(points[slots]), aside
+    return earlier, slots, [frames[i] for i in slots], None if points is None else list(points[slots]), aside

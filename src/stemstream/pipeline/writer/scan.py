@@ -151,7 +151,9 @@ class WriterScan:
         add to the analyses into the new file. From here on the analyses follow the frames
         written, not the node groups' partials, so that frames the replay brings again (positions
         the file held whole) change nothing."""
-        ledger, slots, events, points, self.provisional = frames_to_resume(path, self.fpp)
+        earlier, slots, events, points, self.provisional = frames_to_resume(path, self.fpp)
+        ledger = earlier.get("ledger", {})
+        self.counting.carry(earlier, len(slots) + len(self.provisional))
         if "frames_complete" in ledger:
             prior = ScanLedger.from_dict({**ledger, "scan_number": self.number, "scan_rows": self.shape[0],
                                           "scan_cols": self.shape[1], "frames_per_position": self.fpp})
