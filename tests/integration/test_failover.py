@@ -251,6 +251,41 @@ def test_node_group_that_stops_for_10_s_then_resumes_loses_nothing(tmp_path, dea
     assert_same_events(summary["path"], clean["path"])
 
 
+def clusters_file(summary: dict) -> np.ndarray:
+    """Each frame's events in a cluster-method scan's file, once checked: every frame accounted
+    for with its sub-pixel positions, two per event, and every frame's single-electron model
+    named (cluster_models: node groups fit their own, per stream; pipeline.writer.counting)."""
+    from stemstream.formats.sparse_h5 import read_counted
+    from stemstream.formats.sparse_h5.layout import SUBPIXEL_POSITIONS
+
+    complete(summary)
+    counted = read_counted(summary["path"])
+    meta = counted.metadata["stemstream"]
+    assert meta["counting_method"] == "clusters" and meta["ledger"]["frames_at_pixel_centres"] == 0
+    events = counted.frames.reshape(-1)
+    with h5py.File(summary["path"], "r") as f:
+        points = f[SUBPIXEL_POSITIONS][()]
+    assert [len(p) for p in points] == [2 * len(e) for e in events]
+    models = meta["cluster_models"]
+    assert {"node_0", "node_1"} <= set(models), sorted(models)
+    assert sum(int(m["frames"]) for m in models.values()) == len(events), models
+    return np.array([len(e) for e in events])
+
+
+def clusters_pipeline(tmp_path) -> LocalPipeline:
+    config = failover_config(tmp_path)
+    config.counting.method = "clusters"
+    return LocalPipeline(config, tmp_path / "work", ProducerSource(seed=3, rate=400))
+
+
+def assert_close_counts(ours: np.ndarray, clean: np.ndarray) -> None:
+    """Which frames changed hands, and which complete frames each node group calibrated from,
+    depend on timing: a frame's count may differ by an electron or two, the scan's not by more
+    than models fitted to different frames differ."""
+    assert abs(ours.sum() - clean.sum()) < 0.02 * clean.sum()
+    assert np.abs(ours - clean).mean() < 0.01 * clean.mean()
+
+
 def test_node_group_killed_mid_scan_with_the_cluster_method(tmp_path):
     """The cluster method's path through a failover: node group 1 dies a quarter of the way in,
     node group 0 counts what it left with its own single-electron model (each node group fits its
@@ -259,12 +294,7 @@ def test_node_group_killed_mid_scan_with_the_cluster_method(tmp_path):
     two per event, and the counts stay within 1 % of a clean run's frame by frame: not the same
     events, as the models differ (the frames each node group calibrates from, the first complete
     ones it receives, depend on timing)."""
-    from stemstream.formats.sparse_h5 import read_counted
-    from stemstream.formats.sparse_h5.layout import SUBPIXEL_POSITIONS
-
-    config = failover_config(tmp_path)
-    config.counting.method = "clusters"
-    with LocalPipeline(config, tmp_path / "work", ProducerSource(seed=3, rate=400)) as pipeline:
+    with clusters_pipeline(tmp_path) as pipeline:
         pipeline.start(timeout_s=180)  # a fresh machine compiles the cluster kernels at the node groups' start
         clean = pipeline.run_scan(1, SHAPE, timeout_s=120)
         reply = pipeline.control.request("start_scan", scan_number=1, scan_shape=list(SHAPE))
@@ -273,27 +303,23 @@ def test_node_group_killed_mid_scan_with_the_cluster_method(tmp_path):
         pipeline.kill("node-1")
         failed_over = wait_until_closed(pipeline, 1)
 
-    complete(clean)
-    complete(failed_over)
     assert [f["dead"] for f in failed_over["ledger"]["failovers"].values()] == [[1]]
-    counted = {name: read_counted(run["path"]) for name, run in (("clean", clean), ("failed over", failed_over))}
-    per_frame = {}
-    for name, run in (("clean", clean), ("failed over", failed_over)):
-        meta = counted[name].metadata["stemstream"]
-        assert meta["counting_method"] == "clusters" and meta["ledger"]["frames_at_pixel_centres"] == 0, name
-        events = counted[name].frames.reshape(-1)
-        with h5py.File(run["path"], "r") as f:
-            points = f[SUBPIXEL_POSITIONS][()]
-        assert [len(p) for p in points] == [2 * len(e) for e in events], name
-        per_frame[name] = np.array([len(e) for e in events])
-        # the model of every frame is named, the dead node group's too (from its blocks' EVENTS messages)
-        models = meta["cluster_models"]
-        assert {"node_0", "node_1"} <= set(models), (name, sorted(models))
-        assert sum(int(m["frames"]) for m in models.values()) == len(events), (name, models)
-    # Which frames changed hands, and which complete frames each node group calibrated from,
-    # depend on timing: a frame's count may differ by an electron or two, the scan's not by more
-    # than models fitted to different frames differ
-    clean_n, failed_n = per_frame["clean"], per_frame["failed over"]
     # (measured: 670,699 and 668,048 events, frames 2.7 electrons apart on average of ~655)
-    assert abs(failed_n.sum() - clean_n.sum()) < 0.02 * clean_n.sum()
-    assert np.abs(failed_n - clean_n).mean() < 0.01 * clean_n.mean()
+    assert_close_counts(clusters_file(failed_over), clusters_file(clean))
+
+
+def test_writer_killed_and_restarted_mid_cluster_scan_keeps_positions_and_models_from_its_journal(tmp_path):
+    """The writer dies a third into a cluster-method scan: its successor rebuilds the committed
+    blocks from the journal, sub-pixel positions and the models that counted them included, and
+    the node groups stream the rest again in a new generation (new streams, so new models)."""
+    with clusters_pipeline(tmp_path) as pipeline:
+        pipeline.start(timeout_s=180)
+        clean = pipeline.run_scan(1, SHAPE, timeout_s=120)
+        assert pipeline.control.request("start_scan", scan_number=1, scan_shape=list(SHAPE))["ok"]
+        wait_until_counted(pipeline, N_FRAMES + N_FRAMES // 3)
+        pipeline.kill("writer")
+        pipeline.start_writer()
+        restarted = wait_until_closed(pipeline, 1)
+
+    assert [f["reason"] for f in restarted["ledger"]["failovers"].values()] == ["writer restarted"]
+    assert_close_counts(clusters_file(restarted), clusters_file(clean))
