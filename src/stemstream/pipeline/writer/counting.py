@@ -42,11 +42,15 @@ class CountingRecord:
         in that file (all ``frames`` when it had one model)."""
         self._methods.update(m for m in str(earlier.get("counting_method", "")).split("+") if m)
         models = earlier.get("cluster_models")
-        if not models and earlier.get("cluster_model"):
-            one = dict(earlier["cluster_model"])
+        models = models if isinstance(models, dict) else {}  # (a file of ours, but read from disk: what is odd is left)
+        one = earlier.get("cluster_model")
+        if not models and isinstance(one, dict) and one:
+            one = dict(one)
             models = {f"node_{_plain(one.pop('node_group', 0))}": {**one, "frames": frames}}
-        for name, model in (models or {}).items():
-            self._carried[f"epoch_{_plain(earlier.get('epoch', 0))}_{name}"] = {k: _plain(v) for k, v in model.items()}
+        for name, model in models.items():
+            if isinstance(model, dict):
+                self._carried[f"epoch_{_plain(earlier.get('epoch', 0))}_{name}"] = {
+                    k: _plain(v) for k, v in model.items()}
 
     def metadata(self) -> dict:
         """``/metadata/stemstream`` attributes: ``counting_method`` (joined by "+" if they
