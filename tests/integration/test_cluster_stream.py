@@ -1,7 +1,7 @@
 """The cluster counting method on the stream (docs/counting.md): a scan streamed through real
 roles on loopback with ``[counting] method = "clusters"`` gives the events of the offline
 ``count --method clusters`` of the same raw files, with the same sub-pixel positions, and its file
-says how it was counted; an unknown method is one sentence on the command line."""
+says how it was counted; an analysis of those positions (upsampled_pattern) runs live as offline; an unknown method is one sentence on the command line."""
 
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ def test_a_scan_streamed_with_clusters_equals_its_offline_cluster_count(tmp_path
                                                                            method="clusters"))
     config = test_config(tmp_path, nodes=1, gateway=False)
     config.counting.method = "clusters"
+    # an analysis of the electrons' sub-pixel positions, live: the node group's partials merged by the writer
+    config.analysis = {"enabled": ["summed_pattern", "upsampled_pattern"]}
     with LocalPipeline(config, tmp_path / "work", ProducerSource(replay=[raw])) as pipeline:
         pipeline.start(timeout_s=180)  # a fresh machine compiles the cluster kernels at the node group's start
         summary = pipeline.run_scan(1, (8, 8), 1, timeout_s=120)
@@ -50,6 +52,19 @@ def test_a_scan_streamed_with_clusters_equals_its_offline_cluster_count(tmp_path
     assert streamed["cluster_model"] == {**expected["cluster_model"], "node_group": 0}
     assert "cluster_models" not in streamed  # one node group, one model
     assert streamed["ledger"]["frames_at_pixel_centres"] == 0  # every frame came with its positions
+    # live, the 2x pattern of the positions the file keeps: as offline on the offline count's file
+    with h5py.File(summary["path"], "r") as f:
+        live = f["analysis/upsampled_pattern/pattern"][()]
+    points = np.concatenate(offline_points).reshape(-1, 2).astype(np.float64)
+    bins = np.clip(np.floor((points + 0.5) * 2).astype(int), 0, [2 * 576 - 1, 2 * 576 - 1])
+    expected_pattern = np.zeros((2 * 576, 2 * 576), np.int64)
+    np.add.at(expected_pattern, (bins[:, 0], bins[:, 1]), 1)
+    assert np.array_equal(live, expected_pattern) and live.sum() == len(points)
+    from stemstream.analysis import UpsampledPattern
+    from stemstream.analysis.offline import analyze_counted_file
+
+    again = analyze_counted_file(offline.output, [UpsampledPattern()], write=False, png=False)
+    assert np.array_equal(again.results["upsampled_pattern"]["pattern"], live)
 
 
 def test_run_refuses_an_unknown_counting_method_in_one_sentence(tmp_path):

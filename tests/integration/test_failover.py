@@ -269,12 +269,20 @@ def clusters_file(summary: dict) -> np.ndarray:
     models = meta["cluster_models"]
     assert {"node_0", "node_1"} <= set(models), sorted(models)
     assert sum(int(m["frames"]) for m in models.values()) == len(events), models
+    # the analysis of the positions (node groups' partials, or the writer's own after a failover
+    # or from the journal) is that of the positions the file keeps
+    bins = np.floor((np.concatenate(list(points)).reshape(-1, 2).astype(np.float64) + 0.5) * 2).astype(int)
+    expected = np.zeros((2 * 576, 2 * 576), np.int64)
+    np.add.at(expected, tuple(np.clip(bins, 0, 2 * 576 - 1).T), 1)
+    with h5py.File(summary["path"], "r") as f:
+        assert np.array_equal(f["analysis/upsampled_pattern/pattern"][()], expected)
     return np.array([len(e) for e in events])
 
 
 def clusters_pipeline(tmp_path) -> LocalPipeline:
     config = failover_config(tmp_path)
     config.counting.method = "clusters"
+    config.analysis = {"enabled": ["virtual_detectors", "summed_pattern", "center_of_mass", "upsampled_pattern"]}
     return LocalPipeline(config, tmp_path / "work", ProducerSource(seed=3, rate=400))
 
 

@@ -116,7 +116,7 @@ def test_the_method_alone_for_maxima_one_model_without_a_list_and_nothing_when_n
     assert maxima.metadata() == {"counting_method": "maxima"}
     one = CountingRecord()
     one.note(0, 0, clusters(120.0), frames=3)
-    one.note(0, 0, clusters(120.0))  # its DONE
+    one.note(0, 0, clusters(120.0), frames=2)  # the stream's next message
     assert one.metadata() == {"counting_method": "clusters", "cluster_model": {**model(120.0), "node_group": 0}}
     silent = CountingRecord()
     silent.note(0, 0, None, frames=3)

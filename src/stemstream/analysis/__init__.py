@@ -26,7 +26,9 @@ of its module, or as a class decorator). Built in (registered when this package 
 - ``summed_pattern``: the summed diffraction pattern (:mod:`.virtual_detectors`);
 - ``center_of_mass``: CoM per position and the DPC phase (:mod:`.center_of_mass`);
 - ``radial_profile``: the documented example for method developers, not on by default
-  (:mod:`.example_radial_profile`).
+  (:mod:`.example_radial_profile`);
+- ``upsampled_pattern``: the summed pattern on a grid ``factor`` times finer, from the electrons'
+  sub-pixel positions (the cluster method's), not on by default (:mod:`.upsampled_pattern`).
 
 Configuration
 -------------
@@ -62,6 +64,7 @@ from stemstream.formats.partials import PartialsMessage, decode_partials, encode
 from stemstream.analysis.center_of_mass import CenterOfMass, dpc_phase, stempy_com
 from stemstream.analysis.virtual_detectors import SummedPattern, VirtualDetectors
 from stemstream.analysis.example_radial_profile import RadialProfile
+from stemstream.analysis.upsampled_pattern import UpsampledPattern
 
 __all__ = [
     "ANALYSES",
@@ -72,6 +75,7 @@ __all__ = [
     "RadialProfile",
     "ScanAnalyses",
     "SummedPattern",
+    "UpsampledPattern",
     "View",
     "VirtualDetectors",
     "build_analysis",

@@ -5,6 +5,11 @@ indices ``row * frame_cols + col`` (the counting kernel's layout) and ``offsets`
 frame ``i`` holding ``events[offsets[i]:offsets[i + 1]]``. :func:`check_batch` makes sure a batch
 is consistent before any kernel indexes with it; :func:`pixel_row_col` turns an event back into
 (row, col) inside a kernel.
+
+An analysis that wants them (``Analysis.subpixel``) also gets ``points`` (events, 2) float32: each
+event's (row, col) in its frame, pixel centres at integers, the cluster method's sub-pixel
+positions (docs/counting.md) or, where the counting gave none, the event's pixel centre
+(:func:`pixel_centres`); :func:`check_points` checks them.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 from numba import njit
+
+from stemstream.core.detector import FRAME_COLS
 
 
 class BatchStats(NamedTuple):
@@ -96,14 +103,39 @@ def check_batch(positions, events, offsets, n_pixels: int) -> tuple[np.ndarray, 
     return positions, events, offsets
 
 
-def select_frames(positions: np.ndarray, events: np.ndarray, offsets: np.ndarray, keep: np.ndarray):
-    """The frames of a checked batch where ``keep`` (n,) bool is set, as new arrays."""
+def select_frames(positions: np.ndarray, events: np.ndarray, offsets: np.ndarray, keep: np.ndarray,
+                  points: np.ndarray | None = None):
+    """The frames of a checked batch where ``keep`` (n,) bool is set, as new arrays: (positions,
+    events, offsets, their points, or None without ``points``)."""
     counts = np.diff(offsets)
-    first = offsets[0]
-    event_keep = np.repeat(keep, counts)
     new_offsets = np.zeros(int(np.count_nonzero(keep)) + 1, np.int64)
     np.cumsum(counts[keep], out=new_offsets[1:])
-    return positions[keep], events[first : offsets[-1]][event_keep], new_offsets
+    event_keep = np.repeat(keep, counts)
+    first, end = offsets[0], offsets[-1]
+    return (positions[keep], events[first:end][event_keep], new_offsets,
+            None if points is None else points[first:end][event_keep])
+
+
+def pixel_centres(events: np.ndarray, cols: int = FRAME_COLS) -> np.ndarray:
+    """(events, 2) float32: each event's pixel centre (row, col) in frames of ``cols`` columns,
+    the position of an event counted without a sub-pixel one (a strict maximum is its pixel)."""
+    events = np.asarray(events, np.int64)
+    return np.stack([events // cols, events % cols], axis=1).astype(np.float32)
+
+
+def check_points(points, n_events: int, frame_shape: tuple[int, int]) -> np.ndarray:
+    """``points`` as a contiguous (n_events, 2) float32 array; ValueError unless there is one
+    finite (row, col) an event inside the frame of ``frame_shape`` (rows, cols): within half a
+    pixel of its edge pixels' centres."""
+    points = np.asarray(points)
+    if points.ndim != 2 or points.shape != (n_events, 2) or (points.size and points.dtype.kind != "f"):
+        raise ValueError(f"points must be ({n_events}, 2) floats, one (row, col) an event, got shape {points.shape}")
+    points = np.ascontiguousarray(points, np.float32)
+    rows, cols = frame_shape
+    if n_events and not (np.isfinite(points).all() and points.min() >= -0.5 and points[:, 0].max() <= rows - 0.5
+                         and points[:, 1].max() <= cols - 0.5):
+        raise ValueError(f"a point is not finite or lies outside the {rows} x {cols} frame")
+    return points
 
 
 @njit(nogil=True, cache=True, inline="always")

@@ -9,7 +9,9 @@ offline on a counted file, and in tests, always through the same four steps:
 2. ``update(partial, positions, events, offsets)``: add a batch of counted frames, frame ``i`` at
    flat scan position ``positions[i]`` with electrons ``events[offsets[i]:offsets[i + 1]]`` (flat
    pixel indices ``row * frame_cols + col``, the counting kernel's layout, see :mod:`.batch`). A
-   numba kernel that releases the GIL; no Python per frame or per electron;
+   numba kernel that releases the GIL; no Python per frame or per electron. An analysis that sets
+   ``subpixel = True`` gets a fifth argument, ``points``: each electron's sub-pixel (row, col)
+   (the cluster method's; pixel centres for events counted without, see :mod:`.batch`);
 3. ``merge(into, other)``: combine two partials (default: add the arrays). Partials of any split of
    the frames, merged in any order, give exactly the partial of one pass (integer sums);
 4. ``finish(partial, scan_shape)``: the final results (e.g. CoM = sums / counts), and
@@ -26,7 +28,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from stemstream.analysis.batch import check_batch
+from stemstream.analysis.batch import check_batch, check_points, pixel_centres
 from stemstream.analysis.checks import check_name, check_shape
 from stemstream.analysis.views import View
 from stemstream.core.detector import FRAME_SHAPE
@@ -49,6 +51,11 @@ class Analysis:
     per_position: ClassVar[tuple[str, ...]] = ()
     #: One line per result, stored as the dataset's 'description' attribute.
     descriptions: ClassVar[dict[str, str]] = {}
+    #: True: :meth:`update` also takes ``points`` (events, 2) float32, each event's (row, col) in
+    #: its frame, pixel centres at integers: the cluster method's sub-pixel positions, or the
+    #: event's pixel centre where the counting gave none (strict maxima). Live, in the writer and
+    #: offline alike (docs/analyses.md).
+    subpixel: ClassVar[bool] = False
 
     def __init__(self, frame_shape: tuple[int, int] = FRAME_SHAPE):
         check_name("analysis name", self.name)
@@ -101,11 +108,18 @@ class Analysis:
 
     # -- provided ---------------------------------------------------------------------------------
 
-    def accumulate(self, partial: dict[str, np.ndarray], positions, events, offsets) -> None:
-        """Check a batch (ValueError if it is inconsistent) and :meth:`update` ``partial`` with it.
-        Frames outside the scan are left to the kernel here; :class:`ScanAnalyses` drops them."""
+    def accumulate(self, partial: dict[str, np.ndarray], positions, events, offsets, points=None) -> None:
+        """Check a batch (ValueError if it is inconsistent) and :meth:`update` ``partial`` with it
+        (with ``points``, or the events' pixel centres, for a :attr:`subpixel` analysis). Frames
+        outside the scan are left to the kernel here; :class:`ScanAnalyses` drops them."""
         positions, events, offsets = check_batch(positions, events, offsets, self.n_pixels)
-        if len(positions):
+        if not len(positions):
+            return
+        if self.subpixel:
+            points = (pixel_centres(events, self.frame_shape[1]) if points is None
+                      else check_points(points, len(events), self.frame_shape))
+            self.update(partial, positions, events, offsets, points)
+        else:
             self.update(partial, positions, events, offsets)
 
     def __repr__(self) -> str:

@@ -22,6 +22,7 @@ from stemstream.analysis.results_store import store_results
 from stemstream.analysis.scan import ScanAnalyses
 from stemstream.analysis.views import write_pngs
 from stemstream.formats.sparse_h5 import CountedFileError, read_counted
+from stemstream.formats.sparse_h5.layout import SUBPIXEL_POSITIONS
 
 #: Frames read per batch by :func:`analyze_counted_file` (a few MB of events).
 DEFAULT_BATCH_FRAMES = 8192
@@ -64,7 +65,8 @@ def analyze_counted_file(
     if batch_frames < 1:
         raise ValueError(f"batch_frames must be >= 1, got {batch_frames}")
     t0 = time.perf_counter()
-    batches = _iter_batches(path, int(batch_frames))
+    wants_points: list[bool] = []  # (known once the shapes are: the default analyses need the frame's)
+    batches = _iter_batches(path, int(batch_frames), wants_points)
     try:
         scan_shape, frame_shape = next(batches)
     except StopIteration:  # pragma: no cover - the generator always yields shapes or raises
@@ -74,9 +76,10 @@ def analyze_counted_file(
     for a in analyses:
         if a.frame_shape != frame_shape:
             raise ValueError(f"analysis {a.name!r} was built for {a.frame_shape} frames, {path} has {frame_shape}")
+    wants_points.append(any(a.subpixel for a in analyses))
     scan = ScanAnalyses(analyses, scan_shape)
-    for positions, events, offsets in batches:
-        scan.accumulate(positions, events, offsets)
+    for positions, events, offsets, points in batches:
+        scan.accumulate(positions, events, offsets, points)
     results = scan.finish()
     seconds = time.perf_counter() - t0
     out = AnalysisOutput(path, results, [], scan.frames, scan.events, scan.frames_skipped, seconds)
@@ -87,9 +90,11 @@ def analyze_counted_file(
     return out
 
 
-def _iter_batches(path: Path, batch_frames: int) -> Iterator:
-    """Yield (scan_shape, frame_shape) first, both (rows, cols), then (positions, events, offsets)
-    batches of about ``batch_frames`` frames, whole positions each."""
+def _iter_batches(path: Path, batch_frames: int, wants_points: list[bool]) -> Iterator:
+    """Yield (scan_shape, frame_shape) first, both (rows, cols), then (positions, events, offsets,
+    points) batches of about ``batch_frames`` frames, whole positions each. ``points``: the
+    events' sub-pixel positions (SUBPIXEL_POSITIONS) when the file has them and, by the time
+    the batches are read, ``wants_points`` holds True; else None (pixel centres)."""
     try:
         f = h5py.File(path, "r")
     except OSError:
@@ -101,15 +106,27 @@ def _iter_batches(path: Path, batch_frames: int) -> Iterator:
                 scan_shape, frame_shape, fpp = layout
                 yield scan_shape, frame_shape
                 frames = f["electron_events/frames"]
+                stored = f.get(SUBPIXEL_POSITIONS) if any(wants_points) else None
                 for p0, p1 in _position_ranges(scan_shape, fpp, batch_frames):
-                    yield _flatten(frames[p0 * fpp : p1 * fpp], _positions(p0, p1, fpp))
+                    batch = _flatten(frames[p0 * fpp : p1 * fpp], _positions(p0, p1, fpp))
+                    yield *batch, None if stored is None else _points(path, stored[p0 * fpp : p1 * fpp], batch[1])
                 return
     # Versions 1 and 2, or anything odd: the full reader converts old layouts and explains errors.
     scan = read_counted(path)
     yield scan.scan_shape, scan.frame_shape
     fpp = scan.frames_per_position
     for p0, p1 in _position_ranges(scan.scan_shape, fpp, batch_frames):
-        yield _flatten(scan.frames[p0:p1].reshape(-1), _positions(p0, p1, fpp))
+        yield *_flatten(scan.frames[p0:p1].reshape(-1), _positions(p0, p1, fpp)), None
+
+
+def _points(path: Path, block: np.ndarray, events: np.ndarray) -> np.ndarray:
+    """A batch's sub-pixel positions (events, 2) from their per-frame lists (2 floats an event);
+    CountedFileError when they are not one (row, col) an event of the batch."""
+    flat = np.concatenate([np.empty(0, np.float32), *block]) if len(block) else np.empty(0, np.float32)
+    if len(flat) != 2 * len(events):
+        raise CountedFileError(f"{path}: its sub-pixel positions ({SUBPIXEL_POSITIONS}) do not match its events: "
+                               f"{len(flat)} numbers for {len(events)} events")
+    return flat.reshape(-1, 2)
 
 
 def _version3_layout(f: h5py.File) -> tuple[tuple[int, int], tuple[int, int], int] | None:

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from stemstream.analysis.batch import checked_batch, select_frames
+from stemstream.analysis.batch import check_points, checked_batch, pixel_centres, select_frames
 from stemstream.analysis.checks import check_shape
 from stemstream.analysis.interface import Analysis
 from stemstream.analysis.views import View
@@ -77,6 +77,7 @@ class ScanAnalyses:
         self.events = 0
         self.frames_skipped = 0
         self.fingerprint = fingerprint(self.analyses)
+        self._wants_points = any(a.subpixel for a in self.analyses)
         self._since = self._empty_delta()
 
     @staticmethod
@@ -95,20 +96,30 @@ class ScanAnalyses:
 
     # -- node group / offline -----------------------------------------------------------------------
 
-    def accumulate(self, positions, events, offsets) -> None:
-        """Add a batch of counted frames to every analysis (checked once; ValueError if bad)."""
+    def accumulate(self, positions, events, offsets, points=None) -> None:
+        """Add a batch of counted frames to every analysis (checked once; ValueError if bad).
+        ``points``: the events' sub-pixel (row, col), (events, 2), for the analyses that want
+        them (Analysis.subpixel); None: the events' pixel centres (strict maxima's events)."""
         positions, events, offsets, stats = checked_batch(positions, events, offsets, self.n_pixels, self.n_positions)
         n = len(positions)
         if n == 0:
             return
+        wanted = self._wants_points and points is not None
+        points = check_points(points, len(events), self.frame_shape) if wanted else None
         n_in, lo, hi, n_events = stats
         skipped = n - n_in
         if skipped:
-            positions, events, offsets = select_frames(positions, events, offsets, (positions >= 0) & (positions < self.n_positions))
+            inside = (positions >= 0) & (positions < self.n_positions)
+            positions, events, offsets, points = select_frames(positions, events, offsets, inside, points)
         if n_in:
             held = self._held_positions(positions, lo, hi)
+            if self._wants_points and points is None:
+                points = pixel_centres(events, self.frame_shape[1])
             for a in self.analyses:
-                a.update(self.partials[a.name], held, events, offsets)
+                if a.subpixel:
+                    a.update(self.partials[a.name], held, events, offsets, points)
+                else:
+                    a.update(self.partials[a.name], held, events, offsets)
         self.frames += n_in
         self.events += n_events
         self.frames_skipped += skipped

@@ -37,6 +37,7 @@ IMAGE_LABELS = {
     "center_of_mass/com_row": "centre of mass, rows",
     "center_of_mass/com_col": "centre of mass, cols",
     "summed_pattern/pattern": "summed diffraction pattern (log)",
+    "upsampled_pattern/pattern": "summed pattern, sub-pixel bins (log)",
     "virtual_detectors/counts": "electrons per position",
 }
 

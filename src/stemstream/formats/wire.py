@@ -336,11 +336,13 @@ def _subpixel(part, n_events: int, frame_shape: tuple[int, int]) -> np.ndarray:
 def concat_events(messages: list[EventsMessage]) -> EventsMessage:
     """One message of the frames of several decoded EVENTS messages of one node group's stream,
     in their order (block NO_BLOCK, no sector counts: the caller keeps those per block). Their
-    sub-pixel positions come along when every message with events has them."""
+    sub-pixel positions come along when every message with events has them, and the first's
+    ``counting`` (one stream counts one way)."""
     first = messages[0]
     if len(messages) == 1:
         return EventsMessage(first.scan, first.node, first.frame_numbers, first.positions, first.present,
-                             first.offsets, first.events, NO_BLOCK, first.stream, subpixel=first.subpixel)
+                             first.offsets, first.events, NO_BLOCK, first.stream, subpixel=first.subpixel,
+                             counting=first.counting)
     bases = np.cumsum([0] + [int(m.offsets[-1]) for m in messages[:-1]])
     offsets = np.concatenate([np.zeros(1, np.int64)] + [m.offsets[1:] + base for m, base in zip(messages, bases)])
     events = np.concatenate([m.events for m in messages])
@@ -351,7 +353,7 @@ def concat_events(messages: list[EventsMessage]) -> EventsMessage:
                                   [m.subpixel for m in messages if m.subpixel is not None]).reshape(-1, 2)
     return EventsMessage(first.scan, first.node, *(np.concatenate([getattr(m, name) for m in messages])
                                                    for name in ("frame_numbers", "positions", "present")),
-                         offsets, events, NO_BLOCK, first.stream, subpixel=subpixel)
+                         offsets, events, NO_BLOCK, first.stream, subpixel=subpixel, counting=first.counting)
 
 
 # -- a node group's end of scan ---------------------------------------------------------------------

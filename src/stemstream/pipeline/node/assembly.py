@@ -346,7 +346,7 @@ class NodeScan:
             self._send_partials()
         self._send_events(number, assembled.frame_numbers, assembled.positions, assembled.present,
                           counted.offsets, counted.events, assembled.tally, subpixel)
-        self.live.accumulate(assembled.positions, counted.events, counted.offsets)
+        self.live.accumulate(assembled.positions, counted.events, counted.offsets, subpixel)
         self.ports.counters["frames_counted"] += len(assembled.frame_numbers)
         self.ports.counters["events"] += len(counted.events)
 

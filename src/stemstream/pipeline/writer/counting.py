@@ -8,8 +8,8 @@ stream failed over), those of a node group's later streams (a node group fits a 
 stream: after a failover, its new stream has another, from other frames), those of a file
 rebuilt from the journal, and those of the frames a resume carries over from the file it
 completes. Until 2026-12-05 the models came from the DONE messages only, and a
-failed-over node group's model was missing from a file that held frames it had counted. DONE
-still says it too (a stream that committed no frames names its method).
+failed-over node group's model was missing from a file that held frames it had counted. (DONE
+says it too; a stream that committed no frames counted nothing in the file.)
 """
 
 from __future__ import annotations

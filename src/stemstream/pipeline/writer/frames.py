@@ -16,17 +16,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from stemstream.core.detector import FRAME_COLS
+from stemstream.analysis.batch import pixel_centres
 from stemstream.formats import wire
 
 _NO_POINTS = np.empty((0, 2), np.float32)
-
-
-def pixel_centres(events: np.ndarray) -> np.ndarray:
-    """(events, 2) float32: each event's pixel centre (row, col), the position of an event
-    counted without a sub-pixel one (a strict maximum is its pixel)."""
-    events = np.asarray(events, np.int64)
-    return np.stack([events // FRAME_COLS, events % FRAME_COLS], axis=1).astype(np.float32)
 
 
 def with_subpixel(msg: wire.EventsMessage) -> tuple[wire.EventsMessage, int]:

@@ -138,10 +138,9 @@ class WriterScan:
         for msg in messages:
             if msg.block >= 0:
                 self.committed.add(msg.block)
-            self.counting.note(msg.node, msg.stream, msg.counting, len(msg.frame_numbers))
             self.add_events(self._positioned(msg))
             if self.carried is None:  # (a resumed scan's add_events accumulates them itself)
-                self.analyses.accumulate(msg.positions, msg.events, msg.offsets)
+                self.analyses.accumulate(msg.positions, msg.events, msg.offsets, msg.subpixel)
         log.warning("scan %d: a previous writer died mid-scan; %d committed block(s) recovered from %s",
                     self.number, len(messages), path)
         return True
@@ -165,7 +164,7 @@ class WriterScan:
             self.frames_at_pixel_centres += len(slots) if self.subpixel and points is None else 0
             self._put(slots, frames)
             np.add.at(self.rank, slots // self.fpp, 1)
-            self.analyses.accumulate(slots // self.fpp, frames.events, frames.offsets)
+            self.analyses.accumulate(slots // self.fpp, frames.events, frames.offsets, frames.subpixel)
             self.n_events += int(frames.offsets[-1])
         np.add.at(self.rank, self.provisional.slots() // self.fpp, 1)  # kept: replayed whole, or written back
         self.carried = self.rank >= self.fpp
@@ -218,7 +217,6 @@ class WriterScan:
                 self.commits_changed = True
             self.journal.add(msg, self.hooks.latest_spec())  # before control hears of the commit
             self._add_tally(msg.ledger, msg.block)
-            self.counting.note(msg.node, msg.stream, msg.counting, len(msg.frame_numbers))
             fresh.append(self._positioned(msg))
         batch = wire.concat_events(fresh) if fresh else None
         if batch is not None:  # the blocks of one commit written as one batch: the writer's cost is per call
@@ -229,7 +227,7 @@ class WriterScan:
         if parts is not None and not again and self._merge(parts, frames):
             return
         if batch is not None:
-            self.analyses.accumulate(batch.positions, batch.events, batch.offsets)
+            self.analyses.accumulate(batch.positions, batch.events, batch.offsets, batch.subpixel)
 
     def _positioned(self, msg: wire.EventsMessage) -> wire.EventsMessage:
         """``msg`` with the sub-pixel positions a file that keeps them needs (counted when they are
@@ -281,6 +279,7 @@ class WriterScan:
 
     def add_events(self, msg: wire.EventsMessage) -> None:
         """Write a committed message's frames (or hold them until their position is complete)."""
+        self.counting.note(msg.node, msg.stream, msg.counting, len(msg.frame_numbers))
         self.last_activity = time.monotonic()
         self._add_tally(msg.ledger, msg.block)
         if len(msg.frame_numbers) == 0:  # a block finished without frames to write (spilled, or all lost)
@@ -298,7 +297,7 @@ class WriterScan:
             again = ok & ~taken & self.carried[np.where(ok, positions, 0)]
             self.frames_duplicate += int(again.sum())
             ok &= ~again
-            self.analyses.accumulate(*select_frames(positions, msg.events, msg.offsets, ok))
+            self.analyses.accumulate(*select_frames(positions, msg.events, msg.offsets, ok, msg.subpixel))
             self._put(slots, frames.select(np.flatnonzero(taken)))
             self.ledger.frames_complete += len(slots)
             self.n_events += int(np.diff(msg.offsets)[taken].sum())
@@ -344,7 +343,7 @@ class WriterScan:
         self.ledger.frames_incomplete += len(slots)
         self.incomplete.mark(slots, numbers)
         self.n_events += int(frames.offsets[-1])
-        self.analyses.accumulate(slots // self.fpp, frames.events, frames.offsets)
+        self.analyses.accumulate(slots // self.fpp, frames.events, frames.offsets, frames.subpixel)
         self._put(slots, frames)
 
     def _write(self, positions: np.ndarray, frames: Frames, index: np.ndarray) -> None:
@@ -372,7 +371,6 @@ class WriterScan:
         if msg.node in self.done_nodes and self.done_nodes[msg.node].stream >= msg.stream:
             return
         self.done_nodes[msg.node] = msg
-        self.counting.note(msg.node, msg.stream, msg.counting)
         self.commits_changed = True
         if self.first_done_at is None:
             self.first_done_at = time.monotonic()
