@@ -148,7 +148,12 @@ def test_done_says_how_its_node_group_counted():
 
 @pytest.mark.parametrize("counting", [{"method": "peaks", "model": None}, "clusters", {"method": "clusters", "x": 1},
                                       {"method": "clusters", "model": {"mean": "big"}},
-                                      {"method": "clusters", "model": {str(i): 1.0 for i in range(9)}}])
+                                      {"method": "clusters", "model": {f"k{i}": 1.0 for i in range(9)}},
+                                      # names the file cannot hold as attributes: its close failed on them
+                                      {"method": "clusters", "model": {"a/b": 1.0}},
+                                      {"method": "clusters", "model": {"": 1.0}},
+                                      {"method": "clusters", "model": {"a\x00b": 1.0}},
+                                      {"method": "clusters", "model": {"x" * 65: 1.0}}])
 def test_done_or_events_with_a_malformed_counting_report_is_refused(counting):
     with pytest.raises(wire.MessageError) as info:
         wire.decode_done(wire.encode_done(1, 0, sector_tally(), [0] * 4, counting=counting))

@@ -35,6 +35,7 @@ Decoding validates everything a peer could get wrong and raises MessageError wit
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -399,9 +400,20 @@ def counting_field(envelope: dict) -> dict | None:
         raise MessageError("bad_envelope", f"counting must name one of the methods {', '.join(COUNTING_METHODS)}")
     model = counting.get("model")
     if model is not None and not (isinstance(model, dict) and len(model) <= 8 and all(
-            isinstance(k, str) and len(k) <= 64 and type(v) in (int, float) for k, v in model.items())):
-        raise MessageError("bad_envelope", "a counting model must be a small map of numbers")
+            is_model_name(k) and type(v) in (int, float) for k, v in model.items())):
+        raise MessageError("bad_envelope", "a counting model must be a small map of names to numbers")
     return {"method": counting["method"], "model": model}
+
+
+def is_model_name(name) -> bool:
+    """A counting model's attribute name as the file can hold it: an identifier of at most 64
+    characters. The writer makes each one an HDF5 attribute, which no name with a '/' or a NUL,
+    nor an empty one, can be: a forged one failed the file's close, and, journaled, the
+    restarted writer's too."""
+    return isinstance(name, str) and _MODEL_NAME.fullmatch(name) is not None
+
+
+_MODEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 # -- partial analyses -------------------------------------------------------------------------------

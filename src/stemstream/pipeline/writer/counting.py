@@ -14,6 +14,8 @@ says it too; a stream that committed no frames counted nothing in the file.)
 
 from __future__ import annotations
 
+from stemstream.formats.wire import is_model_name
+
 
 class CountingRecord:
     """The counting of a scan's committed frames, noted per (node group, stream)."""
@@ -48,9 +50,9 @@ class CountingRecord:
             one = dict(one)
             models = {f"node_{_plain(one.pop('node_group', 0))}": {**one, "frames": frames}}
         for name, model in models.items():
-            if isinstance(model, dict):
+            if isinstance(model, dict) and is_model_name(name):
                 self._carried[f"epoch_{_plain(earlier.get('epoch', 0))}_{name}"] = {
-                    k: _plain(v) for k, v in model.items()}
+                    k: _plain(v) for k, v in model.items() if is_model_name(k)}
 
     def metadata(self) -> dict:
         """``/metadata/stemstream`` attributes: ``counting_method`` (joined by "+" if they
