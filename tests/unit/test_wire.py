@@ -118,6 +118,7 @@ def test_events_carry_their_blocks_sector_counts():
 @pytest.mark.parametrize("ledger", [
     [1, 2], {"sectors_received": [1, 2, 3]}, {"sectors_received": [1, 2, 3, -4]}, {"sectors_missing": "4"},
     {"sectors_duplicate": [1, 2, 3, True]}, {"rejected_reasons": {"x": -1}}, {"rejected_reasons": {1: 2}},
+    {"rejected_reasons": {"a/b": 1}}, {"rejected_reasons": {"": 1}},  # (no HDF5 attribute has such a name)
     {"frames_spilled": 1.5}, {"modules_ended": [0]}, {7: [0, 0, 0, 0]}, {f"k{i}": 0 for i in range(20)},
 ])
 def test_events_with_malformed_sector_counts_are_refused(ledger):

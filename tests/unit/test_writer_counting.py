@@ -150,3 +150,28 @@ def test_a_resumed_files_odd_counting_metadata_is_left_out_not_fatal():
     record.note(0, 0, clusters(120.0), frames=2)
     assert record.metadata()["cluster_models"] == {"epoch_2_node_1": {**model(118.0), "frames": 3},
                                                    "node_0": {**model(120.0), "frames": 2}}
+
+
+def test_names_the_file_cannot_hold_are_refused_as_bad_envelopes(tmp_path):
+    """A rejection reason or a model's name with a '/' (HDF5 has no such attribute) once reached
+    the file's metadata and failed its close, killing the writer, and its journal's restarted
+    successor too. Now the message is a counted rejection: nothing of it reaches a scan."""
+    from pipeline_support import test_config
+    from stemstream.pipeline.writer.role import Writer
+
+    spec = make_spec(shape=(1, 2))
+    forged_reason = sector_tally()
+    forged_reason["rejected_reasons"] = {"a/b": 1}
+    good = counted(spec, [0, 1], node=0, block=0, counting=clusters(120.0))
+    bad_model = wire.encode_events(spec.number, 0, good.frame_numbers, good.positions, good.present, good.offsets,
+                                   good.events, block=0, counting={"method": "clusters", "model": {"a/b": 1.0}})
+    bad_ledger = wire.encode_events(spec.number, 0, good.frame_numbers, good.positions, good.present, good.offsets,
+                                    good.events, block=0, ledger=forged_reason)
+    writer = Writer(test_config(tmp_path))
+    try:
+        for parts in (bad_model, bad_ledger):
+            writer.handle(on_the_wire(parts))
+        assert writer.rejected == {"bad_envelope": 2} and not writer.scans
+    finally:
+        writer.events_in.close(0)
+        writer.live.close()

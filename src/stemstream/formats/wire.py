@@ -269,7 +269,7 @@ def _tally_field(envelope: dict, others: tuple[str, ...] = ()) -> dict | None:
             ok = type(value) is list and len(value) == N_MODULES and all([count(v) for v in value])
         elif name == "rejected_reasons":
             ok = isinstance(value, dict) and len(value) <= 64 and all(
-                isinstance(k, str) and len(k) <= 64 and count(v) for k, v in value.items())
+                is_attribute_name(k) and count(v) for k, v in value.items())
         elif name == "frames_spilled":
             ok = count(value)
         elif name in others:
@@ -400,20 +400,20 @@ def counting_field(envelope: dict) -> dict | None:
         raise MessageError("bad_envelope", f"counting must name one of the methods {', '.join(COUNTING_METHODS)}")
     model = counting.get("model")
     if model is not None and not (isinstance(model, dict) and len(model) <= 8 and all(
-            is_model_name(k) and type(v) in (int, float) for k, v in model.items())):
+            is_attribute_name(k) and type(v) in (int, float) for k, v in model.items())):
         raise MessageError("bad_envelope", "a counting model must be a small map of names to numbers")
     return {"method": counting["method"], "model": model}
 
 
-def is_model_name(name) -> bool:
-    """A counting model's attribute name as the file can hold it: an identifier of at most 64
-    characters. The writer makes each one an HDF5 attribute, which no name with a '/' or a NUL,
-    nor an empty one, can be: a forged one failed the file's close, and, journaled, the
-    restarted writer's too."""
-    return isinstance(name, str) and _MODEL_NAME.fullmatch(name) is not None
+def is_attribute_name(name) -> bool:
+    """A name a message gives that the file keeps as an HDF5 attribute's (a counting model's
+    numbers, a ledger's rejection reasons): an identifier of at most 64 characters. No attribute
+    can be named with a '/' or a NUL, nor be unnamed: such a name, forged, failed the file's
+    close and killed the writer, and, journaled with its block, the restarted writer too."""
+    return isinstance(name, str) and _ATTRIBUTE_NAME.fullmatch(name) is not None
 
 
-_MODEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_ATTRIBUTE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 # -- partial analyses -------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ says it too; a stream that committed no frames counted nothing in the file.)
 
 from __future__ import annotations
 
-from stemstream.formats.wire import is_model_name
+from stemstream.formats.wire import is_attribute_name
 
 
 class CountingRecord:
@@ -50,9 +50,9 @@ class CountingRecord:
             one = dict(one)
             models = {f"node_{_plain(one.pop('node_group', 0))}": {**one, "frames": frames}}
         for name, model in models.items():
-            if isinstance(model, dict) and is_model_name(name):
+            if isinstance(model, dict) and is_attribute_name(name):
                 self._carried[f"epoch_{_plain(earlier.get('epoch', 0))}_{name}"] = {
-                    k: _plain(v) for k, v in model.items() if is_model_name(k)}
+                    k: _plain(v) for k, v in model.items() if is_attribute_name(k)}
 
     def metadata(self) -> dict:
         """``/metadata/stemstream`` attributes: ``counting_method`` (joined by "+" if they
