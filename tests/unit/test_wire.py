@@ -165,3 +165,22 @@ def test_done_or_events_with_a_malformed_counting_report_is_refused(counting):
     with pytest.raises(wire.MessageError) as info:
         wire.decode_events([bytes(memoryview(np.ascontiguousarray(p))) for p in parts], 576 * 576)
     assert info.value.reason == "bad_envelope"
+
+
+@pytest.mark.parametrize("lists", [[[5, 3]], [[7, 7]], [[1, 2], [4, 9, 9]], [[], [3, 1], []]])
+def test_events_whose_frame_pixels_are_not_strictly_increasing_are_refused(lists):
+    """The file keeps each frame's pixels sorted and unique (stempy's lists): such a message failed
+    the write at its commit and killed the writer, its journal's successor too."""
+    offsets = np.concatenate([[0], np.cumsum([len(e) for e in lists])]).astype(np.int64)
+    events = np.concatenate([np.array(e, np.uint32) for e in lists]).astype(np.uint32)
+    n = len(lists)
+    parts = wire.encode_events(1, 0, np.arange(n, dtype=np.uint32), np.arange(n, dtype=np.int64),
+                               np.full(n, 15, np.uint8), offsets, events)
+    with pytest.raises(wire.MessageError) as info:
+        wire.decode_events([bytes(memoryview(np.ascontiguousarray(p))) for p in parts], 576 * 576)
+    assert info.value.reason == "unsorted_events"
+    # frames that only touch across their boundary are fine: [.., 9] then [3, ..]
+    ok = [np.array([1, 9], np.uint32), np.array([3, 4], np.uint32), np.array([], np.uint32), np.array([0], np.uint32)]
+    parts = wire.encode_events(1, 0, np.arange(4, dtype=np.uint32), np.arange(4, dtype=np.int64),
+                               np.full(4, 15, np.uint8), np.array([0, 2, 4, 4, 5], np.int64), np.concatenate(ok))
+    assert len(wire.decode_events([bytes(memoryview(np.ascontiguousarray(p))) for p in parts], 576 * 576).events) == 5

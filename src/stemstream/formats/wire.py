@@ -316,9 +316,23 @@ def decode_events(parts: list, n_pixels: int, frame_shape: tuple[int, int] = FRA
         raise MessageError("bad_offsets")
     if len(events) and int(events.max()) >= n_pixels:
         raise MessageError("pixel_outside_frame")
+    if n and not _each_frame_ascending(events, offsets):
+        raise MessageError("unsorted_events", "a frame's pixels must be strictly increasing (sorted, none twice)")
     subpixel = _subpixel(parts[7], len(events), frame_shape) if len(parts) == 8 else None
     return EventsMessage(scan, node, frame_numbers, positions, present, offsets, events, block, stream, tally,
                          subpixel, counting)
+
+
+def _each_frame_ascending(events: np.ndarray, offsets: np.ndarray) -> bool:
+    """Each frame's pixels strictly increasing, as the counting gives them and the file's layout
+    needs them (stempy's sorted unique lists): a message that broke it passed decoding, failed
+    the file's write at its commit and killed the writer, and, journaled by then, its restarted
+    successor too. ``offsets`` checked already (from 0 to len(events), not decreasing)."""
+    step = np.diff(events.astype(np.int64))
+    ends = offsets[1:-1]
+    within = np.ones(len(step), bool)
+    within[ends[(ends > 0) & (ends < len(events))] - 1] = False  # a frame's last pixel to the next one's first
+    return not bool((step[within] <= 0).any())
 
 
 def _subpixel(part, n_events: int, frame_shape: tuple[int, int]) -> np.ndarray:
