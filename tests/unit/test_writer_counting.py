@@ -52,10 +52,10 @@ def done(spec, node: int, stream: int = 0, counting: dict | None = None) -> wire
                                                          stream=stream, counting=counting)))
 
 
-def open_scan(directory, spec) -> WriterScan:
+def open_scan(directory, spec, subpixel: bool = False) -> WriterScan:
     hooks = ScanHooks(latest_spec=lambda: spec, heartbeat=lambda: None, node_heard=lambda node: True,
                       reject=lambda reason, detail: None, check_space=lambda: None)
-    return WriterScan(spec, directory, ANALYSES, FlowSettings(), hooks)
+    return WriterScan(spec, directory, ANALYSES, FlowSettings(), hooks, subpixel_positions=subpixel)
 
 
 def stemstream_metadata(summary: dict) -> dict:

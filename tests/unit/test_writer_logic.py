@@ -702,3 +702,25 @@ def test_a_writer_counts_an_events_message_with_malformed_positions_as_rejected(
     finally:
         writer.events_in.close(0)
         writer.live.close()
+
+
+def test_a_clusters_block_of_frames_without_any_electron_is_journaled_and_written(tmp_path):
+    """Dark frames (the beam blanked) counted by the cluster method: their message has an empty
+    sub-pixel part, (0, 2) once decoded, which the journal could not turn into bytes, and the
+    writer died at the commit (found by tests/unit/test_writer_fuzz.py)."""
+    spec = make_spec(shape=(1, 2))
+    empty = events(spec, [0, 1], block=0, lists=[np.empty(0, np.uint32)] * 2)
+    parts = wire.encode_events(spec.number, 0, empty.frame_numbers, empty.positions, empty.present, empty.offsets,
+                               empty.events, block=0, subpixel=np.empty((0, 2), np.float32))
+    msg = wire.decode_events([bytes(memoryview(np.ascontiguousarray(p))) for p in parts], N_PIXELS)
+    assert msg.subpixel is not None and msg.subpixel.shape == (0, 2)
+    scan = open_clusters_scan(tmp_path, spec)
+    assert scan.receive_events(msg) and scan.receive_partials(0, 0, partials(spec))
+    scan.commit_report()  # journaled and synced
+    scan.out.abort()  # the writer dies; the next one rebuilds the block from the journal
+    scan.journal.close(delete=False)
+    again = open_clusters_scan(tmp_path, spec)
+    assert again.recovered and list(again.committed) == [0]
+    summary = again.close()
+    assert summary["ledger"]["frames_complete"] == 2 and summary["events"] == 0
+    assert read_counted(summary["path"]).written.reshape(-1).tolist() == [True, True]

@@ -84,7 +84,8 @@ class Journal:
         for name, dtype in _FIELDS:  # msgpack packs the arrays' memory as it is, without a copy first
             record[name] = memoryview(np.ascontiguousarray(getattr(msg, name), dtype)).cast("B")
         if msg.subpixel is not None:  # (the cluster method's: the file keeps them too)
-            record["subpixel"] = memoryview(np.ascontiguousarray(msg.subpixel, np.float32)).cast("B")
+            # flat: a memoryview of (0, 2) cannot be cast, and a block of dark frames has no event
+            record["subpixel"] = memoryview(np.ascontiguousarray(msg.subpixel, np.float32).reshape(-1)).cast("B")
         self._append(record)
 
     def sync(self) -> None:

@@ -93,7 +93,7 @@ class WriterScan:
         self.counting = CountingRecord()  # the method and models of the frames committed
         self.frames_spilled = 0
         self.sectors_lost = [0] * N_MODULES
-        self.n_events = 0
+        self.n_events = 0  # events so far, held frames too (progress); the file has out.events_written
         self.closed = False
         # frames so far per position (uint16 unless a position takes more frames: memory per position)
         self.rank = np.zeros(spec.n_positions, np.uint16 if self.fpp <= 65535 else np.uint32)
@@ -461,7 +461,7 @@ class WriterScan:
         self.out.set_metadata("stemstream", {
             "software": "stemstream", "software_version": SOFTWARE_VERSION, "mode": "stream",
             "scan_number": self.number, "epoch": self.spec.epoch, "node_groups": len(self.spec.nodes),
-            "seconds": elapsed, "events": self.n_events, "ledger": in_file,
+            "seconds": elapsed, "events": self.out.events_written, "ledger": in_file,
             **self.counting.metadata()})
         results = self.analyses.finish()
         store_results(self.out.h5file, self.analyses.analyses, results, info={**self.analyses.info(), "source": "stream"})
@@ -474,7 +474,7 @@ class WriterScan:
             self.path.unlink(missing_ok=True)  # a resume that is still incomplete: one name only
         self.journal.close(delete=True)  # the file holds it all now
         summary = {
-            "scan": self.number, "path": str(path), "ledger": ledger, "events": self.n_events,
+            "scan": self.number, "path": str(path), "ledger": ledger, "events": self.out.events_written,
             "seconds": elapsed, "frames_per_second": self.ledger.frames_received / elapsed if elapsed > 0 else 0.0,
             "thresholds": None if thresholds is None else thresholds.as_dict(),
             "closed_wall": time.time(),  # file renamed into place (wall clock, s)
