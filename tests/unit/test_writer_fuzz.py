@@ -28,8 +28,14 @@ from stemstream.core.detector import N_MODULES
 from stemstream.formats import wire
 from stemstream.formats.ledger import SECTOR_COUNTS
 from stemstream.formats.sparse_h5 import read_counted
-from test_writer_counting import MODEL, on_the_wire, open_scan
+from stemstream.analysis import UpsampledPattern, VirtualDetectors
+from stemstream.core.config import FlowSettings
+from stemstream.pipeline.writer.scan import ScanHooks, WriterScan
+from test_writer_counting import MODEL, on_the_wire
 from test_writer_logic import partials
+
+# an analysis of the sub-pixel positions too: the writer hands them on wherever frames go
+ANALYSES = [VirtualDetectors(), UpsampledPattern()]
 
 SHAPE, FPP = (2, 3), 2  # (rows, cols) positions, frames a position
 N_PIXELS = 576 * 576
@@ -71,6 +77,12 @@ steps = st.lists(st.one_of(events_messages(), done_messages,
                            st.just("failover"), st.just("restart")), max_size=14)
 
 
+def open_scan(directory: Path, spec, subpixel: bool) -> WriterScan:
+    hooks = ScanHooks(latest_spec=lambda: spec, heartbeat=lambda: None, node_heard=lambda node: True,
+                      reject=lambda reason, detail: None, check_space=lambda: None)
+    return WriterScan(spec, directory, ANALYSES, FlowSettings(), hooks, subpixel_positions=subpixel)
+
+
 def apply(scan, spec, step) -> None:
     """One step to the scan, as the writer's handle would (a message the decoder refuses is dropped)."""
     if step == "failover":
@@ -78,7 +90,7 @@ def apply(scan, spec, step) -> None:
         newer.new_generation([1], "node group 1 silent", at=0.0, committed_blocks=0)
         scan.follow(newer)
     elif isinstance(step, tuple):
-        scan.receive_partials(step[1], step[2], partials(spec))
+        scan.receive_partials(step[1], step[2], partials(spec, ANALYSES))
     else:
         try:
             kind = wire.kind_of(step)

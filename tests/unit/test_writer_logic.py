@@ -49,9 +49,9 @@ def events(spec, frames, node: int = 0, block: int = wire.NO_BLOCK, stream: int 
     return wire.decode_events([bytes(memoryview(np.ascontiguousarray(p))) for p in parts], N_PIXELS)
 
 
-def partials(spec) -> list:
+def partials(spec, analyses=ANALYSES) -> list:
     """An ANALYSIS message's partials (empty ones: what commits events is their arrival)."""
-    return ScanAnalyses(ANALYSES, spec.shape).take_partials()
+    return ScanAnalyses(analyses, spec.shape).take_partials()
 
 
 def done(spec, node: int = 0, stream: int = 0, lost=None, ledger: dict | None = None) -> wire.DoneMessage:
