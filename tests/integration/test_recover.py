@@ -51,7 +51,8 @@ def events(spec, frames: list[int], block: int, node: int = 0) -> wire.EventsMes
     offsets = np.arange(len(frames) + 1, dtype=np.int64) * 3
     parts = wire.encode_events(spec.number, node, np.array(frames, np.uint32),
                                np.array(frames, np.int64) // spec.frames_per_position, present, offsets,
-                               np.concatenate([frame_events(f) for f in frames]), block=block)
+                               np.concatenate([frame_events(f) for f in frames]), block=block,
+                               counting={"method": "clusters", "model": {"single_electron_mean": 100.0 + node}})
     return wire.decode_events([bytes(memoryview(np.ascontiguousarray(p))) for p in parts], N_PIXELS)
 
 
@@ -123,6 +124,9 @@ def test_recover_makes_the_files_of_a_killed_writers_journals(tmp_path):
     assert counted.written.reshape(-1).tolist() == [f not in range(8, 12) for f in range(16)]
     assert list(ledger["incomplete_frames"]) == [LACKING]
     assert counted.metadata["stemstream"]["epoch"] == one.epoch
+    # how its frames were counted, from the journal: node group 1's block was never committed
+    assert counted.metadata["stemstream"]["counting_method"] == "clusters"
+    assert counted.metadata["stemstream"]["cluster_model"] == {"single_electron_mean": 100.0, "node_group": 0}
     # the thresholds the scan's frames were counted with, calibrated after the writer opened it
     assert counted.metadata["electron_counting"]["background_threshold"] == CALIBRATED.background
     # scan 2: nothing missing, so the whole name; slot j of position p holds frame 2p + j
