@@ -107,8 +107,9 @@ def subpixel_of(path: Path) -> np.ndarray | None:
 def frames_to_resume(path: Path, frames_per_position: int) -> tuple[dict, np.ndarray, list, list | None, SetAside]:
     """What a resume (a replay) carries over of the file at ``path``: (its
     ``/metadata/stemstream``, the slots written, their events, their sub-pixel positions (None:
-    the file has none), the incomplete frames set aside). Set aside when the file's ledger names them (pipeline.writer.incomplete):
-    a frame the replay brings whole takes the place of such a frame (pipeline.writer.scan)."""
+    the file has none), the incomplete frames set aside). Set aside when the file's ledger names
+    them (pipeline.writer.incomplete): a frame the replay brings whole takes the place of such a
+    frame (pipeline.writer.scan)."""
     old = read_counted(path)
     earlier = old.metadata.get("stemstream", {})
     ledger = earlier.get("ledger", {})
