@@ -328,11 +328,10 @@ def _each_frame_ascending(events: np.ndarray, offsets: np.ndarray) -> bool:
     needs them (stempy's sorted unique lists): a message that broke it passed decoding, failed
     the file's write at its commit and killed the writer, and, journaled by then, its restarted
     successor too. ``offsets`` checked already (from 0 to len(events), not decreasing)."""
-    step = np.diff(events.astype(np.int64))
+    descending = events[1:] <= events[:-1]  # (no subtraction: unsigned)
     ends = offsets[1:-1]
-    within = np.ones(len(step), bool)
-    within[ends[(ends > 0) & (ends < len(events))] - 1] = False  # a frame's last pixel to the next one's first
-    return not bool((step[within] <= 0).any())
+    descending[ends[(ends > 0) & (ends < len(events))] - 1] = False  # a frame's last pixel to the next one's first
+    return not bool(descending.any())
 
 
 def _subpixel(part, n_events: int, frame_shape: tuple[int, int]) -> np.ndarray:
