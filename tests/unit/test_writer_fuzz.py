@@ -24,12 +24,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from scan_specs import make_spec
+from stemstream.analysis import UpsampledPattern, VirtualDetectors
+from stemstream.core.config import FlowSettings
 from stemstream.core.detector import N_MODULES
 from stemstream.formats import wire
 from stemstream.formats.ledger import SECTOR_COUNTS
 from stemstream.formats.sparse_h5 import read_counted
-from stemstream.analysis import UpsampledPattern, VirtualDetectors
-from stemstream.core.config import FlowSettings
 from stemstream.pipeline.writer.scan import ScanHooks, WriterScan
 from test_writer_counting import MODEL, on_the_wire
 from test_writer_logic import partials
