@@ -145,10 +145,12 @@ def test_a_resume_keeps_the_models_of_the_frames_it_carries_over(tmp_path):
 def test_a_resumed_files_odd_counting_metadata_is_left_out_not_fatal():
     record = CountingRecord()
     record.carry({"counting_method": "clusters", "cluster_models": "not a map", "cluster_model": 7, "epoch": 1}, 4)
+    record.carry({"cluster_model": {"pedestal": np.array([1.0, 2.0]), "node_group": np.int64(3)}, "epoch": "x"}, 4)
     record.carry({"cluster_models": {"node_0": 1.5, "node_1": {**model(118.0), "frames": 3, "a/b": 1},
                                      "x/y": model(1.0)}, "epoch": 2}, 4)
     record.note(0, 0, clusters(120.0), frames=2)
-    assert record.metadata()["cluster_models"] == {"epoch_2_node_1": {**model(118.0), "frames": 3},
+    assert record.metadata()["cluster_models"] == {"epoch_0_node_3": {"frames": 4},  # (its array left out)
+                                                   "epoch_2_node_1": {**model(118.0), "frames": 3},
                                                    "node_0": {**model(120.0), "frames": 2}}
 
 

@@ -14,6 +14,8 @@ says it too; a stream that committed no frames counted nothing in the file.)
 
 from __future__ import annotations
 
+import numpy as np
+
 from stemstream.formats.wire import is_attribute_name
 
 
@@ -48,11 +50,12 @@ class CountingRecord:
         one = earlier.get("cluster_model")
         if not models and isinstance(one, dict) and one:
             one = dict(one)
-            models = {f"node_{_plain(one.pop('node_group', 0))}": {**one, "frames": frames}}
+            models = {f"node_{_whole(one.pop('node_group', 0))}": {**one, "frames": frames}}
         for name, model in models.items():
             if isinstance(model, dict) and is_attribute_name(name):
-                self._carried[f"epoch_{_plain(earlier.get('epoch', 0))}_{name}"] = {
-                    k: _plain(v) for k, v in model.items() if is_attribute_name(k)}
+                numbers = {k: _number(v) for k, v in model.items() if is_attribute_name(k)}
+                self._carried[f"epoch_{_whole(earlier.get('epoch', 0))}_{name}"] = {
+                    k: v for k, v in numbers.items() if v is not None}
 
     def metadata(self) -> dict:
         """``/metadata/stemstream`` attributes: ``counting_method`` (joined by "+" if they
@@ -83,6 +86,15 @@ class CountingRecord:
         return named
 
 
-def _plain(value):
-    """A metadata value read back from HDF5 (a numpy scalar or string) as Python's own."""
-    return value.item() if hasattr(value, "item") else value
+def _number(value) -> int | float | None:
+    """A metadata value read back from HDF5 as a Python number (a model holds numbers); None
+    for anything else (an array, a string: left out)."""
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
+        return value.item() if isinstance(value, np.generic) else value
+    return None
+
+
+def _whole(value) -> int:
+    """An epoch or node group number read back from HDF5; 0 when it is not a number."""
+    number = _number(value)
+    return int(number) if number is not None else 0
