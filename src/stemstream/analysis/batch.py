@@ -123,6 +123,12 @@ def pixel_centres(events: np.ndarray, cols: int = FRAME_COLS) -> np.ndarray:
     return np.stack([events // cols, events % cols], axis=1).astype(np.float32)
 
 
+def points_of(points, events: np.ndarray, frame_shape: tuple[int, int]) -> np.ndarray:
+    """What an analysis that wants sub-pixel positions gets for ``events``: ``points`` checked
+    (:func:`check_points`), or the events' pixel centres when there are none."""
+    return pixel_centres(events, frame_shape[1]) if points is None else check_points(points, len(events), frame_shape)
+
+
 def check_points(points, n_events: int, frame_shape: tuple[int, int]) -> np.ndarray:
     """``points`` as a contiguous (n_events, 2) float32 array; ValueError unless there is one
     finite (row, col) an event inside the frame of ``frame_shape`` (rows, cols): within half a

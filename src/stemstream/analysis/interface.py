@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from stemstream.analysis.batch import check_batch, check_points, pixel_centres
+from stemstream.analysis.batch import check_batch, points_of
 from stemstream.analysis.checks import check_name, check_shape
 from stemstream.analysis.views import View
 from stemstream.core.detector import FRAME_SHAPE
@@ -116,9 +116,7 @@ class Analysis:
         if not len(positions):
             return
         if self.subpixel:
-            points = (pixel_centres(events, self.frame_shape[1]) if points is None
-                      else check_points(points, len(events), self.frame_shape))
-            self.update(partial, positions, events, offsets, points)
+            self.update(partial, positions, events, offsets, points_of(points, events, self.frame_shape))
         else:
             self.update(partial, positions, events, offsets)
 
